@@ -1,0 +1,10 @@
+//! trove-store: the shared-memory object store.
+//!
+//! One daemon (`troved`, or an embedded one forked by `trove::init`) owns a memfd arena, the
+//! allocator, the object directory and per-client state. Clients connect over a Unix socket,
+//! receive the arena fd by SCM_RIGHTS, map it, and read sealed objects in place.
+//! See ARCHITECTURE.md for the layout and the invariants.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod alloc;
+pub mod ring;
