@@ -8,3 +8,18 @@
 
 pub mod alloc;
 pub mod ring;
+pub mod client;
+pub mod daemon;
+pub mod error;
+pub mod id;
+pub mod protocol;
+pub mod shm;
+pub mod size;
+mod sock;
+
+pub use client::{ObjectView, ObjectWriter, StoreClient, Subscription, Timeout};
+pub use daemon::{Daemon, DaemonConfig, ShutdownHandle};
+pub use error::{Result, StoreError};
+pub use id::ObjectId;
+pub use protocol::{DeleteOutcome, Event, ObjectInfo, ObjectState, Stats};
+pub use sock::{default_socket_path, ensure_private_dir};

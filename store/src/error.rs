@@ -1,0 +1,57 @@
+//! The store's typed errors, shared by the daemon (as protocol error codes) and the client.
+
+use crate::id::ObjectId;
+
+/// Everything a store operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The object does not fit even after evicting every unpinned object.
+    #[error(
+        "store full: {requested} bytes requested, capacity {capacity} bytes, {pinned} bytes pinned or being created"
+    )]
+    StoreFull {
+        requested: u64,
+        capacity: u64,
+        pinned: u64,
+    },
+    /// The object directory has no free slot left (too many live objects).
+    #[error("object directory full: {capacity} objects")]
+    DirectoryFull { capacity: u64 },
+    #[error("object {0} not found")]
+    NotFound(ObjectId),
+    #[error("object {0} already exists")]
+    AlreadyExists(ObjectId),
+    #[error("object {0} is already sealed")]
+    AlreadySealed(ObjectId),
+    #[error("object {0} is not sealed yet")]
+    NotSealed(ObjectId),
+    /// Seal or abort of an object another client is creating.
+    #[error("object {0} is being created by another client")]
+    NotOwner(ObjectId),
+    #[error("timed out waiting for {0} object(s)")]
+    Timeout(usize),
+    /// The daemon went away (closed the socket, died, or was never there).
+    #[error("disconnected from the store: {0}")]
+    Disconnected(String),
+    /// A message or a shared structure failed validation.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The request was well-formed but makes no sense (a bad size, an empty id list, ...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The daemon refused the connection (uid mismatch, too many clients, version).
+    #[error("connection refused by the store: {0}")]
+    Refused(String),
+    #[error("another store is already running at {0}")]
+    AlreadyRunning(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<nix::Error> for StoreError {
+    fn from(e: nix::Error) -> Self {
+        StoreError::Io(std::io::Error::from(e))
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;

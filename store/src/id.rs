@@ -1,0 +1,139 @@
+//! Object ids: 20 opaque bytes, as in Plasma.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Length of an [`ObjectId`] in bytes.
+pub const ID_LEN: usize = 20;
+
+/// The 20-byte name of an object. Chosen by whoever creates the object (random, or a caller's
+/// prefix plus a counter); the store only requires that live objects have distinct ids.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ObjectId(pub [u8; ID_LEN]);
+
+impl ObjectId {
+    /// A fresh id: 12 random bytes fixed per process, then a per-process counter.
+    /// Unique across processes with overwhelming probability and cheap (no syscall per id).
+    pub fn random() -> ObjectId {
+        static PREFIX: std::sync::OnceLock<(u32, [u8; 12])> = std::sync::OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let pid = std::process::id();
+        // After a fork the child gets a new pid: re-seed so parent and child never collide.
+        let (seeded_pid, prefix) = *PREFIX.get_or_init(|| (pid, random_prefix()));
+        let prefix = if seeded_pid == pid {
+            prefix
+        } else {
+            random_prefix()
+        };
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut b = [0u8; ID_LEN];
+        b[..12].copy_from_slice(&prefix);
+        b[12..].copy_from_slice(&n.to_le_bytes());
+        ObjectId(b)
+    }
+
+    /// Builds an id from a 12-byte prefix and a counter: how callers name return values.
+    pub fn from_parts(prefix: [u8; 12], counter: u64) -> ObjectId {
+        let mut b = [0u8; ID_LEN];
+        b[..12].copy_from_slice(&prefix);
+        b[12..].copy_from_slice(&counter.to_le_bytes());
+        ObjectId(b)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; ID_LEN] {
+        &self.0
+    }
+
+    /// A well-mixed 64-bit hash of all 20 bytes (ids are often sequential, so no byte range
+    /// alone is a good hash).
+    pub fn hash64(&self) -> u64 {
+        let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
+        for chunk in [&self.0[0..8], &self.0[8..16], &self.0[16..20]] {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            h = mix(h ^ u64::from_le_bytes(w));
+        }
+        h
+    }
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn random_prefix() -> [u8; 12] {
+    let mut p = [0u8; 12];
+    if rustix::rand::getrandom(&mut p, rustix::rand::GetRandomFlags::empty()).is_err() {
+        // getrandom cannot fail on Linux >= 3.17 with a small buffer; fall back to time and pid.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        p[..8].copy_from_slice(&mix(t).to_le_bytes());
+        p[8..].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    p
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ObjectId({self})")
+    }
+}
+
+/// Error parsing an [`ObjectId`] from hex.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("an object id is 40 hex digits, got {0:?}")]
+pub struct ParseIdError(pub String);
+
+impl FromStr for ObjectId {
+    type Err = ParseIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseIdError(s.chars().take(64).collect());
+        if s.len() != ID_LEN * 2 || !s.is_ascii() {
+            return Err(err());
+        }
+        let mut b = [0u8; ID_LEN];
+        for (i, byte) in b.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| err())?;
+        }
+        Ok(ObjectId(b))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        let id = ObjectId::random();
+        let s = id.to_string();
+        assert_eq!(s.len(), 40);
+        assert_eq!(s.parse::<ObjectId>().unwrap(), id);
+        assert!("xyz".parse::<ObjectId>().is_err());
+        assert!("zz".repeat(20).parse::<ObjectId>().is_err());
+    }
+
+    #[test]
+    fn random_ids_are_distinct_and_hash_spreads() {
+        let ids: Vec<_> = (0..1000).map(|_| ObjectId::random()).collect();
+        let set: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(set.len(), ids.len());
+        let buckets: std::collections::HashSet<_> = ids.iter().map(|i| i.hash64() & 1023).collect();
+        assert!(buckets.len() > 500, "sequential ids must spread: {}", buckets.len());
+    }
+}

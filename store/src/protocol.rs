@@ -1,0 +1,754 @@
+//! The control-plane protocol between clients and the daemon.
+//!
+//! A frame is a little-endian `u32` body length followed by the body: `u8` opcode, `u64` request
+//! id, then the opcode's fields. Request id 0 means "no reply wanted" (notices). Replies echo the
+//! request id; events pushed to subscribers use request id 0. Every decoder checks lengths and
+//! values and returns [`StoreError::Protocol`] on anything malformed: it never panics and never
+//! allocates more than the frame holds.
+
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+use crate::error::{Result, StoreError};
+use crate::id::{ID_LEN, ObjectId};
+
+/// Protocol version, checked in the welcome.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest request body the daemon accepts.
+pub const MAX_REQUEST: usize = 1 << 20;
+/// Largest reply body a client accepts (a `List` of a million objects fits).
+pub const MAX_REPLY: usize = 256 << 20;
+/// Most ids in one `Wait` or `Delete`.
+pub const MAX_IDS: usize = 1 << 14;
+
+/// A client's request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Allocate `size` bytes for a new object, in state "creating", owned by this client.
+    Create { id: ObjectId, size: u64 },
+    Seal { id: ObjectId },
+    Abort { id: ObjectId },
+    /// Reply when every id is sealed, or when the timeout passes (`None`: wait forever).
+    Wait {
+        ids: Vec<ObjectId>,
+        timeout: Option<Duration>,
+    },
+    Contains { id: ObjectId },
+    Delete { ids: Vec<ObjectId> },
+    List,
+    /// Evict at least `bytes` of unpinned objects, least recently used first.
+    Evict { bytes: u64 },
+    /// From now on, push [`Event`]s for seals and deletions on this connection.
+    Subscribe,
+    /// A notice: this client dropped the last pin of a delete-pending object.
+    Release { id: ObjectId },
+    Stats,
+}
+
+/// Error codes carried by [`Reply::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    StoreFull = 1,
+    DirectoryFull = 2,
+    NotFound = 3,
+    AlreadyExists = 4,
+    AlreadySealed = 5,
+    NotSealed = 6,
+    NotOwner = 7,
+    InvalidRequest = 8,
+    Protocol = 9,
+    Refused = 10,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        Some(match v {
+            1 => StoreFull,
+            2 => DirectoryFull,
+            3 => NotFound,
+            4 => AlreadyExists,
+            5 => AlreadySealed,
+            6 => NotSealed,
+            7 => NotOwner,
+            8 => InvalidRequest,
+            9 => Protocol,
+            10 => Refused,
+            _ => return None,
+        })
+    }
+}
+
+/// One entry of a `List` reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub id: ObjectId,
+    pub size: u64,
+    pub state: ObjectState,
+    /// Clients holding a pin.
+    pub pins: u32,
+    pub age: Duration,
+    /// Client index of the creator.
+    pub owner: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectState {
+    Creating = 1,
+    Sealed = 2,
+    /// Deleted while pinned: freed when the last pin goes.
+    DeletePending = 3,
+}
+
+/// What `Delete` did to one id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted = 0,
+    /// Pinned: deleted when the last pin is released; no longer gettable.
+    Deferred = 1,
+    NotFound = 2,
+    /// Still being created: abort it instead.
+    NotSealed = 3,
+}
+
+/// Store-wide figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    pub capacity: u64,
+    pub used: u64,
+    pub pinned: u64,
+    pub objects: u64,
+    pub sealed: u64,
+    pub clients: u64,
+    pub evictions: u64,
+}
+
+/// What subscribers are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Sealed { id: ObjectId, size: u64 },
+    Deleted { id: ObjectId },
+}
+
+/// The daemon's answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Ok,
+    Error {
+        code: ErrorCode,
+        /// Numbers that go with the code (StoreFull: requested, capacity, pinned).
+        nums: [u64; 3],
+        message: String,
+    },
+    Created { offset: u64 },
+    /// One flag per requested id: sealed (true) or not (timed out).
+    Waited { ready: Vec<bool> },
+    Bool(bool),
+    Deleted { outcomes: Vec<DeleteOutcome> },
+    Listed { objects: Vec<ObjectInfo> },
+    Evicted { count: u64, bytes: u64 },
+    Stats(Stats),
+    /// Sent once right after connecting, together with the arena fd.
+    Welcome { version: u32, client_index: u32 },
+    Event(Event),
+}
+
+mod op {
+    pub const CREATE: u8 = 1;
+    pub const SEAL: u8 = 2;
+    pub const ABORT: u8 = 3;
+    pub const WAIT: u8 = 4;
+    pub const CONTAINS: u8 = 5;
+    pub const DELETE: u8 = 6;
+    pub const LIST: u8 = 7;
+    pub const EVICT: u8 = 8;
+    pub const SUBSCRIBE: u8 = 9;
+    pub const RELEASE: u8 = 10;
+    pub const STATS: u8 = 11;
+
+    pub const OK: u8 = 128;
+    pub const ERROR: u8 = 129;
+    pub const CREATED: u8 = 130;
+    pub const WAITED: u8 = 131;
+    pub const BOOL: u8 = 132;
+    pub const DELETED: u8 = 133;
+    pub const LISTED: u8 = 134;
+    pub const EVICTED: u8 = 135;
+    pub const STATS_REPLY: u8 = 136;
+    pub const WELCOME: u8 = 137;
+    pub const EVENT: u8 = 138;
+}
+
+// ---------- encoding ----------
+
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn new(opcode: u8, req: u64) -> Enc {
+        let mut v = Vec::with_capacity(64);
+        v.extend_from_slice(&[0; 4]);
+        v.push(opcode);
+        v.extend_from_slice(&req.to_le_bytes());
+        Enc(v)
+    }
+    fn u8(&mut self, x: u8) -> &mut Self {
+        self.0.push(x);
+        self
+    }
+    fn u16(&mut self, x: u16) -> &mut Self {
+        self.0.extend_from_slice(&x.to_le_bytes());
+        self
+    }
+    fn u32(&mut self, x: u32) -> &mut Self {
+        self.0.extend_from_slice(&x.to_le_bytes());
+        self
+    }
+    fn u64(&mut self, x: u64) -> &mut Self {
+        self.0.extend_from_slice(&x.to_le_bytes());
+        self
+    }
+    fn id(&mut self, id: &ObjectId) -> &mut Self {
+        self.0.extend_from_slice(&id.0);
+        self
+    }
+    fn ids(&mut self, ids: &[ObjectId]) -> &mut Self {
+        self.u32(ids.len() as u32);
+        for id in ids {
+            self.id(id);
+        }
+        self
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let body = (self.0.len() - 4) as u32;
+        self.0[..4].copy_from_slice(&body.to_le_bytes());
+        self.0
+    }
+}
+
+/// Timeout on the wire: milliseconds, `u64::MAX` for "forever".
+fn enc_timeout(t: Option<Duration>) -> u64 {
+    t.map_or(u64::MAX, |d| d.as_millis().min(u64::MAX as u128 - 1) as u64)
+}
+
+impl Request {
+    /// The whole frame (length prefix included).
+    pub fn encode(&self, req: u64) -> Vec<u8> {
+        match self {
+            Request::Create { id, size } => {
+                let mut e = Enc::new(op::CREATE, req);
+                e.id(id).u64(*size);
+                e.finish()
+            }
+            Request::Seal { id } => Self::one(op::SEAL, req, id),
+            Request::Abort { id } => Self::one(op::ABORT, req, id),
+            Request::Wait { ids, timeout } => {
+                let mut e = Enc::new(op::WAIT, req);
+                e.u64(enc_timeout(*timeout)).ids(ids);
+                e.finish()
+            }
+            Request::Contains { id } => Self::one(op::CONTAINS, req, id),
+            Request::Delete { ids } => {
+                let mut e = Enc::new(op::DELETE, req);
+                e.ids(ids);
+                e.finish()
+            }
+            Request::List => Enc::new(op::LIST, req).finish(),
+            Request::Evict { bytes } => {
+                let mut e = Enc::new(op::EVICT, req);
+                e.u64(*bytes);
+                e.finish()
+            }
+            Request::Subscribe => Enc::new(op::SUBSCRIBE, req).finish(),
+            Request::Release { id } => Self::one(op::RELEASE, req, id),
+            Request::Stats => Enc::new(op::STATS, req).finish(),
+        }
+    }
+
+    fn one(opcode: u8, req: u64, id: &ObjectId) -> Vec<u8> {
+        let mut e = Enc::new(opcode, req);
+        e.id(id);
+        e.finish()
+    }
+
+    /// Decodes a frame body (without the length prefix). Returns the request id too.
+    pub fn decode(body: &[u8]) -> Result<(u64, Request)> {
+        let mut d = Dec::new(body);
+        let opcode = d.u8()?;
+        let req = d.u64()?;
+        let r = match opcode {
+            op::CREATE => Request::Create {
+                id: d.id()?,
+                size: d.u64()?,
+            },
+            op::SEAL => Request::Seal { id: d.id()? },
+            op::ABORT => Request::Abort { id: d.id()? },
+            op::WAIT => {
+                let t = d.u64()?;
+                Request::Wait {
+                    timeout: (t != u64::MAX).then(|| Duration::from_millis(t)),
+                    ids: d.ids()?,
+                }
+            }
+            op::CONTAINS => Request::Contains { id: d.id()? },
+            op::DELETE => Request::Delete { ids: d.ids()? },
+            op::LIST => Request::List,
+            op::EVICT => Request::Evict { bytes: d.u64()? },
+            op::SUBSCRIBE => Request::Subscribe,
+            op::RELEASE => Request::Release { id: d.id()? },
+            op::STATS => Request::Stats,
+            other => return Err(proto(format!("unknown request opcode {other}"))),
+        };
+        d.end()?;
+        Ok((req, r))
+    }
+}
+
+impl Reply {
+    pub fn encode(&self, req: u64) -> Vec<u8> {
+        match self {
+            Reply::Ok => Enc::new(op::OK, req).finish(),
+            Reply::Error {
+                code,
+                nums,
+                message,
+            } => {
+                let mut e = Enc::new(op::ERROR, req);
+                e.u16(*code as u16);
+                for n in nums {
+                    e.u64(*n);
+                }
+                let m = &message.as_bytes()[..message.len().min(4096)];
+                e.u32(m.len() as u32);
+                e.0.extend_from_slice(m);
+                e.finish()
+            }
+            Reply::Created { offset } => {
+                let mut e = Enc::new(op::CREATED, req);
+                e.u64(*offset);
+                e.finish()
+            }
+            Reply::Waited { ready } => {
+                let mut e = Enc::new(op::WAITED, req);
+                e.u32(ready.len() as u32);
+                for r in ready {
+                    e.u8(*r as u8);
+                }
+                e.finish()
+            }
+            Reply::Bool(b) => {
+                let mut e = Enc::new(op::BOOL, req);
+                e.u8(*b as u8);
+                e.finish()
+            }
+            Reply::Deleted { outcomes } => {
+                let mut e = Enc::new(op::DELETED, req);
+                e.u32(outcomes.len() as u32);
+                for o in outcomes {
+                    e.u8(*o as u8);
+                }
+                e.finish()
+            }
+            Reply::Listed { objects } => {
+                let mut e = Enc::new(op::LISTED, req);
+                e.u32(objects.len() as u32);
+                for o in objects {
+                    e.id(&o.id)
+                        .u64(o.size)
+                        .u8(o.state as u8)
+                        .u32(o.pins)
+                        .u64(o.age.as_millis() as u64)
+                        .u32(o.owner);
+                }
+                e.finish()
+            }
+            Reply::Evicted { count, bytes } => {
+                let mut e = Enc::new(op::EVICTED, req);
+                e.u64(*count).u64(*bytes);
+                e.finish()
+            }
+            Reply::Stats(s) => {
+                let mut e = Enc::new(op::STATS_REPLY, req);
+                e.u64(s.capacity)
+                    .u64(s.used)
+                    .u64(s.pinned)
+                    .u64(s.objects)
+                    .u64(s.sealed)
+                    .u64(s.clients)
+                    .u64(s.evictions);
+                e.finish()
+            }
+            Reply::Welcome {
+                version,
+                client_index,
+            } => {
+                let mut e = Enc::new(op::WELCOME, req);
+                e.u32(*version).u32(*client_index);
+                e.finish()
+            }
+            Reply::Event(ev) => {
+                let mut e = Enc::new(op::EVENT, req);
+                match ev {
+                    Event::Sealed { id, size } => e.u8(1).id(id).u64(*size),
+                    Event::Deleted { id } => e.u8(2).id(id).u64(0),
+                };
+                e.finish()
+            }
+        }
+    }
+
+    pub fn decode(body: &[u8]) -> Result<(u64, Reply)> {
+        let mut d = Dec::new(body);
+        let opcode = d.u8()?;
+        let req = d.u64()?;
+        let r = match opcode {
+            op::OK => Reply::Ok,
+            op::ERROR => {
+                let code = d.u16()?;
+                let code = ErrorCode::from_u16(code)
+                    .ok_or_else(|| proto(format!("unknown error code {code}")))?;
+                let nums = [d.u64()?, d.u64()?, d.u64()?];
+                let n = d.u32()? as usize;
+                let message = String::from_utf8_lossy(d.bytes(n)?).into_owned();
+                Reply::Error {
+                    code,
+                    nums,
+                    message,
+                }
+            }
+            op::CREATED => Reply::Created { offset: d.u64()? },
+            op::WAITED => {
+                let n = d.count(1)?;
+                let ready = (0..n).map(|_| d.bool()).collect::<Result<_>>()?;
+                Reply::Waited { ready }
+            }
+            op::BOOL => Reply::Bool(d.bool()?),
+            op::DELETED => {
+                let n = d.count(1)?;
+                let outcomes = (0..n)
+                    .map(|_| {
+                        Ok(match d.u8()? {
+                            0 => DeleteOutcome::Deleted,
+                            1 => DeleteOutcome::Deferred,
+                            2 => DeleteOutcome::NotFound,
+                            3 => DeleteOutcome::NotSealed,
+                            x => return Err(proto(format!("bad delete outcome {x}"))),
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                Reply::Deleted { outcomes }
+            }
+            op::LISTED => {
+                let n = d.count(ID_LEN + 8 + 1 + 4 + 8 + 4)?;
+                let objects = (0..n)
+                    .map(|_| {
+                        Ok(ObjectInfo {
+                            id: d.id()?,
+                            size: d.u64()?,
+                            state: match d.u8()? {
+                                1 => ObjectState::Creating,
+                                2 => ObjectState::Sealed,
+                                3 => ObjectState::DeletePending,
+                                x => return Err(proto(format!("bad object state {x}"))),
+                            },
+                            pins: d.u32()?,
+                            age: Duration::from_millis(d.u64()?),
+                            owner: d.u32()?,
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                Reply::Listed { objects }
+            }
+            op::EVICTED => Reply::Evicted {
+                count: d.u64()?,
+                bytes: d.u64()?,
+            },
+            op::STATS_REPLY => Reply::Stats(Stats {
+                capacity: d.u64()?,
+                used: d.u64()?,
+                pinned: d.u64()?,
+                objects: d.u64()?,
+                sealed: d.u64()?,
+                clients: d.u64()?,
+                evictions: d.u64()?,
+            }),
+            op::WELCOME => Reply::Welcome {
+                version: d.u32()?,
+                client_index: d.u32()?,
+            },
+            op::EVENT => {
+                let kind = d.u8()?;
+                let id = d.id()?;
+                let size = d.u64()?;
+                Reply::Event(match kind {
+                    1 => Event::Sealed { id, size },
+                    2 => Event::Deleted { id },
+                    x => return Err(proto(format!("bad event kind {x}"))),
+                })
+            }
+            other => return Err(proto(format!("unknown reply opcode {other}"))),
+        };
+        d.end()?;
+        Ok((req, r))
+    }
+}
+
+impl Reply {
+    pub fn error(e: &StoreError) -> Reply {
+        let (code, nums) = match e {
+            StoreError::StoreFull {
+                requested,
+                capacity,
+                pinned,
+            } => (ErrorCode::StoreFull, [*requested, *capacity, *pinned]),
+            StoreError::DirectoryFull { capacity } => {
+                (ErrorCode::DirectoryFull, [*capacity, 0, 0])
+            }
+            StoreError::NotFound(_) => (ErrorCode::NotFound, [0; 3]),
+            StoreError::AlreadyExists(_) => (ErrorCode::AlreadyExists, [0; 3]),
+            StoreError::AlreadySealed(_) => (ErrorCode::AlreadySealed, [0; 3]),
+            StoreError::NotSealed(_) => (ErrorCode::NotSealed, [0; 3]),
+            StoreError::NotOwner(_) => (ErrorCode::NotOwner, [0; 3]),
+            StoreError::Refused(_) => (ErrorCode::Refused, [0; 3]),
+            StoreError::Protocol(_) => (ErrorCode::Protocol, [0; 3]),
+            _ => (ErrorCode::InvalidRequest, [0; 3]),
+        };
+        Reply::Error {
+            code,
+            nums,
+            message: e.to_string(),
+        }
+    }
+
+    /// Turns an error reply back into the typed error (`id` names the object it was about).
+    pub fn into_error(code: ErrorCode, nums: [u64; 3], message: String, id: ObjectId) -> StoreError {
+        match code {
+            ErrorCode::StoreFull => StoreError::StoreFull {
+                requested: nums[0],
+                capacity: nums[1],
+                pinned: nums[2],
+            },
+            ErrorCode::DirectoryFull => StoreError::DirectoryFull { capacity: nums[0] },
+            ErrorCode::NotFound => StoreError::NotFound(id),
+            ErrorCode::AlreadyExists => StoreError::AlreadyExists(id),
+            ErrorCode::AlreadySealed => StoreError::AlreadySealed(id),
+            ErrorCode::NotSealed => StoreError::NotSealed(id),
+            ErrorCode::NotOwner => StoreError::NotOwner(id),
+            ErrorCode::InvalidRequest => StoreError::InvalidRequest(message),
+            ErrorCode::Protocol => StoreError::Protocol(message),
+            ErrorCode::Refused => StoreError::Refused(message),
+        }
+    }
+}
+
+fn proto(msg: String) -> StoreError {
+    StoreError::Protocol(msg)
+}
+
+struct Dec<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Dec<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Dec { buf }
+    }
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.buf.len() < n {
+            return Err(proto("truncated message".into()));
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N]> {
+        Ok(self.bytes(N)?.try_into().expect("length checked"))
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.arr::<1>()?[0])
+    }
+    fn bool(&mut self) -> Result<bool> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            x => Err(proto(format!("bad boolean {x}"))),
+        }
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.arr()?))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.arr()?))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.arr()?))
+    }
+    fn id(&mut self) -> Result<ObjectId> {
+        Ok(ObjectId(self.arr()?))
+    }
+    /// A count of items of `item_len` bytes each that must fit in what is left.
+    fn count(&mut self, item_len: usize) -> Result<usize> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(item_len) > self.buf.len() {
+            return Err(proto(format!("count {n} exceeds the message")));
+        }
+        Ok(n)
+    }
+    fn ids(&mut self) -> Result<Vec<ObjectId>> {
+        let n = self.count(ID_LEN)?;
+        if n == 0 || n > MAX_IDS {
+            return Err(proto(format!("id list of {n} (1 to {MAX_IDS})")));
+        }
+        (0..n).map(|_| self.id()).collect()
+    }
+    fn end(&self) -> Result<()> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(proto(format!("{} trailing bytes", self.buf.len())))
+        }
+    }
+}
+
+/// Reads one frame body. `Ok(None)` on a clean end of stream before a frame starts.
+pub fn read_frame(r: &mut impl Read, max: usize) -> Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > max {
+        return Err(proto(format!("frame length {len} (1 to {max})")));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(Some(body))
+}
+
+pub fn write_frame(w: &mut impl Write, frame: &[u8]) -> io::Result<()> {
+    w.write_all(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip_request(r: Request) {
+        let f = r.encode(7);
+        let (req, back) = Request::decode(&f[4..]).unwrap();
+        assert_eq!((req, back), (7, r));
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let id = ObjectId::random();
+        for r in [
+            Request::Create { id, size: 99 },
+            Request::Seal { id },
+            Request::Abort { id },
+            Request::Wait {
+                ids: vec![id, ObjectId::random()],
+                timeout: Some(Duration::from_millis(1500)),
+            },
+            Request::Wait {
+                ids: vec![id],
+                timeout: None,
+            },
+            Request::Contains { id },
+            Request::Delete { ids: vec![id] },
+            Request::List,
+            Request::Evict { bytes: 1 << 30 },
+            Request::Subscribe,
+            Request::Release { id },
+            Request::Stats,
+        ] {
+            round_trip_request(r);
+        }
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let id = ObjectId::random();
+        for r in [
+            Reply::Ok,
+            Reply::error(&StoreError::StoreFull {
+                requested: 1,
+                capacity: 2,
+                pinned: 3,
+            }),
+            Reply::Created { offset: 4096 },
+            Reply::Waited {
+                ready: vec![true, false],
+            },
+            Reply::Bool(true),
+            Reply::Deleted {
+                outcomes: vec![DeleteOutcome::Deferred, DeleteOutcome::NotFound],
+            },
+            Reply::Listed {
+                objects: vec![ObjectInfo {
+                    id,
+                    size: 5,
+                    state: ObjectState::Sealed,
+                    pins: 2,
+                    age: Duration::from_millis(10),
+                    owner: 1,
+                }],
+            },
+            Reply::Evicted { count: 1, bytes: 2 },
+            Reply::Stats(Stats {
+                capacity: 1,
+                used: 2,
+                pinned: 3,
+                objects: 4,
+                sealed: 5,
+                clients: 6,
+                evictions: 7,
+            }),
+            Reply::Welcome {
+                version: 1,
+                client_index: 3,
+            },
+            Reply::Event(Event::Sealed { id, size: 9 }),
+            Reply::Event(Event::Deleted { id }),
+        ] {
+            let f = r.encode(3);
+            assert_eq!(Reply::decode(&f[4..]).unwrap(), (3, r));
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_errors() {
+        let f = Request::Create {
+            id: ObjectId::random(),
+            size: 1,
+        }
+        .encode(1);
+        for cut in 0..f.len() - 4 {
+            assert!(Request::decode(&f[4..4 + cut]).is_err(), "cut at {cut}");
+        }
+        let mut extra = f[4..].to_vec();
+        extra.push(0);
+        assert!(Request::decode(&extra).is_err());
+        // A huge id count in a tiny frame.
+        let mut w = Enc::new(op::DELETE, 1);
+        w.u32(u32::MAX);
+        assert!(Request::decode(&w.finish()[4..]).is_err());
+        assert!(Request::decode(&[200, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut x: u64 = 0x1234_5678;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 64) as usize;
+            let bytes: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8).collect();
+            let _ = Request::decode(&bytes);
+            let _ = Reply::decode(&bytes);
+        }
+    }
+}

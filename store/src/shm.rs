@@ -1,0 +1,663 @@
+//! The shared arena: one memfd mapped by the daemon and by every client, and the object
+//! directory that lives at its start.
+//!
+//! ```text
+//! 0            4096                      heap_offset (2 MiB aligned)          total_len
+//! | Header     | directory: dir_slots x Slot | heap: object data, 64-byte aligned |
+//! ```
+//!
+//! The directory is an open-addressing hash table (linear probing) of [`Slot`]s keyed by
+//! [`ObjectId`]. The daemon is its only writer, under its table lock, except for the pin bits,
+//! which each client sets and clears for its own client index. Clients read it lock-free: a
+//! slot's `word` (generation, state, flags) works as a sequence lock around its other fields,
+//! and pinning is a Dekker-style handshake with the daemon's removal (see [`Directory::try_pin`]
+//! and [`Directory::try_remove`]). This is the module that holds the unsafe code for mapping.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+
+use crossbeam_utils::Backoff;
+use memmap2::{Advice, MmapOptions, MmapRaw};
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+
+use crate::error::{Result, StoreError};
+use crate::id::{ID_LEN, ObjectId};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"troveAR1");
+/// Layout version; a client refuses an arena of another version.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Client indices are bits in a slot's pin mask: at most this many clients at once.
+pub const MAX_CLIENTS: u32 = 128;
+const HEADER_LEN: u64 = 4096;
+const HEAP_ALIGN: u64 = 2 << 20;
+
+/// Slot states (low 8 bits of the word).
+pub mod state {
+    pub const EMPTY: u8 = 0;
+    pub const CREATING: u8 = 1;
+    pub const SEALED: u8 = 2;
+    pub const TOMBSTONE: u8 = 3;
+    /// The daemon is deciding whether a sealed object can be removed (a few instructions).
+    pub const BUSY: u8 = 4;
+}
+/// The object was deleted while pinned: not gettable any more, freed when the last pin goes.
+pub const FLAG_DELETE_PENDING: u64 = 1 << 8;
+
+fn word_state(w: u64) -> u8 {
+    w as u8
+}
+fn word_gen(w: u64) -> u32 {
+    (w >> 32) as u32
+}
+fn make_word(generation: u32, state: u8, flags: u64) -> u64 {
+    ((generation as u64) << 32) | flags | state as u64
+}
+
+/// Where things are in the arena. Written into the header by the daemon, validated by clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub total_len: u64,
+    pub dir_offset: u64,
+    pub dir_slots: u64,
+    pub heap_offset: u64,
+    pub heap_len: u64,
+}
+
+impl Layout {
+    /// A layout with `heap_len` bytes of object space and room for `max_objects` live objects
+    /// (the directory gets twice that many slots, a power of two, to keep probes short).
+    pub fn new(heap_len: u64, max_objects: u64) -> Result<Layout> {
+        if heap_len < 4096 {
+            return Err(StoreError::InvalidRequest(format!(
+                "arena of {heap_len} bytes is too small (at least 4096)"
+            )));
+        }
+        let dir_slots = max_objects
+            .clamp(64, 1 << 24)
+            .checked_mul(2)
+            .and_then(u64::checked_next_power_of_two)
+            .expect("bounded");
+        let dir_offset = HEADER_LEN;
+        let dir_end = dir_offset + dir_slots * SLOT_LEN as u64;
+        let heap_offset = dir_end.div_ceil(HEAP_ALIGN) * HEAP_ALIGN;
+        let heap_len = heap_len.div_ceil(64) * 64;
+        let total_len = heap_offset
+            .checked_add(heap_len)
+            .ok_or_else(|| StoreError::InvalidRequest("arena size overflows".into()))?;
+        Ok(Layout {
+            total_len,
+            dir_offset,
+            dir_slots,
+            heap_offset,
+            heap_len,
+        })
+    }
+
+    /// The default directory size for a heap: one slot pair per 8 KiB, between 16 Ki and 1 Mi objects.
+    pub fn default_max_objects(heap_len: u64) -> u64 {
+        (heap_len / 8192).clamp(16 << 10, 1 << 20)
+    }
+
+    fn validate(&self, file_len: u64) -> Result<()> {
+        let bad = |what: &str| Err(StoreError::Protocol(format!("arena header: {what}")));
+        if self.total_len != file_len {
+            return bad("length does not match the memfd");
+        }
+        if self.dir_offset < HEADER_LEN || !self.dir_slots.is_power_of_two() {
+            return bad("directory placement");
+        }
+        let dir_end = self
+            .dir_slots
+            .checked_mul(SLOT_LEN as u64)
+            .and_then(|n| n.checked_add(self.dir_offset));
+        match dir_end {
+            Some(end) if end <= self.heap_offset => {}
+            _ => return bad("directory overlaps the heap"),
+        }
+        match self.heap_offset.checked_add(self.heap_len) {
+            Some(end) if end <= self.total_len && self.heap_offset % 64 == 0 => Ok(()),
+            _ => bad("heap out of bounds"),
+        }
+    }
+}
+
+#[repr(C)]
+struct Header {
+    magic: AtomicU64,
+    version: AtomicU32,
+    max_clients: AtomicU32,
+    total_len: AtomicU64,
+    dir_offset: AtomicU64,
+    dir_slots: AtomicU64,
+    heap_offset: AtomicU64,
+    heap_len: AtomicU64,
+}
+
+const SLOT_LEN: usize = 128;
+
+/// One directory entry. Only atomics: it is read and written by several processes at once.
+#[repr(C, align(128))]
+pub struct Slot {
+    /// generation (high 32 bits) | flags (bits 8..32) | state (low 8 bits).
+    word: AtomicU64,
+    /// Bit `c` is set while client index `c` holds at least one pin on this object.
+    pins: [AtomicU64; 2],
+    id: [AtomicU32; ID_LEN / 4],
+    owner: AtomicU32,
+    offset: AtomicU64,
+    size: AtomicU64,
+    /// CLOCK_MONOTONIC nanoseconds of the last pin (for LRU), written by clients.
+    last_use: AtomicU64,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == SLOT_LEN);
+const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_LEN as usize);
+
+impl Slot {
+    fn load_id(&self) -> ObjectId {
+        let mut b = [0u8; ID_LEN];
+        for (i, part) in self.id.iter().enumerate() {
+            b[4 * i..4 * i + 4].copy_from_slice(&part.load(Ordering::Relaxed).to_le_bytes());
+        }
+        ObjectId(b)
+    }
+    fn store_id(&self, id: &ObjectId) {
+        for (i, part) in self.id.iter().enumerate() {
+            let v = u32::from_le_bytes(id.0[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+            part.store(v, Ordering::Relaxed);
+        }
+    }
+    fn pinned(&self) -> bool {
+        self.pins.iter().any(|p| p.load(Ordering::SeqCst) != 0)
+    }
+}
+
+/// A consistent snapshot of a sealed object's directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealedEntry {
+    pub slot: u64,
+    pub word: u64,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// What a lock-free lookup found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    Sealed(SealedEntry),
+    /// Present but not sealed yet (or being deleted): wait for it.
+    NotReady,
+    Absent,
+}
+
+/// What [`Directory::try_remove`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Removed,
+    /// Some client holds a pin: left in place (flagged delete-pending if asked).
+    Pinned,
+}
+
+/// The mapped arena. Clone-free; share it behind an `Arc`.
+pub struct Arena {
+    map: MmapRaw,
+    fd: OwnedFd,
+    layout: Layout,
+}
+
+// SAFETY: the mapping is plain shared memory; every access to shared fields goes through
+// atomics, and object bytes are handed out only under the rules documented on the accessors.
+unsafe impl Send for Arena {}
+// SAFETY: as above: no interior state besides the mapping, which is accessed atomically.
+unsafe impl Sync for Arena {}
+
+impl Arena {
+    /// Creates the memfd (sealed against shrinking and growing), maps it and writes the header.
+    pub fn create(layout: Layout) -> Result<Arena> {
+        let fd = memfd_create(
+            "trove-arena",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )?;
+        let file = File::from(fd);
+        file.set_len(layout.total_len)?;
+        let fd = OwnedFd::from(file);
+        fcntl(
+            &fd,
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )?;
+        let map = MmapOptions::new()
+            .len(layout.total_len as usize)
+            .map_raw(&fd)?;
+        let arena = Arena { map, fd, layout };
+        let h = arena.header();
+        h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        h.max_clients.store(MAX_CLIENTS, Ordering::Relaxed);
+        h.total_len.store(layout.total_len, Ordering::Relaxed);
+        h.dir_offset.store(layout.dir_offset, Ordering::Relaxed);
+        h.dir_slots.store(layout.dir_slots, Ordering::Relaxed);
+        h.heap_offset.store(layout.heap_offset, Ordering::Relaxed);
+        h.heap_len.store(layout.heap_len, Ordering::Relaxed);
+        h.magic.store(MAGIC, Ordering::Release);
+        Ok(arena)
+    }
+
+    /// Maps an arena received from the daemon and validates its header and seals, so that a
+    /// bad fd gives an error instead of out-of-bounds accesses or SIGBUS later.
+    pub fn attach(fd: OwnedFd) -> Result<Arena> {
+        let seals = fcntl(&fd, FcntlArg::F_GET_SEALS)?;
+        let need = SealFlag::F_SEAL_SHRINK.bits();
+        if seals & need != need {
+            return Err(StoreError::Protocol(
+                "arena memfd is not sealed against shrinking".into(),
+            ));
+        }
+        let file_len = nix::sys::stat::fstat(&fd)?.st_size as u64;
+        if file_len < HEADER_LEN {
+            return Err(StoreError::Protocol("arena is smaller than its header".into()));
+        }
+        let map = MmapOptions::new().len(file_len as usize).map_raw(&fd)?;
+        // SAFETY: the mapping is at least HEADER_LEN bytes and page aligned; Header is only atomics.
+        let h = unsafe { &*(map.as_ptr() as *const Header) };
+        if h.magic.load(Ordering::Acquire) != MAGIC {
+            return Err(StoreError::Protocol("arena has a bad magic number".into()));
+        }
+        if h.version.load(Ordering::Relaxed) != LAYOUT_VERSION
+            || h.max_clients.load(Ordering::Relaxed) != MAX_CLIENTS
+        {
+            return Err(StoreError::Protocol("arena layout version mismatch".into()));
+        }
+        let layout = Layout {
+            total_len: h.total_len.load(Ordering::Relaxed),
+            dir_offset: h.dir_offset.load(Ordering::Relaxed),
+            dir_slots: h.dir_slots.load(Ordering::Relaxed),
+            heap_offset: h.heap_offset.load(Ordering::Relaxed),
+            heap_len: h.heap_len.load(Ordering::Relaxed),
+        };
+        layout.validate(file_len)?;
+        Ok(Arena { map, fd, layout })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping is at least HEADER_LEN bytes (validated or created so) and page
+        // aligned; Header is only atomics, valid for any bit pattern.
+        unsafe { &*(self.map.as_ptr() as *const Header) }
+    }
+
+    /// The directory view.
+    pub fn directory(&self) -> Directory<'_> {
+        Directory { arena: self }
+    }
+
+    /// Whether `[offset, offset+len)` lies inside the heap.
+    pub fn in_heap(&self, offset: u64, len: u64) -> bool {
+        let l = &self.layout;
+        offset >= l.heap_offset
+            && offset
+                .checked_add(len)
+                .is_some_and(|end| end <= l.heap_offset + l.heap_len)
+    }
+
+    /// A pointer to `len` heap bytes at `offset`, or None when out of bounds.
+    pub fn ptr(&self, offset: u64, len: u64) -> Option<*mut u8> {
+        if !self.in_heap(offset, len) {
+            return None;
+        }
+        // SAFETY: offset is within the mapping (checked above).
+        Some(unsafe { self.map.as_mut_ptr().add(offset as usize) })
+    }
+
+    /// The bytes of a sealed object.
+    ///
+    /// # Safety
+    /// The caller holds a pin on the object (so the range is not freed or reused while the
+    /// slice lives) and the object is sealed (so nobody writes to it).
+    pub unsafe fn sealed_bytes(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let p = self.ptr(offset, len)?;
+        // SAFETY: in bounds (checked by ptr), immutable and kept alive per the caller's contract.
+        Some(unsafe { std::slice::from_raw_parts(p, len as usize) })
+    }
+
+    /// Pre-faults `[offset, offset+len)` of this process's mapping for writing
+    /// (MADV_POPULATE_WRITE): allocates the memfd's pages if needed and fills the page tables,
+    /// without changing any byte. Safe to run while others use the range.
+    pub fn populate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.saturating_add(len).min(self.layout.total_len);
+        if offset >= end {
+            return Ok(());
+        }
+        self.map
+            .advise_range(Advice::PopulateWrite, offset as usize, (end - offset) as usize)
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the same clock in every process, for LRU times.
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// The object directory in the arena.
+#[derive(Clone, Copy)]
+pub struct Directory<'a> {
+    arena: &'a Arena,
+}
+
+impl<'a> Directory<'a> {
+    pub fn slots(&self) -> u64 {
+        self.arena.layout.dir_slots
+    }
+
+    fn slot(&self, i: u64) -> &'a Slot {
+        let l = &self.arena.layout;
+        let i = i & (l.dir_slots - 1);
+        // SAFETY: i < dir_slots and the directory lies inside the mapping (validated layout);
+        // slots are 128-byte aligned because dir_offset is a multiple of 4096. Slot is only
+        // atomics, valid for any bit pattern, and shared access to atomics is sound.
+        unsafe {
+            &*(self
+                .arena
+                .map
+                .as_ptr()
+                .add((l.dir_offset + i * SLOT_LEN as u64) as usize) as *const Slot)
+        }
+    }
+
+    /// Lock-free lookup of a sealed object (any process).
+    pub fn lookup(&self, id: &ObjectId) -> Lookup {
+        let mask = self.slots() - 1;
+        let backoff = Backoff::new();
+        'retry: for _ in 0..1000 {
+            let mut i = id.hash64() & mask;
+            for _ in 0..self.slots() {
+                let s = self.slot(i);
+                let w = s.word.load(Ordering::Acquire);
+                match word_state(w) {
+                    state::EMPTY => return Lookup::Absent,
+                    state::TOMBSTONE => {}
+                    st => {
+                        let sid = s.load_id();
+                        let offset = s.offset.load(Ordering::Relaxed);
+                        let size = s.size.load(Ordering::Relaxed);
+                        fence(Ordering::Acquire);
+                        if s.word.load(Ordering::Relaxed) != w {
+                            backoff.snooze();
+                            continue 'retry;
+                        }
+                        if sid == *id {
+                            return match st {
+                                state::SEALED if w & FLAG_DELETE_PENDING == 0 => {
+                                    Lookup::Sealed(SealedEntry {
+                                        slot: i,
+                                        word: w,
+                                        offset,
+                                        size,
+                                    })
+                                }
+                                state::BUSY => {
+                                    backoff.snooze();
+                                    continue 'retry;
+                                }
+                                state::SEALED => Lookup::Absent,
+                                _ => Lookup::NotReady,
+                            };
+                        }
+                    }
+                }
+                i = (i + 1) & mask;
+            }
+            return Lookup::Absent;
+        }
+        Lookup::NotReady
+    }
+
+    /// Pins a sealed entry for client `client`: sets the client's pin bit, then checks that
+    /// the entry did not change. Pairs with [`Directory::try_remove`]: both sides do a SeqCst
+    /// store then a SeqCst load of the other's word, so either the daemon sees the pin bit or
+    /// this sees the daemon's BUSY state. Returns false (and leaves no pin) if the entry changed;
+    /// the second value says whether the daemon must be told (see [`Directory::unpin`]).
+    pub fn try_pin(&self, e: &SealedEntry, client: u32) -> (bool, bool) {
+        let s = self.slot(e.slot);
+        s.pins[(client / 64) as usize % 2].fetch_or(1 << (client % 64), Ordering::SeqCst);
+        if s.word.load(Ordering::SeqCst) == e.word {
+            s.last_use.store(monotonic_ns(), Ordering::Relaxed);
+            (true, false)
+        } else {
+            (false, self.unpin(e.slot, client))
+        }
+    }
+
+    /// Clears client `client`'s pin bit on `slot`. Returns true when the object is
+    /// delete-pending and no pin is left, i.e. the daemon should be told to free it now.
+    pub fn unpin(&self, slot: u64, client: u32) -> bool {
+        let s = self.slot(slot);
+        s.pins[(client / 64) as usize % 2].fetch_and(!(1 << (client % 64)), Ordering::SeqCst);
+        let backoff = Backoff::new();
+        let w = loop {
+            let w = s.word.load(Ordering::SeqCst);
+            if word_state(w) != state::BUSY {
+                break w;
+            }
+            // The daemon holds BUSY for a few instructions under its lock.
+            if backoff.is_completed() {
+                std::thread::yield_now();
+            } else {
+                backoff.snooze();
+            }
+        };
+        w & FLAG_DELETE_PENDING != 0 && !s.pinned()
+    }
+
+    /// Refreshes the LRU time of a slot (a process that already holds a pin got it again).
+    pub fn touch(&self, slot: u64) {
+        self.slot(slot).last_use.store(monotonic_ns(), Ordering::Relaxed);
+    }
+
+    // ---- daemon side: called only by the daemon, under its table lock ----
+
+    /// Inserts a new object in state CREATING. The caller has checked that `id` is not live
+    /// and that the table is below its load limit. Returns the slot index.
+    pub fn insert(&self, id: &ObjectId, offset: u64, size: u64, owner: u32) -> Option<u64> {
+        let mask = self.slots() - 1;
+        let mut i = id.hash64() & mask;
+        for _ in 0..self.slots() {
+            let s = self.slot(i);
+            let w = s.word.load(Ordering::Relaxed);
+            if matches!(word_state(w), state::EMPTY | state::TOMBSTONE) {
+                // The previous state store (TOMBSTONE/EMPTY) was followed by a release fence,
+                // so readers that see the new fields also see the slot was not live.
+                s.store_id(id);
+                s.owner.store(owner, Ordering::Relaxed);
+                s.offset.store(offset, Ordering::Relaxed);
+                s.size.store(size, Ordering::Relaxed);
+                s.last_use.store(monotonic_ns(), Ordering::Relaxed);
+                s.word.store(
+                    make_word(word_gen(w).wrapping_add(1), state::CREATING, 0),
+                    Ordering::Release,
+                );
+                return Some(i);
+            }
+            i = (i + 1) & mask;
+        }
+        None
+    }
+
+    /// Marks an entry invisible before its fields are rewritten or its memory reused.
+    fn retire(&self, i: u64, w: u64) {
+        let s = self.slot(i);
+        s.word
+            .store(make_word(word_gen(w), state::TOMBSTONE, 0), Ordering::SeqCst);
+        fence(Ordering::Release);
+        // Turn trailing tombstones back into EMPTY so probes stay short: a tombstone followed by
+        // an EMPTY slot ends no probe chain that could reach a live entry.
+        let mask = self.slots() - 1;
+        if word_state(self.slot((i + 1) & mask).word.load(Ordering::Relaxed)) != state::EMPTY {
+            return;
+        }
+        let mut j = i;
+        loop {
+            let sj = self.slot(j);
+            let wj = sj.word.load(Ordering::Relaxed);
+            if word_state(wj) != state::TOMBSTONE {
+                break;
+            }
+            sj.word
+                .store(make_word(word_gen(wj), state::EMPTY, 0), Ordering::Release);
+            j = j.wrapping_sub(1) & mask;
+            if j == i {
+                break;
+            }
+        }
+    }
+
+    pub fn seal(&self, i: u64) {
+        let s = self.slot(i);
+        let w = s.word.load(Ordering::Relaxed);
+        debug_assert_eq!(word_state(w), state::CREATING);
+        s.last_use.store(monotonic_ns(), Ordering::Relaxed);
+        s.word
+            .store(make_word(word_gen(w), state::SEALED, 0), Ordering::Release);
+    }
+
+    /// Removes an object that is being created (no client can pin it).
+    pub fn remove_unsealed(&self, i: u64) {
+        let w = self.slot(i).word.load(Ordering::Relaxed);
+        debug_assert_eq!(word_state(w), state::CREATING);
+        self.retire(i, w);
+    }
+
+    /// Removes a sealed object unless pinned. With `mark_pending`, a pinned object is flagged
+    /// delete-pending (no new pins; the last unpin tells the daemon).
+    pub fn try_remove(&self, i: u64, mark_pending: bool) -> Removal {
+        let s = self.slot(i);
+        let w = s.word.load(Ordering::Relaxed);
+        debug_assert_eq!(word_state(w), state::SEALED);
+        s.word
+            .store(make_word(word_gen(w), state::BUSY, 0), Ordering::SeqCst);
+        if s.pinned() {
+            let restored = if mark_pending {
+                w | FLAG_DELETE_PENDING
+            } else {
+                w
+            };
+            s.word.store(restored, Ordering::SeqCst);
+            return Removal::Pinned;
+        }
+        self.retire(i, w);
+        Removal::Removed
+    }
+
+    pub fn is_pinned(&self, i: u64) -> bool {
+        self.slot(i).pinned()
+    }
+
+    /// How many client pin bits are set on a slot.
+    pub fn pin_count(&self, i: u64) -> u32 {
+        self.slot(i)
+            .pins
+            .iter()
+            .map(|p| p.load(Ordering::SeqCst).count_ones())
+            .sum()
+    }
+
+    pub fn last_use(&self, i: u64) -> u64 {
+        self.slot(i).last_use.load(Ordering::Relaxed)
+    }
+
+    /// Clears a departed client's pin bits everywhere (before its index is reused).
+    pub fn clear_client(&self, client: u32) {
+        let mask = !(1u64 << (client % 64));
+        for i in 0..self.slots() {
+            self.slot(i).pins[(client / 64) as usize % 2].fetch_and(mask, Ordering::SeqCst);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arena() -> Arena {
+        Arena::create(Layout::new(1 << 20, 64).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn layout_is_validated_on_attach() {
+        let a = arena();
+        let fd = a.fd().try_clone_to_owned().unwrap();
+        let b = Arena::attach(fd).unwrap();
+        assert_eq!(a.layout(), b.layout());
+        assert_eq!(b.layout().heap_offset % HEAP_ALIGN, 0);
+        // A plain unsealed memfd is refused.
+        let fd = memfd_create("x", MFdFlags::MFD_CLOEXEC).unwrap();
+        assert!(Arena::attach(fd).is_err());
+    }
+
+    #[test]
+    fn insert_seal_lookup_pin_remove() {
+        let a = arena();
+        let d = a.directory();
+        let id = ObjectId::random();
+        assert_eq!(d.lookup(&id), Lookup::Absent);
+        let off = a.layout().heap_offset;
+        let i = d.insert(&id, off, 100, 3).unwrap();
+        assert_eq!(d.lookup(&id), Lookup::NotReady);
+        d.seal(i);
+        let Lookup::Sealed(e) = d.lookup(&id) else {
+            panic!("sealed object not found")
+        };
+        assert_eq!((e.offset, e.size), (off, 100));
+        assert_eq!(d.try_pin(&e, 5), (true, false));
+        assert_eq!(d.try_remove(i, true), Removal::Pinned);
+        assert_eq!(d.lookup(&id), Lookup::Absent, "delete-pending is not gettable");
+        assert!(d.unpin(i, 5), "last unpin of a delete-pending object asks for a free");
+        assert_eq!(d.try_remove(i, true), Removal::Removed);
+        assert_eq!(d.lookup(&id), Lookup::Absent);
+        // A stale entry cannot be pinned.
+        assert!(!d.try_pin(&e, 5).0);
+        assert!(!d.is_pinned(i));
+    }
+
+    #[test]
+    fn probing_and_tombstones() {
+        let a = arena();
+        let d = a.directory();
+        let ids: Vec<_> = (0..64).map(|_| ObjectId::random()).collect();
+        let slots: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let i = d.insert(id, a.layout().heap_offset, 1, 0).unwrap();
+                d.seal(i);
+                i
+            })
+            .collect();
+        for (n, id) in ids.iter().enumerate() {
+            if n % 2 == 0 {
+                assert_eq!(d.try_remove(slots[n], false), Removal::Removed);
+            }
+        }
+        for (n, id) in ids.iter().enumerate() {
+            let found = matches!(d.lookup(id), Lookup::Sealed(_));
+            assert_eq!(found, n % 2 == 1, "object {n}");
+        }
+        for (n, _) in ids.iter().enumerate().filter(|(n, _)| n % 2 == 1) {
+            assert_eq!(d.try_remove(slots[n], false), Removal::Removed);
+        }
+        // Everything removed: every slot is EMPTY again (tombstones were cleaned up).
+        for i in 0..d.slots() {
+            assert_eq!(word_state(d.slot(i).word.load(Ordering::Relaxed)), state::EMPTY);
+        }
+    }
+}
