@@ -1,0 +1,232 @@
+//! Shared test helpers: a daemon per test in a private temp directory, helper processes, and
+//! bounded waits.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use trove_store::{StoreClient, StoreError};
+
+pub const ROLE_ENV: &str = "TROVE_TEST_ROLE";
+pub const SOCKET_ENV: &str = "TROVE_TEST_SOCKET";
+pub const ARG_ENV: &str = "TROVE_TEST_ARG";
+
+/// A `troved` started for one test; stopped (SIGTERM, then SIGKILL) and cleaned up on drop.
+pub struct TestStore {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+}
+
+impl TestStore {
+    pub fn start(memory: &str) -> TestStore {
+        Self::start_with(memory, &[])
+    }
+
+    pub fn start_with(memory: &str, extra: &[&str]) -> TestStore {
+        let dir = tempfile::Builder::new()
+            .prefix("trove-test-")
+            .tempdir()
+            .expect("tempdir");
+        let socket = dir.path().join("sock").join("troved.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_troved"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--memory")
+            .arg(memory)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn troved");
+        let store = TestStore {
+            child: Some(child),
+            dir,
+            socket,
+        };
+        wait_until(Duration::from_secs(20), "troved to listen", || {
+            StoreClient::connect(&store.socket).is_ok()
+        });
+        store
+    }
+
+    pub fn client(&self) -> StoreClient {
+        StoreClient::connect(&self.socket).expect("connect")
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    /// Stops the daemon with SIGTERM and returns its exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        wait_child(&mut child, Duration::from_secs(10))
+    }
+}
+
+impl Drop for TestStore {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let _ = wait_child_opt(&mut c, Duration::from_secs(5));
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds; panics after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn wait_child_opt(c: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(s)) = c.try_wait() {
+            return Some(s);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits for a child with a bound; kills it and panics if it does not exit in time.
+pub fn wait_child(c: &mut Child, limit: Duration) -> ExitStatus {
+    match wait_child_opt(c, limit) {
+        Some(s) => s,
+        None => {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("child {} did not exit within {limit:?}", c.id());
+        }
+    }
+}
+
+/// A helper process: this test binary re-executed in a role. Killed on drop.
+pub struct Helper {
+    pub child: Child,
+    lines: Receiver<String>,
+}
+
+impl Helper {
+    /// Starts `role` against the store at `socket` with a free-form argument.
+    pub fn start(role: &str, socket: &Path, arg: &str) -> Helper {
+        let mut child = Command::new(std::env::current_exe().expect("current_exe"))
+            .args(["helper_entry", "--exact", "--nocapture", "--test-threads=1", "--quiet"])
+            .env(ROLE_ENV, role)
+            .env(SOCKET_ENV, socket)
+            .env(ARG_ENV, arg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn helper");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Helper { child, lines }
+    }
+
+    /// Waits for a line that starts with `prefix` (helpers print `READY ...` lines). Panics if
+    /// the helper exits first or `limit` passes.
+    pub fn expect_line(&mut self, prefix: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(line) if line.starts_with("ERROR") => panic!("helper failed: {line}"),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("helper did not print {prefix:?} within {limit:?}")
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("helper exited before printing {prefix:?}")
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = kill(self.pid(), Signal::SIGKILL);
+        let _ = wait_child(&mut self.child, Duration::from_secs(10));
+    }
+
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        wait_child(&mut self.child, limit)
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the helper role named in the environment, then exits the process.
+pub fn run_helper_if_asked() {
+    let Ok(role) = std::env::var(ROLE_ENV) else {
+        return;
+    };
+    let socket = PathBuf::from(std::env::var(SOCKET_ENV).expect("socket"));
+    let arg = std::env::var(ARG_ENV).unwrap_or_default();
+    let code = match crate::roles::helper_role(&role, &socket, &arg) {
+        Ok(()) => 0,
+        Err(e) => {
+            println!("ERROR {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Prints a line for the parent and flushes it.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{line}");
+    let _ = o.flush();
+}
+
+/// Deterministic bytes for object `n`.
+pub fn pattern(n: u64, len: usize) -> Vec<u8> {
+    let mut x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn is_timeout(e: &StoreError) -> bool {
+    matches!(e, StoreError::Timeout(_))
+}
