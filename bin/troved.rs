@@ -52,7 +52,8 @@ fn main() -> anyhow::Result<()> {
         prefault: args.prefault,
         max_objects: args.max_objects,
     };
-    let daemon = Daemon::bind(&cfg).with_context(|| format!("starting the store at {}", cfg.socket.display()))?;
+    let daemon = Daemon::bind(&cfg)
+        .with_context(|| format!("starting the store at {}", cfg.socket.display()))?;
     let stop = daemon.shutdown_handle();
     std::thread::Builder::new()
         .name("troved-signals".into())

@@ -434,7 +434,9 @@ impl Subscription {
         };
         match s.read()? {
             Some((1, Reply::Ok)) => Ok(s),
-            other => Err(StoreError::Protocol(format!("subscribe answered {other:?}"))),
+            other => Err(StoreError::Protocol(format!(
+                "subscribe answered {other:?}"
+            ))),
         }
     }
 
@@ -459,7 +461,10 @@ impl Subscription {
                     self.reader.get_ref().as_fd(),
                     nix::poll::PollFlags::POLLIN,
                 )];
-                let n = nix::poll::poll(&mut fds, nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX))?;
+                let n = nix::poll::poll(
+                    &mut fds,
+                    nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX),
+                )?;
                 if n == 0 {
                     return Ok(None);
                 }

@@ -376,7 +376,8 @@ impl ShutdownHandle {
         self.shared.stopping.store(true, Ordering::SeqCst);
         // Wakes the blocked accept(): on Linux, shutdown of a listening socket makes accept fail.
         // SAFETY-free: a plain syscall on an fd the daemon owns for its whole life.
-        let _ = nix::sys::socket::shutdown(self.shared.listener_fd, nix::sys::socket::Shutdown::Both);
+        let _ =
+            nix::sys::socket::shutdown(self.shared.listener_fd, nix::sys::socket::Shutdown::Both);
         self.shared.timer_cv.notify_all();
     }
 }
@@ -459,10 +460,11 @@ impl Shared {
                     (req, Some(Reply::error(&e)))
                 }
             };
-            if let Some(reply) = reply {
-                if req != 0 && conn.reply(&reply.encode(req)).is_err() {
-                    return;
-                }
+            if let Some(reply) = reply
+                && req != 0
+                && conn.reply(&reply.encode(req)).is_err()
+            {
+                return;
             }
         }
     }
@@ -523,7 +525,10 @@ impl Shared {
         if let Some(Reply::Created { offset }) = &reply {
             let l = self.arena.layout();
             let done = l.heap_offset + self.prefaulted.load(Ordering::Acquire);
-            if let Some(e) = lock(&self.table).objects.values().find(|e| e.offset == *offset)
+            if let Some(e) = lock(&self.table)
+                .objects
+                .values()
+                .find(|e| e.offset == *offset)
                 && offset + e.alloc_len > done
             {
                 let (off, len) = (*offset, e.alloc_len);

@@ -134,6 +134,10 @@ mod tests {
         let set: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(set.len(), ids.len());
         let buckets: std::collections::HashSet<_> = ids.iter().map(|i| i.hash64() & 1023).collect();
-        assert!(buckets.len() > 500, "sequential ids must spread: {}", buckets.len());
+        assert!(
+            buckets.len() > 500,
+            "sequential ids must spread: {}",
+            buckets.len()
+        );
     }
 }

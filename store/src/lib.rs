@@ -7,12 +7,12 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod alloc;
-pub mod ring;
 pub mod client;
 pub mod daemon;
 pub mod error;
 pub mod id;
 pub mod protocol;
+pub mod ring;
 pub mod shm;
 pub mod size;
 mod sock;

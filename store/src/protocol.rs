@@ -25,23 +25,38 @@ pub const MAX_IDS: usize = 1 << 14;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// Allocate `size` bytes for a new object, in state "creating", owned by this client.
-    Create { id: ObjectId, size: u64 },
-    Seal { id: ObjectId },
-    Abort { id: ObjectId },
+    Create {
+        id: ObjectId,
+        size: u64,
+    },
+    Seal {
+        id: ObjectId,
+    },
+    Abort {
+        id: ObjectId,
+    },
     /// Reply when every id is sealed, or when the timeout passes (`None`: wait forever).
     Wait {
         ids: Vec<ObjectId>,
         timeout: Option<Duration>,
     },
-    Contains { id: ObjectId },
-    Delete { ids: Vec<ObjectId> },
+    Contains {
+        id: ObjectId,
+    },
+    Delete {
+        ids: Vec<ObjectId>,
+    },
     List,
     /// Evict at least `bytes` of unpinned objects, least recently used first.
-    Evict { bytes: u64 },
+    Evict {
+        bytes: u64,
+    },
     /// From now on, push [`Event`]s for seals and deletions on this connection.
     Subscribe,
     /// A notice: this client dropped the last pin of a delete-pending object.
-    Release { id: ObjectId },
+    Release {
+        id: ObjectId,
+    },
     Stats,
 }
 
@@ -141,16 +156,30 @@ pub enum Reply {
         nums: [u64; 3],
         message: String,
     },
-    Created { offset: u64 },
+    Created {
+        offset: u64,
+    },
     /// One flag per requested id: sealed (true) or not (timed out).
-    Waited { ready: Vec<bool> },
+    Waited {
+        ready: Vec<bool>,
+    },
     Bool(bool),
-    Deleted { outcomes: Vec<DeleteOutcome> },
-    Listed { objects: Vec<ObjectInfo> },
-    Evicted { count: u64, bytes: u64 },
+    Deleted {
+        outcomes: Vec<DeleteOutcome>,
+    },
+    Listed {
+        objects: Vec<ObjectInfo>,
+    },
+    Evicted {
+        count: u64,
+        bytes: u64,
+    },
     Stats(Stats),
     /// Sent once right after connecting, together with the arena fd.
-    Welcome { version: u32, client_index: u32 },
+    Welcome {
+        version: u32,
+        client_index: u32,
+    },
     Event(Event),
 }
 
@@ -501,9 +530,7 @@ impl Reply {
                 capacity,
                 pinned,
             } => (ErrorCode::StoreFull, [*requested, *capacity, *pinned]),
-            StoreError::DirectoryFull { capacity } => {
-                (ErrorCode::DirectoryFull, [*capacity, 0, 0])
-            }
+            StoreError::DirectoryFull { capacity } => (ErrorCode::DirectoryFull, [*capacity, 0, 0]),
             StoreError::NotFound(_) => (ErrorCode::NotFound, [0; 3]),
             StoreError::AlreadyExists(_) => (ErrorCode::AlreadyExists, [0; 3]),
             StoreError::AlreadySealed(_) => (ErrorCode::AlreadySealed, [0; 3]),
@@ -521,7 +548,12 @@ impl Reply {
     }
 
     /// Turns an error reply back into the typed error (`id` names the object it was about).
-    pub fn into_error(code: ErrorCode, nums: [u64; 3], message: String, id: ObjectId) -> StoreError {
+    pub fn into_error(
+        code: ErrorCode,
+        nums: [u64; 3],
+        message: String,
+        id: ObjectId,
+    ) -> StoreError {
         match code {
             ErrorCode::StoreFull => StoreError::StoreFull {
                 requested: nums[0],

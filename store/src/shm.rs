@@ -118,7 +118,7 @@ impl Layout {
             _ => return bad("directory overlaps the heap"),
         }
         match self.heap_offset.checked_add(self.heap_len) {
-            Some(end) if end <= self.total_len && self.heap_offset % 64 == 0 => Ok(()),
+            Some(end) if end <= self.total_len && self.heap_offset.is_multiple_of(64) => Ok(()),
             _ => bad("heap out of bounds"),
         }
     }
@@ -258,7 +258,9 @@ impl Arena {
         }
         let file_len = nix::sys::stat::fstat(&fd)?.st_size as u64;
         if file_len < HEADER_LEN {
-            return Err(StoreError::Protocol("arena is smaller than its header".into()));
+            return Err(StoreError::Protocol(
+                "arena is smaller than its header".into(),
+            ));
         }
         let map = MmapOptions::new().len(file_len as usize).map_raw(&fd)?;
         // SAFETY: the mapping is at least HEADER_LEN bytes and page aligned; Header is only atomics.
@@ -338,8 +340,11 @@ impl Arena {
         if offset >= end {
             return Ok(());
         }
-        self.map
-            .advise_range(Advice::PopulateWrite, offset as usize, (end - offset) as usize)
+        self.map.advise_range(
+            Advice::PopulateWrite,
+            offset as usize,
+            (end - offset) as usize,
+        )
     }
 }
 
@@ -462,7 +467,9 @@ impl<'a> Directory<'a> {
 
     /// Refreshes the LRU time of a slot (a process that already holds a pin got it again).
     pub fn touch(&self, slot: u64) {
-        self.slot(slot).last_use.store(monotonic_ns(), Ordering::Relaxed);
+        self.slot(slot)
+            .last_use
+            .store(monotonic_ns(), Ordering::Relaxed);
     }
 
     // ---- daemon side: called only by the daemon, under its table lock ----
@@ -497,8 +504,10 @@ impl<'a> Directory<'a> {
     /// Marks an entry invisible before its fields are rewritten or its memory reused.
     fn retire(&self, i: u64, w: u64) {
         let s = self.slot(i);
-        s.word
-            .store(make_word(word_gen(w), state::TOMBSTONE, 0), Ordering::SeqCst);
+        s.word.store(
+            make_word(word_gen(w), state::TOMBSTONE, 0),
+            Ordering::SeqCst,
+        );
         fence(Ordering::Release);
         // Turn trailing tombstones back into EMPTY so probes stay short: a tombstone followed by
         // an EMPTY slot ends no probe chain that could reach a live entry.
@@ -621,8 +630,15 @@ mod tests {
         assert_eq!((e.offset, e.size), (off, 100));
         assert_eq!(d.try_pin(&e, 5), (true, false));
         assert_eq!(d.try_remove(i, true), Removal::Pinned);
-        assert_eq!(d.lookup(&id), Lookup::Absent, "delete-pending is not gettable");
-        assert!(d.unpin(i, 5), "last unpin of a delete-pending object asks for a free");
+        assert_eq!(
+            d.lookup(&id),
+            Lookup::Absent,
+            "delete-pending is not gettable"
+        );
+        assert!(
+            d.unpin(i, 5),
+            "last unpin of a delete-pending object asks for a free"
+        );
         assert_eq!(d.try_remove(i, true), Removal::Removed);
         assert_eq!(d.lookup(&id), Lookup::Absent);
         // A stale entry cannot be pinned.
@@ -657,7 +673,10 @@ mod tests {
         }
         // Everything removed: every slot is EMPTY again (tombstones were cleaned up).
         for i in 0..d.slots() {
-            assert_eq!(word_state(d.slot(i).word.load(Ordering::Relaxed)), state::EMPTY);
+            assert_eq!(
+                word_state(d.slot(i).word.load(Ordering::Relaxed)),
+                state::EMPTY
+            );
         }
     }
 }

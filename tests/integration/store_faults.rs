@@ -47,7 +47,10 @@ fn store_client_killed_while_creating_is_aborted() {
     });
     assert_eq!(c.stats().unwrap().used, 0);
     c.put(id, &pattern(1, 3 << 20)).unwrap();
-    assert_eq!(c.get(id, Timeout::Poll).unwrap().as_slice(), pattern(1, 3 << 20).as_slice());
+    assert_eq!(
+        c.get(id, Timeout::Poll).unwrap().as_slice(),
+        pattern(1, 3 << 20).as_slice()
+    );
 }
 
 #[test]
@@ -63,16 +66,25 @@ fn store_daemon_killed_gives_disconnected_not_a_hang() {
         let r = waiter.get(ObjectId::random(), Timeout::Forever);
         let _ = tx.send(r.err().map(|e| format!("{e:?}")));
     });
-    let mut h = Helper::start("wait-forever", &store.socket, &ObjectId::random().to_string());
+    let mut h = Helper::start(
+        "wait-forever",
+        &store.socket,
+        &ObjectId::random().to_string(),
+    );
     h.expect_line("WAITING", T);
     std::thread::sleep(Duration::from_millis(100));
     kill(store.pid(), Signal::SIGKILL).unwrap();
-    let got = rx.recv_timeout(T).expect("a blocked get must return when the daemon dies");
+    let got = rx
+        .recv_timeout(T)
+        .expect("a blocked get must return when the daemon dies");
     assert!(got.unwrap().starts_with("Disconnected"));
     let line = h.expect_line("FAILED", T);
     assert!(line.contains("Disconnected"), "{line}");
     assert!(matches!(c.stats(), Err(StoreError::Disconnected(_))));
-    assert!(matches!(c.create(ObjectId::random(), 1), Err(StoreError::Disconnected(_))));
+    assert!(matches!(
+        c.create(ObjectId::random(), 1),
+        Err(StoreError::Disconnected(_))
+    ));
     // The mapping outlives the daemon: a view taken before stays readable.
     assert_eq!(view.as_slice(), b"still readable");
 }

@@ -101,12 +101,17 @@ fn store_random_and_truncated_frames_leave_the_daemon_serving() {
     // (random creates from hostile connections were aborted when those connections closed).
     let probe = ObjectId::random();
     good.put(probe, b"after the storm").unwrap();
-    assert_eq!(good.get(probe, Timeout::Poll).unwrap().as_slice(), b"after the storm");
+    assert_eq!(
+        good.get(probe, Timeout::Poll).unwrap().as_slice(),
+        b"after the storm"
+    );
     assert_eq!(kept.as_slice(), pattern(1, 10_000).as_slice());
     drop(kept);
-    crate::util::wait_until(Duration::from_secs(20), "hostile clients to be gone", || {
-        good.stats().unwrap().clients == 1
-    });
+    crate::util::wait_until(
+        Duration::from_secs(20),
+        "hostile clients to be gone",
+        || good.stats().unwrap().clients == 1,
+    );
     let s = good.stats().unwrap();
     assert_eq!((s.objects, s.sealed), (2, 2), "{s:?}");
     assert_eq!(s.pinned, 0);

@@ -29,7 +29,10 @@ fn store_lru_eviction_order() {
     assert!(c.contains(a).unwrap() && c.contains(d).unwrap() && c.contains(e).unwrap());
     assert_eq!(c.stats().unwrap().evictions, 2);
     // Contents of the survivors are intact.
-    assert_eq!(c.get(a, Timeout::Poll).unwrap().as_slice(), pattern(0, KIB300).as_slice());
+    assert_eq!(
+        c.get(a, Timeout::Poll).unwrap().as_slice(),
+        pattern(0, KIB300).as_slice()
+    );
 }
 
 #[test]
@@ -78,7 +81,10 @@ fn store_delete_is_deferred_while_pinned() {
     assert_eq!(c.delete(&[id]).unwrap(), vec![DeleteOutcome::Deferred]);
     // Not gettable any more, but the pinned bytes stay valid.
     assert!(!c.contains(id).unwrap());
-    assert!(matches!(c.get(id, Timeout::Poll), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        c.get(id, Timeout::Poll),
+        Err(StoreError::NotFound(_))
+    ));
     assert_eq!(mine.as_slice(), pattern(1, 5000).as_slice());
     assert_eq!(c.stats().unwrap().objects, 1);
     drop(mine);

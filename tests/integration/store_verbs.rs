@@ -38,7 +38,10 @@ fn store_verbs_across_processes() {
 
     assert_eq!(c.delete(&[id]).unwrap(), vec![DeleteOutcome::Deleted]);
     assert!(!c.contains(id).unwrap());
-    assert!(matches!(c.get(id, Timeout::Poll), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        c.get(id, Timeout::Poll),
+        Err(StoreError::NotFound(_))
+    ));
     assert_eq!(c.delete(&[id]).unwrap(), vec![DeleteOutcome::NotFound]);
     assert_eq!(c.stats().unwrap().used, 0);
 }
@@ -51,7 +54,11 @@ fn store_get_blocks_until_another_process_seals() {
     let start = Instant::now();
     let _h = Helper::start("put", &store.socket, &format!("{id}:4096:3:300"));
     let view = c.get(id, T).unwrap();
-    assert!(start.elapsed() >= Duration::from_millis(250), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(view.as_slice(), pattern(3, 4096).as_slice());
 }
 
@@ -61,16 +68,30 @@ fn store_get_timeout_and_poll() {
     let c = store.client();
     let id = ObjectId::random();
     let start = Instant::now();
-    let e = c.get(id, Duration::from_millis(300)).err().expect("nothing to get");
+    let e = c
+        .get(id, Duration::from_millis(300))
+        .err()
+        .expect("nothing to get");
     assert!(is_timeout(&e), "{e:?}");
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5), "{took:?}");
-    assert!(matches!(c.get(id, Timeout::Poll), Err(StoreError::NotFound(_))));
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(matches!(
+        c.get(id, Timeout::Poll),
+        Err(StoreError::NotFound(_))
+    ));
     // An object being created is not gettable yet: polling it is a timeout, not NotFound.
     let w = c.create(id, 10).unwrap();
-    assert!(matches!(c.get(id, Timeout::Poll), Err(StoreError::Timeout(_))));
+    assert!(matches!(
+        c.get(id, Timeout::Poll),
+        Err(StoreError::Timeout(_))
+    ));
     let deadline = Instant::now() + Duration::from_millis(100);
-    assert!(is_timeout(&c.get(id, Timeout::Until(deadline)).err().unwrap()));
+    assert!(is_timeout(
+        &c.get(id, Timeout::Until(deadline)).err().unwrap()
+    ));
     w.seal().unwrap();
     assert_eq!(c.get(id, Timeout::Poll).unwrap().len(), 10);
 }
@@ -92,7 +113,10 @@ fn store_get_many_returns_what_is_ready() {
     assert!(got[2].is_none());
     assert_eq!(got[3].as_deref(), Some(&b"alpha"[..]));
     // Two views of one object are one pin for this client.
-    assert_eq!(c.list().unwrap().iter().find(|o| o.id == a).unwrap().pins, 1);
+    assert_eq!(
+        c.list().unwrap().iter().find(|o| o.id == a).unwrap().pins,
+        1
+    );
 }
 
 #[test]
@@ -104,10 +128,7 @@ fn store_subscribe_sees_seals_and_deletes() {
     let id = ObjectId::random();
     let mut h = Helper::start("put", &store.socket, &format!("{id}:777:1:0"));
     h.expect_line("DONE", T);
-    assert_eq!(
-        sub.next(T).unwrap(),
-        Some(Event::Sealed { id, size: 777 })
-    );
+    assert_eq!(sub.next(T).unwrap(), Some(Event::Sealed { id, size: 777 }));
     c.delete(&[id]).unwrap();
     assert_eq!(sub.next(T).unwrap(), Some(Event::Deleted { id }));
 }
@@ -121,7 +142,10 @@ fn store_evict_verb_and_zero_size_and_abort() {
         c.put(*id, &pattern(n as u64, 1000)).unwrap();
     }
     assert_eq!(c.evict(1).unwrap(), (1, 1024));
-    assert!(!c.contains(ids[0]).unwrap(), "the least recently used goes first");
+    assert!(
+        !c.contains(ids[0]).unwrap(),
+        "the least recently used goes first"
+    );
     assert!(c.contains(ids[1]).unwrap() && c.contains(ids[2]).unwrap());
 
     let z = ObjectId::random();
@@ -131,7 +155,10 @@ fn store_evict_verb_and_zero_size_and_abort() {
     let gone = ObjectId::random();
     let w = c.create(gone, 4096).unwrap();
     drop(w); // an unsealed writer that is dropped aborts
-    assert!(matches!(c.get(gone, Timeout::Poll), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        c.get(gone, Timeout::Poll),
+        Err(StoreError::NotFound(_))
+    ));
     let explicit = ObjectId::random();
     c.create(explicit, 64).unwrap().abort().unwrap();
     assert_eq!(c.stats().unwrap().objects, 3);

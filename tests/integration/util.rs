@@ -85,7 +85,10 @@ impl Drop for TestStore {
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -125,7 +128,13 @@ impl Helper {
     /// Starts `role` against the store at `socket` with a free-form argument.
     pub fn start(role: &str, socket: &Path, arg: &str) -> Helper {
         let mut child = Command::new(std::env::current_exe().expect("current_exe"))
-            .args(["helper_entry", "--exact", "--nocapture", "--test-threads=1", "--quiet"])
+            .args([
+                "helper_entry",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+                "--quiet",
+            ])
             .env(ROLE_ENV, role)
             .env(SOCKET_ENV, socket)
             .env(ARG_ENV, arg)
