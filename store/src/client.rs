@@ -6,7 +6,7 @@
 //! The socket is shared by the threads of a process: requests carry ids, and whichever thread
 //! is waiting reads replies for everybody (see `Conn::call`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -14,12 +14,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::daemon::{NOTICE_LEN, NOTICE_LOST};
 use crate::error::{Result, StoreError};
 use crate::id::ObjectId;
 use crate::protocol::{
     self, DeleteOutcome, Event, MAX_REPLY, ObjectInfo, PROTOCOL_VERSION, Reply, Request, Stats,
 };
-use crate::shm::{Arena, Lookup, SealedEntry};
+use crate::ring::{Consumer, RingError};
+use crate::shm::{Arena, Lookup};
 use crate::sock;
 
 /// How long a get may wait.
@@ -69,21 +71,39 @@ struct Conn {
     read: Mutex<ReadState>,
     cv: Condvar,
     next_req: AtomicU64,
+    /// Sequence number of the last frame written (under the writer lock).
+    sent: AtomicU64,
+    /// Every frame up to this sequence number has been handled by the daemon: it serves one
+    /// connection in order, so the reply to a request vouches for all frames sent before it.
+    synced: AtomicU64,
 }
 
 impl Conn {
-    fn send(&self, req: u64, r: &Request) -> Result<()> {
+    /// Writes one frame; returns its sequence number.
+    fn send(&self, req: u64, r: &Request) -> Result<u64> {
         let frame = r.encode(req);
         let mut w = lock(&self.writer);
         w.write_all(&frame)
-            .map_err(|e| StoreError::Disconnected(format!("write to the store failed: {e}")))
+            .map_err(|e| StoreError::Disconnected(format!("write to the store failed: {e}")))?;
+        Ok(self.sent.fetch_add(1, Ordering::AcqRel) + 1)
     }
 
     /// Sends a request and waits for its reply.
     fn call(&self, r: &Request) -> Result<Reply> {
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-        self.send(req, r)?;
-        self.wait_reply(|st| st.replies.remove(&req))
+        let seq = self.send(req, r)?;
+        let reply = self.wait_reply(|st| st.replies.remove(&req))?;
+        self.synced.fetch_max(seq, Ordering::AcqRel);
+        Ok(reply)
+    }
+
+    /// Whether the daemon has handled the frame with sequence number `seq`.
+    fn is_synced(&self, seq: u64) -> bool {
+        self.synced.load(Ordering::Acquire) >= seq
+    }
+
+    fn broken(&self) -> Option<String> {
+        lock(&self.read).broken.clone()
     }
 
     /// Waits until `take` finds something, reading frames for everybody meanwhile.
@@ -127,13 +147,72 @@ impl Conn {
     }
 }
 
+/// This process's references to one object: views and counted references alike.
+struct Held {
+    count: u64,
+    /// Where the object is, once this process knows (its own small puts know at once).
+    loc: Option<(u64, u64)>,
+    /// The directory slot, once seen sealed there.
+    slot: Option<u64>,
+    /// The last `Hold`/`PutSmall`/`SealOwned` frame sent for it: until the daemon has handled
+    /// it, this process's pin bit is the daemon's to set, so it must also be the daemon's to
+    /// clear (an `Unhold` queued behind it) rather than a local unpin that could run first.
+    daemon_seq: Option<u64>,
+}
+
+#[derive(Default)]
+struct Holds {
+    map: HashMap<ObjectId, Held>,
+    /// Ids whose last reference went by an `Unhold` frame (value: its sequence number). Until
+    /// the daemon has handled it, a new local pin could be undone by it, so new references
+    /// to these ids go through the daemon too.
+    unholding: HashMap<ObjectId, u64>,
+}
+
+/// The slab this client bump-allocates small objects from.
+struct ClientSlab {
+    end: u64,
+    next: u64,
+}
+
+/// What the notification ring has told this process.
+struct Notes {
+    /// The ring's consumer end; `None` while a thread is reading it for everybody.
+    consumer: Option<Consumer>,
+    /// Ids the daemon reported lost (never to be sealed, or freed), bounded.
+    lost: HashSet<ObjectId>,
+    lost_order: VecDeque<ObjectId>,
+    /// Bumped on every batch of notices, so that waiting threads re-check.
+    epoch: u64,
+}
+
 struct Inner {
     arena: Arena,
     conn: Conn,
     index: u32,
     socket: PathBuf,
-    /// This process's pins: slot -> (entry word, count).
-    pins: Mutex<HashMap<u64, (u64, u64)>>,
+    holds: Mutex<Holds>,
+    slab: Mutex<Option<ClientSlab>>,
+    notes: Mutex<Notes>,
+    notes_cv: Condvar,
+}
+
+/// Objects up to this size are placed in the client's slab without a round trip.
+pub const SMALL_OBJECT_MAX: u64 = 32 << 10;
+/// Size of the slabs a client asks for.
+const SLAB_LEN: u64 = 1 << 20;
+/// How many lost ids a client remembers.
+const LOST_MEMORY: usize = 1 << 16;
+/// Longest single park while waiting on the ring: the daemon's liveness is checked between.
+const PARK_SLICE: Duration = Duration::from_millis(100);
+
+/// Where a wait found an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// It will never be sealed: aborted, its creator died, or it was freed.
+    Lost,
+    Pending,
 }
 
 /// A connection to a store daemon with the arena mapped. Cheap to clone (shared).
@@ -157,6 +236,7 @@ impl StoreClient {
         let socket = socket.as_ref();
         let (stream, index, fd) = handshake(socket)?;
         let arena = Arena::attach(fd)?;
+        let consumer = arena.attach_ring(index)?.consumer();
         let reader = BufReader::with_capacity(64 << 10, stream.try_clone()?);
         Ok(StoreClient {
             inner: Arc::new(Inner {
@@ -170,10 +250,20 @@ impl StoreClient {
                     }),
                     cv: Condvar::new(),
                     next_req: AtomicU64::new(1),
+                    sent: AtomicU64::new(0),
+                    synced: AtomicU64::new(0),
                 },
                 index,
                 socket: socket.to_path_buf(),
-                pins: Mutex::new(HashMap::new()),
+                holds: Mutex::new(Holds::default()),
+                slab: Mutex::new(None),
+                notes: Mutex::new(Notes {
+                    consumer: Some(consumer),
+                    lost: HashSet::new(),
+                    lost_order: VecDeque::new(),
+                    epoch: 0,
+                }),
+                notes_cv: Condvar::new(),
             }),
         })
     }
@@ -307,64 +397,436 @@ impl StoreClient {
 
     /// A zero-copy view of a sealed object if it is sealed now (no daemon round trip).
     pub fn try_get(&self, id: &ObjectId) -> Option<ObjectView> {
-        let dir = self.inner.arena.directory();
-        for _ in 0..16 {
-            let Lookup::Sealed(e) = dir.lookup(id) else {
+        for _ in 0..4 {
+            if let Some(v) = self.try_view(id) {
+                return Some(v);
+            }
+            // The only reason to retry: an `Unhold` of ours may still be in flight. A round
+            // trip settles it.
+            let pending = lock(&self.inner.holds)
+                .unholding
+                .get(id)
+                .is_some_and(|seq| !self.inner.conn.is_synced(*seq));
+            if !pending || self.sync().is_err() {
                 return None;
-            };
-            if self.pin(&e, id) {
-                let ptr = self.inner.arena.ptr(e.offset, e.size)?;
-                return Some(ObjectView {
-                    client: self.clone(),
-                    id: *id,
-                    slot: e.slot,
-                    offset: e.offset,
-                    ptr,
-                    len: e.size as usize,
-                });
             }
         }
         None
     }
 
-    fn pin(&self, e: &SealedEntry, id: &ObjectId) -> bool {
-        let mut pins = lock(&self.inner.pins);
-        if let Some((word, count)) = pins.get_mut(&e.slot) {
-            if *word == e.word {
-                *count += 1;
-                self.inner.arena.directory().touch(e.slot);
-                return true;
-            }
-            return false;
+    /// Makes sure the daemon has handled every frame sent so far.
+    fn sync(&self) -> Result<()> {
+        match self.call(&Request::Flush)? {
+            Reply::Ok => Ok(()),
+            other => Err(reply_error(other, ObjectId::default())),
         }
-        let (ok, tell) = self.inner.arena.directory().try_pin(e, self.inner.index);
-        if ok {
-            pins.insert(e.slot, (e.word, 1));
-        }
-        drop(pins);
-        if tell {
-            // Our failed attempt raced with a deferred delete: the daemon may be waiting for
-            // this very bit to go. A Release makes it recheck its pending deletions.
-            let _ = self.inner.conn.send(0, &Request::Release { id: *id });
-        }
-        ok
     }
 
-    fn unpin(&self, id: &ObjectId, slot: u64) {
-        let mut pins = lock(&self.inner.pins);
-        let Some((_, count)) = pins.get_mut(&slot) else {
+    fn view(&self, id: ObjectId, offset: u64, size: u64) -> Option<ObjectView> {
+        let ptr = self.inner.arena.ptr(offset, size)?;
+        Some(ObjectView {
+            client: self.clone(),
+            id,
+            offset,
+            ptr,
+            len: size as usize,
+        })
+    }
+
+    /// Pins `id` for a view if that can be done now, without the daemon.
+    fn try_view(&self, id: &ObjectId) -> Option<ObjectView> {
+        let (offset, size) = self.try_pin_for_view(id)?;
+        self.view(*id, offset, size).or_else(|| {
+            self.release(id);
+            None
+        })
+    }
+
+    /// Takes one view reference on `id` if it can be pinned now; returns where it is.
+    fn try_pin_for_view(&self, id: &ObjectId) -> Option<(u64, u64)> {
+        let dir = self.inner.arena.directory();
+        let me = self.inner.index;
+        let mut guard = lock(&self.inner.holds);
+        let holds = &mut *guard;
+        if let Some(h) = holds.map.get_mut(id) {
+            if let Some(loc) = h.loc
+                && h.daemon_seq.is_some()
+            {
+                // An owned object: this process's reference keeps it.
+                h.count += 1;
+                return Some(loc);
+            }
+            // Held through the daemon and not seen in place yet.
+            let Lookup::Sealed(e) = dir.lookup(id) else {
+                return None;
+            };
+            if !dir.has_pin(e.slot, me) {
+                // Pin it ourselves: a pending `Hold` will find the bit set; the release goes
+                // through the daemon while that `Hold` is unhandled (see `Held::daemon_seq`).
+                let (ok, tell) = dir.try_pin(&e, me);
+                if tell {
+                    self.tell_release(id);
+                }
+                if !ok {
+                    return None;
+                }
+            }
+            h.count += 1;
+            h.loc = Some((e.offset, e.size));
+            h.slot = Some(e.slot);
+            return h.loc;
+        }
+        if holds
+            .unholding
+            .get(id)
+            .is_some_and(|seq| !self.inner.conn.is_synced(*seq))
+        {
+            return None;
+        }
+        holds.unholding.remove(id);
+        for _ in 0..16 {
+            let Lookup::Sealed(e) = dir.lookup(id) else {
+                return None;
+            };
+            let (ok, tell) = dir.try_pin(&e, me);
+            if tell {
+                self.tell_release(id);
+            }
+            if ok {
+                holds.map.insert(
+                    *id,
+                    Held {
+                        count: 1,
+                        loc: Some((e.offset, e.size)),
+                        slot: Some(e.slot),
+                        daemon_seq: None,
+                    },
+                );
+                return Some((e.offset, e.size));
+            }
+        }
+        None
+    }
+
+    /// Our failed pin raced with a deferred delete, or our last pin of a reference-counted
+    /// object went: the daemon rechecks the object.
+    fn tell_release(&self, id: &ObjectId) {
+        let _ = self.inner.conn.send(0, &Request::Release { id: *id });
+    }
+
+    /// Takes a counted reference to `id` in this process without waiting: pinned in place if
+    /// the object is sealed, otherwise through a `Hold` the daemon applies when it is sealed.
+    /// Each `hold` is undone by one [`StoreClient::release`]. An object whose references
+    /// are all gone (and that no live object contains) is freed.
+    pub fn hold(&self, id: &ObjectId) -> Result<()> {
+        let dir = self.inner.arena.directory();
+        let mut holds = lock(&self.inner.holds);
+        if let Some(h) = holds.map.get_mut(id) {
+            h.count += 1;
+            return Ok(());
+        }
+        let unholding = holds
+            .unholding
+            .remove(id)
+            .is_some_and(|seq| !self.inner.conn.is_synced(seq));
+        if !unholding && let Lookup::Sealed(e) = dir.lookup(id) {
+            let (ok, tell) = dir.try_pin(&e, self.inner.index);
+            if tell {
+                self.tell_release(id);
+            }
+            if ok {
+                holds.map.insert(
+                    *id,
+                    Held {
+                        count: 1,
+                        loc: Some((e.offset, e.size)),
+                        slot: Some(e.slot),
+                        daemon_seq: None,
+                    },
+                );
+                return Ok(());
+            }
+        }
+        let seq = self.inner.conn.send(0, &Request::Hold { id: *id })?;
+        holds.map.insert(
+            *id,
+            Held {
+                count: 1,
+                loc: None,
+                slot: None,
+                daemon_seq: Some(seq),
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops one reference taken by [`StoreClient::hold`], a view, or an owned put.
+    pub fn release(&self, id: &ObjectId) {
+        let mut holds = lock(&self.inner.holds);
+        let Some(h) = holds.map.get_mut(id) else {
             return;
         };
-        *count -= 1;
-        if *count > 0 {
+        h.count -= 1;
+        if h.count > 0 {
             return;
         }
-        pins.remove(&slot);
-        let tell = self.inner.arena.directory().unpin(slot, self.inner.index);
-        drop(pins);
-        if tell {
-            let _ = self.inner.conn.send(0, &Request::Release { id: *id });
+        let h = holds.map.remove(id).expect("present");
+        let dir = self.inner.arena.directory();
+        let me = self.inner.index;
+        let daemon_pending = h.daemon_seq.is_some_and(|s| !self.inner.conn.is_synced(s));
+        let slot = h.slot.or_else(|| match dir.lookup(id) {
+            Lookup::Sealed(e) => Some(e.slot),
+            _ => None,
+        });
+        if !daemon_pending
+            && let Some(slot) = slot
+            && dir.has_pin(slot, me)
+        {
+            if dir.unpin(slot, me) {
+                self.tell_release(id);
+            }
+            return;
         }
+        if let Ok(seq) = self.inner.conn.send(0, &Request::Unhold { id: *id }) {
+            holds.unholding.insert(*id, seq);
+        }
+        if holds.unholding.len() > 4096 {
+            let conn = &self.inner.conn;
+            holds.unholding.retain(|_, seq| !conn.is_synced(*seq));
+        }
+    }
+
+    /// How many references this process holds on `id` (views included).
+    pub fn held_count(&self, id: &ObjectId) -> u64 {
+        lock(&self.inner.holds).map.get(id).map_or(0, |h| h.count)
+    }
+
+    /// Starts an owned (reference-counted) object of `size` bytes: small ones are placed in
+    /// this client's slab without a round trip, larger ones are created by the daemon. Write
+    /// it, then [`OwnedWriter::publish`] it.
+    pub fn alloc_owned(&self, id: ObjectId, size: u64) -> Result<OwnedWriter> {
+        if size > SMALL_OBJECT_MAX {
+            return self.create_owned(id, size);
+        }
+        let step = size.max(1).next_multiple_of(64);
+        let mut slab = lock(&self.inner.slab);
+        let offset = match &mut *slab {
+            Some(s) if s.next + step <= s.end => {
+                let o = s.next;
+                s.next += step;
+                o
+            }
+            _ => {
+                let (offset, len) = match self.call(&Request::Slab { size: SLAB_LEN })? {
+                    Reply::Slab { offset, len } => (offset, len),
+                    other => return Err(reply_error(other, id)),
+                };
+                if len < step || self.inner.arena.ptr(offset, len).is_none() {
+                    return Err(StoreError::Protocol(format!(
+                        "daemon granted a bad slab {offset}+{len}"
+                    )));
+                }
+                *slab = Some(ClientSlab {
+                    end: offset + len,
+                    next: offset + step,
+                });
+                offset
+            }
+        };
+        drop(slab);
+        let ptr = self
+            .inner
+            .arena
+            .ptr(offset, size)
+            .ok_or_else(|| StoreError::Protocol("slab outside the heap".into()))?;
+        Ok(OwnedWriter {
+            client: self.clone(),
+            id,
+            offset,
+            ptr,
+            len: size as usize,
+            small: true,
+            done: false,
+        })
+    }
+
+    /// Like [`StoreClient::alloc_owned`] but always created by the daemon, whatever the size:
+    /// the id is known to the store (and to waiters) from now on, and is reported lost if this
+    /// process dies before publishing it.
+    pub fn create_owned(&self, id: ObjectId, size: u64) -> Result<OwnedWriter> {
+        let offset = self.create_raw(id, size)?;
+        let ptr = self.inner.arena.ptr(offset, size).ok_or_else(|| {
+            StoreError::Protocol(format!("daemon gave an out-of-bounds offset {offset}"))
+        })?;
+        Ok(OwnedWriter {
+            client: self.clone(),
+            id,
+            offset,
+            ptr,
+            len: size as usize,
+            small: false,
+            done: false,
+        })
+    }
+
+    /// Waits until at least `num_ready` of `ids` are ready or lost, or `deadline` passes.
+    /// Returns each id's state at that moment. Waiting is on this process's notification
+    /// ring: spin briefly, then park on its futex; the daemon's liveness is checked at least
+    /// every 100 ms, so a dead daemon gives `Disconnected`, not a hang.
+    pub fn wait_ready(
+        &self,
+        ids: &[ObjectId],
+        num_ready: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Readiness>> {
+        let num_ready = num_ready.min(ids.len());
+        let mut watched = false;
+        loop {
+            let epoch = lock(&self.inner.notes).epoch;
+            let states = self.readiness(ids);
+            let done = states.iter().filter(|s| **s != Readiness::Pending).count();
+            if done >= num_ready {
+                return Ok(states);
+            }
+            if let Some(why) = self.inner.conn.broken() {
+                return Err(StoreError::Disconnected(why));
+            }
+            if !watched {
+                let mut pending: Vec<ObjectId> = ids
+                    .iter()
+                    .zip(&states)
+                    .filter(|(_, s)| **s == Readiness::Pending)
+                    .map(|(id, _)| *id)
+                    .collect();
+                pending.sort();
+                pending.dedup();
+                for chunk in pending.chunks(protocol::MAX_IDS) {
+                    self.inner.conn.send(
+                        0,
+                        &Request::Watch {
+                            ids: chunk.to_vec(),
+                        },
+                    )?;
+                }
+                watched = true;
+                continue;
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| d <= now) {
+                return Ok(states);
+            }
+            let slice = deadline.map_or(PARK_SLICE, |d| (d - now).min(PARK_SLICE));
+            self.await_notes(epoch, slice)?;
+        }
+    }
+
+    fn readiness(&self, ids: &[ObjectId]) -> Vec<Readiness> {
+        let dir = self.inner.arena.directory();
+        let holds = lock(&self.inner.holds);
+        let notes = lock(&self.inner.notes);
+        ids.iter()
+            .map(|id| {
+                if holds.map.get(id).is_some_and(|h| h.loc.is_some()) {
+                    return Readiness::Ready;
+                }
+                match dir.lookup(id) {
+                    Lookup::Sealed(_) => Readiness::Ready,
+                    _ if notes.lost.contains(id) => Readiness::Lost,
+                    _ => Readiness::Pending,
+                }
+            })
+            .collect()
+    }
+
+    /// Waits up to `slice` for notices newer than `epoch`: one thread reads the ring for
+    /// everybody, the others wait on a condition variable.
+    fn await_notes(&self, epoch: u64, slice: Duration) -> Result<()> {
+        let mut notes = lock(&self.inner.notes);
+        if notes.epoch != epoch {
+            return Ok(());
+        }
+        let Some(mut consumer) = notes.consumer.take() else {
+            let (n, _) = self
+                .inner
+                .notes_cv
+                .wait_timeout(notes, slice)
+                .unwrap_or_else(|p| p.into_inner());
+            drop(n);
+            return self.check_alive();
+        };
+        drop(notes);
+        let mut got: Vec<(u8, ObjectId)> = Vec::new();
+        let mut parse = |m: &[u8]| {
+            if m.len() == NOTICE_LEN
+                && let Ok(id) = <[u8; crate::id::ID_LEN]>::try_from(&m[1..])
+            {
+                got.push((m[0], ObjectId(id)));
+            }
+        };
+        let first = consumer.pop_with(Some(slice), &mut parse);
+        let mut flush = false;
+        let result = match first {
+            Ok(()) => {
+                while let Ok(Some(())) = consumer.try_pop_with(&mut parse) {}
+                Ok(())
+            }
+            Err(RingError::Timeout) => Ok(()),
+            Err(RingError::Notified) => {
+                // The daemon has notices that did not fit: ask for them.
+                flush = true;
+                Ok(())
+            }
+            Err(RingError::Closed) => Err(StoreError::Disconnected(
+                "the store closed the notification ring".into(),
+            )),
+            Err(e) => Err(StoreError::Protocol(format!("notification ring: {e}"))),
+        };
+        let mut notes = lock(&self.inner.notes);
+        notes.consumer = Some(consumer);
+        notes.epoch += 1;
+        for (kind, id) in got {
+            if kind == NOTICE_LOST && notes.lost.insert(id) {
+                notes.lost_order.push_back(id);
+                if notes.lost_order.len() > LOST_MEMORY
+                    && let Some(old) = notes.lost_order.pop_front()
+                {
+                    notes.lost.remove(&old);
+                }
+            }
+        }
+        drop(notes);
+        self.inner.notes_cv.notify_all();
+        if flush {
+            self.inner.conn.send(0, &Request::Flush)?;
+        }
+        result?;
+        self.check_alive()
+    }
+
+    /// `Disconnected` if the daemon has gone (its end of the socket is closed).
+    fn check_alive(&self) -> Result<()> {
+        if let Some(why) = self.inner.conn.broken() {
+            return Err(StoreError::Disconnected(why));
+        }
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let w = lock(&self.inner.conn.writer);
+        let mut fds = [PollFd::new(&*w, PollFlags::RDHUP)];
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let n = rustix::event::poll(&mut fds, Some(&zero)).map_err(std::io::Error::from)?;
+        let gone = n > 0
+            && fds[0]
+                .revents()
+                .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR);
+        drop(w);
+        if gone {
+            return Err(StoreError::Disconnected(
+                "the store closed the connection".into(),
+            ));
+        }
+        Ok(())
     }
 
     pub fn contains(&self, id: ObjectId) -> Result<bool> {
@@ -498,6 +960,7 @@ fn handshake(socket: &Path) -> Result<(UnixStream, u32, std::os::fd::OwnedFd)> {
         Reply::Welcome {
             version,
             client_index,
+            ..
         } if version == PROTOCOL_VERSION => client_index,
         Reply::Welcome { version, .. } => {
             return Err(StoreError::Refused(format!(
@@ -583,7 +1046,6 @@ impl Drop for ObjectWriter {
 pub struct ObjectView {
     client: StoreClient,
     id: ObjectId,
-    slot: u64,
     offset: u64,
     ptr: *const u8,
     len: usize,
@@ -618,15 +1080,12 @@ impl std::ops::Deref for ObjectView {
 
 impl Clone for ObjectView {
     fn clone(&self) -> Self {
-        let mut pins = lock(&self.client.inner.pins);
-        if let Some((_, c)) = pins.get_mut(&self.slot) {
-            *c += 1;
+        if let Some(h) = lock(&self.client.inner.holds).map.get_mut(&self.id) {
+            h.count += 1;
         }
-        drop(pins);
         ObjectView {
             client: self.client.clone(),
             id: self.id,
-            slot: self.slot,
             offset: self.offset,
             ptr: self.ptr,
             len: self.len,
@@ -636,6 +1095,102 @@ impl Clone for ObjectView {
 
 impl Drop for ObjectView {
     fn drop(&mut self) {
-        self.client.unpin(&self.id, self.slot);
+        self.client.release(&self.id);
+    }
+}
+
+/// A writable buffer for an owned (reference-counted) object. [`OwnedWriter::publish`] seals
+/// it and leaves this process holding one reference; dropping it unpublished abandons it.
+pub struct OwnedWriter {
+    client: StoreClient,
+    id: ObjectId,
+    offset: u64,
+    ptr: *mut u8,
+    len: usize,
+    small: bool,
+    done: bool,
+}
+
+// SAFETY: the buffer is this writer's alone until it is published (a slab range this client
+// allocated, or an object the daemon created for it), so moving it between threads is fine.
+unsafe impl Send for OwnedWriter {}
+
+impl OwnedWriter {
+    pub fn id(&self) -> ObjectId {
+        self.id
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: [ptr, ptr+len) is inside the heap (checked at allocation) and exclusively
+        // ours until published; the mapping outlives self (self holds the client).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// Seals the object; `contained` are ids of objects it references (kept alive while it
+    /// lives). This process then holds one reference, dropped with [`StoreClient::release`].
+    pub fn publish(mut self, contained: &[ObjectId]) -> Result<()> {
+        self.done = true;
+        let c = &self.client;
+        if contained.len() > protocol::MAX_IDS {
+            if !self.small {
+                let _ = c.abort(self.id);
+            }
+            return Err(StoreError::InvalidRequest(format!(
+                "an object may reference at most {} others, not {}",
+                protocol::MAX_IDS,
+                contained.len()
+            )));
+        }
+        let seq = if self.small {
+            c.inner.conn.send(
+                0,
+                &Request::PutSmall {
+                    id: self.id,
+                    offset: self.offset,
+                    size: self.len as u64,
+                    contained: contained.to_vec(),
+                },
+            )?
+        } else {
+            let req = c.inner.conn.next_req.fetch_add(1, Ordering::Relaxed);
+            let seq = c.inner.conn.send(
+                req,
+                &Request::SealOwned {
+                    id: self.id,
+                    contained: contained.to_vec(),
+                },
+            )?;
+            let reply = c.inner.conn.wait_reply(|st| st.replies.remove(&req))?;
+            c.inner.conn.synced.fetch_max(seq, Ordering::AcqRel);
+            if !matches!(reply, Reply::Ok) {
+                return Err(reply_error(reply, self.id));
+            }
+            seq
+        };
+        let mut holds = lock(&c.inner.holds);
+        holds.unholding.remove(&self.id);
+        let h = holds.map.entry(self.id).or_insert(Held {
+            count: 0,
+            loc: None,
+            slot: None,
+            daemon_seq: None,
+        });
+        h.count += 1;
+        h.loc = Some((self.offset, self.len as u64));
+        h.daemon_seq = Some(seq);
+        Ok(())
+    }
+}
+
+impl Drop for OwnedWriter {
+    fn drop(&mut self) {
+        if !self.done && !self.small {
+            let _ = self.client.abort(self.id);
+        }
     }
 }

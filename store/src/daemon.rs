@@ -7,7 +7,7 @@
 //! thread for wait deadlines, and one background pre-fault thread. All table state is behind
 //! one mutex; socket writes happen outside it.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Write};
 use std::net::Shutdown;
@@ -28,7 +28,8 @@ use crate::protocol::{
     self, DeleteOutcome, Event, MAX_REQUEST, ObjectInfo, ObjectState, PROTOCOL_VERSION, Reply,
     Request, Stats,
 };
-use crate::shm::{Arena, Layout, MAX_CLIENTS, Removal};
+use crate::ring::{Producer, RingError};
+use crate::shm::{Arena, FLAG_REFCOUNTED, Layout, MAX_CLIENTS, Removal};
 use crate::sock;
 
 /// How the daemon is set up.
@@ -46,6 +47,13 @@ pub struct DaemonConfig {
 /// How long a blocking reply write to a client may take before the client is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const PREFAULT_CHUNK: u64 = 64 << 20;
+/// Bounds of a client slab.
+const MIN_SLAB: u64 = 64 << 10;
+const MAX_SLAB: u64 = 64 << 20;
+/// Notifications kept for a client whose ring is full; beyond this it is disconnected.
+const MAX_BACKLOG: usize = 1 << 20;
+/// Ids remembered as lost (aborted unsealed), so a late `Watch` still learns of the loss.
+const LOST_MEMORY: usize = 1 << 16;
 
 /// A bound, not yet running daemon.
 pub struct Daemon {
@@ -113,6 +121,25 @@ struct Entry {
     created: Instant,
     /// The LRU key under which a sealed object sits in `Table::lru`.
     lru_key: u64,
+    /// Freed when unreferenced instead of being kept for LRU (see `FLAG_REFCOUNTED`).
+    refcounted: bool,
+    /// How many live objects contain a reference to this one.
+    holders: u32,
+    /// Objects this one references (each counted in their `holders`).
+    contains: Vec<ObjectId>,
+    /// The client slab this object lives in (its memory is the slab's), if any.
+    slab: Option<u64>,
+}
+
+/// A block of the heap granted to one client, which places small objects in it itself.
+struct Slab {
+    owner: u32,
+    len: u64,
+    /// Objects must be placed at or after this offset (no overlap with earlier ones).
+    next: u64,
+    live: u32,
+    /// The client moved on to another slab (or left): freed when `live` reaches 0.
+    retired: bool,
 }
 
 struct ClientState {
@@ -120,6 +147,57 @@ struct ClientState {
     pid: i32,
     creating: HashSet<ObjectId>,
     subscribed: bool,
+    /// The producer end of this client's notification ring.
+    ring: Producer,
+    /// Notifications that did not fit in the ring, pushed on `Flush`.
+    backlog: VecDeque<[u8; NOTICE_LEN]>,
+    /// The slab this client currently places small objects in.
+    slab: Option<u64>,
+}
+
+/// A notification: kind, then the id.
+pub const NOTICE_LEN: usize = 1 + crate::id::ID_LEN;
+/// The object was sealed.
+pub const NOTICE_READY: u8 = 1;
+/// The object was aborted before it was sealed (or its creator died).
+pub const NOTICE_LOST: u8 = 2;
+
+impl ClientState {
+    fn notify(&mut self, kind: u8, id: &ObjectId) {
+        let mut msg = [0u8; NOTICE_LEN];
+        msg[0] = kind;
+        msg[1..].copy_from_slice(id.as_bytes());
+        if self.backlog.is_empty() {
+            match self.ring.try_push(&msg) {
+                Ok(()) => return,
+                Err(RingError::Full) => {}
+                Err(e) => {
+                    debug!("notification ring of pid {}: {e}", self.pid);
+                    return;
+                }
+            }
+        }
+        if self.backlog.len() >= MAX_BACKLOG {
+            warn!(
+                "pid {} does not read its notifications: disconnecting it",
+                self.pid
+            );
+            let _ = self.conn.stream.shutdown(Shutdown::Both);
+            return;
+        }
+        self.backlog.push_back(msg);
+        self.ring.ring().wake_consumer();
+    }
+
+    fn flush(&mut self) {
+        while let Some(msg) = self.backlog.front() {
+            if self.ring.try_push(msg).is_err() {
+                self.ring.ring().wake_consumer();
+                return;
+            }
+            self.backlog.pop_front();
+        }
+    }
 }
 
 struct Waiter {
@@ -145,6 +223,19 @@ struct Table {
     next_waiter: u64,
     evictions: u64,
     max_objects: u64,
+    slabs: HashMap<u64, Slab>,
+    /// Bytes of live slabs, and of the objects in them.
+    slab_bytes: u64,
+    slab_object_bytes: u64,
+    /// `Hold`s of ids not sealed yet: the pin bits are set at seal.
+    holds: HashMap<ObjectId, Vec<u32>>,
+    /// Clients to notify when an id is sealed or lost.
+    watchers: HashMap<ObjectId, Vec<u32>>,
+    lost: VecDeque<ObjectId>,
+    lost_set: HashSet<ObjectId>,
+    /// References from live objects to ids that were not sealed when those objects were:
+    /// they become the id's `holders` when it is sealed.
+    pending_holders: HashMap<ObjectId, u32>,
 }
 
 /// Frames to send once the table lock is released.
@@ -226,6 +317,14 @@ impl Daemon {
                 next_waiter: 1,
                 evictions: 0,
                 max_objects: layout.dir_slots / 2,
+                slabs: HashMap::new(),
+                slab_bytes: 0,
+                slab_object_bytes: 0,
+                holds: HashMap::new(),
+                watchers: HashMap::new(),
+                lost: VecDeque::new(),
+                lost_set: HashSet::new(),
+                pending_holders: HashMap::new(),
             }),
             timer_cv: Condvar::new(),
             uid: nix::unistd::getuid().as_raw(),
@@ -335,6 +434,15 @@ impl Daemon {
                 refuse(format!("too many clients (at most {MAX_CLIENTS})"));
                 return;
             };
+            let ring = match self.shared.arena.init_ring(index) {
+                Ok(r) => r,
+                Err(e) => {
+                    t.free_indices.push(index);
+                    drop(t);
+                    refuse(format!("notification ring: {e}"));
+                    return;
+                }
+            };
             t.clients.insert(
                 index,
                 ClientState {
@@ -342,13 +450,24 @@ impl Daemon {
                     pid,
                     creating: HashSet::new(),
                     subscribed: false,
+                    ring: ring.producer(),
+                    backlog: VecDeque::new(),
+                    slab: None,
                 },
             );
             index
         };
+        let (ring_offset, ring_len) = self
+            .shared
+            .arena
+            .layout()
+            .ring_region(index)
+            .expect("index below MAX_CLIENTS");
         let welcome = Reply::Welcome {
             version: PROTOCOL_VERSION,
             client_index: index,
+            ring_offset,
+            ring_len,
         }
         .encode(0);
         if let Err(e) = sock::send_with_fd(&stream, &welcome, self.shared.arena.fd()) {
@@ -517,21 +636,70 @@ impl Shared {
                     (req != 0).then_some(Reply::Ok)
                 }
                 Request::Stats => Some(Reply::Stats(t.stats(&self.arena))),
+                Request::Slab { size } => {
+                    Some(t.slab(&self.arena, client, size, &mut out).map_or_else(
+                        |e| Reply::error(&e),
+                        |(offset, len)| Reply::Slab { offset, len },
+                    ))
+                }
+                Request::PutSmall {
+                    id,
+                    offset,
+                    size,
+                    contained,
+                } => {
+                    let r =
+                        t.put_small(&self.arena, client, id, offset, size, &contained, &mut out);
+                    if let Err(e) = &r
+                        && req == 0
+                    {
+                        warn!("client {client}: put of {id} failed: {e}");
+                    }
+                    (req != 0).then(|| to_reply(r))
+                }
+                Request::SealOwned { id, contained } => Some(to_reply(t.seal_owned(
+                    &self.arena,
+                    client,
+                    id,
+                    &contained,
+                    &mut out,
+                ))),
+                Request::Hold { id } => {
+                    t.hold(&self.arena, client, id);
+                    (req != 0).then_some(Reply::Ok)
+                }
+                Request::Unhold { id } => {
+                    t.unhold(&self.arena, client, id, &mut out);
+                    (req != 0).then_some(Reply::Ok)
+                }
+                Request::Watch { ids } => {
+                    t.watch(client, &ids);
+                    (req != 0).then_some(Reply::Ok)
+                }
+                Request::Flush => {
+                    if let Some(c) = t.clients.get_mut(&client) {
+                        c.flush();
+                    }
+                    (req != 0).then_some(Reply::Ok)
+                }
             }
         };
         out.flush();
         // A fresh allocation in a region the background pre-fault has not reached yet:
         // populate it now, outside the lock, so the client's writes do not pay first-touch faults.
-        if let Some(Reply::Created { offset }) = &reply {
-            let l = self.arena.layout();
-            let done = l.heap_offset + self.prefaulted.load(Ordering::Acquire);
-            if let Some(e) = lock(&self.table)
+        let fresh = match &reply {
+            Some(Reply::Created { offset }) => lock(&self.table)
                 .objects
                 .values()
                 .find(|e| e.offset == *offset)
-                && offset + e.alloc_len > done
-            {
-                let (off, len) = (*offset, e.alloc_len);
+                .map(|e| (*offset, e.alloc_len)),
+            Some(Reply::Slab { offset, len }) => Some((*offset, *len)),
+            _ => None,
+        };
+        if let Some((off, len)) = fresh {
+            let l = self.arena.layout();
+            let done = l.heap_offset + self.prefaulted.load(Ordering::Acquire);
+            if off + len > done {
                 let _ = self.arena.populate(off, len);
             }
         }
@@ -564,6 +732,32 @@ impl Shared {
             for id in pending {
                 t.release(&self.arena, id, &mut out);
             }
+            for list in t.holds.values_mut() {
+                list.retain(|c| *c != index);
+            }
+            t.holds.retain(|_, l| !l.is_empty());
+            for list in t.watchers.values_mut() {
+                list.retain(|c| *c != index);
+            }
+            t.watchers.retain(|_, l| !l.is_empty());
+            let refcounted: Vec<ObjectId> = t
+                .objects
+                .iter()
+                .filter(|(_, e)| e.refcounted)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in refcounted {
+                t.check_free(&self.arena, id, &mut out);
+            }
+            let mine: Vec<u64> = t
+                .slabs
+                .iter()
+                .filter(|(_, s)| s.owner == index)
+                .map(|(o, _)| *o)
+                .collect();
+            for off in mine {
+                t.retire_slab(off);
+            }
             t.free_indices.push(index);
             debug!("client {index} (pid {}) disconnected", c.pid);
         }
@@ -590,40 +784,8 @@ impl Table {
         if self.objects.contains_key(&id) {
             return Err(StoreError::AlreadyExists(id));
         }
-        let capacity = self.alloc.capacity();
-        if size > capacity {
-            return Err(StoreError::StoreFull {
-                requested: size,
-                capacity,
-                pinned: self.pinned_bytes(arena),
-            });
-        }
-        while self.objects.len() as u64 >= self.max_objects {
-            if self.evict_one(arena, out, &mut Vec::new()).is_none() {
-                return Err(StoreError::DirectoryFull {
-                    capacity: self.max_objects,
-                });
-            }
-        }
-        let mut skipped = Vec::new();
-        let offset = loop {
-            if let Some(off) = self.alloc.alloc(size) {
-                break Some(off);
-            }
-            if self.evict_one(arena, out, &mut skipped).is_none() {
-                break None;
-            }
-        };
-        for k in skipped {
-            self.lru.insert(k);
-        }
-        let Some(offset) = offset else {
-            return Err(StoreError::StoreFull {
-                requested: size,
-                capacity,
-                pinned: self.pinned_bytes(arena),
-            });
-        };
+        self.make_room_in_directory(arena, out)?;
+        let offset = self.allocate(arena, size, out)?;
         let alloc_len = self.alloc.block_len(offset).unwrap_or(size);
         let Some(slot) = arena.directory().insert(&id, offset, size, client) else {
             self.alloc.free(offset);
@@ -642,6 +804,10 @@ impl Table {
                 owner: client,
                 created: Instant::now(),
                 lru_key: 0,
+                refcounted: false,
+                holders: 0,
+                contains: Vec::new(),
+                slab: None,
             },
         );
         if let Some(c) = self.clients.get_mut(&client) {
@@ -650,21 +816,132 @@ impl Table {
         Ok(offset)
     }
 
+    fn make_room_in_directory(&mut self, arena: &Arena, out: &mut Outbox) -> Result<()> {
+        while self.objects.len() as u64 >= self.max_objects {
+            if self.evict_one(arena, out, &mut Vec::new()).is_none() {
+                return Err(StoreError::DirectoryFull {
+                    capacity: self.max_objects,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocates `size` heap bytes, evicting unpinned LRU objects if needed.
+    fn allocate(&mut self, arena: &Arena, size: u64, out: &mut Outbox) -> Result<u64> {
+        let capacity = self.alloc.capacity();
+        if size > capacity {
+            return Err(StoreError::StoreFull {
+                requested: size,
+                capacity,
+                pinned: self.pinned_bytes(arena),
+            });
+        }
+        let mut skipped = Vec::new();
+        let offset = loop {
+            if let Some(off) = self.alloc.alloc(size) {
+                break Some(off);
+            }
+            if self.evict_one(arena, out, &mut skipped).is_none() {
+                break None;
+            }
+        };
+        for k in skipped {
+            self.lru.insert(k);
+        }
+        offset.ok_or_else(|| StoreError::StoreFull {
+            requested: size,
+            capacity,
+            pinned: self.pinned_bytes(arena),
+        })
+    }
+
     fn seal(&mut self, arena: &Arena, client: u32, id: ObjectId, out: &mut Outbox) -> Result<()> {
-        let e = self.objects.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        self.check_sealable(client, id)?;
+        self.publish(arena, client, id, None, out);
+        Ok(())
+    }
+
+    fn seal_owned(
+        &mut self,
+        arena: &Arena,
+        client: u32,
+        id: ObjectId,
+        contained: &[ObjectId],
+        out: &mut Outbox,
+    ) -> Result<()> {
+        self.check_sealable(client, id)?;
+        self.publish(arena, client, id, Some(contained), out);
+        Ok(())
+    }
+
+    fn check_sealable(&self, client: u32, id: ObjectId) -> Result<()> {
+        let e = self.objects.get(&id).ok_or(StoreError::NotFound(id))?;
         if e.state != EntryState::Creating {
             return Err(StoreError::AlreadySealed(id));
         }
         if e.owner != client {
             return Err(StoreError::NotOwner(id));
         }
-        arena.directory().seal(e.slot);
+        Ok(())
+    }
+
+    /// Seals a CREATING object: plain (kept for LRU) when `contained` is None, reference
+    /// counted otherwise, with the creator's and any pending `Hold`s' pins set first.
+    fn publish(
+        &mut self,
+        arena: &Arena,
+        client: u32,
+        id: ObjectId,
+        contained: Option<&[ObjectId]>,
+        out: &mut Outbox,
+    ) {
+        let mut pins = self.holds.remove(&id).unwrap_or_default();
+        let mut contains = Vec::new();
+        if let Some(inner) = contained {
+            pins.push(client);
+            for i in inner {
+                match self.objects.get_mut(i) {
+                    Some(ie) if ie.state == EntryState::Sealed => {
+                        if ie.refcounted {
+                            ie.holders += 1;
+                            contains.push(*i);
+                        }
+                    }
+                    // Not sealed yet (a result still being computed, say): counted when it is.
+                    _ if !self.lost_set.contains(i) => {
+                        *self.pending_holders.entry(*i).or_default() += 1;
+                        contains.push(*i);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let refcounted = contained.is_some();
+        let Some(e) = self.objects.get_mut(&id) else {
+            return;
+        };
+        arena
+            .directory()
+            .seal_with(e.slot, if refcounted { FLAG_REFCOUNTED } else { 0 }, &pins);
         e.state = EntryState::Sealed;
+        e.refcounted = refcounted;
+        e.contains = contains;
+        e.holders = self.pending_holders.remove(&id).unwrap_or(0);
         e.lru_key = arena.directory().last_use(e.slot);
         let (key, size) = ((e.lru_key, id), e.size);
-        self.lru.insert(key);
+        if !refcounted {
+            self.lru.insert(key);
+        }
         if let Some(c) = self.clients.get_mut(&client) {
             c.creating.remove(&id);
+        }
+        if let Some(ws) = self.watchers.remove(&id) {
+            for w in ws {
+                if let Some(c) = self.clients.get_mut(&w) {
+                    c.notify(NOTICE_READY, &id);
+                }
+            }
         }
         if let Some(ws) = self.waiting_on.remove(&id) {
             for w in ws {
@@ -686,7 +963,6 @@ impl Table {
             }
         }
         self.event(Event::Sealed { id, size }, out);
-        Ok(())
     }
 
     fn abort(&mut self, arena: &Arena, client: u32, id: ObjectId) -> Result<()> {
@@ -703,7 +979,235 @@ impl Table {
         if let Some(c) = self.clients.get_mut(&client) {
             c.creating.remove(&id);
         }
+        self.lost(id);
         Ok(())
+    }
+
+    /// Records that `id` will never be sealed and tells its watchers.
+    fn lost(&mut self, id: ObjectId) {
+        if self.lost_set.insert(id) {
+            self.lost.push_back(id);
+            if self.lost.len() > LOST_MEMORY
+                && let Some(old) = self.lost.pop_front()
+            {
+                self.lost_set.remove(&old);
+            }
+        }
+        if let Some(ws) = self.watchers.remove(&id) {
+            for w in ws {
+                if let Some(c) = self.clients.get_mut(&w) {
+                    c.notify(NOTICE_LOST, &id);
+                }
+            }
+        }
+    }
+
+    fn watch(&mut self, client: u32, ids: &[ObjectId]) {
+        for id in ids {
+            let kind = match self.objects.get(id) {
+                Some(e) if e.state == EntryState::Sealed => Some(NOTICE_READY),
+                Some(_) => None,
+                None if self.lost_set.contains(id) => Some(NOTICE_LOST),
+                None => None,
+            };
+            match kind {
+                Some(k) => {
+                    if let Some(c) = self.clients.get_mut(&client) {
+                        c.notify(k, id);
+                    }
+                }
+                None => {
+                    let list = self.watchers.entry(*id).or_default();
+                    if !list.contains(&client) {
+                        list.push(client);
+                    }
+                }
+            }
+        }
+    }
+
+    fn hold(&mut self, arena: &Arena, client: u32, id: ObjectId) {
+        match self.objects.get(&id) {
+            Some(e) if e.state == EntryState::Sealed => arena.directory().pin_for(e.slot, client),
+            _ if self.lost_set.contains(&id) => {}
+            _ => {
+                let list = self.holds.entry(id).or_default();
+                if !list.contains(&client) {
+                    list.push(client);
+                }
+            }
+        }
+    }
+
+    fn unhold(&mut self, arena: &Arena, client: u32, id: ObjectId, out: &mut Outbox) {
+        if let Some(list) = self.holds.get_mut(&id) {
+            list.retain(|c| *c != client);
+            if list.is_empty() {
+                self.holds.remove(&id);
+            }
+        }
+        if let Some(e) = self.objects.get(&id)
+            && e.state != EntryState::Creating
+        {
+            arena.directory().unpin_for(e.slot, client);
+            self.release(arena, id, out);
+        }
+    }
+
+    /// Grants `client` a new slab; its previous one is retired.
+    fn slab(
+        &mut self,
+        arena: &Arena,
+        client: u32,
+        size: u64,
+        out: &mut Outbox,
+    ) -> Result<(u64, u64)> {
+        if !self.clients.contains_key(&client) {
+            return Err(StoreError::InvalidRequest("unknown client".into()));
+        }
+        let size = size.clamp(MIN_SLAB, MAX_SLAB);
+        let offset = self.allocate(arena, size, out)?;
+        let len = self.alloc.block_len(offset).unwrap_or(size);
+        self.slab_bytes += len;
+        self.slabs.insert(
+            offset,
+            Slab {
+                owner: client,
+                len,
+                next: offset,
+                live: 0,
+                retired: false,
+            },
+        );
+        let c = self.clients.get_mut(&client).expect("checked above");
+        if let Some(old) = c.slab.replace(offset) {
+            self.retire_slab(old);
+        }
+        Ok((offset, len))
+    }
+
+    fn retire_slab(&mut self, offset: u64) {
+        let Some(s) = self.slabs.get_mut(&offset) else {
+            return;
+        };
+        s.retired = true;
+        if s.live == 0 {
+            let len = s.len;
+            self.slabs.remove(&offset);
+            self.slab_bytes -= len;
+            self.alloc.free(offset);
+        }
+    }
+
+    /// A small object the client wrote into its current slab: checked, then published.
+    #[allow(clippy::too_many_arguments)]
+    fn put_small(
+        &mut self,
+        arena: &Arena,
+        client: u32,
+        id: ObjectId,
+        offset: u64,
+        size: u64,
+        contained: &[ObjectId],
+        out: &mut Outbox,
+    ) -> Result<()> {
+        if self.objects.contains_key(&id) {
+            return Err(StoreError::AlreadyExists(id));
+        }
+        let slab_off = self
+            .clients
+            .get(&client)
+            .and_then(|c| c.slab)
+            .ok_or_else(|| StoreError::InvalidRequest("no slab granted".into()))?;
+        let s = &self.slabs[&slab_off];
+        let alloc_len = size.next_multiple_of(64);
+        let fits = offset.is_multiple_of(64)
+            && offset >= s.next
+            && offset
+                .checked_add(alloc_len)
+                .is_some_and(|end| end <= slab_off + s.len);
+        if !fits {
+            return Err(StoreError::InvalidRequest(format!(
+                "object at {offset}+{size} is not in the free part of the client's slab"
+            )));
+        }
+        self.make_room_in_directory(arena, out)?;
+        let slot = arena.directory().insert(&id, offset, size, client).ok_or(
+            StoreError::DirectoryFull {
+                capacity: self.max_objects,
+            },
+        )?;
+        let s = self.slabs.get_mut(&slab_off).expect("checked above");
+        s.next = offset + alloc_len;
+        s.live += 1;
+        self.slab_object_bytes += alloc_len;
+        self.objects.insert(
+            id,
+            Entry {
+                slot,
+                offset,
+                size,
+                alloc_len,
+                state: EntryState::Creating,
+                owner: client,
+                created: Instant::now(),
+                lru_key: 0,
+                refcounted: true,
+                holders: 0,
+                contains: Vec::new(),
+                slab: Some(slab_off),
+            },
+        );
+        self.publish(arena, client, id, Some(contained), out);
+        Ok(())
+    }
+
+    /// Frees a reference-counted object that nothing references any more (and, in turn,
+    /// what only it referenced).
+    fn check_free(&mut self, arena: &Arena, id: ObjectId, out: &mut Outbox) {
+        let mut work = vec![id];
+        while let Some(id) = work.pop() {
+            let Some(e) = self.objects.get(&id) else {
+                continue;
+            };
+            if !e.refcounted
+                || e.state != EntryState::Sealed
+                || e.holders > 0
+                || arena.directory().is_pinned(e.slot)
+            {
+                continue;
+            }
+            if arena.directory().try_remove(e.slot, false) != Removal::Removed {
+                continue;
+            }
+            let contained = self.free_entry(id, out);
+            work.extend(self.unref(contained));
+        }
+    }
+
+    /// Drops one holder of each id (references from an object just freed); returns the sealed
+    /// ones that are left without holders.
+    fn unref(&mut self, ids: Vec<ObjectId>) -> Vec<ObjectId> {
+        let mut unheld = Vec::new();
+        for i in ids {
+            match self.objects.get_mut(&i) {
+                Some(ie) if ie.state != EntryState::Creating => {
+                    ie.holders = ie.holders.saturating_sub(1);
+                    if ie.holders == 0 {
+                        unheld.push(i);
+                    }
+                }
+                _ => {
+                    if let Some(n) = self.pending_holders.get_mut(&i) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.pending_holders.remove(&i);
+                        }
+                    }
+                }
+            }
+        }
+        unheld
     }
 
     fn wait(
@@ -798,7 +1302,7 @@ impl Table {
                 match arena.directory().try_remove(e.slot, true) {
                     Removal::Removed => {
                         self.lru.remove(&key);
-                        self.free_entry(id, out);
+                        self.free_and_release(arena, id, out);
                         DeleteOutcome::Deleted
                     }
                     Removal::Pinned => {
@@ -817,20 +1321,52 @@ impl Table {
         let Some(e) = self.objects.get(&id) else {
             return;
         };
+        if e.state == EntryState::Sealed && e.refcounted {
+            return self.check_free(arena, id, out);
+        }
         if e.state != EntryState::DeletePending || arena.directory().is_pinned(e.slot) {
             return;
         }
         if arena.directory().try_remove(e.slot, true) == Removal::Removed {
             self.pending_delete.remove(&id);
-            self.free_entry(id, out);
+            self.free_and_release(arena, id, out);
         }
     }
 
-    fn free_entry(&mut self, id: ObjectId, out: &mut Outbox) {
-        if let Some(e) = self.objects.remove(&id) {
-            self.alloc.free(e.offset);
-            self.event(Event::Deleted { id }, out);
+    /// Frees an object, then drops its references to the objects it contained.
+    fn free_and_release(&mut self, arena: &Arena, id: ObjectId, out: &mut Outbox) {
+        let contained = self.free_entry(id, out);
+        for i in self.unref(contained) {
+            self.check_free(arena, i, out);
         }
+    }
+
+    /// Forgets an object and frees its memory; returns the ids it referenced (their
+    /// `holders` are the caller's to decrement).
+    fn free_entry(&mut self, id: ObjectId, out: &mut Outbox) -> Vec<ObjectId> {
+        let Some(e) = self.objects.remove(&id) else {
+            return Vec::new();
+        };
+        match e.slab {
+            Some(slab) => {
+                self.slab_object_bytes -= e.alloc_len;
+                if let Some(s) = self.slabs.get_mut(&slab) {
+                    s.live -= 1;
+                    if s.retired && s.live == 0 {
+                        self.retire_slab(slab);
+                    }
+                }
+            }
+            None => {
+                self.alloc.free(e.offset);
+            }
+        }
+        if e.refcounted {
+            // Nobody referenced it any more; a late `Watch` learns it is gone, not to wait.
+            self.lost(id);
+        }
+        self.event(Event::Deleted { id }, out);
+        e.contains
     }
 
     /// Evicts the least recently used unpinned sealed object. Pinned candidates are moved to
@@ -857,7 +1393,7 @@ impl Table {
                 Removal::Removed => {
                     let bytes = e.alloc_len;
                     self.evictions += 1;
-                    self.free_entry(id, out);
+                    self.free_and_release(arena, id, out);
                     return Some(bytes);
                 }
                 Removal::Pinned => skipped.push((key, id)),
@@ -918,7 +1454,8 @@ impl Table {
     fn stats(&self, arena: &Arena) -> Stats {
         Stats {
             capacity: self.alloc.capacity(),
-            used: self.alloc.used(),
+            used: self.alloc.used() - self.slab_bytes + self.slab_object_bytes,
+            reserved: self.slab_bytes - self.slab_object_bytes,
             pinned: self.pinned_bytes(arena),
             objects: self.objects.len() as u64,
             sealed: self

@@ -13,7 +13,7 @@ use crate::error::{Result, StoreError};
 use crate::id::{ID_LEN, ObjectId};
 
 /// Protocol version, checked in the welcome.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest request body the daemon accepts.
 pub const MAX_REQUEST: usize = 1 << 20;
 /// Largest reply body a client accepts (a `List` of a million objects fits).
@@ -58,6 +58,42 @@ pub enum Request {
         id: ObjectId,
     },
     Stats,
+    /// Grant this client a slab of `size` bytes to place small objects in (see `PutSmall`).
+    /// The client's previous slab is retired: it is freed once its last object is.
+    Slab {
+        size: u64,
+    },
+    /// A sealed, reference-counted object the client wrote into its current slab at
+    /// `offset`. The creator holds the first reference; `contained` are ids referenced from
+    /// inside the object, kept alive while it lives. Usually a notice (request id 0).
+    PutSmall {
+        id: ObjectId,
+        offset: u64,
+        size: u64,
+        contained: Vec<ObjectId>,
+    },
+    /// Seals an object this client created, as a reference-counted object (freed when the
+    /// last reference goes, not kept for LRU): the creator holds the first reference.
+    SealOwned {
+        id: ObjectId,
+        contained: Vec<ObjectId>,
+    },
+    /// A notice: this client holds a reference to `id`, which may not be sealed yet. The
+    /// daemon sets the client's pin bit for it now or when it is sealed.
+    Hold {
+        id: ObjectId,
+    },
+    /// A notice: drop the reference taken by `Hold` (or by `PutSmall`/`SealOwned`).
+    Unhold {
+        id: ObjectId,
+    },
+    /// A notice: push a notification into this client's ring when each id is sealed (now, if
+    /// it already is) or lost (aborted, or its creator died).
+    Watch {
+        ids: Vec<ObjectId>,
+    },
+    /// A notice: the client drained its notification ring; push what did not fit.
+    Flush,
 }
 
 /// Error codes carried by [`Reply::Error`].
@@ -137,6 +173,8 @@ pub struct Stats {
     pub sealed: u64,
     pub clients: u64,
     pub evictions: u64,
+    /// Bytes set aside for client slabs and notification rings (not counted in `used`).
+    pub reserved: u64,
 }
 
 /// What subscribers are told.
@@ -179,8 +217,15 @@ pub enum Reply {
     Welcome {
         version: u32,
         client_index: u32,
+        /// This client's notification ring in the arena.
+        ring_offset: u64,
+        ring_len: u64,
     },
     Event(Event),
+    Slab {
+        offset: u64,
+        len: u64,
+    },
 }
 
 mod op {
@@ -195,6 +240,13 @@ mod op {
     pub const SUBSCRIBE: u8 = 9;
     pub const RELEASE: u8 = 10;
     pub const STATS: u8 = 11;
+    pub const SLAB: u8 = 12;
+    pub const PUT_SMALL: u8 = 13;
+    pub const SEAL_OWNED: u8 = 14;
+    pub const HOLD: u8 = 15;
+    pub const UNHOLD: u8 = 16;
+    pub const WATCH: u8 = 17;
+    pub const FLUSH: u8 = 18;
 
     pub const OK: u8 = 128;
     pub const ERROR: u8 = 129;
@@ -207,6 +259,7 @@ mod op {
     pub const STATS_REPLY: u8 = 136;
     pub const WELCOME: u8 = 137;
     pub const EVENT: u8 = 138;
+    pub const SLAB_REPLY: u8 = 139;
 }
 
 // ---------- encoding ----------
@@ -291,6 +344,34 @@ impl Request {
             Request::Subscribe => Enc::new(op::SUBSCRIBE, req).finish(),
             Request::Release { id } => Self::one(op::RELEASE, req, id),
             Request::Stats => Enc::new(op::STATS, req).finish(),
+            Request::Slab { size } => {
+                let mut e = Enc::new(op::SLAB, req);
+                e.u64(*size);
+                e.finish()
+            }
+            Request::PutSmall {
+                id,
+                offset,
+                size,
+                contained,
+            } => {
+                let mut e = Enc::new(op::PUT_SMALL, req);
+                e.id(id).u64(*offset).u64(*size).ids(contained);
+                e.finish()
+            }
+            Request::SealOwned { id, contained } => {
+                let mut e = Enc::new(op::SEAL_OWNED, req);
+                e.id(id).ids(contained);
+                e.finish()
+            }
+            Request::Hold { id } => Self::one(op::HOLD, req, id),
+            Request::Unhold { id } => Self::one(op::UNHOLD, req, id),
+            Request::Watch { ids } => {
+                let mut e = Enc::new(op::WATCH, req);
+                e.ids(ids);
+                e.finish()
+            }
+            Request::Flush => Enc::new(op::FLUSH, req).finish(),
         }
     }
 
@@ -326,6 +407,21 @@ impl Request {
             op::SUBSCRIBE => Request::Subscribe,
             op::RELEASE => Request::Release { id: d.id()? },
             op::STATS => Request::Stats,
+            op::SLAB => Request::Slab { size: d.u64()? },
+            op::PUT_SMALL => Request::PutSmall {
+                id: d.id()?,
+                offset: d.u64()?,
+                size: d.u64()?,
+                contained: d.ids_or_none()?,
+            },
+            op::SEAL_OWNED => Request::SealOwned {
+                id: d.id()?,
+                contained: d.ids_or_none()?,
+            },
+            op::HOLD => Request::Hold { id: d.id()? },
+            op::UNHOLD => Request::Unhold { id: d.id()? },
+            op::WATCH => Request::Watch { ids: d.ids()? },
+            op::FLUSH => Request::Flush,
             other => return Err(proto(format!("unknown request opcode {other}"))),
         };
         d.end()?;
@@ -404,15 +500,26 @@ impl Reply {
                     .u64(s.objects)
                     .u64(s.sealed)
                     .u64(s.clients)
-                    .u64(s.evictions);
+                    .u64(s.evictions)
+                    .u64(s.reserved);
                 e.finish()
             }
             Reply::Welcome {
                 version,
                 client_index,
+                ring_offset,
+                ring_len,
             } => {
                 let mut e = Enc::new(op::WELCOME, req);
-                e.u32(*version).u32(*client_index);
+                e.u32(*version)
+                    .u32(*client_index)
+                    .u64(*ring_offset)
+                    .u64(*ring_len);
+                e.finish()
+            }
+            Reply::Slab { offset, len } => {
+                let mut e = Enc::new(op::SLAB_REPLY, req);
+                e.u64(*offset).u64(*len);
                 e.finish()
             }
             Reply::Event(ev) => {
@@ -500,10 +607,17 @@ impl Reply {
                 sealed: d.u64()?,
                 clients: d.u64()?,
                 evictions: d.u64()?,
+                reserved: d.u64()?,
             }),
             op::WELCOME => Reply::Welcome {
                 version: d.u32()?,
                 client_index: d.u32()?,
+                ring_offset: d.u64()?,
+                ring_len: d.u64()?,
+            },
+            op::SLAB_REPLY => Reply::Slab {
+                offset: d.u64()?,
+                len: d.u64()?,
             },
             op::EVENT => {
                 let kind = d.u8()?;
@@ -633,6 +747,14 @@ impl<'a> Dec<'a> {
         }
         (0..n).map(|_| self.id()).collect()
     }
+    /// An id list that may be empty (the objects an object references).
+    fn ids_or_none(&mut self) -> Result<Vec<ObjectId>> {
+        let n = self.count(ID_LEN)?;
+        if n > MAX_IDS {
+            return Err(proto(format!("id list of {n} (at most {MAX_IDS})")));
+        }
+        (0..n).map(|_| self.id()).collect()
+    }
     fn end(&self) -> Result<()> {
         if self.buf.is_empty() {
             Ok(())
@@ -695,6 +817,21 @@ mod tests {
             Request::Subscribe,
             Request::Release { id },
             Request::Stats,
+            Request::Slab { size: 1 << 20 },
+            Request::PutSmall {
+                id,
+                offset: 4096,
+                size: 8,
+                contained: vec![id],
+            },
+            Request::SealOwned {
+                id,
+                contained: vec![],
+            },
+            Request::Hold { id },
+            Request::Unhold { id },
+            Request::Watch { ids: vec![id, id] },
+            Request::Flush,
         ] {
             round_trip_request(r);
         }
@@ -737,10 +874,17 @@ mod tests {
                 sealed: 5,
                 clients: 6,
                 evictions: 7,
+                reserved: 8,
             }),
             Reply::Welcome {
                 version: 1,
                 client_index: 3,
+                ring_offset: 1 << 21,
+                ring_len: 4096,
+            },
+            Reply::Slab {
+                offset: 1 << 22,
+                len: 1 << 20,
             },
             Reply::Event(Event::Sealed { id, size: 9 }),
             Reply::Event(Event::Deleted { id }),

@@ -25,10 +25,11 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 
 use crate::error::{Result, StoreError};
 use crate::id::{ID_LEN, ObjectId};
+use crate::ring::RingRef;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"troveAR1");
 /// Layout version; a client refuses an arena of another version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Client indices are bits in a slot's pin mask: at most this many clients at once.
 pub const MAX_CLIENTS: u32 = 128;
 const HEADER_LEN: u64 = 4096;
@@ -45,6 +46,17 @@ pub mod state {
 }
 /// The object was deleted while pinned: not gettable any more, freed when the last pin goes.
 pub const FLAG_DELETE_PENDING: u64 = 1 << 8;
+/// The object is reference counted: freed (not kept for LRU) when no client pins it and no
+/// other object contains a reference to it; the last client to unpin tells the daemon.
+pub const FLAG_REFCOUNTED: u64 = 1 << 9;
+
+/// Notification rings: one per client index, between the directory and the heap.
+pub const RING_CAPACITY: u32 = 2048;
+/// Bytes per notification: length prefix, kind, id (see `protocol::Notice`).
+pub const RING_SLOT: u32 = 32;
+/// Bytes between two clients' rings.
+pub const RING_STRIDE: u64 =
+    (crate::ring::ring_bytes(RING_CAPACITY, RING_SLOT) as u64).next_multiple_of(4096);
 
 fn word_state(w: u64) -> u8 {
     w as u8
@@ -82,7 +94,8 @@ impl Layout {
             .expect("bounded");
         let dir_offset = HEADER_LEN;
         let dir_end = dir_offset + dir_slots * SLOT_LEN as u64;
-        let heap_offset = dir_end.div_ceil(HEAP_ALIGN) * HEAP_ALIGN;
+        let rings_end = rings_offset(dir_end) + RING_STRIDE * MAX_CLIENTS as u64;
+        let heap_offset = rings_end.div_ceil(HEAP_ALIGN) * HEAP_ALIGN;
         let heap_len = heap_len.div_ceil(64) * 64;
         let total_len = heap_offset
             .checked_add(heap_len)
@@ -93,6 +106,17 @@ impl Layout {
             dir_slots,
             heap_offset,
             heap_len,
+        })
+    }
+
+    /// Offset and length of client `index`'s notification ring.
+    pub fn ring_region(&self, index: u32) -> Option<(u64, u64)> {
+        (index < MAX_CLIENTS).then(|| {
+            let start = rings_offset(self.dir_offset + self.dir_slots * SLOT_LEN as u64);
+            (
+                start + index as u64 * RING_STRIDE,
+                crate::ring::ring_bytes(RING_CAPACITY, RING_SLOT) as u64,
+            )
         })
     }
 
@@ -114,14 +138,19 @@ impl Layout {
             .checked_mul(SLOT_LEN as u64)
             .and_then(|n| n.checked_add(self.dir_offset));
         match dir_end {
-            Some(end) if end <= self.heap_offset => {}
-            _ => return bad("directory overlaps the heap"),
+            Some(end)
+                if rings_offset(end) + RING_STRIDE * MAX_CLIENTS as u64 <= self.heap_offset => {}
+            _ => return bad("directory or rings overlap the heap"),
         }
         match self.heap_offset.checked_add(self.heap_len) {
             Some(end) if end <= self.total_len && self.heap_offset.is_multiple_of(64) => Ok(()),
             _ => bad("heap out of bounds"),
         }
     }
+}
+
+fn rings_offset(dir_end: u64) -> u64 {
+    dir_end.next_multiple_of(4096)
 }
 
 #[repr(C)]
@@ -321,6 +350,45 @@ impl Arena {
         Some(unsafe { self.map.as_mut_ptr().add(offset as usize) })
     }
 
+    /// Client `index`'s notification ring region (inside the mapping, 4096-aligned).
+    pub fn ring_ptr(&self, index: u32) -> Option<*mut u8> {
+        let (offset, len) = self.layout.ring_region(index)?;
+        if offset.checked_add(len)? > self.layout.heap_offset {
+            return None;
+        }
+        // SAFETY: offset + len lies before the heap, inside the mapping (validated layout).
+        Some(unsafe { self.map.as_mut_ptr().add(offset as usize) })
+    }
+
+    /// Initialises client `index`'s notification ring (daemon side, when the index is given
+    /// to a new client). The ring stays valid while this `Arena` lives.
+    pub fn init_ring(&self, index: u32) -> Result<RingRef> {
+        let p = self.ring_ptr(index).ok_or_else(|| {
+            StoreError::InvalidRequest(format!("no ring for client index {index}"))
+        })?;
+        // SAFETY: the region is inside the mapping, 4096-aligned, ring_bytes long, and the
+        // mapping lives as long as `self`; the index was just assigned, so its previous owner
+        // is gone and nobody else uses the region during init.
+        unsafe { RingRef::init(p, RING_CAPACITY, RING_SLOT) }
+            .map_err(|e| StoreError::Protocol(format!("notification ring: {e}")))
+    }
+
+    /// Attaches to client `index`'s notification ring (client side). The ring stays valid
+    /// while this `Arena` lives; its header is validated.
+    pub fn attach_ring(&self, index: u32) -> Result<RingRef> {
+        let (_, len) = self
+            .layout
+            .ring_region(index)
+            .ok_or_else(|| StoreError::Protocol(format!("no ring for client index {index}")))?;
+        let p = self
+            .ring_ptr(index)
+            .ok_or_else(|| StoreError::Protocol("ring outside the arena".into()))?;
+        // SAFETY: the region is inside the mapping (ring_ptr checks it) and `len` bytes long;
+        // the mapping lives as long as `self`.
+        unsafe { RingRef::attach(p, len as usize) }
+            .map_err(|e| StoreError::Protocol(format!("notification ring: {e}")))
+    }
+
     /// The bytes of a sealed object.
     ///
     /// # Safety
@@ -462,7 +530,14 @@ impl<'a> Directory<'a> {
                 backoff.snooze();
             }
         };
-        w & FLAG_DELETE_PENDING != 0 && !s.pinned()
+        w & (FLAG_DELETE_PENDING | FLAG_REFCOUNTED) != 0 && !s.pinned()
+    }
+
+    /// Whether client `client`'s pin bit is set on `slot`.
+    pub fn has_pin(&self, slot: u64, client: u32) -> bool {
+        self.slot(slot).pins[(client / 64) as usize % 2].load(Ordering::SeqCst)
+            & (1 << (client % 64))
+            != 0
     }
 
     /// Refreshes the LRU time of a slot (a process that already holds a pin got it again).
@@ -532,12 +607,40 @@ impl<'a> Directory<'a> {
     }
 
     pub fn seal(&self, i: u64) {
+        self.seal_with(i, 0, &[]);
+    }
+
+    /// Seals with `flags` (e.g. [`FLAG_REFCOUNTED`]), with the pin bits of `pinned_for` set
+    /// before the object becomes visible.
+    pub fn seal_with(&self, i: u64, flags: u64, pinned_for: &[u32]) {
         let s = self.slot(i);
         let w = s.word.load(Ordering::Relaxed);
         debug_assert_eq!(word_state(w), state::CREATING);
+        for &c in pinned_for {
+            self.pin_for(i, c);
+        }
         s.last_use.store(monotonic_ns(), Ordering::Relaxed);
-        s.word
-            .store(make_word(word_gen(w), state::SEALED, 0), Ordering::Release);
+        s.word.store(
+            make_word(word_gen(w), state::SEALED, flags),
+            Ordering::Release,
+        );
+    }
+
+    /// Sets client `client`'s pin bit on behalf of that client (a `Hold`).
+    pub fn pin_for(&self, i: u64, client: u32) {
+        self.slot(i).pins[(client / 64) as usize % 2]
+            .fetch_or(1 << (client % 64), Ordering::SeqCst);
+    }
+
+    /// Clears client `client`'s pin bit on behalf of that client (an `Unhold`).
+    pub fn unpin_for(&self, i: u64, client: u32) {
+        self.slot(i).pins[(client / 64) as usize % 2]
+            .fetch_and(!(1 << (client % 64)), Ordering::SeqCst);
+    }
+
+    /// Whether a slot holds a sealed reference-counted object.
+    pub fn is_refcounted(&self, i: u64) -> bool {
+        self.slot(i).word.load(Ordering::Relaxed) & FLAG_REFCOUNTED != 0
     }
 
     /// Removes an object that is being created (no client can pin it).

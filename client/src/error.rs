@@ -1,0 +1,77 @@
+//! The one error type users match on.
+
+use trove_store::{ObjectId, StoreError};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A create did not fit even after evicting every unpinned object.
+    #[error("store full: {requested} bytes requested, capacity {capacity}, {pinned} pinned")]
+    StoreFull {
+        requested: u64,
+        capacity: u64,
+        pinned: u64,
+    },
+    /// The wait ended before the object(s) were ready.
+    #[error("timed out waiting for {0}")]
+    Timeout(ObjectId),
+    /// The bytes are not a valid archive of the requested type (wrong type or corruption).
+    #[error("object {id} is not a valid {type_name}: {reason}")]
+    Invalid {
+        id: ObjectId,
+        type_name: &'static str,
+        reason: String,
+    },
+    /// Serialising a value failed.
+    #[error("could not serialise a {type_name}: {reason}")]
+    Serialize {
+        type_name: &'static str,
+        reason: String,
+    },
+    /// The object does not exist and nobody is creating it.
+    #[error("object {0} not found")]
+    NotFound(ObjectId),
+    /// The object's creator died or aborted it before sealing.
+    #[error("object {0} was lost: its creator aborted or died before sealing it")]
+    ObjectLost(ObjectId),
+    /// The store daemon went away.
+    #[error("disconnected from the store")]
+    Disconnected,
+    /// The actor's process died.
+    #[error("actor {0} died")]
+    ActorDied(String),
+    /// The task or method failed (an `Err` result or a panic).
+    #[error("task failed: {0}")]
+    TaskFailed(String),
+    /// `init` was called twice, or in a process that already has threads.
+    #[error("cannot initialise trove: {0}")]
+    Init(String),
+    /// trove was used before `init`, or after shutdown.
+    #[error("trove is not initialised in this process")]
+    NotInitialized,
+    /// Any other store error.
+    #[error(transparent)]
+    Store(StoreError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Error {
+        match e {
+            StoreError::StoreFull {
+                requested,
+                capacity,
+                pinned,
+            } => Error::StoreFull {
+                requested,
+                capacity,
+                pinned,
+            },
+            StoreError::Disconnected(_) => Error::Disconnected,
+            StoreError::NotFound(id) => Error::NotFound(id),
+            other => Error::Store(other),
+        }
+    }
+}
