@@ -40,8 +40,13 @@ impl<T: ?Sized> ObjectRef<T> {
         self.id
     }
 
+    /// A new reference to the object `id`, received out of band (a log line, a file, another
+    /// protocol). Nothing is checked here: `get` validates that the object holds a `T`.
+    pub fn from_id(id: ObjectId) -> ObjectRef<T> {
+        ObjectRef::new_held(id)
+    }
+
     /// Wraps `id`, whose reference in this process has already been taken (no `hold`).
-    #[allow(dead_code)] // used by the runtime's put/get
     pub(crate) fn adopt(id: ObjectId) -> ObjectRef<T> {
         ObjectRef {
             id,

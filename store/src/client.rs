@@ -1130,6 +1130,10 @@ impl OwnedWriter {
         // ours until published; the mapping outlives self (self holds the client).
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: as for `as_mut_slice`; `&self` excludes writers through this object.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
 
     /// Seals the object; `contained` are ids of objects it references (kept alive while it
     /// lives). This process then holds one reference, dropped with [`StoreClient::release`].

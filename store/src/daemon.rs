@@ -902,12 +902,11 @@ impl Table {
             pins.push(client);
             for i in inner {
                 match self.objects.get_mut(i) {
-                    Some(ie) if ie.state == EntryState::Sealed => {
-                        if ie.refcounted {
-                            ie.holders += 1;
-                            contains.push(*i);
-                        }
+                    Some(ie) if ie.state == EntryState::Sealed && ie.refcounted => {
+                        ie.holders += 1;
+                        contains.push(*i);
                     }
+                    Some(ie) if ie.state == EntryState::Sealed => {}
                     // Not sealed yet (a result still being computed, say): counted when it is.
                     _ if !self.lost_set.contains(i) => {
                         *self.pending_holders.entry(*i).or_default() += 1;

