@@ -2,6 +2,8 @@
 //! workers come with the executor issue).
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod mailbox;
 pub mod process;
 
+pub use mailbox::{Mailbox, MailboxError, mailbox_bytes};
 pub use process::{EmbeddedStore, ProcessError, ensure_single_threaded, thread_count};

@@ -18,10 +18,11 @@ use crate::daemon::{NOTICE_LEN, NOTICE_LOST};
 use crate::error::{Result, StoreError};
 use crate::id::ObjectId;
 use crate::protocol::{
-    self, DeleteOutcome, Event, MAX_REPLY, ObjectInfo, PROTOCOL_VERSION, Reply, Request, Stats,
+    self, DeleteOutcome, Event, MAX_REPLY, ObjectInfo, Owned, PROTOCOL_VERSION, Reply, Request,
+    Stats,
 };
 use crate::ring::{Consumer, RingError};
-use crate::shm::{Arena, Lookup};
+use crate::shm::{Arena, FLAG_ERROR, Lookup};
 use crate::sock;
 
 /// How long a get may wait.
@@ -154,6 +155,8 @@ struct Held {
     loc: Option<(u64, u64)>,
     /// The directory slot, once seen sealed there.
     slot: Option<u64>,
+    /// The object reports a failure (`FLAG_ERROR`).
+    error: bool,
     /// The last `Hold`/`PutSmall`/`SealOwned` frame sent for it: until the daemon has handled
     /// it, this process's pin bit is the daemon's to set, so it must also be the daemon's to
     /// clear (an `Unhold` queued behind it) rather than a local unpin that could run first.
@@ -430,31 +433,37 @@ impl StoreClient {
             offset,
             ptr,
             len: size as usize,
+            error: false,
         })
     }
 
     /// Pins `id` for a view if that can be done now, without the daemon.
     fn try_view(&self, id: &ObjectId) -> Option<ObjectView> {
-        let (offset, size) = self.try_pin_for_view(id)?;
-        self.view(*id, offset, size).or_else(|| {
+        let (offset, size, error) = self.try_pin_for_view(id)?;
+        let mut v = self.view(*id, offset, size);
+        if let Some(v) = &mut v {
+            v.error = error;
+        }
+        v.or_else(|| {
             self.release(id);
             None
         })
     }
 
-    /// Takes one view reference on `id` if it can be pinned now; returns where it is.
-    fn try_pin_for_view(&self, id: &ObjectId) -> Option<(u64, u64)> {
+    /// Takes one view reference on `id` if it can be pinned now; returns where it is and
+    /// whether it is an error report.
+    fn try_pin_for_view(&self, id: &ObjectId) -> Option<(u64, u64, bool)> {
         let dir = self.inner.arena.directory();
         let me = self.inner.index;
         let mut guard = lock(&self.inner.holds);
         let holds = &mut *guard;
         if let Some(h) = holds.map.get_mut(id) {
-            if let Some(loc) = h.loc
+            if let Some((offset, size)) = h.loc
                 && h.daemon_seq.is_some()
             {
                 // An owned object: this process's reference keeps it.
                 h.count += 1;
-                return Some(loc);
+                return Some((offset, size, h.error));
             }
             // Held through the daemon and not seen in place yet.
             let Lookup::Sealed(e) = dir.lookup(id) else {
@@ -474,7 +483,8 @@ impl StoreClient {
             h.count += 1;
             h.loc = Some((e.offset, e.size));
             h.slot = Some(e.slot);
-            return h.loc;
+            h.error = e.word & FLAG_ERROR != 0;
+            return Some((e.offset, e.size, h.error));
         }
         if holds
             .unholding
@@ -499,10 +509,11 @@ impl StoreClient {
                         count: 1,
                         loc: Some((e.offset, e.size)),
                         slot: Some(e.slot),
+                        error: e.word & FLAG_ERROR != 0,
                         daemon_seq: None,
                     },
                 );
-                return Some((e.offset, e.size));
+                return Some((e.offset, e.size, e.word & FLAG_ERROR != 0));
             }
         }
         None
@@ -541,6 +552,7 @@ impl StoreClient {
                         count: 1,
                         loc: Some((e.offset, e.size)),
                         slot: Some(e.slot),
+                        error: e.word & FLAG_ERROR != 0,
                         daemon_seq: None,
                     },
                 );
@@ -554,6 +566,7 @@ impl StoreClient {
                 count: 1,
                 loc: None,
                 slot: None,
+                error: false,
                 daemon_seq: Some(seq),
             },
         );
@@ -594,6 +607,26 @@ impl StoreClient {
             let conn = &self.inner.conn;
             holds.unholding.retain(|_, seq| !conn.is_synced(*seq));
         }
+    }
+
+    /// Takes a reference to `id` that the daemon sets up when the object is sealed by another
+    /// process which names this one in `Owned::pin_for` (a call's result). No frame is sent;
+    /// the release always goes through the daemon.
+    pub fn adopt_pending(&self, id: &ObjectId) {
+        let mut holds = lock(&self.inner.holds);
+        let h = holds.map.entry(*id).or_insert(Held {
+            count: 0,
+            loc: None,
+            slot: None,
+            error: false,
+            daemon_seq: Some(u64::MAX),
+        });
+        h.count += 1;
+    }
+
+    /// This client's (index, pid) for `Owned::pin_for`.
+    pub fn pin_target(&self) -> (u32, u32) {
+        (self.inner.index, std::process::id())
     }
 
     /// How many references this process holds on `id` (views included).
@@ -1049,6 +1082,7 @@ pub struct ObjectView {
     offset: u64,
     ptr: *const u8,
     len: usize,
+    error: bool,
 }
 
 // SAFETY: a view is a read-only slice of immutable shared memory kept alive by the pin.
@@ -1068,6 +1102,10 @@ impl ObjectView {
     /// The object's offset in the arena.
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+    /// The object reports a failure (published with `Owned::error`) instead of a value.
+    pub fn is_error(&self) -> bool {
+        self.error
     }
 }
 
@@ -1089,6 +1127,7 @@ impl Clone for ObjectView {
             offset: self.offset,
             ptr: self.ptr,
             len: self.len,
+            error: self.error,
         }
     }
 }
@@ -1137,19 +1176,30 @@ impl OwnedWriter {
 
     /// Seals the object; `contained` are ids of objects it references (kept alive while it
     /// lives). This process then holds one reference, dropped with [`StoreClient::release`].
-    pub fn publish(mut self, contained: &[ObjectId]) -> Result<()> {
+    pub fn publish(self, contained: &[ObjectId]) -> Result<()> {
+        self.publish_with(Owned {
+            contained: contained.to_vec(),
+            keep: true,
+            ..Owned::default()
+        })
+    }
+
+    /// Seals the object as `owned` says. This process holds a reference afterwards only if
+    /// `owned.keep`.
+    pub fn publish_with(mut self, owned: Owned) -> Result<()> {
         self.done = true;
         let c = &self.client;
-        if contained.len() > protocol::MAX_IDS {
+        if owned.contained.len() > protocol::MAX_IDS {
             if !self.small {
                 let _ = c.abort(self.id);
             }
             return Err(StoreError::InvalidRequest(format!(
                 "an object may reference at most {} others, not {}",
                 protocol::MAX_IDS,
-                contained.len()
+                owned.contained.len()
             )));
         }
+        let keep = owned.keep;
         let seq = if self.small {
             c.inner.conn.send(
                 0,
@@ -1157,18 +1207,15 @@ impl OwnedWriter {
                     id: self.id,
                     offset: self.offset,
                     size: self.len as u64,
-                    contained: contained.to_vec(),
+                    owned,
                 },
             )?
         } else {
             let req = c.inner.conn.next_req.fetch_add(1, Ordering::Relaxed);
-            let seq = c.inner.conn.send(
-                req,
-                &Request::SealOwned {
-                    id: self.id,
-                    contained: contained.to_vec(),
-                },
-            )?;
+            let seq = c
+                .inner
+                .conn
+                .send(req, &Request::SealOwned { id: self.id, owned })?;
             let reply = c.inner.conn.wait_reply(|st| st.replies.remove(&req))?;
             c.inner.conn.synced.fetch_max(seq, Ordering::AcqRel);
             if !matches!(reply, Reply::Ok) {
@@ -1176,12 +1223,16 @@ impl OwnedWriter {
             }
             seq
         };
+        if !keep {
+            return Ok(());
+        }
         let mut holds = lock(&c.inner.holds);
         holds.unholding.remove(&self.id);
         let h = holds.map.entry(self.id).or_insert(Held {
             count: 0,
             loc: None,
             slot: None,
+            error: false,
             daemon_seq: None,
         });
         h.count += 1;

@@ -24,12 +24,13 @@ use tracing::{debug, info, warn};
 use crate::alloc::Allocator;
 use crate::error::{Result, StoreError};
 use crate::id::ObjectId;
+use crate::protocol::Owned;
 use crate::protocol::{
     self, DeleteOutcome, Event, MAX_REQUEST, ObjectInfo, ObjectState, PROTOCOL_VERSION, Reply,
     Request, Stats,
 };
 use crate::ring::{Producer, RingError};
-use crate::shm::{Arena, FLAG_REFCOUNTED, Layout, MAX_CLIENTS, Removal};
+use crate::shm::{Arena, FLAG_ERROR, FLAG_REFCOUNTED, Layout, MAX_CLIENTS, Removal};
 use crate::sock;
 
 /// How the daemon is set up.
@@ -236,6 +237,9 @@ struct Table {
     /// References from live objects to ids that were not sealed when those objects were:
     /// they become the id's `holders` when it is sealed.
     pending_holders: HashMap<ObjectId, u32>,
+    /// Clients that dropped their reference to an id before it was sealed: a `pin_for`
+    /// naming them at seal is ignored.
+    early_unholds: HashMap<ObjectId, Vec<u32>>,
 }
 
 /// Frames to send once the table lock is released.
@@ -325,6 +329,7 @@ impl Daemon {
                 lost: VecDeque::new(),
                 lost_set: HashSet::new(),
                 pending_holders: HashMap::new(),
+                early_unholds: HashMap::new(),
             }),
             timer_cv: Condvar::new(),
             uid: nix::unistd::getuid().as_raw(),
@@ -646,22 +651,23 @@ impl Shared {
                     id,
                     offset,
                     size,
-                    contained,
+                    owned,
                 } => {
-                    let r =
-                        t.put_small(&self.arena, client, id, offset, size, &contained, &mut out);
+                    let r = t.put_small(&self.arena, client, id, offset, size, &owned, &mut out);
                     if let Err(e) = &r
                         && req == 0
                     {
-                        warn!("client {client}: put of {id} failed: {e}");
+                        // Two processes may report the same failed call (ActorDied): the
+                        // second finds it exists. Nothing else can be done for a notice.
+                        debug!("client {client}: put of {id} failed: {e}");
                     }
                     (req != 0).then(|| to_reply(r))
                 }
-                Request::SealOwned { id, contained } => Some(to_reply(t.seal_owned(
+                Request::SealOwned { id, owned } => Some(to_reply(t.seal_owned(
                     &self.arena,
                     client,
                     id,
-                    &contained,
+                    &owned,
                     &mut out,
                 ))),
                 Request::Hold { id } => {
@@ -740,6 +746,10 @@ impl Shared {
                 list.retain(|c| *c != index);
             }
             t.watchers.retain(|_, l| !l.is_empty());
+            for list in t.early_unholds.values_mut() {
+                list.retain(|c| *c != index);
+            }
+            t.early_unholds.retain(|_, l| !l.is_empty());
             let refcounted: Vec<ObjectId> = t
                 .objects
                 .iter()
@@ -867,11 +877,11 @@ impl Table {
         arena: &Arena,
         client: u32,
         id: ObjectId,
-        contained: &[ObjectId],
+        owned: &Owned,
         out: &mut Outbox,
     ) -> Result<()> {
         self.check_sealable(client, id)?;
-        self.publish(arena, client, id, Some(contained), out);
+        self.publish(arena, client, id, Some(owned), out);
         Ok(())
     }
 
@@ -886,21 +896,39 @@ impl Table {
         Ok(())
     }
 
-    /// Seals a CREATING object: plain (kept for LRU) when `contained` is None, reference
-    /// counted otherwise, with the creator's and any pending `Hold`s' pins set first.
+    /// Seals a CREATING object: plain (kept for LRU) when `owned` is None, reference
+    /// counted otherwise, with the pins of its first holders (the creator if it keeps one, the
+    /// client it is for, pending `Hold`s) set before it becomes visible.
     fn publish(
         &mut self,
         arena: &Arena,
         client: u32,
         id: ObjectId,
-        contained: Option<&[ObjectId]>,
+        owned: Option<&Owned>,
         out: &mut Outbox,
     ) {
         let mut pins = self.holds.remove(&id).unwrap_or_default();
+        let early = self.early_unholds.remove(&id).unwrap_or_default();
         let mut contains = Vec::new();
-        if let Some(inner) = contained {
-            pins.push(client);
-            for i in inner {
+        let mut flags = 0;
+        if let Some(o) = owned {
+            flags |= FLAG_REFCOUNTED;
+            if o.error {
+                flags |= FLAG_ERROR;
+            }
+            if o.keep {
+                pins.push(client);
+            }
+            if let Some((index, pid)) = o.pin_for
+                && self
+                    .clients
+                    .get(&index)
+                    .is_some_and(|c| c.pid as u32 == pid)
+                && !early.contains(&index)
+            {
+                pins.push(index);
+            }
+            for i in &o.contained {
                 match self.objects.get_mut(i) {
                     Some(ie) if ie.state == EntryState::Sealed && ie.refcounted => {
                         ie.holders += 1;
@@ -916,13 +944,11 @@ impl Table {
                 }
             }
         }
-        let refcounted = contained.is_some();
+        let refcounted = owned.is_some();
         let Some(e) = self.objects.get_mut(&id) else {
             return;
         };
-        arena
-            .directory()
-            .seal_with(e.slot, if refcounted { FLAG_REFCOUNTED } else { 0 }, &pins);
+        arena.directory().seal_with(e.slot, flags, &pins);
         e.state = EntryState::Sealed;
         e.refcounted = refcounted;
         e.contains = contains;
@@ -962,6 +988,10 @@ impl Table {
             }
         }
         self.event(Event::Sealed { id, size }, out);
+        if refcounted {
+            // Nobody may hold it (a result whose caller is gone): free it now.
+            self.check_free(arena, id, out);
+        }
     }
 
     fn abort(&mut self, arena: &Arena, client: u32, id: ObjectId) -> Result<()> {
@@ -984,6 +1014,7 @@ impl Table {
 
     /// Records that `id` will never be sealed and tells its watchers.
     fn lost(&mut self, id: ObjectId) {
+        self.early_unholds.remove(&id);
         if self.lost_set.insert(id) {
             self.lost.push_back(id);
             if self.lost.len() > LOST_MEMORY
@@ -1045,11 +1076,18 @@ impl Table {
                 self.holds.remove(&id);
             }
         }
-        if let Some(e) = self.objects.get(&id)
-            && e.state != EntryState::Creating
-        {
-            arena.directory().unpin_for(e.slot, client);
-            self.release(arena, id, out);
+        match self.objects.get(&id) {
+            Some(e) if e.state != EntryState::Creating => {
+                arena.directory().unpin_for(e.slot, client);
+                self.release(arena, id, out);
+            }
+            _ if self.lost_set.contains(&id) => {}
+            _ => {
+                let list = self.early_unholds.entry(id).or_default();
+                if !list.contains(&client) {
+                    list.push(client);
+                }
+            }
         }
     }
 
@@ -1107,7 +1145,7 @@ impl Table {
         id: ObjectId,
         offset: u64,
         size: u64,
-        contained: &[ObjectId],
+        owned: &Owned,
         out: &mut Outbox,
     ) -> Result<()> {
         if self.objects.contains_key(&id) {
@@ -1157,7 +1195,7 @@ impl Table {
                 slab: Some(slab_off),
             },
         );
-        self.publish(arena, client, id, Some(contained), out);
+        self.publish(arena, client, id, Some(owned), out);
         Ok(())
     }
 

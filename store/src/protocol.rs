@@ -70,13 +70,13 @@ pub enum Request {
         id: ObjectId,
         offset: u64,
         size: u64,
-        contained: Vec<ObjectId>,
+        owned: Owned,
     },
     /// Seals an object this client created, as a reference-counted object (freed when the
-    /// last reference goes, not kept for LRU): the creator holds the first reference.
+    /// last reference goes, not kept for LRU).
     SealOwned {
         id: ObjectId,
-        contained: Vec<ObjectId>,
+        owned: Owned,
     },
     /// A notice: this client holds a reference to `id`, which may not be sealed yet. The
     /// daemon sets the client's pin bit for it now or when it is sealed.
@@ -94,6 +94,20 @@ pub enum Request {
     },
     /// A notice: the client drained its notification ring; push what did not fit.
     Flush,
+}
+
+/// How an owned (reference-counted) object is published.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Owned {
+    /// Ids referenced from inside the object, kept alive while it lives.
+    pub contained: Vec<ObjectId>,
+    /// The creator keeps the first reference (else it holds none once published).
+    pub keep: bool,
+    /// The object is an error report (a failed call), not a value: see `FLAG_ERROR`.
+    pub error: bool,
+    /// Another client (index, pid) gets a reference at seal: the caller a result is for.
+    /// Ignored if that client has gone, or has already dropped its reference (`Unhold`).
+    pub pin_for: Option<(u32, u32)>,
 }
 
 /// Error codes carried by [`Reply::Error`].
@@ -301,6 +315,12 @@ impl Enc {
         }
         self
     }
+    fn owned(&mut self, o: &Owned) -> &mut Self {
+        self.ids(&o.contained);
+        self.u8(o.keep as u8 | (o.error as u8) << 1);
+        let (index, pid) = o.pin_for.unwrap_or((u32::MAX, 0));
+        self.u32(index).u32(pid)
+    }
     fn finish(mut self) -> Vec<u8> {
         let body = (self.0.len() - 4) as u32;
         self.0[..4].copy_from_slice(&body.to_le_bytes());
@@ -353,15 +373,15 @@ impl Request {
                 id,
                 offset,
                 size,
-                contained,
+                owned,
             } => {
                 let mut e = Enc::new(op::PUT_SMALL, req);
-                e.id(id).u64(*offset).u64(*size).ids(contained);
+                e.id(id).u64(*offset).u64(*size).owned(owned);
                 e.finish()
             }
-            Request::SealOwned { id, contained } => {
+            Request::SealOwned { id, owned } => {
                 let mut e = Enc::new(op::SEAL_OWNED, req);
-                e.id(id).ids(contained);
+                e.id(id).owned(owned);
                 e.finish()
             }
             Request::Hold { id } => Self::one(op::HOLD, req, id),
@@ -412,11 +432,11 @@ impl Request {
                 id: d.id()?,
                 offset: d.u64()?,
                 size: d.u64()?,
-                contained: d.ids_or_none()?,
+                owned: d.owned()?,
             },
             op::SEAL_OWNED => Request::SealOwned {
                 id: d.id()?,
-                contained: d.ids_or_none()?,
+                owned: d.owned()?,
             },
             op::HOLD => Request::Hold { id: d.id()? },
             op::UNHOLD => Request::Unhold { id: d.id()? },
@@ -747,6 +767,20 @@ impl<'a> Dec<'a> {
         }
         (0..n).map(|_| self.id()).collect()
     }
+    fn owned(&mut self) -> Result<Owned> {
+        let contained = self.ids_or_none()?;
+        let flags = self.u8()?;
+        if flags > 3 {
+            return Err(proto(format!("unknown publish flags {flags:#x}")));
+        }
+        let (index, pid) = (self.u32()?, self.u32()?);
+        Ok(Owned {
+            contained,
+            keep: flags & 1 != 0,
+            error: flags & 2 != 0,
+            pin_for: (index != u32::MAX).then_some((index, pid)),
+        })
+    }
     /// An id list that may be empty (the objects an object references).
     fn ids_or_none(&mut self) -> Result<Vec<ObjectId>> {
         let n = self.count(ID_LEN)?;
@@ -822,11 +856,19 @@ mod tests {
                 id,
                 offset: 4096,
                 size: 8,
-                contained: vec![id],
+                owned: Owned {
+                    contained: vec![id],
+                    keep: true,
+                    error: false,
+                    pin_for: Some((3, 4242)),
+                },
             },
             Request::SealOwned {
                 id,
-                contained: vec![],
+                owned: Owned {
+                    error: true,
+                    ..Owned::default()
+                },
             },
             Request::Hold { id },
             Request::Unhold { id },

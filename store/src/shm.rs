@@ -49,6 +49,8 @@ pub const FLAG_DELETE_PENDING: u64 = 1 << 8;
 /// The object is reference counted: freed (not kept for LRU) when no client pins it and no
 /// other object contains a reference to it; the last client to unpin tells the daemon.
 pub const FLAG_REFCOUNTED: u64 = 1 << 9;
+/// An owned object that reports a failure (a call that failed) instead of holding a value.
+pub const FLAG_ERROR: u64 = 1 << 10;
 
 /// Notification rings: one per client index, between the directory and the heap.
 pub const RING_CAPACITY: u32 = 2048;

@@ -1,0 +1,482 @@
+//! A bounded multi-producer multi-consumer queue of small messages in shared memory: actor
+//! mailboxes (any process pushes, the actor pops) and the task queue (any process pushes, any
+//! worker pops).
+//!
+//! The algorithm is Dmitry Vyukov's bounded MPMC queue: each slot carries a sequence number;
+//! a producer claims position `p` by CAS on `tail` when slot `p`'s sequence is `p`, writes, then
+//! publishes with sequence `p + 1`; a consumer claims `p` by CAS on `head` when the sequence is
+//! `p + 1`, reads, then frees the slot with sequence `p + capacity`. Indices are free-running
+//! `u64`s, so they never wrap in practice.
+//!
+//! Consumers park on a futex: a consumer increments `sleepers`, fences, re-checks the queue,
+//! and waits on `event` with the value it read before; a producer, after publishing, fences and,
+//! if `sleepers` is non-zero, bumps `event` and wakes one. Either the consumer's re-check sees
+//! the message or the producer sees the sleeper (both sides SeqCst), so no wake-up is lost.
+//!
+//! The region holds no pointers and everything read from it is checked (message lengths), so
+//! a corrupt or hostile peer cannot make an access leave the region. A producer that dies
+//! between claiming and publishing a slot stalls consumers at that slot; the window is a few
+//! instructions and the executor treats a mailbox whose owner died as dead anyway.
+//!
+//! The header also holds a `dead` flag (set by whoever learns the consumer died; producers
+//! check it) and the consumer's *current* message, so that the process that reaps a dead
+//! actor can fail the call it was running.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::Backoff;
+use rustix::io::Errno;
+use rustix::thread::futex;
+
+const MAGIC: u64 = 0x5452_4f56_454d_4258; // "TROVEMBX"
+const SHARED: futex::Flags = futex::Flags::empty();
+/// Bytes of a slot's header: sequence (8) and length (4), padded to 16.
+const SLOT_HEADER: usize = 16;
+/// Bytes of the current-message record in the header.
+pub const CURRENT_LEN: usize = 64;
+
+#[repr(C, align(64))]
+struct Line<T>(T);
+
+#[repr(C, align(64))]
+struct Header {
+    head: Line<AtomicU64>,
+    tail: Line<AtomicU64>,
+    event: Line<AtomicU32>,
+    sleepers: Line<AtomicU32>,
+    magic: AtomicU64,
+    capacity: AtomicU64,
+    slot_size: AtomicU64,
+    dead: AtomicU32,
+    /// Non-zero while `current` holds the message the consumer is running.
+    current_set: AtomicU32,
+    current: [AtomicU64; CURRENT_LEN / 8],
+}
+
+const HEADER_LEN: usize = size_of::<Header>().next_multiple_of(64);
+
+/// Errors of mailbox operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MailboxError {
+    #[error("the mailbox's owner is dead")]
+    Dead,
+    #[error("timed out")]
+    Timeout,
+    #[error("message of {0} bytes is too large for a slot")]
+    TooLarge(usize),
+    #[error("mailbox corrupt: {0}")]
+    Corrupt(&'static str),
+    #[error("bad mailbox parameters: {0}")]
+    BadParams(&'static str),
+}
+
+/// Bytes a mailbox of `capacity` slots (a power of two) of `slot_size` bytes needs.
+pub const fn mailbox_bytes(capacity: u64, slot_size: u64) -> usize {
+    HEADER_LEN + (capacity * slot_size) as usize
+}
+
+/// A view of a mailbox in this process's mapping. Cheap to copy.
+#[derive(Debug, Clone, Copy)]
+pub struct Mailbox {
+    base: NonNull<u8>,
+    capacity: u64,
+    slot_size: u64,
+}
+
+// SAFETY: a Mailbox only points at shared memory accessed through atomics (header, slot
+// sequence and length) or under the slot protocol (payloads); the init/attach contract keeps
+// the region mapped while any copy lives.
+unsafe impl Send for Mailbox {}
+// SAFETY: as above; every method takes `&self` and synchronises through atomics.
+unsafe impl Sync for Mailbox {}
+
+impl Mailbox {
+    /// Initialises a mailbox in `region`.
+    ///
+    /// # Safety
+    /// `region` is valid for reads and writes of `mailbox_bytes(capacity, slot_size)` bytes,
+    /// 64-byte aligned, stays mapped while any `Mailbox` to it lives, and nobody else uses it
+    /// during `init`.
+    pub unsafe fn init(
+        region: *mut u8,
+        capacity: u64,
+        slot_size: u64,
+    ) -> Result<Mailbox, MailboxError> {
+        if !capacity.is_power_of_two() || capacity > 1 << 20 {
+            return Err(MailboxError::BadParams("capacity: a power of two <= 2^20"));
+        }
+        if slot_size < 32 || !slot_size.is_multiple_of(16) || slot_size > 1 << 16 {
+            return Err(MailboxError::BadParams(
+                "slot size: a multiple of 16 in 32..=65536",
+            ));
+        }
+        let base = NonNull::new(region).ok_or(MailboxError::BadParams("null region"))?;
+        let m = Mailbox {
+            base,
+            capacity,
+            slot_size,
+        };
+        let h = m.header();
+        h.head.0.store(0, Ordering::Relaxed);
+        h.tail.0.store(0, Ordering::Relaxed);
+        h.event.0.store(0, Ordering::Relaxed);
+        h.sleepers.0.store(0, Ordering::Relaxed);
+        h.capacity.store(capacity, Ordering::Relaxed);
+        h.slot_size.store(slot_size, Ordering::Relaxed);
+        h.dead.store(0, Ordering::Relaxed);
+        h.current_set.store(0, Ordering::Relaxed);
+        for i in 0..capacity {
+            m.seq(i).store(i, Ordering::Relaxed);
+        }
+        h.magic.store(MAGIC, Ordering::Release);
+        Ok(m)
+    }
+
+    /// Attaches to a mailbox another process initialised in `region` of `len` bytes.
+    ///
+    /// # Safety
+    /// `region` is valid for reads and writes of `len` bytes, 64-byte aligned, and stays
+    /// mapped while any `Mailbox` to it lives.
+    pub unsafe fn attach(region: *mut u8, len: usize) -> Result<Mailbox, MailboxError> {
+        if len < HEADER_LEN || !(region as usize).is_multiple_of(64) {
+            return Err(MailboxError::Corrupt("region too small or misaligned"));
+        }
+        let base = NonNull::new(region).ok_or(MailboxError::BadParams("null region"))?;
+        // SAFETY: the region holds at least a header, aligned, and the header is only atomics.
+        let h = unsafe { &*(region as *const Header) };
+        if h.magic.load(Ordering::Acquire) != MAGIC {
+            return Err(MailboxError::Corrupt("bad magic"));
+        }
+        let capacity = h.capacity.load(Ordering::Relaxed);
+        let slot_size = h.slot_size.load(Ordering::Relaxed);
+        if !capacity.is_power_of_two()
+            || capacity > 1 << 20
+            || !(32..=1 << 16).contains(&slot_size)
+            || !slot_size.is_multiple_of(16)
+            || mailbox_bytes(capacity, slot_size) > len
+        {
+            return Err(MailboxError::Corrupt("bad capacity or slot size"));
+        }
+        Ok(Mailbox {
+            base,
+            capacity,
+            slot_size,
+        })
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the region starts with a Header (init/attach), aligned, only atomics, and
+        // stays mapped while self lives.
+        unsafe { &*(self.base.as_ptr() as *const Header) }
+    }
+
+    fn slot(&self, pos: u64) -> *mut u8 {
+        let i = pos & (self.capacity - 1);
+        // SAFETY: i < capacity, so the slot lies inside the region (checked at init/attach).
+        unsafe {
+            self.base
+                .as_ptr()
+                .add(HEADER_LEN + (i * self.slot_size) as usize)
+        }
+    }
+
+    fn seq(&self, pos: u64) -> &AtomicU64 {
+        // SAFETY: a slot starts with an 8-aligned u64 (slots are 16-byte multiples after a
+        // 64-aligned header), accessed only atomically.
+        unsafe { &*(self.slot(pos) as *const AtomicU64) }
+    }
+
+    fn len_word(&self, pos: u64) -> &AtomicU32 {
+        // SAFETY: bytes 8..12 of the slot, 4-aligned, accessed only atomically.
+        unsafe { &*(self.slot(pos).add(8) as *const AtomicU32) }
+    }
+
+    /// The largest message a slot holds.
+    pub fn max_msg_len(&self) -> usize {
+        self.slot_size as usize - SLOT_HEADER
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.header().dead.load(Ordering::SeqCst) != 0
+    }
+
+    /// Marks the consumer dead and wakes every parked consumer and producer.
+    pub fn set_dead(&self) {
+        let h = self.header();
+        h.dead.store(1, Ordering::SeqCst);
+        h.event.0.fetch_add(1, Ordering::SeqCst);
+        let _ = futex::wake(&h.event.0, SHARED, u32::MAX);
+    }
+
+    /// Pushes a message without waiting: `Ok(false)` if the queue is full.
+    pub fn try_push(&self, msg: &[u8]) -> Result<bool, MailboxError> {
+        if msg.len() > self.max_msg_len() {
+            return Err(MailboxError::TooLarge(msg.len()));
+        }
+        let h = self.header();
+        let mut pos = h.tail.0.load(Ordering::Relaxed);
+        loop {
+            let seq = self.seq(pos).load(Ordering::Acquire);
+            let diff = seq.wrapping_sub(pos) as i64;
+            if diff == 0 {
+                match h.tail.0.compare_exchange_weak(
+                    pos,
+                    pos + 1,
+                    Ordering::SeqCst,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => break,
+                    Err(p) => pos = p,
+                }
+            } else if diff < 0 {
+                return Ok(false);
+            } else {
+                pos = h.tail.0.load(Ordering::Relaxed);
+            }
+        }
+        // SAFETY: we own slot `pos` until we publish it: the payload area is inside the slot
+        // (len <= max_msg_len) and no consumer reads it before the Release store below.
+        unsafe {
+            std::ptr::copy_nonoverlapping(msg.as_ptr(), self.slot(pos).add(SLOT_HEADER), msg.len())
+        };
+        self.len_word(pos)
+            .store(msg.len() as u32, Ordering::Relaxed);
+        self.seq(pos).store(pos + 1, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if h.sleepers.0.load(Ordering::SeqCst) != 0 {
+            h.event.0.fetch_add(1, Ordering::SeqCst);
+            let _ = futex::wake(&h.event.0, SHARED, 1);
+        }
+        Ok(true)
+    }
+
+    /// Pushes a message, waiting while the queue is full (backoff, then short sleeps) until
+    /// `deadline`. Fails with `Dead` if the consumer is marked dead.
+    pub fn push(&self, msg: &[u8], deadline: Option<Instant>) -> Result<(), MailboxError> {
+        let backoff = Backoff::new();
+        loop {
+            if self.is_dead() {
+                return Err(MailboxError::Dead);
+            }
+            if self.try_push(msg)? {
+                return Ok(());
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(MailboxError::Timeout);
+            }
+            if backoff.is_completed() {
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                backoff.snooze();
+            }
+        }
+    }
+
+    /// Pops one message into `f` without waiting; `Ok(None)` if the queue is empty.
+    pub fn try_pop<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>, MailboxError> {
+        let h = self.header();
+        let mut pos = h.head.0.load(Ordering::Relaxed);
+        loop {
+            let seq = self.seq(pos).load(Ordering::Acquire);
+            let diff = seq.wrapping_sub(pos + 1) as i64;
+            if diff == 0 {
+                match h.head.0.compare_exchange_weak(
+                    pos,
+                    pos + 1,
+                    Ordering::SeqCst,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => break,
+                    Err(p) => pos = p,
+                }
+            } else if diff < 0 {
+                return Ok(None);
+            } else {
+                pos = h.head.0.load(Ordering::Relaxed);
+            }
+        }
+        let len = self.len_word(pos).load(Ordering::Relaxed) as usize;
+        let result = if len > self.max_msg_len() {
+            Err(MailboxError::Corrupt("message length"))
+        } else {
+            // SAFETY: we own slot `pos` until we free it below; `len` was checked to lie
+            // within the payload area; the producer's Release store of the sequence (read with
+            // Acquire) ordered its writes before our reads.
+            let bytes = unsafe { std::slice::from_raw_parts(self.slot(pos).add(SLOT_HEADER), len) };
+            Ok(Some(f(bytes)))
+        };
+        self.seq(pos).store(pos + self.capacity, Ordering::Release);
+        result
+    }
+
+    /// Pops one message, spinning briefly and then parking on the futex, for at most
+    /// `timeout`. `Err(Timeout)` if nothing came; `Err(Dead)` once the mailbox is marked dead
+    /// and empty.
+    pub fn pop<R>(
+        &self,
+        timeout: Duration,
+        mut f: impl FnMut(&[u8]) -> R,
+    ) -> Result<R, MailboxError> {
+        let deadline = Instant::now() + timeout;
+        let backoff = Backoff::new();
+        let h = self.header();
+        loop {
+            if let Some(r) = self.try_pop(&mut f)? {
+                return Ok(r);
+            }
+            if self.is_dead() {
+                return Err(MailboxError::Dead);
+            }
+            if !backoff.is_completed() {
+                backoff.snooze();
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(MailboxError::Timeout);
+            }
+            let ev = h.event.0.load(Ordering::SeqCst);
+            h.sleepers.0.fetch_add(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if self.is_empty() && !self.is_dead() {
+                let left = deadline - now;
+                let ts = futex::Timespec {
+                    tv_sec: left.as_secs() as i64,
+                    tv_nsec: left.subsec_nanos() as i64,
+                };
+                match futex::wait(&h.event.0, SHARED, ev, Some(&ts)) {
+                    Ok(()) | Err(Errno::AGAIN | Errno::INTR | Errno::TIMEDOUT) => {}
+                    Err(_) => std::thread::sleep(Duration::from_micros(100)),
+                }
+            }
+            h.sleepers.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether no message is published at the head now.
+    pub fn is_empty(&self) -> bool {
+        let pos = self.header().head.0.load(Ordering::SeqCst);
+        self.seq(pos).load(Ordering::SeqCst) != pos + 1
+    }
+
+    /// Records the message the consumer is about to run (at most `CURRENT_LEN` bytes).
+    pub fn set_current(&self, record: &[u8]) {
+        let h = self.header();
+        let mut words = [0u64; CURRENT_LEN / 8];
+        for (i, b) in record.iter().take(CURRENT_LEN).enumerate() {
+            words[i / 8] |= (*b as u64) << (8 * (i % 8));
+        }
+        for (w, v) in h.current.iter().zip(words) {
+            w.store(v, Ordering::Relaxed);
+        }
+        h.current_set.store(1, Ordering::Release);
+    }
+
+    pub fn clear_current(&self) {
+        self.header().current_set.store(0, Ordering::Release);
+    }
+
+    /// The record of the message the consumer was running, if any (read after it died).
+    pub fn current(&self) -> Option<[u8; CURRENT_LEN]> {
+        let h = self.header();
+        if h.current_set.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut out = [0u8; CURRENT_LEN];
+        for (i, w) in h.current.iter().enumerate() {
+            out[8 * i..8 * i + 8].copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[repr(C, align(64))]
+    struct Region([u8; 64]);
+
+    fn region(capacity: u64, slot: u64) -> Vec<Region> {
+        let n = mailbox_bytes(capacity, slot).div_ceil(64);
+        (0..n).map(|_| Region([0; 64])).collect()
+    }
+
+    #[test]
+    fn fifo_full_and_lengths() {
+        let mut r = region(4, 64);
+        // SAFETY: the Vec is big enough, 64-aligned, and outlives `m`.
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 4, 64) }.unwrap();
+        for i in 0..4u8 {
+            assert!(m.try_push(&[i; 10][..i as usize + 1]).unwrap());
+        }
+        assert!(!m.try_push(b"x").unwrap(), "full");
+        for i in 0..4u8 {
+            let got = m.try_pop(|b| b.to_vec()).unwrap().unwrap();
+            assert_eq!(got, vec![i; i as usize + 1]);
+        }
+        assert_eq!(m.try_pop(|b| b.len()).unwrap(), None);
+        assert_eq!(m.try_push(&[0; 49]), Err(MailboxError::TooLarge(49)));
+        assert_eq!(
+            m.pop(Duration::from_millis(20), |b| b.len()),
+            Err(MailboxError::Timeout)
+        );
+        m.set_dead();
+        assert_eq!(m.push(b"x", None), Err(MailboxError::Dead));
+    }
+
+    #[test]
+    fn many_producers_many_consumers_lose_nothing() {
+        let mut r = region(64, 32);
+        // SAFETY: as above; the threads are joined before `r` drops.
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 64, 32) }.unwrap();
+        const PER: u64 = 20_000;
+        let sums: Vec<u64> = std::thread::scope(|s| {
+            for p in 0..3u64 {
+                s.spawn(move || {
+                    for i in 0..PER {
+                        m.push(&(p * PER + i).to_le_bytes(), None).unwrap();
+                    }
+                });
+            }
+            let consumers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(move || {
+                        let mut sum = 0u64;
+                        loop {
+                            match m.pop(Duration::from_millis(500), |b| {
+                                u64::from_le_bytes(b.try_into().unwrap())
+                            }) {
+                                Ok(v) => sum += v + 1,
+                                Err(MailboxError::Timeout) => return sum,
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            consumers.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        let n = 3 * PER;
+        assert_eq!(sums.iter().sum::<u64>(), n * (n + 1) / 2);
+    }
+
+    #[test]
+    fn current_record_round_trips() {
+        let mut r = region(2, 32);
+        // SAFETY: as above.
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 2, 32) }.unwrap();
+        assert_eq!(m.current(), None);
+        m.set_current(&[7; 40]);
+        let c = m.current().unwrap();
+        assert_eq!(&c[..40], &[7; 40]);
+        assert_eq!(&c[40..], &[0; 24]);
+        m.clear_current();
+        assert_eq!(m.current(), None);
+        // SAFETY: as above.
+        let again = unsafe { Mailbox::attach(r.as_mut_ptr() as *mut u8, r.len() * 64) }.unwrap();
+        assert_eq!(again.max_msg_len(), 16);
+    }
+}
