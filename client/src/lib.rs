@@ -9,16 +9,20 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod actor;
 pub mod codec;
 pub mod error;
 pub mod obj;
 pub mod object_ref;
+pub mod outcome;
 mod runtime;
 
 pub use error::{Error, Result};
 pub use obj::{Obj, Stored};
 pub use object_ref::ObjectRef;
-pub use runtime::{Builder, Config, DEFAULT_MEMORY, Runtime, Waited, init};
+pub use actor::{ActorHandle, Constructor, Function, Method};
+pub use outcome::Outcome;
+pub use runtime::{Builder, Config, DEFAULT_MEMORY, Runtime, Waited, get_actor, init, spawn};
 pub use trove_store as store;
 pub use trove_store::ObjectId;
 pub use trove_store::Stats;

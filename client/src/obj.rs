@@ -66,6 +66,7 @@ unsafe impl<T: Stored + ?Sized> Sync for Obj<T> where T::Target: Sync {}
 impl<T: Stored + ?Sized> Obj<T> {
     /// Validates the view's bytes as a `T`.
     pub(crate) fn new(view: ObjectView) -> Result<Obj<T>> {
+        check_failure(&view)?;
         let target: *const T::Target = T::view(view.id(), view.as_slice())?;
         Ok(Obj {
             view,
@@ -76,14 +77,15 @@ impl<T: Stored + ?Sized> Obj<T> {
 
     /// # Safety
     /// See [`Stored::view_unchecked`].
-    pub(crate) unsafe fn new_unchecked(view: ObjectView) -> Obj<T> {
+    pub(crate) unsafe fn new_unchecked(view: ObjectView) -> Result<Obj<T>> {
+        check_failure(&view)?;
         // SAFETY: forwarded from the caller.
         let target: *const T::Target = unsafe { T::view_unchecked(view.as_slice()) };
-        Obj {
+        Ok(Obj {
             view,
             target,
             _marker: PhantomData,
-        }
+        })
     }
 
     pub fn id(&self) -> ObjectId {
@@ -94,6 +96,18 @@ impl<T: Stored + ?Sized> Obj<T> {
     pub fn bytes(&self) -> &[u8] {
         self.view.as_slice()
     }
+}
+
+/// A call's result that reports a failure instead of a value.
+fn check_failure(view: &ObjectView) -> Result<()> {
+    if !view.is_error() {
+        return Ok(());
+    }
+    let (kind, msg) = trove_executor::message::decode_failure(view.as_slice());
+    Err(match kind {
+        trove_executor::message::Failure::ActorDied => crate::Error::ActorDied(msg),
+        trove_executor::message::Failure::TaskFailed => crate::Error::TaskFailed(msg),
+    })
 }
 
 impl<T: Value> Obj<T> {

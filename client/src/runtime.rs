@@ -4,13 +4,21 @@
 //! process-global runtime, so that [`ObjectRef`]s can take and drop references wherever they
 //! are (inside values, in other threads) without carrying a handle.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use trove_executor::{EmbeddedStore, ProcessError};
+use trove_executor::mailbox::{Mailbox, mailbox_bytes};
+use trove_executor::{EmbeddedStore, ProcessError, SpawnRequest, Zygote};
 use trove_store::client::Readiness;
-use trove_store::{ObjectId, Stats, StoreClient};
+use trove_store::protocol::Owned;
+use trove_store::{ObjectId, Stats, StoreClient, StoreError};
+
+use crate::actor::{
+    self, ActorHandle, Attached, Constructor, Function, MAILBOX_SLOTS, SLOT_BYTES, TASK_SLOTS,
+};
+use crate::outcome::Outcome;
 
 use crate::codec::{self, Plain, Value};
 use crate::error::{Error, Result};
@@ -75,6 +83,225 @@ impl Config {
 pub(crate) struct Shared {
     pub(crate) client: StoreClient,
     embedded: Mutex<Option<EmbeddedStore>>,
+    /// The driver's zygote (none in forked processes).
+    zygote: Option<Zygote>,
+    task_queue_id: ObjectId,
+    task_queue: OnceLock<std::result::Result<Attached, String>>,
+    /// Objects kept alive for calls in flight: (result, ids held until it is ready).
+    keep: Mutex<VecDeque<(ObjectId, Vec<ObjectId>)>>,
+    /// What the driver holds for the pool and the actors it started (mailboxes, names).
+    owned: Mutex<Vec<ObjectRef<[u8]>>>,
+    named: Mutex<HashMap<String, ObjectRef<[u8]>>>,
+}
+
+impl Shared {
+    fn new(client: StoreClient, zygote: Option<Zygote>, task_queue_id: ObjectId) -> Shared {
+        Shared {
+            client,
+            embedded: Mutex::new(None),
+            zygote,
+            task_queue_id,
+            task_queue: OnceLock::new(),
+            keep: Mutex::new(VecDeque::new()),
+            owned: Mutex::new(Vec::new()),
+            named: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn task_queue(&self) -> Result<&Mailbox> {
+        match self.task_queue.get_or_init(|| {
+            actor::attach(&self.client, self.task_queue_id).map_err(|e| e.to_string())
+        }) {
+            Ok(a) => Ok(&a.mailbox),
+            Err(e) => Err(Error::TaskFailed(format!("task queue: {e}"))),
+        }
+    }
+
+    /// Keeps `ids` (already held) until `result` is ready, and releases those kept for
+    /// results that are ready now.
+    pub(crate) fn keep_until_ready(&self, result: ObjectId, ids: Vec<ObjectId>) {
+        let mut keep = lock(&self.keep);
+        if !ids.is_empty() {
+            keep.push_back((result, ids));
+        }
+        for _ in 0..8 {
+            let Some((r, _)) = keep.front() else { break };
+            let ready = self
+                .client
+                .wait_ready(&[*r], 0, Some(Instant::now()))
+                .is_ok_and(|s| s[0] != Readiness::Pending);
+            if !ready {
+                break;
+            }
+            let (_, ids) = keep.pop_front().expect("front");
+            for id in ids {
+                self.client.release(&id);
+            }
+        }
+    }
+
+    fn zygote(&self) -> Result<&Zygote> {
+        self.zygote.as_ref().ok_or_else(|| {
+            Error::Init("actors and workers are started by the driver (the process that called init)".into())
+        })
+    }
+
+    /// Creates a mailbox object; the returned ref holds it.
+    fn new_mailbox(&self, slots: u64, slot_bytes: u64) -> Result<ObjectRef<[u8]>> {
+        let id = ObjectId::random();
+        let len = mailbox_bytes(slots, slot_bytes);
+        let mut w = self.client.create_owned(id, len as u64)?;
+        // SAFETY: the writer's buffer is `len` bytes of the arena, 64-byte aligned, ours until
+        // published, and stays mapped while this process is connected; init only writes it.
+        unsafe { Mailbox::init(w.as_mut_slice().as_mut_ptr(), slots, slot_bytes) }
+            .map_err(|e| Error::Init(format!("mailbox: {e}")))?;
+        w.publish(&[])?;
+        Ok(ObjectRef::adopt(id))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a forked actor or worker needs to join the tree.
+struct ChildSpec {
+    socket: PathBuf,
+    task_queue: ObjectId,
+    ctor: u64,
+    ctor_args: Vec<u8>,
+}
+
+impl ChildSpec {
+    fn encode(&self) -> Vec<u8> {
+        use std::os::unix::ffi::OsStrExt;
+        let sock = self.socket.as_os_str().as_bytes();
+        let mut b = Vec::new();
+        b.extend_from_slice(self.task_queue.as_bytes());
+        b.extend_from_slice(&self.ctor.to_le_bytes());
+        b.extend_from_slice(&(sock.len() as u32).to_le_bytes());
+        b.extend_from_slice(sock);
+        b.extend_from_slice(&self.ctor_args);
+        b
+    }
+    fn decode(b: &[u8]) -> Option<ChildSpec> {
+        use std::os::unix::ffi::OsStrExt;
+        let task_queue = ObjectId(b.get(..20)?.try_into().ok()?);
+        let ctor = u64::from_le_bytes(b.get(20..28)?.try_into().ok()?);
+        let n = u32::from_le_bytes(b.get(28..32)?.try_into().ok()?) as usize;
+        let socket = PathBuf::from(std::ffi::OsStr::from_bytes(b.get(32..32 + n)?));
+        Some(ChildSpec {
+            socket,
+            task_queue,
+            ctor,
+            ctor_args: b.get(32 + n..)?.to_vec(),
+        })
+    }
+}
+
+/// Joins the tree in a forked child: connects and installs the process-global runtime.
+fn init_child(spec: &ChildSpec) -> Option<Runtime> {
+    let client = StoreClient::connect(&spec.socket).ok()?;
+    let sh = Arc::new(Shared::new(client, None, spec.task_queue));
+    *RUNTIME.write().unwrap_or_else(|p| p.into_inner()) = Some(sh.clone());
+    Some(Runtime { sh })
+}
+
+/// Entry of an actor process (run by the zygote's child).
+fn actor_entry(payload: &[u8]) -> i32 {
+    let Some(spec) = ChildSpec::decode(payload.get(20..).unwrap_or(&[])) else {
+        return 2;
+    };
+    let mailbox_id = ObjectId(payload[..20].try_into().expect("20 bytes"));
+    let Some(rt) = init_child(&spec) else {
+        return 3;
+    };
+    let Ok(own) = actor::attach(&rt.sh.client, mailbox_id) else {
+        return 4;
+    };
+    let state = match actor::construct(spec.ctor, &spec.ctor_args) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("actor constructor failed: {e}");
+            return 5;
+        }
+    };
+    actor::serve(&rt.sh.client, &own.mailbox, &own.mailbox, state)
+}
+
+/// Entry of a task worker.
+fn worker_entry(payload: &[u8]) -> i32 {
+    let Some(spec) = ChildSpec::decode(payload.get(20..).unwrap_or(&[])) else {
+        return 2;
+    };
+    let record_id = ObjectId(payload[..20].try_into().expect("20 bytes"));
+    let Some(rt) = init_child(&spec) else {
+        return 3;
+    };
+    let (Ok(record), Ok(queue)) = (
+        actor::attach(&rt.sh.client, record_id),
+        rt.sh.task_queue(),
+    ) else {
+        return 4;
+    };
+    actor::serve(&rt.sh.client, queue, &record.mailbox, std::ptr::null_mut())
+}
+
+/// Stores `value` as the result `id` for the caller `reply_to` (which gets the only reference).
+pub(crate) fn put_result<T: Value>(
+    client: &StoreClient,
+    id: ObjectId,
+    value: &T,
+    reply_to: (u32, u32),
+) -> Result<()> {
+    let len = codec::archived_len(value)?;
+    let mut w = client.alloc_owned(id, len as u64)?;
+    let (written, refs) = codec::collect_refs(|| codec::serialize_into(value, w.as_mut_slice()));
+    if written? != len {
+        return Err(Error::Serialize {
+            type_name: std::any::type_name::<T>(),
+            reason: "archive length changed between passes".into(),
+        });
+    }
+    w.publish_with(Owned {
+        contained: refs,
+        pin_for: Some(reply_to),
+        ..Owned::default()
+    })?;
+    Ok(())
+}
+
+/// A 20-byte id derived from a name (the same in every process).
+fn named_id(name: &str) -> ObjectId {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let mut b = [0u8; 20];
+    for (i, chunk) in b.chunks_mut(8).enumerate() {
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one((i, "trove actor", name));
+        chunk.copy_from_slice(&h.to_le_bytes()[..chunk.len()]);
+    }
+    ObjectId(b)
+}
+
+/// Sends a task to the worker pool from any process of the tree (a task may spawn tasks).
+pub fn spawn<F, Args>(f: F, args: Args) -> Result<ObjectRef<<F::Output as Outcome>::Value>>
+where
+    F: Function<Args>,
+    Args: Value,
+{
+    actor::spawn_task(&*shared()?, f, args)
+}
+
+/// Finds a named actor from any process of the tree.
+pub fn get_actor<A: 'static>(name: &str) -> Result<ActorHandle<A>> {
+    let r = ObjectRef::<([u8; 20], i32)>::from_id(named_id(name));
+    match r.get_timeout(Duration::from_millis(200)) {
+        Ok(o) => {
+            let (id, pid) = o.deserialize()?;
+            Ok(ActorHandle::new(ObjectRef::from_id(ObjectId(id)), pid))
+        }
+        Err(Error::Timeout(_)) | Err(Error::ObjectLost(_)) => Err(Error::NotFound(named_id(name))),
+        Err(e) => Err(e),
+    }
 }
 
 static RUNTIME: RwLock<Option<Arc<Shared>>> = RwLock::new(None);
@@ -83,7 +310,7 @@ fn current() -> Option<Arc<Shared>> {
     RUNTIME.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-fn shared() -> Result<Arc<Shared>> {
+pub(crate) fn shared() -> Result<Arc<Shared>> {
     current().ok_or(Error::NotInitialized)
 }
 
@@ -110,11 +337,37 @@ pub fn init(cfg: Config) -> Result<Runtime> {
             (store.socket().to_path_buf(), Some(store))
         }
     };
+    let zygote = Zygote::start(&socket).map_err(|e| match e {
+        ProcessError::Io(io) => Error::Io(io),
+        other => Error::Init(other.to_string()),
+    })?;
     let client = StoreClient::connect(&socket)?;
-    let sh = Arc::new(Shared {
-        client,
-        embedded: Mutex::new(embedded),
-    });
+    let mut sh = Shared::new(client, Some(zygote), ObjectId::default());
+    *sh.embedded.get_mut().unwrap_or_else(|p| p.into_inner()) = embedded;
+    let queue = sh.new_mailbox(TASK_SLOTS, SLOT_BYTES)?;
+    sh.task_queue_id = queue.id();
+    lock(&sh.owned).push(queue);
+    for _ in 0..cfg.num_cpus {
+        let record = sh.new_mailbox(2, 64)?;
+        let spec = ChildSpec {
+            socket: socket.clone(),
+            task_queue: sh.task_queue_id,
+            ctor: 0,
+            ctor_args: Vec::new(),
+        };
+        let mut payload = record.id().as_bytes().to_vec();
+        payload.extend_from_slice(&spec.encode());
+        sh.zygote()?
+            .spawn(&SpawnRequest {
+                entry: worker_entry,
+                mailbox: record.id(),
+                respawn: true,
+                payload,
+            })
+            .map_err(|e| Error::Init(e.to_string()))?;
+        lock(&sh.owned).push(record);
+    }
+    let sh = Arc::new(sh);
     let mut g = RUNTIME.write().unwrap_or_else(|p| p.into_inner());
     if g.is_some() {
         return Err(Error::Init(
@@ -271,6 +524,82 @@ impl Runtime {
         Ok((ready, pending))
     }
 
+    /// Starts an actor: a new process runs `ctor()` and then serves calls.
+    pub fn actor<A: 'static, C: Constructor<A, ()>>(&self, ctor: C) -> Result<ActorHandle<A>> {
+        self.actor_with(ctor, ())
+    }
+
+    /// Starts an actor built by `ctor(args...)`.
+    pub fn actor_with<A: 'static, C: Constructor<A, Args>, Args: Value>(
+        &self,
+        _ctor: C,
+        args: Args,
+    ) -> Result<ActorHandle<A>> {
+        let sh = &self.sh;
+        let ctor_args = rkyv::to_bytes::<codec::RkyvError>(&args)
+            .map_err(|e| Error::Serialize {
+                type_name: std::any::type_name::<Args>(),
+                reason: e.to_string(),
+            })?
+            .to_vec();
+        let mailbox = sh.new_mailbox(MAILBOX_SLOTS, SLOT_BYTES)?;
+        let spec = ChildSpec {
+            socket: sh.client.socket_path().to_path_buf(),
+            task_queue: sh.task_queue_id,
+            ctor: actor::ctor_address::<A, C, Args>(),
+            ctor_args,
+        };
+        let mut payload = mailbox.id().as_bytes().to_vec();
+        payload.extend_from_slice(&spec.encode());
+        let pid = sh
+            .zygote()?
+            .spawn(&SpawnRequest {
+                entry: actor_entry,
+                mailbox: mailbox.id(),
+                respawn: false,
+                payload,
+            })
+            .map_err(|e| Error::Init(e.to_string()))?;
+        Ok(ActorHandle::new(mailbox, pid))
+    }
+
+    /// Starts an actor registered under `name` (see [`get_actor`]); fails if the name is taken.
+    pub fn actor_named<A: 'static, C: Constructor<A, ()>>(
+        &self,
+        name: &str,
+        ctor: C,
+    ) -> Result<ActorHandle<A>> {
+        let id = named_id(name);
+        if lock(&self.sh.named).contains_key(name) {
+            return Err(Error::Store(StoreError::AlreadyExists(id)));
+        }
+        let h = self.actor(ctor)?;
+        let entry = (h.id().0, h.pid());
+        let len = codec::archived_len(&entry)?;
+        let mut w = self.sh.client.alloc_owned(id, len as u64)?;
+        codec::serialize_into(&entry, w.as_mut_slice())?;
+        w.publish(&[h.id()])?;
+        lock(&self.sh.named).insert(name.to_string(), ObjectRef::adopt(id));
+        Ok(h)
+    }
+
+    /// Kills an actor's process (SIGKILL): its pending and later calls fail with `ActorDied`.
+    pub fn kill<A: 'static>(&self, handle: &ActorHandle<A>) -> Result<()> {
+        self.sh
+            .zygote()?
+            .kill(handle.pid())
+            .map_err(|e| Error::Init(e.to_string()))
+    }
+
+    /// Runs `f(args...)` on the worker pool; returns the result's ref at once.
+    pub fn spawn<F: Function<Args>, Args: Value>(
+        &self,
+        f: F,
+        args: Args,
+    ) -> Result<ObjectRef<<F::Output as Outcome>::Value>> {
+        actor::spawn_task(&self.sh, f, args)
+    }
+
     /// Stops what `init` started: the connection, and the embedded store if there is one.
     /// Objects of this process are released with it.
     pub fn shutdown(self) {
@@ -285,6 +614,9 @@ impl Drop for Runtime {
             if g.as_ref().is_some_and(|s| Arc::ptr_eq(s, &self.sh)) {
                 *g = None;
             }
+        }
+        if let Some(z) = &self.sh.zygote {
+            z.stop();
         }
         let store = self
             .sh
@@ -371,7 +703,7 @@ impl<T: Stored + ?Sized> ObjectRef<T> {
         let sh = shared()?;
         let view = get_view(&sh, self.id(), None)?;
         // SAFETY: forwarded from the caller.
-        Ok(unsafe { Obj::new_unchecked(view) })
+        unsafe { Obj::new_unchecked(view) }
     }
 
     /// Whether the object is sealed now (no waiting).

@@ -3,7 +3,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod mailbox;
+pub mod message;
 pub mod process;
+pub mod zygote;
 
 pub use mailbox::{Mailbox, MailboxError, mailbox_bytes};
+pub use zygote::{Entry, SpawnRequest, Zygote};
 pub use process::{EmbeddedStore, ProcessError, ensure_single_threaded, thread_count};

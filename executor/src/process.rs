@@ -139,7 +139,7 @@ impl Drop for EmbeddedStore {
 }
 
 /// Waits for `pid` to exit, at most `limit`. True if it was reaped.
-fn reap(pid: Pid, limit: Duration) -> bool {
+pub(crate) fn reap(pid: Pid, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     loop {
         match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {

@@ -837,7 +837,7 @@ impl StoreClient {
     }
 
     /// `Disconnected` if the daemon has gone (its end of the socket is closed).
-    fn check_alive(&self) -> Result<()> {
+    pub fn check_alive(&self) -> Result<()> {
         if let Some(why) = self.inner.conn.broken() {
             return Err(StoreError::Disconnected(why));
         }

@@ -1,0 +1,512 @@
+//! Actors and tasks: typed calls over the executor's mailboxes.
+//!
+//! A call carries the address of a *trampoline*, a function monomorphised for the method (or
+//! task) type, its argument tuple and its return type. Every process of a trove tree is a fork
+//! of the driver, so the address means the same function everywhere. Methods and tasks must be
+//! fn items or closures without captures: they are zero-sized, so the callee conjures the value
+//! from its type alone (a capture is rejected at compile time).
+
+use std::any::type_name;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use rkyv::bytecheck::CheckBytes;
+use rkyv::munge::munge;
+use rkyv::rancor::{Fallible, Source};
+use rkyv::util::AlignedVec;
+use rkyv::{Archive, Deserialize, Place, Portable, Serialize};
+use trove_executor::mailbox::{Mailbox, MailboxError};
+use trove_executor::message::{
+    self, CALL_HEADER, Failure, KIND_CALL, KIND_CALL_BY_OBJECT, KIND_STOP, Message,
+};
+use trove_store::{ObjectId, ObjectView, StoreClient};
+
+use crate::codec::{self, RkyvError, Value};
+use crate::error::{Error, Result};
+use crate::object_ref::ObjectRef;
+use crate::outcome::Outcome;
+use crate::runtime::{self, Shared};
+
+/// Mailbox geometry: 1024 slots of 256 bytes (an actor's queue), 4096 for the task queue.
+pub(crate) const MAILBOX_SLOTS: u64 = 1024;
+pub(crate) const TASK_SLOTS: u64 = 4096;
+pub(crate) const SLOT_BYTES: u64 = 256;
+
+/// A method of actor type `A` taking the argument tuple `Args`: `Type::method` or a closure
+/// without captures, `Fn(&mut A, T1, .., Tn) -> O` for up to six arguments.
+pub trait Method<A, Args>: Copy + Send + 'static {
+    type Output: Outcome;
+    fn invoke(self, actor: &mut A, args: Args) -> Self::Output;
+}
+
+/// A task function taking the argument tuple `Args` (up to six arguments).
+pub trait Function<Args>: Copy + Send + 'static {
+    type Output: Outcome;
+    fn invoke(self, args: Args) -> Self::Output;
+}
+
+/// An actor constructor: `Type::default`, `Type::new`, or a closure without captures.
+pub trait Constructor<A, Args>: Copy + Send + 'static {
+    fn construct(self, args: Args) -> A;
+}
+
+macro_rules! arities {
+    ($(($($t:ident $v:ident),*)),* $(,)?) => {$(
+        impl<A, F, O, $($t),*> Method<A, ($($t,)*)> for F
+        where
+            F: Fn(&mut A, $($t),*) -> O + Copy + Send + 'static,
+            O: Outcome,
+        {
+            type Output = O;
+            #[allow(unused_variables)]
+            fn invoke(self, actor: &mut A, ($($v,)*): ($($t,)*)) -> O {
+                self(actor, $($v),*)
+            }
+        }
+        impl<F, O, $($t),*> Function<($($t,)*)> for F
+        where
+            F: Fn($($t),*) -> O + Copy + Send + 'static,
+            O: Outcome,
+        {
+            type Output = O;
+            #[allow(unused_variables)]
+            fn invoke(self, ($($v,)*): ($($t,)*)) -> O {
+                self($($v),*)
+            }
+        }
+        impl<A, F, $($t),*> Constructor<A, ($($t,)*)> for F
+        where
+            F: Fn($($t),*) -> A + Copy + Send + 'static,
+        {
+            #[allow(unused_variables)]
+            fn construct(self, ($($v,)*): ($($t,)*)) -> A {
+                self($($v),*)
+            }
+        }
+    )*};
+}
+
+arities!(
+    (),
+    (T1 a),
+    (T1 a, T2 b),
+    (T1 a, T2 b, T3 c),
+    (T1 a, T2 b, T3 c, T4 d),
+    (T1 a, T2 b, T3 c, T4 d, T5 e),
+    (T1 a, T2 b, T3 c, T4 d, T5 e, T6 f),
+);
+
+/// The value of a zero-sized function type.
+fn conjure<F: Copy>() -> F {
+    const { assert!(size_of::<F>() == 0, "methods and tasks must be fn items or closures without captures") };
+    // SAFETY: F is zero-sized (asserted at compile time) and a fn item or capture-less
+    // closure (the only zero-sized types implementing the Fn traits that callers can name
+    // here), which have no bytes and so no invalid values.
+    unsafe { std::mem::MaybeUninit::<F>::uninit().assume_init() }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into())
+}
+
+/// Runs `f` on deserialised `args`, catching panics, and stores the outcome as `result`.
+fn run_and_report<Args: Value, O: Outcome>(
+    client: &StoreClient,
+    args: &[u8],
+    result: ObjectId,
+    reply_to: (u32, u32),
+    f: impl FnOnce(Args) -> O,
+) {
+    let outcome = (|| {
+        let mut aligned = AlignedVec::<16>::with_capacity(args.len());
+        aligned.extend_from_slice(args);
+        let archived = codec::access::<Args>(result, &aligned).map_err(|e| e.to_string())?;
+        let args = codec::deserialize::<Args>(result, archived).map_err(|e| e.to_string())?;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(args))) {
+            Ok(o) => o.into_outcome(),
+            Err(p) => Err(format!("panicked: {}", panic_message(p))),
+        }
+    })();
+    let stored = match outcome {
+        Ok(v) => runtime::put_result(client, result, &v, reply_to).map_err(|e| e.to_string()),
+        Err(msg) => Err(msg),
+    };
+    if let Err(msg) = stored {
+        let _ = message::report_failure(client, result, reply_to, Failure::TaskFailed, &msg);
+    }
+}
+
+/// The type-erased shape of a method trampoline.
+type MethodFn = unsafe fn(*mut u8, &StoreClient, &[u8], ObjectId, (u32, u32));
+type TaskFn = fn(&StoreClient, &[u8], ObjectId, (u32, u32));
+type CtorFn = fn(&[u8]) -> std::result::Result<*mut u8, String>;
+
+/// # Safety
+/// `state` is the `Box<A>` the actor's constructor returned, used by this thread only.
+unsafe fn method_trampoline<A: 'static, F: Method<A, Args>, Args: Value>(
+    state: *mut u8,
+    client: &StoreClient,
+    args: &[u8],
+    result: ObjectId,
+    reply_to: (u32, u32),
+) {
+    // SAFETY: per the contract, `state` is a live, exclusively used `A`.
+    let actor = unsafe { &mut *(state as *mut A) };
+    run_and_report(client, args, result, reply_to, |a: Args| {
+        conjure::<F>().invoke(actor, a)
+    });
+}
+
+fn task_trampoline<F: Function<Args>, Args: Value>(
+    client: &StoreClient,
+    args: &[u8],
+    result: ObjectId,
+    reply_to: (u32, u32),
+) {
+    run_and_report(client, args, result, reply_to, |a: Args| {
+        conjure::<F>().invoke(a)
+    });
+}
+
+fn ctor_trampoline<A: 'static, C: Constructor<A, Args>, Args: Value>(
+    args: &[u8],
+) -> std::result::Result<*mut u8, String> {
+    let mut aligned = AlignedVec::<16>::with_capacity(args.len());
+    aligned.extend_from_slice(args);
+    let id = ObjectId::default();
+    let archived = codec::access::<Args>(id, &aligned).map_err(|e| e.to_string())?;
+    let args = codec::deserialize::<Args>(id, archived).map_err(|e| e.to_string())?;
+    let actor = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        conjure::<C>().construct(args)
+    }))
+    .map_err(|p| format!("constructor panicked: {}", panic_message(p)))?;
+    Ok(Box::into_raw(Box::new(actor)) as *mut u8)
+}
+
+/// A mailbox object mapped in this process.
+pub(crate) struct Attached {
+    _view: ObjectView,
+    pub(crate) mailbox: Mailbox,
+}
+
+pub(crate) fn attach(client: &StoreClient, id: ObjectId) -> Result<Attached> {
+    let view = client
+        .get(id, Duration::from_secs(30))
+        .map_err(|e| Error::ActorDied(format!("mailbox {id}: {e}")))?;
+    // SAFETY: the view pins the mailbox object; the Mailbox is dropped with it (same struct).
+    let mailbox = unsafe { Mailbox::attach(view.as_ptr() as *mut u8, view.len()) }
+        .map_err(|e| Error::ActorDied(format!("mailbox {id}: {e}")))?;
+    Ok(Attached {
+        _view: view,
+        mailbox,
+    })
+}
+
+/// Serialises `args`, sends the call and returns the result's ref.
+pub(crate) fn send_call<Args: Value, R: ?Sized>(
+    sh: &Shared,
+    mailbox: &Mailbox,
+    func: u64,
+    args: &Args,
+    dead: Failure,
+) -> Result<ObjectRef<R>> {
+    let client = &sh.client;
+    let (bytes, refs) = codec::collect_refs(|| rkyv::to_bytes::<RkyvError>(args));
+    let bytes = bytes.map_err(|e| Error::Serialize {
+        type_name: type_name::<Args>(),
+        reason: e.to_string(),
+    })?;
+    let result = ObjectId::random();
+    let mut keep = Vec::new();
+    for id in &refs {
+        client.hold(id)?;
+        keep.push(*id);
+    }
+    let mut kind = KIND_CALL;
+    let args_object;
+    let mut payload: &[u8] = &bytes;
+    if CALL_HEADER + bytes.len() > mailbox.max_msg_len() {
+        let id = ObjectId::random();
+        let mut w = client.alloc_owned(id, bytes.len() as u64)?;
+        w.as_mut_slice().copy_from_slice(&bytes);
+        w.publish(&[])?;
+        keep.push(id);
+        kind = KIND_CALL_BY_OBJECT;
+        args_object = id;
+        payload = args_object.as_bytes();
+    }
+    let reply_to = client.pin_target();
+    let mut msg = Vec::with_capacity(CALL_HEADER + payload.len());
+    Message {
+        kind,
+        func,
+        result,
+        reply_to,
+        args: payload,
+    }
+    .encode_into(&mut msg);
+    client.adopt_pending(&result);
+    let r = ObjectRef::adopt(result);
+    sh.keep_until_ready(result, keep);
+    match mailbox.push(&msg, None) {
+        Ok(()) if !mailbox.is_dead() => {}
+        // Dead before or right after we queued it: nobody may run it, so report it ourselves
+        // (if the reaper reported it first, ours is ignored).
+        Ok(()) | Err(MailboxError::Dead) => {
+            message::report_failure(client, result, reply_to, dead, "the process is dead")?;
+        }
+        Err(e) => return Err(Error::TaskFailed(format!("mailbox: {e}"))),
+    }
+    Ok(r)
+}
+
+/// The loop of an actor or worker process: pop, run, repeat, until stopped, marked dead, or
+/// the store goes away.
+pub(crate) fn serve(
+    client: &StoreClient,
+    queue: &Mailbox,
+    record: &Mailbox,
+    state: *mut u8,
+) -> i32 {
+    let mut buf = Vec::with_capacity(SLOT_BYTES as usize);
+    loop {
+        match queue.pop(Duration::from_millis(100), |m| {
+            buf.clear();
+            buf.extend_from_slice(m)
+        }) {
+            Ok(()) => {}
+            Err(MailboxError::Timeout) => {
+                if client.check_alive().is_err() {
+                    return 0;
+                }
+                continue;
+            }
+            Err(_) => return 0,
+        }
+        let Some(m) = Message::decode(&buf) else {
+            continue;
+        };
+        if m.kind == KIND_STOP {
+            return 0;
+        }
+        record.set_current(&buf[..CALL_HEADER]);
+        let args_view;
+        let args: &[u8] = if m.kind == KIND_CALL_BY_OBJECT {
+            let Ok(id) = <[u8; 20]>::try_from(m.args) else {
+                record.clear_current();
+                continue;
+            };
+            match client.get(ObjectId(id), Duration::from_secs(30)) {
+                Ok(v) => {
+                    args_view = v;
+                    &args_view
+                }
+                Err(e) => {
+                    let _ = message::report_failure(
+                        client,
+                        m.result,
+                        m.reply_to,
+                        Failure::TaskFailed,
+                        &format!("arguments lost: {e}"),
+                    );
+                    record.clear_current();
+                    continue;
+                }
+            }
+        } else {
+            m.args
+        };
+        if state.is_null() {
+            // SAFETY: the address was made from a `TaskFn` by a process of this tree (same
+            // binary); a corrupt mailbox is the only other writer, and only our own processes
+            // can write to it.
+            let f = unsafe { std::mem::transmute::<usize, TaskFn>(m.func as usize) };
+            f(client, args, m.result, m.reply_to);
+        } else {
+            // SAFETY: as above, a `MethodFn` for this actor's type (calls are typed by the
+            // `ActorHandle<A>` they went through); `state` is our actor, used only here.
+            unsafe {
+                let f = std::mem::transmute::<usize, MethodFn>(m.func as usize);
+                f(state, client, args, m.result, m.reply_to);
+            }
+        }
+        record.clear_current();
+    }
+}
+
+/// A handle to an actor of type `A`: cheap to clone, can be sent inside arguments (rkyv) to
+/// tasks and other actors.
+pub struct ActorHandle<A> {
+    inner: Arc<HandleInner>,
+    _marker: PhantomData<fn() -> A>,
+}
+
+struct HandleInner {
+    mailbox: ObjectRef<[u8]>,
+    pid: i32,
+    attached: OnceLock<std::result::Result<Attached, String>>,
+}
+
+impl<A> Clone for ActorHandle<A> {
+    fn clone(&self) -> Self {
+        ActorHandle {
+            inner: self.inner.clone(),
+            _marker: PhantomData,
+        }
+    }
+}
+
+impl<A> fmt::Debug for ActorHandle<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ActorHandle<{}>(pid {}, mailbox {})",
+            type_name::<A>(),
+            self.inner.pid,
+            self.inner.mailbox.id()
+        )
+    }
+}
+
+impl<A: 'static> ActorHandle<A> {
+    pub(crate) fn new(mailbox: ObjectRef<[u8]>, pid: i32) -> ActorHandle<A> {
+        ActorHandle {
+            inner: Arc::new(HandleInner {
+                mailbox,
+                pid,
+                attached: OnceLock::new(),
+            }),
+            _marker: PhantomData,
+        }
+    }
+
+    /// The actor's process id.
+    pub fn pid(&self) -> i32 {
+        self.inner.pid
+    }
+
+    /// The id of the actor's mailbox object (names the actor).
+    pub fn id(&self) -> ObjectId {
+        self.inner.mailbox.id()
+    }
+
+    fn mailbox(&self, sh: &Shared) -> Result<&Mailbox> {
+        match self
+            .inner
+            .attached
+            .get_or_init(|| attach(&sh.client, self.inner.mailbox.id()).map_err(|e| e.to_string()))
+        {
+            Ok(a) => Ok(&a.mailbox),
+            Err(e) => Err(Error::ActorDied(e.clone())),
+        }
+    }
+
+    /// Calls `method` with `args` (a tuple): returns the result's ref at once. Calls from one
+    /// caller run in order, one at a time.
+    pub fn call<M, Args>(
+        &self,
+        method: M,
+        args: Args,
+    ) -> Result<ObjectRef<<M::Output as Outcome>::Value>>
+    where
+        M: Method<A, Args>,
+        Args: Value,
+    {
+        let _ = method;
+        let sh = runtime::shared()?;
+        let func = method_trampoline::<A, M, Args> as MethodFn as usize as u64;
+        let mailbox = self.mailbox(&sh)?;
+        send_call(&sh, mailbox, func, &args, Failure::ActorDied)
+    }
+
+    /// Whether the actor's process is known to be dead.
+    pub fn is_dead(&self) -> bool {
+        runtime::shared()
+            .ok()
+            .and_then(|sh| self.mailbox(&sh).ok().map(|m| m.is_dead()))
+            .unwrap_or(true)
+    }
+}
+
+/// Sends a task to the worker pool.
+pub(crate) fn spawn_task<F, Args>(
+    sh: &Shared,
+    _f: F,
+    args: Args,
+) -> Result<ObjectRef<<F::Output as Outcome>::Value>>
+where
+    F: Function<Args>,
+    Args: Value,
+{
+    let func = task_trampoline::<F, Args> as TaskFn as usize as u64;
+    let queue = sh.task_queue()?;
+    send_call(sh, queue, func, &args, Failure::TaskFailed)
+}
+
+pub(crate) fn ctor_address<A: 'static, C: Constructor<A, Args>, Args: Value>() -> u64 {
+    ctor_trampoline::<A, C, Args> as CtorFn as usize as u64
+}
+
+/// Runs a constructor given by address (in the actor process).
+pub(crate) fn construct(addr: u64, args: &[u8]) -> std::result::Result<*mut u8, String> {
+    // SAFETY: the address came from `ctor_address` in the driver, of which this process is a
+    // fork (same binary), through the zygote's private socket.
+    let f = unsafe { std::mem::transmute::<usize, CtorFn>(addr as usize) };
+    f(args)
+}
+
+/// The archived form of an [`ActorHandle`]: the mailbox id and the pid.
+#[derive(Debug)]
+#[repr(C)]
+pub struct ArchivedActorHandle<A> {
+    mailbox: [u8; 20],
+    pid: [u8; 4],
+    _marker: PhantomData<fn() -> A>,
+}
+
+// SAFETY: repr(C) over byte arrays (align 1, no padding) and a zero-sized PhantomData: the
+// layout is the same everywhere and there is no interior mutability.
+unsafe impl<A> Portable for ArchivedActorHandle<A> {}
+
+// SAFETY: every bit pattern of the two byte arrays is valid (ids and pids are checked when
+// used), so there is nothing to check.
+unsafe impl<A, C: Fallible + ?Sized> CheckBytes<C> for ArchivedActorHandle<A> {
+    unsafe fn check_bytes(_value: *const Self, _context: &mut C) -> std::result::Result<(), C::Error> {
+        Ok(())
+    }
+}
+
+impl<A> Archive for ActorHandle<A> {
+    type Archived = ArchivedActorHandle<A>;
+    type Resolver = ();
+    fn resolve(&self, _resolver: (), out: Place<Self::Archived>) {
+        munge!(let ArchivedActorHandle { mailbox, pid, _marker: _ } = out);
+        mailbox.write(self.inner.mailbox.id().0);
+        pid.write(self.inner.pid.to_le_bytes());
+    }
+}
+
+impl<A, S: Fallible + ?Sized> Serialize<S> for ActorHandle<A> {
+    fn serialize(&self, _s: &mut S) -> std::result::Result<(), S::Error> {
+        // The mailbox is kept alive by the object this handle is serialised into.
+        crate::codec::note_ref(self.inner.mailbox.id());
+        Ok(())
+    }
+}
+
+impl<A: 'static, D: Fallible + ?Sized> Deserialize<ActorHandle<A>, D> for ArchivedActorHandle<A>
+where
+    D::Error: Source,
+{
+    fn deserialize(&self, _d: &mut D) -> std::result::Result<ActorHandle<A>, D::Error> {
+        Ok(ActorHandle::new(
+            ObjectRef::from_id(ObjectId(self.mailbox)),
+            i32::from_le_bytes(self.pid),
+        ))
+    }
+}

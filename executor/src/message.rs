@@ -1,0 +1,103 @@
+//! The bytes that travel in mailboxes, and the failure reports left in the store for calls
+//! that did not produce a value.
+
+use trove_store::client::OwnedWriter;
+use trove_store::protocol::Owned;
+use trove_store::{ObjectId, StoreClient, StoreError};
+
+/// A call whose arguments follow inline.
+pub const KIND_CALL: u8 = 1;
+/// A call whose arguments are in a store object (the 20-byte id follows).
+pub const KIND_CALL_BY_OBJECT: u8 = 2;
+/// Stop the consumer after the messages before this one.
+pub const KIND_STOP: u8 = 3;
+
+/// Bytes before the arguments: kind, function, result id, reply-to index and pid.
+pub const CALL_HEADER: usize = 1 + 8 + 20 + 4 + 4;
+
+/// A decoded message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub kind: u8,
+    /// The address of the trampoline to run (same binary in every process of the tree).
+    pub func: u64,
+    /// Where the result goes.
+    pub result: ObjectId,
+    /// The caller: (client index, pid) for `Owned::pin_for`.
+    pub reply_to: (u32, u32),
+    pub args: &'a [u8],
+}
+
+impl<'a> Message<'a> {
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.push(self.kind);
+        out.extend_from_slice(&self.func.to_le_bytes());
+        out.extend_from_slice(self.result.as_bytes());
+        out.extend_from_slice(&self.reply_to.0.to_le_bytes());
+        out.extend_from_slice(&self.reply_to.1.to_le_bytes());
+        out.extend_from_slice(self.args);
+    }
+
+    /// Decodes a message or its header (the `current` record); `None` if malformed.
+    pub fn decode(b: &'a [u8]) -> Option<Message<'a>> {
+        if b.len() < CALL_HEADER || !matches!(b[0], KIND_CALL | KIND_CALL_BY_OBJECT | KIND_STOP) {
+            return None;
+        }
+        Some(Message {
+            kind: b[0],
+            func: u64::from_le_bytes(b[1..9].try_into().ok()?),
+            result: ObjectId(b[9..29].try_into().ok()?),
+            reply_to: (
+                u32::from_le_bytes(b[29..33].try_into().ok()?),
+                u32::from_le_bytes(b[33..37].try_into().ok()?),
+            ),
+            args: &b[CALL_HEADER..],
+        })
+    }
+}
+
+/// Why a call has no value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Failure {
+    /// The method returned an error or panicked.
+    TaskFailed = 1,
+    /// The actor's process died.
+    ActorDied = 2,
+}
+
+/// Leaves a failure report as the call's result object, for the caller `reply_to`.
+/// A report that already exists (two processes reporting the same death) is not an error.
+pub fn report_failure(
+    client: &StoreClient,
+    result: ObjectId,
+    reply_to: (u32, u32),
+    failure: Failure,
+    message: &str,
+) -> Result<(), StoreError> {
+    let mut bytes = Vec::with_capacity(1 + message.len());
+    bytes.push(failure as u8);
+    bytes.extend_from_slice(message.as_bytes());
+    let mut w: OwnedWriter = match client.alloc_owned(result, bytes.len() as u64) {
+        Ok(w) => w,
+        Err(StoreError::AlreadyExists(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    w.as_mut_slice().copy_from_slice(&bytes);
+    w.publish_with(Owned {
+        error: true,
+        pin_for: Some(reply_to),
+        ..Owned::default()
+    })
+}
+
+/// Decodes a failure report's bytes.
+pub fn decode_failure(bytes: &[u8]) -> (Failure, String) {
+    let kind = match bytes.first() {
+        Some(2) => Failure::ActorDied,
+        _ => Failure::TaskFailed,
+    };
+    let msg = String::from_utf8_lossy(bytes.get(1..).unwrap_or(&[])).into_owned();
+    (kind, msg)
+}
