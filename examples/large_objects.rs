@@ -28,7 +28,11 @@ fn main() -> trove::Result<()> {
     println!("put 256 MiB in {:.2?}", t.elapsed());
     let t = Instant::now();
     let view = big.get()?;
-    println!("get: {} values in {:.2?} (zero-copy view)", view.len(), t.elapsed());
+    println!(
+        "get: {} values in {:.2?} (zero-copy view)",
+        view.len(),
+        t.elapsed()
+    );
     let t = Instant::now();
     let local: f64 = view.iter().map(|x| x.to_native()).sum();
     println!("local sum {local} in {:.2?}", t.elapsed());

@@ -23,7 +23,11 @@ impl LoggingActor {
     }
 }
 
-fn run_experiment(index: u32, iterations: u32, logger: ActorHandle<LoggingActor>) -> trove::Result<()> {
+fn run_experiment(
+    index: u32,
+    iterations: u32,
+    logger: ActorHandle<LoggingActor>,
+) -> trove::Result<()> {
     for i in 0..iterations {
         sleep(Duration::from_secs(1));
         logger.call(LoggingActor::log, (index, format!("On iteration {i}")))?;
@@ -33,7 +37,10 @@ fn run_experiment(index: u32, iterations: u32, logger: ActorHandle<LoggingActor>
 
 fn main() -> trove::Result<()> {
     let rt = trove::init(trove::Config::default().num_cpus(3))?;
-    let iterations: u32 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(60);
+    let iterations: u32 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(60);
     let logger = rt.actor(LoggingActor::default)?;
     let experiments = (0..3)
         .map(|i| rt.spawn(run_experiment, (i, iterations, logger.clone())))
@@ -43,14 +50,21 @@ fn main() -> trove::Result<()> {
         sleep(Duration::from_millis(1500));
         let logs = logger.call(LoggingActor::get_logs, ())?.deserialize()?;
         let lines: usize = logs.values().map(Vec::len).sum();
-        println!("{lines} log lines (+{}): {:?}", lines - last, logs.values().map(|v| v.last()).collect::<Vec<_>>());
+        println!(
+            "{lines} log lines (+{}): {:?}",
+            lines - last,
+            logs.values().map(|v| v.last()).collect::<Vec<_>>()
+        );
         last = lines;
     }
     for e in &experiments {
         e.deserialize()?;
     }
     let logs = logger.call(LoggingActor::get_logs, ())?.deserialize()?;
-    assert_eq!(logs.values().map(Vec::len).sum::<usize>(), 3 * iterations as usize);
+    assert_eq!(
+        logs.values().map(Vec::len).sum::<usize>(),
+        3 * iterations as usize
+    );
     println!("done: {} lines", 3 * iterations);
     Ok(())
 }

@@ -100,11 +100,16 @@ arities!(
 
 /// The value of a zero-sized function type.
 fn conjure<F: Copy>() -> F {
-    const { assert!(size_of::<F>() == 0, "methods and tasks must be fn items or closures without captures") };
+    const {
+        assert!(
+            size_of::<F>() == 0,
+            "methods and tasks must be fn items or closures without captures"
+        )
+    };
     // SAFETY: F is zero-sized (asserted at compile time) and a fn item or capture-less
     // closure (the only zero-sized types implementing the Fn traits that callers can name
     // here), which have no bytes and so no invalid values.
-    unsafe { std::mem::MaybeUninit::<F>::uninit().assume_init() }
+    unsafe { std::mem::zeroed::<F>() }
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
@@ -476,7 +481,10 @@ unsafe impl<A> Portable for ArchivedActorHandle<A> {}
 // SAFETY: every bit pattern of the two byte arrays is valid (ids and pids are checked when
 // used), so there is nothing to check.
 unsafe impl<A, C: Fallible + ?Sized> CheckBytes<C> for ArchivedActorHandle<A> {
-    unsafe fn check_bytes(_value: *const Self, _context: &mut C) -> std::result::Result<(), C::Error> {
+    unsafe fn check_bytes(
+        _value: *const Self,
+        _context: &mut C,
+    ) -> std::result::Result<(), C::Error> {
         Ok(())
     }
 }

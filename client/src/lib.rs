@@ -17,10 +17,10 @@ pub mod object_ref;
 pub mod outcome;
 mod runtime;
 
+pub use actor::{ActorHandle, Constructor, Function, Method};
 pub use error::{Error, Result};
 pub use obj::{Obj, Stored};
 pub use object_ref::ObjectRef;
-pub use actor::{ActorHandle, Constructor, Function, Method};
 pub use outcome::Outcome;
 pub use runtime::{Builder, Config, DEFAULT_MEMORY, Runtime, Waited, get_actor, init, spawn};
 pub use trove_store as store;

@@ -142,7 +142,10 @@ impl Shared {
 
     fn zygote(&self) -> Result<&Zygote> {
         self.zygote.as_ref().ok_or_else(|| {
-            Error::Init("actors and workers are started by the driver (the process that called init)".into())
+            Error::Init(
+                "actors and workers are started by the driver (the process that called init)"
+                    .into(),
+            )
         })
     }
 
@@ -238,10 +241,8 @@ fn worker_entry(payload: &[u8]) -> i32 {
     let Some(rt) = init_child(&spec) else {
         return 3;
     };
-    let (Ok(record), Ok(queue)) = (
-        actor::attach(&rt.sh.client, record_id),
-        rt.sh.task_queue(),
-    ) else {
+    let (Ok(record), Ok(queue)) = (actor::attach(&rt.sh.client, record_id), rt.sh.task_queue())
+    else {
         return 4;
     };
     actor::serve(&rt.sh.client, queue, &record.mailbox, std::ptr::null_mut())

@@ -8,5 +8,5 @@ pub mod process;
 pub mod zygote;
 
 pub use mailbox::{Mailbox, MailboxError, mailbox_bytes};
-pub use zygote::{Entry, SpawnRequest, Zygote};
 pub use process::{EmbeddedStore, ProcessError, ensure_single_threaded, thread_count};
+pub use zygote::{Entry, SpawnRequest, Zygote};

@@ -107,9 +107,11 @@ impl Zygote {
         body.push(req.respawn as u8);
         body.extend_from_slice(&req.payload);
         let r = self.request(&body)?;
-        Ok(i32::from_le_bytes(r.get(..4).and_then(|b| b.try_into().ok()).ok_or_else(
-            || ProcessError::StoreStart("short spawn reply".into()),
-        )?))
+        Ok(i32::from_le_bytes(
+            r.get(..4)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| ProcessError::StoreStart("short spawn reply".into()))?,
+        ))
     }
 
     /// SIGKILLs a child of the zygote (an actor); its calls fail with `ActorDied`.
@@ -232,7 +234,7 @@ fn handle(
     me: Pid,
 ) -> (bool, Vec<u8>) {
     match body.first() {
-        Some(&OP_SPAWN) if body.len() >= 1 + 8 + 20 + 1 => {
+        Some(&OP_SPAWN) if body.len() >= 30 => {
             let entry_addr = u64::from_le_bytes(body[1..9].try_into().expect("8 bytes")) as usize;
             // SAFETY: the address was taken from an `Entry` fn item by the driver, which this
             // process is a fork of (same binary, same layout), and only the driver can write to
@@ -250,14 +252,7 @@ fn handle(
             };
             match fork_child(&req, me) {
                 Ok(pid) => {
-                    children.insert(
-                        pid,
-                        Child {
-                            req,
-                            view,
-                            mailbox,
-                        },
-                    );
+                    children.insert(pid, Child { req, view, mailbox });
                     (true, pid.to_le_bytes().to_vec())
                 }
                 Err(e) => (false, e.into_bytes()),

@@ -7,6 +7,8 @@
 
 mod client_objects;
 mod client_roles;
+mod executor_actors;
+mod executor_roles;
 mod roles;
 mod util;
 
@@ -70,6 +72,14 @@ fn main() -> ExitCode {
         client_objects::client_creator_killed_while_a_reader_waits_is_lost,
         client_objects::client_daemon_killed_gives_disconnected,
         client_objects::client_embedded_store_is_cleaned_up,
+        executor_actors::executor_seed_actors_in_parallel,
+        executor_actors::executor_seed_logging_actor_shared_by_three_tasks,
+        executor_actors::executor_large_object_summed_by_an_actor,
+        executor_actors::executor_panics_and_errors_fail_the_call_and_the_actor_lives,
+        executor_actors::executor_killed_actor_fails_pending_and_later_calls,
+        executor_actors::executor_handle_passed_through_two_tasks,
+        executor_actors::executor_ten_thousand_calls_run_in_order,
+        executor_actors::executor_driver_exit_leaves_no_process,
     ];
     libtest_mimic::run(&args, tests).exit_code()
 }

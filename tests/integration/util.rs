@@ -198,7 +198,9 @@ pub fn run_helper_if_asked() {
     };
     let socket = PathBuf::from(std::env::var(SOCKET_ENV).expect("socket"));
     let arg = std::env::var(ARG_ENV).unwrap_or_default();
-    let result = if role.starts_with("trove-") {
+    let result = if role.starts_with("exec-") {
+        crate::executor_roles::helper_role(&role, &socket, &arg)
+    } else if role.starts_with("trove-") {
         crate::client_roles::helper_role(&role, &socket, &arg)
     } else {
         crate::roles::helper_role(&role, &socket, &arg)

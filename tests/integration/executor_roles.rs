@@ -1,0 +1,298 @@
+//! Helper roles for the executor tests (`exec-*`): each is a driver process that calls
+//! `trove::init` on its main thread, exercises actors and tasks, and prints what it saw.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use trove::{ActorHandle, Config, Error, ObjectRef};
+
+use crate::util::say;
+
+type Res = Result<(), Box<dyn std::error::Error>>;
+
+const T: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+pub struct Foo {
+    counter: u64,
+}
+
+impl Foo {
+    fn reset(&mut self) {
+        self.counter = 0;
+    }
+    fn increment(&mut self) -> u64 {
+        sleep(Duration::from_millis(500));
+        self.counter += 1;
+        self.counter
+    }
+}
+
+#[derive(Default)]
+pub struct LoggingActor {
+    logs: BTreeMap<u32, Vec<String>>,
+}
+
+impl LoggingActor {
+    fn log(&mut self, index: u32, message: String) {
+        self.logs.entry(index).or_default().push(message);
+    }
+    fn get_logs(&mut self) -> BTreeMap<u32, Vec<String>> {
+        self.logs.clone()
+    }
+}
+
+fn run_experiment(
+    index: u32,
+    iterations: u32,
+    logger: ActorHandle<LoggingActor>,
+) -> trove::Result<()> {
+    for i in 0..iterations {
+        sleep(Duration::from_millis(300));
+        logger.call(LoggingActor::log, (index, format!("On iteration {i}")))?;
+    }
+    Ok(())
+}
+
+/// An actor for the rest: a log of numbers, a sum over an object, failures on demand.
+#[derive(Default)]
+pub struct Worker {
+    seen: Vec<u64>,
+}
+
+impl Worker {
+    fn new(start: u64) -> Worker {
+        Worker { seen: vec![start] }
+    }
+    fn push(&mut self, x: u64) {
+        self.seen.push(x);
+    }
+    fn seen(&mut self) -> Vec<u64> {
+        self.seen.clone()
+    }
+    fn sum(&mut self, data: ObjectRef<Vec<f64>>) -> trove::Result<f64> {
+        Ok(data.get()?.iter().map(|x| x.to_native()).sum())
+    }
+    fn boom(&mut self, what: String) -> u64 {
+        panic!("boom: {what}");
+    }
+    fn refuse(&mut self, n: u64) -> Result<u64, String> {
+        if n > 10 {
+            Err(format!("{n} is too many"))
+        } else {
+            Ok(n * 2)
+        }
+    }
+    fn slow(&mut self, ms: u64) -> u64 {
+        sleep(Duration::from_millis(ms));
+        ms
+    }
+    fn add(&mut self, a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> u64 {
+        a + b + c + d + e + f
+    }
+}
+
+fn second_hop(h: ActorHandle<Worker>, x: u64) -> trove::Result<u64> {
+    h.call(Worker::push, (x,))?.deserialize()?;
+    let seen = h.call(Worker::seen, ())?.deserialize()?;
+    Ok(*seen.last().unwrap_or(&0))
+}
+
+fn first_hop(h: ActorHandle<Worker>, x: u64) -> trove::Result<u64> {
+    trove::spawn(second_hop, (h, x + 1))?.deserialize()
+}
+
+fn check(cond: bool, what: &str) -> Res {
+    if cond {
+        Ok(())
+    } else {
+        Err(what.to_string().into())
+    }
+}
+
+pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
+    // A session of our own: the test finds every process of this tree by its session id.
+    let _ = nix::unistd::setsid();
+    let rt = trove::init(Config::default().memory(512 << 20).num_cpus(2))?;
+    match role {
+        "exec-seed-actors" => {
+            let f1 = rt.actor(Foo::default)?;
+            let f2 = rt.actor(Foo::default)?;
+            f1.call(Foo::reset, ())?;
+            f2.call(Foo::reset, ())?;
+            let start = Instant::now();
+            let mut refs = Vec::new();
+            for _ in 0..5 {
+                refs.push(f1.call(Foo::increment, ())?);
+                refs.push(f2.call(Foo::increment, ())?);
+            }
+            let results: Vec<u64> = rt.get_all_timeout(&refs, T)?;
+            let took = start.elapsed();
+            check(
+                results == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5],
+                &format!("results {results:?}"),
+            )?;
+            check(
+                took > Duration::from_millis(2500) && took < Duration::from_secs(3),
+                &format!("took {took:?}"),
+            )?;
+            say(&format!("OK {}", took.as_millis()));
+        }
+        "exec-seed-logging" => {
+            let iterations = 5;
+            let logger = rt.actor(LoggingActor::default)?;
+            let experiments = (0..3)
+                .map(|i| rt.spawn(run_experiment, (i, iterations, logger.clone())))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut counts = Vec::new();
+            while !experiments.iter().all(|e| e.is_ready()) {
+                sleep(Duration::from_millis(400));
+                let logs = logger
+                    .call(LoggingActor::get_logs, ())?
+                    .get_timeout(T)?
+                    .deserialize()?;
+                counts.push(logs.values().map(Vec::len).sum::<usize>());
+            }
+            for e in &experiments {
+                e.get_timeout(T)?;
+            }
+            let logs = logger
+                .call(LoggingActor::get_logs, ())?
+                .get_timeout(T)?
+                .deserialize()?;
+            check(
+                logs.len() == 3 && logs.values().all(|v| v.len() == iterations as usize),
+                "final logs",
+            )?;
+            // Read while running, the logs grew.
+            let growing = counts.windows(2).filter(|w| w[1] > w[0]).count();
+            check(
+                counts.len() >= 3 && growing >= 2 && counts.windows(2).all(|w| w[1] >= w[0]),
+                &format!("counts {counts:?}"),
+            )?;
+            say(&format!("OK {counts:?}"));
+        }
+        "exec-large" => {
+            let w = rt.actor_with(Worker::new, (0u64,))?;
+            let big: ObjectRef<Vec<f64>> = rt.put(&vec![0.5; 4 << 20])?;
+            let sum = w
+                .call(Worker::sum, (big.clone(),))?
+                .get_timeout(T)?
+                .deserialize()?;
+            check(sum == (2 << 20) as f64, &format!("sum {sum}"))?;
+            say("OK");
+        }
+        "exec-failures" => {
+            let w = rt.actor(Worker::default)?;
+            match w
+                .call(Worker::boom, ("bad input".to_string(),))?
+                .get_timeout(T)
+            {
+                Err(Error::TaskFailed(m)) => check(m.contains("boom: bad input"), &m)?,
+                other => return Err(format!("panic gave {other:?}").into()),
+            }
+            match w.call(Worker::refuse, (11,))?.get_timeout(T) {
+                Err(Error::TaskFailed(m)) => check(m.contains("11 is too many"), &m)?,
+                other => return Err(format!("Err gave {other:?}").into()),
+            }
+            // The actor lives on, with its state.
+            check(
+                *w.call(Worker::refuse, (4,))?.get_timeout(T)? == 8,
+                "refuse(4)",
+            )?;
+            w.call(Worker::push, (7,))?;
+            check(
+                w.call(Worker::seen, ())?.deserialize()? == [7],
+                "state kept",
+            )?;
+            check(
+                *w.call(Worker::add, (1, 2, 3, 4, 5, 6))?.get_timeout(T)? == 21,
+                "six args",
+            )?;
+            say("OK");
+        }
+        "exec-kill" => {
+            let w = rt.actor(Worker::default)?;
+            check(*w.call(Worker::slow, (1,))?.get_timeout(T)? == 1, "warm up")?;
+            let running = w.call(Worker::slow, (10_000,))?;
+            let queued: Vec<_> = (0..3)
+                .map(|i| w.call(Worker::push, (i,)))
+                .collect::<Result<_, _>>()?;
+            sleep(Duration::from_millis(200));
+            let t = Instant::now();
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(w.pid()),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+            match running.get_timeout(T) {
+                Err(Error::ActorDied(_)) => {}
+                other => return Err(format!("running call gave {other:?}").into()),
+            }
+            for q in &queued {
+                match q.get_timeout(T) {
+                    Err(Error::ActorDied(_)) => {}
+                    other => return Err(format!("queued call gave {other:?}").into()),
+                }
+            }
+            let took = t.elapsed();
+            check(
+                took < Duration::from_secs(1),
+                &format!("ActorDied after {took:?}"),
+            )?;
+            match w.call(Worker::push, (9,))?.get_timeout(T) {
+                Err(Error::ActorDied(_)) => {}
+                other => return Err(format!("later call gave {other:?}").into()),
+            }
+            // kill() of another actor: the same.
+            let v = rt.actor(Worker::default)?;
+            rt.kill(&v)?;
+            match v.call(Worker::seen, ())?.get_timeout(T) {
+                Err(Error::ActorDied(_)) => {}
+                other => return Err(format!("call after kill gave {other:?}").into()),
+            }
+            say(&format!("OK {}", took.as_millis()));
+        }
+        "exec-two-hops" => {
+            let w = rt.actor_with(Worker::new, (100u64,))?;
+            let r = rt.spawn(first_hop, (w.clone(), 41))?;
+            check(r.get_timeout(T)?.deserialize()? == 42, "two hops")?;
+            check(
+                w.call(Worker::seen, ())?.deserialize()? == [100, 42],
+                "the actor saw it",
+            )?;
+            say("OK");
+        }
+        "exec-order" => {
+            let n: u64 = arg.parse()?;
+            let w = rt.actor(Worker::default)?;
+            let refs: Vec<_> = (0..n)
+                .map(|i| w.call(Worker::push, (i,)))
+                .collect::<Result<_, _>>()?;
+            let seen = w.call(Worker::seen, ())?.get_timeout(T)?.deserialize()?;
+            check(seen == (0..n).collect::<Vec<_>>(), "order")?;
+            drop(refs);
+            say("OK");
+        }
+        "exec-exit" => {
+            let a = rt.actor(Worker::default)?;
+            let b = rt.actor(Worker::default)?;
+            a.call(Worker::push, (1,))?.get_timeout(T)?;
+            b.call(Worker::slow, (60_000,))?;
+            say("RUNNING");
+            if arg == "exit" {
+                // Leave (after the test has looked) without shutting down: every child must
+                // still go.
+                sleep(Duration::from_millis(1500));
+                std::process::exit(0);
+            }
+            loop {
+                sleep(Duration::from_secs(60));
+            }
+        }
+        other => return Err(format!("unknown role {other}").into()),
+    }
+    drop(rt);
+    Ok(())
+}
