@@ -204,6 +204,10 @@ struct Inner {
 pub const SMALL_OBJECT_MAX: u64 = 32 << 10;
 /// Size of the slabs a client asks for.
 const SLAB_LEN: u64 = 1 << 20;
+/// How long a wait polls before it sends `Watch` and parks on the notification ring.
+const SPIN_BEFORE_WATCH: Duration = Duration::from_micros(50);
+/// How many in-flight `Unhold`s a client tracks before it syncs with the daemon to forget them.
+const UNHOLDING_PRUNE: usize = 4096;
 /// How many lost ids a client remembers.
 const LOST_MEMORY: usize = 1 << 16;
 /// Longest single park while waiting on the ring: the daemon's liveness is checked between.
@@ -603,9 +607,15 @@ impl StoreClient {
         if let Ok(seq) = self.inner.conn.send(0, &Request::Unhold { id: *id }) {
             holds.unholding.insert(*id, seq);
         }
-        if holds.unholding.len() > 4096 {
-            let conn = &self.inner.conn;
-            holds.unholding.retain(|_, seq| !conn.is_synced(*seq));
+        if holds.unholding.len() >= UNHOLDING_PRUNE {
+            // One round trip proves every Unhold so far handled; then forget them all.
+            drop(holds);
+            if self.sync().is_ok() {
+                let conn = &self.inner.conn;
+                lock(&self.inner.holds)
+                    .unholding
+                    .retain(|_, seq| !conn.is_synced(*seq));
+            }
         }
     }
 
@@ -714,12 +724,24 @@ impl StoreClient {
     ) -> Result<Vec<Readiness>> {
         let num_ready = num_ready.min(ids.len());
         let mut watched = false;
+        // A result usually lands within microseconds: look again for a short while (yielding
+        // the CPU) before asking the daemon to notify us and parking.
+        let spin_until = Instant::now() + SPIN_BEFORE_WATCH;
+        let backoff = crossbeam_utils::Backoff::new();
         loop {
             let epoch = lock(&self.inner.notes).epoch;
             let states = self.readiness(ids);
             let done = states.iter().filter(|s| **s != Readiness::Pending).count();
             if done >= num_ready {
                 return Ok(states);
+            }
+            if !watched && deadline.is_none_or(|d| d > spin_until) && Instant::now() < spin_until {
+                if backoff.is_completed() {
+                    std::thread::yield_now();
+                } else {
+                    backoff.snooze();
+                }
+                continue;
             }
             if let Some(why) = self.inner.conn.broken() {
                 return Err(StoreError::Disconnected(why));
