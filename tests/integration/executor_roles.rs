@@ -104,6 +104,12 @@ fn first_hop(h: ActorHandle<Worker>, x: u64) -> trove::Result<u64> {
     trove::spawn(second_hop, (h, x + 1))?.deserialize()
 }
 
+fn named_hop(x: u64) -> trove::Result<u64> {
+    let h: ActorHandle<Worker> = trove::get_actor("named-worker")?;
+    h.call(Worker::push, (x,))?.deserialize()?;
+    Ok(h.call(Worker::seen, ())?.deserialize()?.len() as u64)
+}
+
 fn check(cond: bool, what: &str) -> Res {
     if cond {
         Ok(())
