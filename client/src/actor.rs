@@ -280,6 +280,10 @@ pub(crate) fn serve(
 ) -> i32 {
     let mut buf = Vec::with_capacity(SLOT_BYTES as usize);
     loop {
+        // Nothing queued: send the batched results before waiting for more.
+        if queue.is_empty() && client.flush().is_err() {
+            return 0;
+        }
         match queue.pop(Duration::from_millis(100), |m| {
             buf.clear();
             buf.extend_from_slice(m)

@@ -207,7 +207,28 @@ fn init_child(spec: &ChildSpec) -> Option<Runtime> {
     let client = StoreClient::connect(&spec.socket).ok()?;
     let sh = Arc::new(Shared::new(client, None, spec.task_queue));
     *RUNTIME.write().unwrap_or_else(|p| p.into_inner()) = Some(sh.clone());
+    start_flusher(&sh);
     Some(Runtime { sh })
+}
+
+/// Writes batched one-way frames every millisecond or so, so that a process that drops refs
+/// and then idles still releases them promptly. Ends with the runtime.
+fn start_flusher(sh: &Arc<Shared>) {
+    let weak = Arc::downgrade(sh);
+    if sh.client.set_batching(true).is_err() {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("trove-flusher".into())
+        .spawn(move || {
+            while let Some(sh) = weak.upgrade() {
+                if sh.client.flush().is_err() {
+                    return;
+                }
+                drop(sh);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
 }
 
 /// Entry of an actor process (run by the zygote's child).
@@ -369,6 +390,8 @@ pub fn init(cfg: Config) -> Result<Runtime> {
         lock(&sh.owned).push(record);
     }
     let sh = Arc::new(sh);
+    // Threads from here on: every fork is done (store, zygote); the zygote forks the rest.
+    start_flusher(&sh);
     let mut g = RUNTIME.write().unwrap_or_else(|p| p.into_inner());
     if g.is_some() {
         return Err(Error::Init(

@@ -319,6 +319,7 @@ fn reap(client: &StoreClient, children: &mut HashMap<i32, Child>, me: Pid) {
                 fail(&rec, Failure::TaskFailed);
             }
             child.mailbox.clear_current();
+            let _ = client.flush();
             if let Ok(new) = fork_child(&child.req, me) {
                 children.insert(new, child);
             }
@@ -331,5 +332,7 @@ fn reap(client: &StoreClient, children: &mut HashMap<i32, Child>, me: Pid) {
         child.mailbox.clear_current();
         while let Ok(Some(())) = child.mailbox.try_pop(|m| fail(m, Failure::ActorDied)) {}
         drop(child.view);
+        // The reports are one-way frames: send them now (the zygote has no flusher thread).
+        let _ = client.flush();
     }
 }

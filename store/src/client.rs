@@ -68,7 +68,7 @@ struct ReadState {
 
 /// The socket half of a client: request/reply with ids, any thread may read for the others.
 struct Conn {
-    writer: Mutex<UnixStream>,
+    writer: Mutex<Writer>,
     read: Mutex<ReadState>,
     cv: Condvar,
     next_req: AtomicU64,
@@ -79,14 +79,47 @@ struct Conn {
     synced: AtomicU64,
 }
 
+/// The socket's write side: one-way frames are batched here and written by [`Conn::flush`]
+/// (before any request, before a wait parks, when the batch is large, and by the runtime's
+/// flusher every millisecond), so that a burst of notices costs one system call.
+struct Writer {
+    stream: UnixStream,
+    batch: Vec<u8>,
+    /// Off by default: every frame is written at once. The `trove` runtime turns it on (it
+    /// runs a flusher).
+    batching: bool,
+}
+
+/// A batch this large is written at once.
+const BATCH_LIMIT: usize = 32 << 10;
+
+impl Writer {
+    fn flush(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let r = self.stream.write_all(&self.batch);
+        self.batch.clear();
+        r.map_err(|e| StoreError::Disconnected(format!("write to the store failed: {e}")))
+    }
+}
+
 impl Conn {
-    /// Writes one frame; returns its sequence number.
+    /// Queues one frame (written now if `req != 0`, a request awaiting its reply); returns
+    /// its sequence number.
     fn send(&self, req: u64, r: &Request) -> Result<u64> {
         let frame = r.encode(req);
         let mut w = lock(&self.writer);
-        w.write_all(&frame)
-            .map_err(|e| StoreError::Disconnected(format!("write to the store failed: {e}")))?;
-        Ok(self.sent.fetch_add(1, Ordering::AcqRel) + 1)
+        w.batch.extend_from_slice(&frame);
+        let seq = self.sent.fetch_add(1, Ordering::AcqRel) + 1;
+        if req != 0 || !w.batching || w.batch.len() >= BATCH_LIMIT {
+            w.flush()?;
+        }
+        Ok(seq)
+    }
+
+    fn flush(&self) -> Result<()> {
+        lock(&self.writer).flush()
     }
 
     /// Sends a request and waits for its reply.
@@ -249,7 +282,11 @@ impl StoreClient {
             inner: Arc::new(Inner {
                 arena,
                 conn: Conn {
-                    writer: Mutex::new(stream),
+                    writer: Mutex::new(Writer {
+                        stream,
+                        batch: Vec::with_capacity(BATCH_LIMIT),
+                        batching: false,
+                    }),
                     read: Mutex::new(ReadState {
                         reader: Some(reader),
                         replies: HashMap::new(),
@@ -634,6 +671,20 @@ impl StoreClient {
         h.count += 1;
     }
 
+    /// Batch one-way frames (releases, holds, small puts, watches) until [`StoreClient::flush`],
+    /// the next request, a wait that parks, or 32 KiB. Whoever turns this on must flush
+    /// periodically (the `trove` runtime runs a flusher thread).
+    pub fn set_batching(&self, on: bool) -> Result<()> {
+        let mut w = lock(&self.inner.conn.writer);
+        w.batching = on;
+        w.flush()
+    }
+
+    /// Writes the one-way frames queued so far (releases, holds, small puts, watches).
+    pub fn flush(&self) -> Result<()> {
+        self.inner.conn.flush()
+    }
+
     /// This client's (index, pid) for `Owned::pin_for`.
     pub fn pin_target(&self) -> (u32, u32) {
         (self.inner.index, std::process::id())
@@ -771,6 +822,7 @@ impl StoreClient {
                 return Ok(states);
             }
             let slice = deadline.map_or(PARK_SLICE, |d| (d - now).min(PARK_SLICE));
+            self.inner.conn.flush()?;
             self.await_notes(epoch, slice)?;
         }
     }
@@ -853,6 +905,7 @@ impl StoreClient {
         self.inner.notes_cv.notify_all();
         if flush {
             self.inner.conn.send(0, &Request::Flush)?;
+            self.inner.conn.flush()?;
         }
         result?;
         self.check_alive()
@@ -865,7 +918,7 @@ impl StoreClient {
         }
         use rustix::event::{PollFd, PollFlags, Timespec};
         let w = lock(&self.inner.conn.writer);
-        let mut fds = [PollFd::new(&*w, PollFlags::RDHUP)];
+        let mut fds = [PollFd::new(&w.stream, PollFlags::RDHUP)];
         let zero = Timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -1151,6 +1204,12 @@ impl Clone for ObjectView {
             len: self.len,
             error: self.error,
         }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.conn.flush();
     }
 }
 

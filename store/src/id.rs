@@ -16,15 +16,21 @@ impl ObjectId {
     /// A fresh id: 12 random bytes fixed per process, then a per-process counter.
     /// Unique across processes with overwhelming probability and cheap (no syscall per id).
     pub fn random() -> ObjectId {
-        static PREFIX: std::sync::OnceLock<(u32, [u8; 12])> = std::sync::OnceLock::new();
+        static PREFIX: std::sync::Mutex<Option<(u32, [u8; 12])>> = std::sync::Mutex::new(None);
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let pid = std::process::id();
-        // After a fork the child gets a new pid: re-seed so parent and child never collide.
-        let (seeded_pid, prefix) = *PREFIX.get_or_init(|| (pid, random_prefix()));
-        let prefix = if seeded_pid == pid {
-            prefix
-        } else {
-            random_prefix()
+        let prefix = {
+            let mut p = PREFIX.lock().unwrap_or_else(|e| e.into_inner());
+            match *p {
+                Some((seeded, prefix)) if seeded == pid => prefix,
+                // First use, or a forked child (new pid): a fresh random prefix, so parent
+                // and child never collide.
+                _ => {
+                    let prefix = random_prefix();
+                    *p = Some((pid, prefix));
+                    prefix
+                }
+            }
         };
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let mut b = [0u8; ID_LEN];

@@ -268,6 +268,25 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
                 w.call(Worker::seen, ())?.deserialize()? == [100, 42],
                 "the actor saw it",
             )?;
+            // Named actors: found by name here and from a task; a taken name is refused.
+            let named = rt.actor_named("named-worker", Worker::default)?;
+            check(
+                rt.actor_named("named-worker", Worker::default).is_err(),
+                "name taken",
+            )?;
+            let found: ActorHandle<Worker> = trove::get_actor("named-worker")?;
+            check(found.pid() == named.pid(), "same actor")?;
+            check(
+                rt.spawn(named_hop, (5,))?.get_timeout(T)?.deserialize()? == 1,
+                "task found it",
+            )?;
+            check(
+                matches!(
+                    trove::get_actor::<Worker>("nobody"),
+                    Err(Error::NotFound(_))
+                ),
+                "unknown name",
+            )?;
             say("OK");
         }
         "exec-order" => {
