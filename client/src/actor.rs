@@ -126,7 +126,7 @@ fn run_and_report<Args: Value, O: Outcome>(
     result: ObjectId,
     reply_to: (u32, u32),
     f: impl FnOnce(Args) -> O,
-) {
+) -> Option<ResultPlace> {
     let outcome = (|| {
         let mut aligned = AlignedVec::<16>::with_capacity(args.len());
         aligned.extend_from_slice(args);
@@ -141,14 +141,24 @@ fn run_and_report<Args: Value, O: Outcome>(
         Ok(v) => runtime::put_result(client, result, &v, reply_to).map_err(|e| e.to_string()),
         Err(msg) => Err(msg),
     };
-    if let Err(msg) = stored {
-        let _ = message::report_failure(client, result, reply_to, Failure::TaskFailed, &msg);
+    match stored {
+        Ok((offset, len)) => Some([offset, len, 0]),
+        Err(msg) => message::report_failure(client, result, reply_to, Failure::TaskFailed, &msg)
+            .ok()
+            .flatten()
+            .map(|(offset, len)| [offset, len, 1]),
     }
 }
 
+/// Where a call's result is: offset, length, and 1 if it is a failure report. The callee
+/// records it in the mailbox's completion record so the caller can read the result before the
+/// daemon has published it.
+type ResultPlace = [u64; 3];
+
 /// The type-erased shape of a method trampoline.
-type MethodFn = unsafe fn(*mut u8, &StoreClient, &[u8], ObjectId, (u32, u32));
-type TaskFn = fn(&StoreClient, &[u8], ObjectId, (u32, u32));
+type MethodFn =
+    unsafe fn(*mut u8, &StoreClient, &[u8], ObjectId, (u32, u32)) -> Option<ResultPlace>;
+type TaskFn = fn(&StoreClient, &[u8], ObjectId, (u32, u32)) -> Option<ResultPlace>;
 type CtorFn = fn(&[u8]) -> std::result::Result<*mut u8, String>;
 
 /// # Safety
@@ -159,12 +169,12 @@ unsafe fn method_trampoline<A: 'static, F: Method<A, Args>, Args: Value>(
     args: &[u8],
     result: ObjectId,
     reply_to: (u32, u32),
-) {
+) -> Option<ResultPlace> {
     // SAFETY: per the contract, `state` is a live, exclusively used `A`.
     let actor = unsafe { &mut *(state as *mut A) };
     run_and_report(client, args, result, reply_to, |a: Args| {
         conjure::<F>().invoke(actor, a)
-    });
+    })
 }
 
 fn task_trampoline<F: Function<Args>, Args: Value>(
@@ -172,10 +182,10 @@ fn task_trampoline<F: Function<Args>, Args: Value>(
     args: &[u8],
     result: ObjectId,
     reply_to: (u32, u32),
-) {
+) -> Option<ResultPlace> {
     run_and_report(client, args, result, reply_to, |a: Args| {
         conjure::<F>().invoke(a)
-    });
+    })
 }
 
 fn ctor_trampoline<A: 'static, C: Constructor<A, Args>, Args: Value>(
@@ -216,6 +226,7 @@ pub(crate) fn attach(client: &StoreClient, id: ObjectId) -> Result<Attached> {
 pub(crate) fn send_call<Args: Value, R: ?Sized>(
     sh: &Shared,
     mailbox: &Mailbox,
+    keepalive: Option<Arc<dyn Send + Sync>>,
     func: u64,
     args: &Args,
     dead: Failure,
@@ -259,10 +270,10 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     let r = ObjectRef::adopt(result);
     sh.keep_until_ready(result, keep);
     match mailbox.push(&msg, None) {
-        Ok(()) if !mailbox.is_dead() => {}
+        Ok(pos) if !mailbox.is_dead() => sh.hint(result, *mailbox, pos, keepalive),
         // Dead before or right after we queued it: nobody may run it, so report it ourselves
         // (if the reaper reported it first, ours is ignored).
-        Ok(()) | Err(MailboxError::Dead) => {
+        Ok(_) | Err(MailboxError::Dead) => {
             message::report_failure(client, result, reply_to, dead, "the process is dead")?;
         }
         Err(e) => return Err(Error::TaskFailed(format!("mailbox: {e}"))),
@@ -279,16 +290,29 @@ pub(crate) fn serve(
     state: *mut u8,
 ) -> i32 {
     let mut buf = Vec::with_capacity(SLOT_BYTES as usize);
+    // Results whose frames are queued but not yet written: recorded once they are.
+    let mut done: Vec<(u64, ResultPlace)> = Vec::new();
     loop {
-        // Nothing queued: send the batched results before waiting for more.
+        // Nothing queued, or a batch is full: write the batched frames, then tell the callers
+        // where their results are (only once the `PutSmall`s are in the socket, so the daemon
+        // learns of each object even if we die next).
+        if !done.is_empty() && (queue.is_empty() || done.len() >= 64) {
+            if client.flush().is_err() {
+                return 0;
+            }
+            for (pos, place) in done.drain(..) {
+                queue.complete(pos, place);
+            }
+        }
         if queue.is_empty() && client.flush().is_err() {
             return 0;
         }
-        match queue.pop(Duration::from_millis(100), |m| {
+        let pos = match queue.pop(Duration::from_millis(100), |pos, m| {
             buf.clear();
-            buf.extend_from_slice(m)
+            buf.extend_from_slice(m);
+            pos
         }) {
-            Ok(()) => {}
+            Ok(pos) => pos,
             Err(MailboxError::Timeout) => {
                 if client.check_alive().is_err() {
                     return 0;
@@ -296,7 +320,7 @@ pub(crate) fn serve(
                 continue;
             }
             Err(_) => return 0,
-        }
+        };
         let Some(m) = Message::decode(&buf) else {
             continue;
         };
@@ -330,19 +354,22 @@ pub(crate) fn serve(
         } else {
             m.args
         };
-        if state.is_null() {
+        let place = if state.is_null() {
             // SAFETY: the address was made from a `TaskFn` by a process of this tree (same
             // binary); a corrupt mailbox is the only other writer, and only our own processes
             // can write to it.
             let f = unsafe { std::mem::transmute::<usize, TaskFn>(m.func as usize) };
-            f(client, args, m.result, m.reply_to);
+            f(client, args, m.result, m.reply_to)
         } else {
             // SAFETY: as above, a `MethodFn` for this actor's type (calls are typed by the
             // `ActorHandle<A>` they went through); `state` is our actor, used only here.
             unsafe {
                 let f = std::mem::transmute::<usize, MethodFn>(m.func as usize);
-                f(state, client, args, m.result, m.reply_to);
+                f(state, client, args, m.result, m.reply_to)
             }
+        };
+        if let Some(place) = place {
+            done.push((pos, place));
         }
         record.clear_current();
     }
@@ -430,7 +457,15 @@ impl<A: 'static> ActorHandle<A> {
         let sh = runtime::shared()?;
         let func = method_trampoline::<A, M, Args> as MethodFn as usize as u64;
         let mailbox = self.mailbox(&sh)?;
-        send_call(&sh, mailbox, func, &args, Failure::ActorDied)
+        let keepalive: Arc<dyn Send + Sync> = self.inner.clone();
+        send_call(
+            &sh,
+            mailbox,
+            Some(keepalive),
+            func,
+            &args,
+            Failure::ActorDied,
+        )
     }
 
     /// Whether the actor's process is known to be dead.
@@ -454,7 +489,7 @@ where
 {
     let func = task_trampoline::<F, Args> as TaskFn as usize as u64;
     let queue = sh.task_queue()?;
-    send_call(sh, queue, func, &args, Failure::TaskFailed)
+    send_call(sh, queue, None, func, &args, Failure::TaskFailed)
 }
 
 pub(crate) fn ctor_address<A: 'static, C: Constructor<A, Args>, Args: Value>() -> u64 {

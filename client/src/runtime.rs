@@ -92,7 +92,23 @@ pub(crate) struct Shared {
     /// What the driver holds for the pool and the actors it started (mailboxes, names).
     owned: Mutex<Vec<ObjectRef<[u8]>>>,
     named: Mutex<HashMap<String, ObjectRef<[u8]>>>,
+    /// Calls in flight: where the callee will record the result's place (see `Mailbox::
+    /// complete`), with what keeps that mailbox mapped.
+    hints: Mutex<HashMap<ObjectId, Hint>>,
 }
+
+/// A call's mailbox and position.
+#[derive(Clone)]
+struct Hint {
+    mailbox: Mailbox,
+    pos: u64,
+    _keepalive: Option<Arc<dyn Send + Sync>>,
+}
+
+/// Hints are an optimisation (the daemon's notification is the fallback): a bounded map.
+const MAX_HINTS: usize = 1 << 16;
+/// How long a get polls a completion record before it falls back to the daemon.
+const HINT_SPIN: Duration = Duration::from_micros(200);
 
 impl Shared {
     fn new(client: StoreClient, zygote: Option<Zygote>, task_queue_id: ObjectId) -> Shared {
@@ -105,6 +121,54 @@ impl Shared {
             keep: Mutex::new(VecDeque::new()),
             owned: Mutex::new(Vec::new()),
             named: Mutex::new(HashMap::new()),
+            hints: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn hint(
+        &self,
+        result: ObjectId,
+        mailbox: Mailbox,
+        pos: u64,
+        keepalive: Option<Arc<dyn Send + Sync>>,
+    ) {
+        let mut h = lock(&self.hints);
+        if h.len() >= MAX_HINTS {
+            h.clear();
+        }
+        h.insert(
+            result,
+            Hint {
+                mailbox,
+                pos,
+                _keepalive: keepalive,
+            },
+        );
+    }
+
+    /// Polls the completion record of a call in flight for a short while; on success the
+    /// result can be read in place before the daemon has published it.
+    fn await_hint(&self, id: &ObjectId, deadline: Option<Instant>) {
+        let Some(hint) = lock(&self.hints).get(id).cloned() else {
+            return;
+        };
+        let until = Instant::now() + HINT_SPIN;
+        let backoff = crossbeam_utils::Backoff::new();
+        loop {
+            if let Some([offset, len, flags]) = hint.mailbox.completion(hint.pos) {
+                self.client.resolve_pending(id, offset, len, flags & 1 != 0);
+                lock(&self.hints).remove(id);
+                return;
+            }
+            let now = Instant::now();
+            if now >= until || deadline.is_some_and(|d| now >= d) {
+                return;
+            }
+            if backoff.is_completed() {
+                std::thread::yield_now();
+            } else {
+                backoff.snooze();
+            }
         }
     }
 
@@ -269,13 +333,14 @@ fn worker_entry(payload: &[u8]) -> i32 {
     actor::serve(&rt.sh.client, queue, &record.mailbox, std::ptr::null_mut())
 }
 
-/// Stores `value` as the result `id` for the caller `reply_to` (which gets the only reference).
+/// Stores `value` as the result `id` for the caller `reply_to` (which gets the only
+/// reference); returns where it is (offset, length).
 pub(crate) fn put_result<T: Value>(
     client: &StoreClient,
     id: ObjectId,
     value: &T,
     reply_to: (u32, u32),
-) -> Result<()> {
+) -> Result<(u64, u64)> {
     let len = codec::archived_len(value)?;
     let mut w = client.alloc_owned(id, len as u64)?;
     let (written, refs) = codec::collect_refs(|| codec::serialize_into(value, w.as_mut_slice()));
@@ -285,12 +350,13 @@ pub(crate) fn put_result<T: Value>(
             reason: "archive length changed between passes".into(),
         });
     }
+    let place = (w.offset(), len as u64);
     w.publish_with(Owned {
         contained: refs,
         pin_for: Some(reply_to),
         ..Owned::default()
     })?;
-    Ok(())
+    Ok(place)
 }
 
 /// A 20-byte id derived from a name (the same in every process).
@@ -678,6 +744,11 @@ fn get_view(
 ) -> Result<trove_store::ObjectView> {
     for _ in 0..64 {
         if let Some(v) = sh.client.try_get(&id) {
+            lock(&sh.hints).remove(&id);
+            return Ok(v);
+        }
+        sh.await_hint(&id, deadline);
+        if let Some(v) = sh.client.try_get(&id) {
             return Ok(v);
         }
         match sh.client.wait_ready(&[id], 1, deadline)?[0] {
@@ -695,8 +766,6 @@ fn get_all_until<T: Value>(
     refs: &[ObjectRef<T>],
     deadline: Option<Instant>,
 ) -> Result<Vec<T>> {
-    let ids: Vec<ObjectId> = refs.iter().map(|r| r.id()).collect();
-    sh.client.wait_ready(&ids, ids.len(), deadline)?;
     refs.iter()
         .map(|r| {
             let view = get_view(sh, r.id(), deadline)?;

@@ -34,6 +34,8 @@ const MAGIC: u64 = 0x5452_4f56_454d_4258; // "TROVEMBX"
 const SHARED: futex::Flags = futex::Flags::empty();
 /// Bytes of a slot's header: sequence (8) and length (4), padded to 16.
 const SLOT_HEADER: usize = 16;
+/// How long a consumer spins (yielding) on an empty queue before it parks.
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(100);
 /// Bytes of the current-message record in the header.
 pub const CURRENT_LEN: usize = 64;
 
@@ -72,9 +74,13 @@ pub enum MailboxError {
     BadParams(&'static str),
 }
 
-/// Bytes a mailbox of `capacity` slots (a power of two) of `slot_size` bytes needs.
+/// Bytes of a completion record: position, then three words the consumer fills.
+const COMPLETION_LEN: usize = 32;
+
+/// Bytes a mailbox of `capacity` slots (a power of two) of `slot_size` bytes needs: the
+/// header, the slots, and one completion record per slot.
 pub const fn mailbox_bytes(capacity: u64, slot_size: u64) -> usize {
-    HEADER_LEN + (capacity * slot_size) as usize
+    HEADER_LEN + (capacity * slot_size) as usize + capacity as usize * COMPLETION_LEN
 }
 
 /// A view of a mailbox in this process's mapping. Cheap to copy.
@@ -129,6 +135,7 @@ impl Mailbox {
         h.current_set.store(0, Ordering::Relaxed);
         for i in 0..capacity {
             m.seq(i).store(i, Ordering::Relaxed);
+            m.completion_words(i)[0].store(u64::MAX, Ordering::Relaxed);
         }
         h.magic.store(MAGIC, Ordering::Release);
         Ok(m)
@@ -210,8 +217,8 @@ impl Mailbox {
         let _ = futex::wake(&h.event.0, SHARED, u32::MAX);
     }
 
-    /// Pushes a message without waiting: `Ok(false)` if the queue is full.
-    pub fn try_push(&self, msg: &[u8]) -> Result<bool, MailboxError> {
+    /// Pushes a message without waiting: its position, or `Ok(None)` if the queue is full.
+    pub fn try_push(&self, msg: &[u8]) -> Result<Option<u64>, MailboxError> {
         if msg.len() > self.max_msg_len() {
             return Err(MailboxError::TooLarge(msg.len()));
         }
@@ -231,7 +238,7 @@ impl Mailbox {
                     Err(p) => pos = p,
                 }
             } else if diff < 0 {
-                return Ok(false);
+                return Ok(None);
             } else {
                 pos = h.tail.0.load(Ordering::Relaxed);
             }
@@ -249,19 +256,19 @@ impl Mailbox {
             h.event.0.fetch_add(1, Ordering::SeqCst);
             let _ = futex::wake(&h.event.0, SHARED, 1);
         }
-        Ok(true)
+        Ok(Some(pos))
     }
 
     /// Pushes a message, waiting while the queue is full (backoff, then short sleeps) until
     /// `deadline`. Fails with `Dead` if the consumer is marked dead.
-    pub fn push(&self, msg: &[u8], deadline: Option<Instant>) -> Result<(), MailboxError> {
+    pub fn push(&self, msg: &[u8], deadline: Option<Instant>) -> Result<u64, MailboxError> {
         let backoff = Backoff::new();
         loop {
             if self.is_dead() {
                 return Err(MailboxError::Dead);
             }
-            if self.try_push(msg)? {
-                return Ok(());
+            if let Some(pos) = self.try_push(msg)? {
+                return Ok(pos);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(MailboxError::Timeout);
@@ -274,8 +281,8 @@ impl Mailbox {
         }
     }
 
-    /// Pops one message into `f` without waiting; `Ok(None)` if the queue is empty.
-    pub fn try_pop<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>, MailboxError> {
+    /// Pops one message into `f` (with its position) without waiting; `Ok(None)` if empty.
+    pub fn try_pop<R>(&self, f: impl FnOnce(u64, &[u8]) -> R) -> Result<Option<R>, MailboxError> {
         let h = self.header();
         let mut pos = h.head.0.load(Ordering::Relaxed);
         loop {
@@ -305,7 +312,7 @@ impl Mailbox {
             // within the payload area; the producer's Release store of the sequence (read with
             // Acquire) ordered its writes before our reads.
             let bytes = unsafe { std::slice::from_raw_parts(self.slot(pos).add(SLOT_HEADER), len) };
-            Ok(Some(f(bytes)))
+            Ok(Some(f(pos, bytes)))
         };
         self.seq(pos).store(pos + self.capacity, Ordering::Release);
         result
@@ -317,9 +324,10 @@ impl Mailbox {
     pub fn pop<R>(
         &self,
         timeout: Duration,
-        mut f: impl FnMut(&[u8]) -> R,
+        mut f: impl FnMut(u64, &[u8]) -> R,
     ) -> Result<R, MailboxError> {
         let deadline = Instant::now() + timeout;
+        let spin_until = Instant::now() + SPIN_BEFORE_PARK.min(timeout);
         let backoff = Backoff::new();
         let h = self.header();
         loop {
@@ -329,8 +337,14 @@ impl Mailbox {
             if self.is_dead() {
                 return Err(MailboxError::Dead);
             }
-            if !backoff.is_completed() {
-                backoff.snooze();
+            // Spin (yielding) for a while before parking: a futex wake-up costs tens of
+            // microseconds on a virtual machine, more than a typical call.
+            if Instant::now() < spin_until {
+                if backoff.is_completed() {
+                    std::thread::yield_now();
+                } else {
+                    backoff.snooze();
+                }
                 continue;
             }
             let now = Instant::now();
@@ -353,6 +367,47 @@ impl Mailbox {
             }
             h.sleepers.0.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    fn completion_words(&self, pos: u64) -> &[AtomicU64; 4] {
+        let i = (pos & (self.capacity - 1)) as usize;
+        // SAFETY: record i < capacity lies after the slots, inside the region (mailbox_bytes
+        // counts it; checked at init/attach); 8-aligned (64-aligned header, 16-multiple slots);
+        // only accessed atomically.
+        unsafe {
+            &*(self
+                .base
+                .as_ptr()
+                .add(HEADER_LEN + (self.capacity * self.slot_size) as usize + i * COMPLETION_LEN)
+                as *const [AtomicU64; 4])
+        }
+    }
+
+    /// The consumer records that the message at `pos` is done, with three words for the
+    /// producer (where its result is). Overwritten `capacity` messages later.
+    pub fn complete(&self, pos: u64, words: [u64; 3]) {
+        let w = self.completion_words(pos);
+        w[0].store(u64::MAX, Ordering::Relaxed);
+        fence(Ordering::Release);
+        for (a, v) in w[1..].iter().zip(words) {
+            a.store(v, Ordering::Relaxed);
+        }
+        w[0].store(pos, Ordering::Release);
+    }
+
+    /// The record of the message at `pos`, if it is done and not yet overwritten.
+    pub fn completion(&self, pos: u64) -> Option<[u64; 3]> {
+        let w = self.completion_words(pos);
+        if w[0].load(Ordering::Acquire) != pos {
+            return None;
+        }
+        let words = [
+            w[1].load(Ordering::Relaxed),
+            w[2].load(Ordering::Relaxed),
+            w[3].load(Ordering::Relaxed),
+        ];
+        fence(Ordering::Acquire);
+        (w[0].load(Ordering::Relaxed) == pos).then_some(words)
     }
 
     /// Whether no message is published at the head now.
@@ -410,17 +465,25 @@ mod tests {
         // SAFETY: the Vec is big enough, 64-aligned, and outlives `m`.
         let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 4, 64) }.unwrap();
         for i in 0..4u8 {
-            assert!(m.try_push(&[i; 10][..i as usize + 1]).unwrap());
+            assert_eq!(
+                m.try_push(&[i; 10][..i as usize + 1]).unwrap(),
+                Some(i as u64)
+            );
         }
-        assert!(!m.try_push(b"x").unwrap(), "full");
+        assert_eq!(m.try_push(b"x").unwrap(), None, "full");
         for i in 0..4u8 {
-            let got = m.try_pop(|b| b.to_vec()).unwrap().unwrap();
-            assert_eq!(got, vec![i; i as usize + 1]);
+            let (pos, got) = m.try_pop(|p, b| (p, b.to_vec())).unwrap().unwrap();
+            assert_eq!((pos, got), (i as u64, vec![i; i as usize + 1]));
+            assert_eq!(m.completion(pos), None);
+            m.complete(pos, [1, 2, pos]);
+            assert_eq!(m.completion(pos), Some([1, 2, pos]));
         }
-        assert_eq!(m.try_pop(|b| b.len()).unwrap(), None);
+        // Position 4 reuses record 0: the old one does not answer for it.
+        assert_eq!(m.completion(4), None);
+        assert_eq!(m.try_pop(|_, b| b.len()).unwrap(), None);
         assert_eq!(m.try_push(&[0; 49]), Err(MailboxError::TooLarge(49)));
         assert_eq!(
-            m.pop(Duration::from_millis(20), |b| b.len()),
+            m.pop(Duration::from_millis(20), |_, b| b.len()),
             Err(MailboxError::Timeout)
         );
         m.set_dead();
@@ -446,7 +509,7 @@ mod tests {
                     s.spawn(move || {
                         let mut sum = 0u64;
                         loop {
-                            match m.pop(Duration::from_millis(500), |b| {
+                            match m.pop(Duration::from_millis(500), |_, b| {
                                 u64::from_le_bytes(b.try_into().unwrap())
                             }) {
                                 Ok(v) => sum += v + 1,

@@ -67,29 +67,32 @@ pub enum Failure {
     ActorDied = 2,
 }
 
-/// Leaves a failure report as the call's result object, for the caller `reply_to`.
-/// A report that already exists (two processes reporting the same death) is not an error.
+/// Leaves a failure report as the call's result object, for the caller `reply_to`; returns
+/// where it is (offset, length). A report that already exists (two processes reporting the
+/// same death) is not an error (`Ok(None)`).
 pub fn report_failure(
     client: &StoreClient,
     result: ObjectId,
     reply_to: (u32, u32),
     failure: Failure,
     message: &str,
-) -> Result<(), StoreError> {
+) -> Result<Option<(u64, u64)>, StoreError> {
     let mut bytes = Vec::with_capacity(1 + message.len());
     bytes.push(failure as u8);
     bytes.extend_from_slice(message.as_bytes());
     let mut w: OwnedWriter = match client.alloc_owned(result, bytes.len() as u64) {
         Ok(w) => w,
-        Err(StoreError::AlreadyExists(_)) => return Ok(()),
+        Err(StoreError::AlreadyExists(_)) => return Ok(None),
         Err(e) => return Err(e),
     };
     w.as_mut_slice().copy_from_slice(&bytes);
+    let place = (w.offset(), bytes.len() as u64);
     w.publish_with(Owned {
         error: true,
         pin_for: Some(reply_to),
         ..Owned::default()
-    })
+    })?;
+    Ok(Some(place))
 }
 
 /// Decodes a failure report's bytes.

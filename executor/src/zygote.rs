@@ -330,7 +330,7 @@ fn reap(client: &StoreClient, children: &mut HashMap<i32, Child>, me: Pid) {
             fail(&rec, Failure::ActorDied);
         }
         child.mailbox.clear_current();
-        while let Ok(Some(())) = child.mailbox.try_pop(|m| fail(m, Failure::ActorDied)) {}
+        while let Ok(Some(())) = child.mailbox.try_pop(|_, m| fail(m, Failure::ActorDied)) {}
         drop(child.view);
         // The reports are one-way frames: send them now (the zygote has no flusher thread).
         let _ = client.flush();

@@ -685,6 +685,20 @@ impl StoreClient {
         self.inner.conn.flush()
     }
 
+    /// Tells this process where a pending reference's object is, learnt from its creator
+    /// before the daemon has published it (a call's result: the callee wrote it, queued its
+    /// `PutSmall`, then recorded the place). Gets then read it in place at once. Only for ids
+    /// taken with [`StoreClient::adopt_pending`]; the place is bounds-checked when viewed.
+    pub fn resolve_pending(&self, id: &ObjectId, offset: u64, size: u64, error: bool) {
+        if let Some(h) = lock(&self.inner.holds).map.get_mut(id)
+            && h.loc.is_none()
+            && h.daemon_seq == Some(u64::MAX)
+        {
+            h.loc = Some((offset, size));
+            h.error = error;
+        }
+    }
+
     /// This client's (index, pid) for `Owned::pin_for`.
     pub fn pin_target(&self) -> (u32, u32) {
         (self.inner.index, std::process::id())
@@ -1238,6 +1252,10 @@ unsafe impl Send for OwnedWriter {}
 impl OwnedWriter {
     pub fn id(&self) -> ObjectId {
         self.id
+    }
+    /// Where the object is in the arena.
+    pub fn offset(&self) -> u64 {
+        self.offset
     }
     pub fn len(&self) -> usize {
         self.len
