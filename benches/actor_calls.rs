@@ -48,6 +48,19 @@ fn main() {
     });
     g.throughput(Throughput::Elements(1));
     g.sample_size(10).measurement_time(Duration::from_secs(5));
+    g.bench_function("create", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let t = Instant::now();
+                let a = rt.actor(Counter::default).unwrap();
+                total += t.elapsed();
+                a.call(Counter::inc, ()).unwrap().get().unwrap();
+                rt.kill(&a).unwrap();
+            }
+            total
+        })
+    });
     g.bench_function("create_and_first_call", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;

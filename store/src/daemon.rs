@@ -733,7 +733,13 @@ impl Shared {
             for w in mine {
                 t.drop_waiter(w);
             }
-            self.arena.directory().clear_client(index);
+            // A client's pin bits can only sit on live entries (a pin on an entry being removed
+            // makes the removal fail), so clearing them there is enough: O(objects), not
+            // O(directory slots), under the table lock.
+            let dir = self.arena.directory();
+            for e in t.objects.values() {
+                dir.unpin_for(e.slot, index);
+            }
             let pending: Vec<ObjectId> = t.pending_delete.iter().copied().collect();
             for id in pending {
                 t.release(&self.arena, id, &mut out);

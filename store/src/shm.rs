@@ -563,6 +563,11 @@ impl<'a> Directory<'a> {
                 // The previous state store (TOMBSTONE/EMPTY) was followed by a release fence,
                 // so readers that see the new fields also see the slot was not live.
                 s.store_id(id);
+                // A client that died in the middle of a failed pin may have left its bit on a
+                // free slot: a new entry starts with none.
+                for p in &s.pins {
+                    p.store(0, Ordering::SeqCst);
+                }
                 s.owner.store(owner, Ordering::Relaxed);
                 s.offset.store(offset, Ordering::Relaxed);
                 s.size.store(size, Ordering::Relaxed);
