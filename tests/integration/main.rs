@@ -5,6 +5,7 @@
 //! runs on the main thread before any other thread exists: `trove::init` forks, and refuses to
 //! in a process that has threads.
 
+mod cli_commands;
 mod client_objects;
 mod client_roles;
 mod executor_actors;
@@ -80,6 +81,7 @@ fn main() -> ExitCode {
         executor_actors::executor_handle_passed_through_two_tasks,
         executor_actors::executor_ten_thousand_calls_run_in_order,
         executor_actors::executor_driver_exit_leaves_no_process,
+        cli_commands::cli_put_get_status,
     ];
     libtest_mimic::run(&args, tests).exit_code()
 }
