@@ -11,6 +11,7 @@ mod client_roles;
 mod executor_actors;
 mod executor_roles;
 mod roles;
+mod security_access;
 mod util;
 
 mod store_errors;
@@ -82,6 +83,9 @@ fn main() -> ExitCode {
         executor_actors::executor_ten_thousand_calls_run_in_order,
         executor_actors::executor_driver_exit_leaves_no_process,
         cli_commands::cli_put_get_status,
+        security_access::security_another_uid_cannot_connect,
+        security_access::security_arena_has_no_name,
+        security_access::security_a_client_that_stops_reading_cannot_stall_others,
     ];
     libtest_mimic::run(&args, tests).exit_code()
 }

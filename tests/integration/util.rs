@@ -198,7 +198,11 @@ pub fn run_helper_if_asked() {
     };
     let socket = PathBuf::from(std::env::var(SOCKET_ENV).expect("socket"));
     let arg = std::env::var(ARG_ENV).unwrap_or_default();
-    let result = if role.starts_with("exec-") {
+    let result = if role == "sec-other-uid" {
+        crate::security_access::other_uid_role(&socket)
+    } else if role == "sec-stall" {
+        crate::security_access::stall_role(&socket, arg.parse().unwrap_or(1))
+    } else if role.starts_with("exec-") {
         crate::executor_roles::helper_role(&role, &socket, &arg)
     } else if role.starts_with("trove-") {
         crate::client_roles::helper_role(&role, &socket, &arg)
