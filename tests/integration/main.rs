@@ -10,6 +10,7 @@ mod client_objects;
 mod client_roles;
 mod executor_actors;
 mod executor_roles;
+mod load_clients;
 mod roles;
 mod security_access;
 mod util;
@@ -86,6 +87,7 @@ fn main() -> ExitCode {
         security_access::security_another_uid_cannot_connect,
         security_access::security_arena_has_no_name,
         security_access::security_a_client_that_stops_reading_cannot_stall_others,
+        load_clients::load_many_clients_put_get_and_call_with_every_value_checked,
     ];
     libtest_mimic::run(&args, tests).exit_code()
 }

@@ -200,6 +200,8 @@ pub fn run_helper_if_asked() {
     let arg = std::env::var(ARG_ENV).unwrap_or_default();
     let result = if role == "sec-other-uid" {
         crate::security_access::other_uid_role(&socket)
+    } else if role == "load-client" {
+        crate::load_clients::load_role(&socket, &arg)
     } else if role == "sec-stall" {
         crate::security_access::stall_role(&socket, arg.parse().unwrap_or(1))
     } else if role.starts_with("exec-") {

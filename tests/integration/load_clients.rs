@@ -1,0 +1,118 @@
+//! Load: more client processes than cores putting, getting and calling at once for a bounded
+//! time, every value checked, and the store back to empty at the end.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use trove::{Config, ObjectRef};
+
+use crate::util::{Helper, TestStore, say, wait_until};
+
+const T: Duration = Duration::from_secs(60);
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Blob {
+    data: Vec<u8>,
+    sum: u64,
+}
+
+fn checksum(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+pub struct Checker;
+
+impl Checker {
+    fn new() -> Checker {
+        Checker
+    }
+    fn check(&mut self, blob: ObjectRef<Blob>) -> trove::Result<bool> {
+        let b = blob.get()?;
+        Ok(checksum(&b.data) == b.sum.to_native())
+    }
+}
+
+/// Role `load-client`: seed:millis — put, get, call, drop, until the time is up.
+pub fn load_role(socket: &Path, arg: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let (seed, millis) = arg.split_once(':').ok_or("seed:millis")?;
+    let mut x: u64 = seed.parse::<u64>()?.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let rt = trove::init(Config::default().store(socket).num_cpus(1))?;
+    let checker = rt.actor(Checker::new)?;
+    let until = Instant::now() + Duration::from_millis(millis.parse()?);
+    let mut live: VecDeque<ObjectRef<Blob>> = VecDeque::new();
+    let (mut checked, mut calls) = (0u64, 0u64);
+    while Instant::now() < until {
+        let len = (next() % (48 << 10)) as usize;
+        let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let sum = checksum(&data);
+        let r = rt.put(&Blob { data, sum })?;
+        let v = r.get_timeout(T)?;
+        if checksum(&v.data) != v.sum.to_native() || v.sum.to_native() != sum {
+            return Err("checksum mismatch on get".into());
+        }
+        checked += 1;
+        if next() % 4 == 0 {
+            if !*checker.call(Checker::check, (r.clone(),))?.get_timeout(T)? {
+                return Err("checksum mismatch in the actor".into());
+            }
+            calls += 1;
+        }
+        live.push_back(r);
+        if live.len() > 32 {
+            live.pop_front();
+        }
+    }
+    // Re-check what is still held, then let everything go.
+    for r in &live {
+        let v = r.get_timeout(T)?;
+        if checksum(&v.data) != v.sum.to_native() {
+            return Err("checksum mismatch at the end".into());
+        }
+        checked += 1;
+    }
+    drop(live);
+    say(&format!("DONE {checked} {calls}"));
+    Ok(())
+}
+
+pub fn load_many_clients_put_get_and_call_with_every_value_checked() {
+    let store = TestStore::start("128MiB");
+    let c = store.client();
+    let procs = 2 * std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(2);
+    let mut helpers: Vec<Helper> = (0..procs)
+        .map(|i| Helper::start("load-client", &store.socket, &format!("{}:2000", i + 1)))
+        .collect();
+    let start = Instant::now();
+    let mut peak = 0;
+    while start.elapsed() < Duration::from_millis(1500) {
+        let s = c.stats().unwrap();
+        assert!(s.used + s.reserved <= s.capacity, "over capacity: {s:?}");
+        peak = peak.max(s.used);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (mut checked, mut calls) = (0u64, 0u64);
+    for h in &mut helpers {
+        let line = h.expect_line("DONE", T);
+        let mut f = line.split_whitespace().skip(1);
+        checked += f.next().unwrap().parse::<u64>().unwrap();
+        calls += f.next().unwrap().parse::<u64>().unwrap();
+        assert!(h.wait(T).success());
+    }
+    assert!(peak > 0 && checked > 0 && calls > 0);
+    eprintln!("load: {procs} processes, {checked} objects checked, {calls} actor checks");
+    wait_until(T, "used bytes back to zero", || {
+        let s = c.stats().unwrap();
+        s.used == 0 && s.objects == 0 && s.pinned == 0
+    });
+}
