@@ -10,6 +10,7 @@ mod client_objects;
 mod client_roles;
 mod executor_actors;
 mod executor_roles;
+mod fault_kills;
 mod load_clients;
 mod roles;
 mod security_access;
@@ -88,6 +89,7 @@ fn main() -> ExitCode {
         security_access::security_arena_has_no_name,
         security_access::security_a_client_that_stops_reading_cannot_stall_others,
         load_clients::load_many_clients_put_get_and_call_with_every_value_checked,
+        fault_kills::fault_sigkill_actors_workers_clients_then_the_daemon,
     ];
     libtest_mimic::run(&args, tests).exit_code()
 }

@@ -148,6 +148,11 @@ impl Helper {
         Helper { child, lines }
     }
 
+    /// The lines printed so far and not yet read (does not wait).
+    pub fn take_lines(&mut self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
     /// Waits for a line that starts with `prefix` (helpers print `READY ...` lines). Panics if
     /// the helper exits first or `limit` passes.
     pub fn expect_line(&mut self, prefix: &str, limit: Duration) -> String {
@@ -200,6 +205,8 @@ pub fn run_helper_if_asked() {
     let arg = std::env::var(ARG_ENV).unwrap_or_default();
     let result = if role == "sec-other-uid" {
         crate::security_access::other_uid_role(&socket)
+    } else if role == "fault-driver" {
+        crate::fault_kills::driver_role(&socket)
     } else if role == "load-client" {
         crate::load_clients::load_role(&socket, &arg)
     } else if role == "sec-stall" {
