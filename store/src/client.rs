@@ -22,7 +22,7 @@ use crate::protocol::{
     Stats,
 };
 use crate::ring::{Consumer, RingError};
-use crate::shm::{Arena, FLAG_ERROR, Lookup};
+use crate::shm::{Arena, FLAG_ERROR, Lookup, SealedEntry};
 use crate::sock;
 
 /// How long a get may wait.
@@ -194,6 +194,30 @@ struct Held {
     /// it, this process's pin bit is the daemon's to set, so it must also be the daemon's to
     /// clear (an `Unhold` queued behind it) rather than a local unpin that could run first.
     daemon_seq: Option<u64>,
+}
+
+impl Held {
+    /// One reference, pinned in place by this process (lock-free).
+    fn pinned(e: &SealedEntry) -> Held {
+        Held {
+            count: 1,
+            loc: Some((e.offset, e.size)),
+            slot: Some(e.slot),
+            error: e.word & FLAG_ERROR != 0,
+            daemon_seq: None,
+        }
+    }
+
+    /// No reference yet, managed by the daemon from the frame with sequence number `seq`.
+    fn by_daemon(seq: u64) -> Held {
+        Held {
+            count: 0,
+            loc: None,
+            slot: None,
+            error: false,
+            daemon_seq: Some(seq),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -544,16 +568,7 @@ impl StoreClient {
                 self.tell_release(id);
             }
             if ok {
-                holds.map.insert(
-                    *id,
-                    Held {
-                        count: 1,
-                        loc: Some((e.offset, e.size)),
-                        slot: Some(e.slot),
-                        error: e.word & FLAG_ERROR != 0,
-                        daemon_seq: None,
-                    },
-                );
+                holds.map.insert(*id, Held::pinned(&e));
                 return Some((e.offset, e.size, e.word & FLAG_ERROR != 0));
             }
         }
@@ -587,16 +602,7 @@ impl StoreClient {
                 self.tell_release(id);
             }
             if ok {
-                holds.map.insert(
-                    *id,
-                    Held {
-                        count: 1,
-                        loc: Some((e.offset, e.size)),
-                        slot: Some(e.slot),
-                        error: e.word & FLAG_ERROR != 0,
-                        daemon_seq: None,
-                    },
-                );
+                holds.map.insert(*id, Held::pinned(&e));
                 return Ok(());
             }
         }
@@ -605,10 +611,7 @@ impl StoreClient {
             *id,
             Held {
                 count: 1,
-                loc: None,
-                slot: None,
-                error: false,
-                daemon_seq: Some(seq),
+                ..Held::by_daemon(seq)
             },
         );
         Ok(())
@@ -661,13 +664,11 @@ impl StoreClient {
     /// the release always goes through the daemon.
     pub fn adopt_pending(&self, id: &ObjectId) {
         let mut holds = lock(&self.inner.holds);
-        let h = holds.map.entry(*id).or_insert(Held {
-            count: 0,
-            loc: None,
-            slot: None,
-            error: false,
-            daemon_seq: Some(u64::MAX),
-        });
+        // Never "synced": no frame of ours stands for it, the result's creator names us.
+        let h = holds
+            .map
+            .entry(*id)
+            .or_insert_with(|| Held::by_daemon(u64::MAX));
         h.count += 1;
     }
 
@@ -1327,13 +1328,10 @@ impl OwnedWriter {
         }
         let mut holds = lock(&c.inner.holds);
         holds.unholding.remove(&self.id);
-        let h = holds.map.entry(self.id).or_insert(Held {
-            count: 0,
-            loc: None,
-            slot: None,
-            error: false,
-            daemon_seq: None,
-        });
+        let h = holds
+            .map
+            .entry(self.id)
+            .or_insert_with(|| Held::by_daemon(seq));
         h.count += 1;
         h.loc = Some((self.offset, self.len as u64));
         h.daemon_seq = Some(seq);
