@@ -250,6 +250,8 @@ struct Inner {
     arena: Arena,
     conn: Conn,
     index: u32,
+    /// The pid that connected (a client is never used across a fork).
+    pid: u32,
     socket: PathBuf,
     holds: Mutex<Holds>,
     slab: Mutex<Option<ClientSlab>>,
@@ -322,6 +324,7 @@ impl StoreClient {
                     synced: AtomicU64::new(0),
                 },
                 index,
+                pid: std::process::id(),
                 socket: socket.to_path_buf(),
                 holds: Mutex::new(Holds::default()),
                 slab: Mutex::new(None),
@@ -702,7 +705,7 @@ impl StoreClient {
 
     /// This client's (index, pid) for `Owned::pin_for`.
     pub fn pin_target(&self) -> (u32, u32) {
-        (self.inner.index, std::process::id())
+        (self.inner.index, self.inner.pid)
     }
 
     /// How many references this process holds on `id` (views included).
