@@ -132,6 +132,34 @@ struct Entry {
     slab: Option<u64>,
 }
 
+impl Entry {
+    /// A new entry in state CREATING; `slab` for a small object placed in a client slab
+    /// (those are always reference-counted).
+    fn creating(
+        slot: u64,
+        offset: u64,
+        size: u64,
+        alloc_len: u64,
+        owner: u32,
+        slab: Option<u64>,
+    ) -> Entry {
+        Entry {
+            slot,
+            offset,
+            size,
+            alloc_len,
+            state: EntryState::Creating,
+            owner,
+            created: Instant::now(),
+            lru_key: 0,
+            refcounted: slab.is_some(),
+            holders: 0,
+            contains: Vec::new(),
+            slab,
+        }
+    }
+}
+
 /// A block of the heap granted to one client, which places small objects in it itself.
 struct Slab {
     owner: u32,
@@ -811,20 +839,7 @@ impl Table {
         };
         self.objects.insert(
             id,
-            Entry {
-                slot,
-                offset,
-                size,
-                alloc_len,
-                state: EntryState::Creating,
-                owner: client,
-                created: Instant::now(),
-                lru_key: 0,
-                refcounted: false,
-                holders: 0,
-                contains: Vec::new(),
-                slab: None,
-            },
+            Entry::creating(slot, offset, size, alloc_len, client, None),
         );
         if let Some(c) = self.clients.get_mut(&client) {
             c.creating.insert(id);
@@ -1186,20 +1201,7 @@ impl Table {
         self.slab_object_bytes += alloc_len;
         self.objects.insert(
             id,
-            Entry {
-                slot,
-                offset,
-                size,
-                alloc_len,
-                state: EntryState::Creating,
-                owner: client,
-                created: Instant::now(),
-                lru_key: 0,
-                refcounted: true,
-                holders: 0,
-                contains: Vec::new(),
-                slab: Some(slab_off),
-            },
+            Entry::creating(slot, offset, size, alloc_len, client, Some(slab_off)),
         );
         self.publish(arena, client, id, Some(owned), out);
         Ok(())
