@@ -21,7 +21,9 @@ use trove_executor::mailbox::{Mailbox, MailboxError};
 use trove_executor::message::{
     self, CALL_HEADER, Failure, KIND_CALL, KIND_CALL_BY_OBJECT, KIND_STOP, Message,
 };
-use trove_store::{ObjectId, ObjectView, StoreClient};
+use trove_executor::record::{Claim, INLINE_MAX, Record};
+use trove_store::protocol::Owned;
+use trove_store::{ObjectId, ObjectView, StoreClient, StoreError};
 
 use crate::codec::{self, RkyvError, Value};
 use crate::error::{Error, Result};
@@ -119,46 +121,160 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panicked".into())
 }
 
-/// Runs `f` on deserialised `args`, catching panics, and stores the outcome as `result`.
+/// What the callee knows about the call it is running: where the result goes and its
+/// completion record.
+pub(crate) struct Call<'a> {
+    pub(crate) result: ObjectId,
+    pub(crate) reply_to: (u32, u32),
+    pub(crate) pos: u64,
+    pub(crate) record: &'a Record,
+}
+
+/// A result stored in the store whose place is recorded once its frame is written (see
+/// [`serve`]): position, offset, length, error.
+type Deferred = (u64, u64, u64, bool);
+
+/// Runs `f` on deserialised `args`, catching panics, and hands the outcome to its caller.
 fn run_and_report<Args: Value, O: Outcome>(
     client: &StoreClient,
     args: &[u8],
-    result: ObjectId,
-    reply_to: (u32, u32),
+    call: &Call,
     f: impl FnOnce(Args) -> O,
-) -> Option<ResultPlace> {
+) -> Option<Deferred> {
     let outcome = (|| {
         let mut aligned = AlignedVec::<16>::with_capacity(args.len());
         aligned.extend_from_slice(args);
-        let archived = codec::access::<Args>(result, &aligned).map_err(|e| e.to_string())?;
-        let args = codec::deserialize::<Args>(result, archived).map_err(|e| e.to_string())?;
+        let archived = codec::access::<Args>(call.result, &aligned).map_err(|e| e.to_string())?;
+        let args = codec::deserialize::<Args>(call.result, archived).map_err(|e| e.to_string())?;
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(args))) {
             Ok(o) => o.into_outcome(),
             Err(p) => Err(format!("panicked: {}", panic_message(p))),
         }
     })();
-    let stored = match outcome {
-        Ok(v) => runtime::put_result(client, result, &v, reply_to).map_err(|e| e.to_string()),
-        Err(msg) => Err(msg),
+    let mut small = InlineBuf([0; INLINE_MAX]);
+    let done = match outcome {
+        Ok(v) => match small_value(&v, &mut small.0) {
+            Ok(Some(len)) => finish(client, call, Finish::Bytes(&small.0[..len], false)),
+            Ok(None) => match runtime::put_result(client, call.result, &v, call.reply_to) {
+                Ok((offset, len)) => finish(client, call, Finish::Stored(offset, len)),
+                Err(e) => failed(client, call, &e.to_string()),
+            },
+            Err(e) => failed(client, call, &e.to_string()),
+        },
+        Err(msg) => failed(client, call, &msg),
     };
-    match stored {
-        Ok((offset, len)) => Some([offset, len, 0]),
-        Err(msg) => message::report_failure(client, result, reply_to, Failure::TaskFailed, &msg)
-            .ok()
-            .flatten()
-            .map(|(offset, len)| [offset, len, 1]),
+    done.unwrap_or_else(|e| {
+        tracing::warn!("call result {}: {e}", call.result);
+        None
+    })
+}
+
+#[repr(C, align(64))]
+struct InlineBuf([u8; INLINE_MAX]);
+
+/// Serialises `v` into `buf` if it is small enough to travel inline and holds no refs.
+fn small_value<T: Value>(v: &T, buf: &mut [u8]) -> Result<Option<usize>> {
+    let len = codec::archived_len(v)?;
+    if len > buf.len() {
+        return Ok(None);
+    }
+    let (written, refs) = codec::collect_refs(|| codec::serialize_into(v, &mut buf[..len]));
+    // Refs inside a result need the store to keep them alive: those results are stored.
+    Ok((written? == len && refs.is_empty()).then_some(len))
+}
+
+fn failed(
+    client: &StoreClient,
+    call: &Call,
+    msg: &str,
+) -> std::result::Result<Option<Deferred>, StoreError> {
+    let report = message::failure_bytes(Failure::TaskFailed, msg);
+    if report.len() <= INLINE_MAX {
+        return finish(client, call, Finish::Bytes(&report, true));
+    }
+    match message::report_failure(client, call.result, call.reply_to, Failure::TaskFailed, msg)? {
+        Some((offset, len)) => finish(client, call, Finish::StoredError(offset, len)),
+        None => Ok(None),
     }
 }
 
-/// Where a call's result is: offset, length, and 1 if it is a failure report. The callee
-/// records it in the mailbox's completion record so the caller can read the result before the
-/// daemon has published it.
-type ResultPlace = [u64; 3];
+enum Finish<'a> {
+    /// A small value (or failure report, if `true`) not yet anywhere.
+    Bytes(&'a [u8], bool),
+    /// Already stored for the caller at (offset, len).
+    Stored(u64, u64),
+    StoredError(u64, u64),
+}
+
+/// Completes a call: records the result inline in its completion record when it is small and
+/// the record is free, else makes sure it is in the store (its place recorded after the
+/// frames are written: the returned [`Deferred`]).
+fn finish(
+    client: &StoreClient,
+    call: &Call,
+    what: Finish,
+) -> std::result::Result<Option<Deferred>, StoreError> {
+    let rec = call.record;
+    let claimed = match rec.claim(call.pos) {
+        Claim::Ok(evicted) => {
+            if let Some(ev) = evicted {
+                // An earlier caller never took its inline result: it goes to the store.
+                let id = ObjectId(ev.result);
+                if let Err(e) = store_bytes(client, id, &ev.bytes, ev.error, ev.reply_to) {
+                    tracing::warn!("evicting result {id}: {e}");
+                }
+            }
+            true
+        }
+        Claim::Unavailable => false,
+    };
+    let stored = match what {
+        Finish::Bytes(bytes, error) => {
+            if claimed
+                && !rec.wants_store(call.pos)
+                && rec.finish_inline(call.pos, call.result.0, call.reply_to, bytes, error)
+            {
+                return Ok(None);
+            }
+            // The record is EVICTING (the caller asked for the store) or not ours.
+            match store_bytes(client, call.result, bytes, error, call.reply_to) {
+                Ok((offset, len)) => (offset, len, error),
+                Err(e) => {
+                    if claimed {
+                        rec.finish_empty(call.pos);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Finish::Stored(offset, len) => (offset, len, false),
+        Finish::StoredError(offset, len) => (offset, len, true),
+    };
+    Ok(claimed.then_some((call.pos, stored.0, stored.1, stored.2)))
+}
+
+/// Stores `bytes` as the object `id` for the caller `reply_to`; returns where it is.
+fn store_bytes(
+    client: &StoreClient,
+    id: ObjectId,
+    bytes: &[u8],
+    error: bool,
+    reply_to: (u32, u32),
+) -> std::result::Result<(u64, u64), StoreError> {
+    let mut w = client.alloc_owned(id, bytes.len() as u64)?;
+    w.as_mut_slice().copy_from_slice(bytes);
+    let place = (w.offset(), bytes.len() as u64);
+    w.publish_with(Owned {
+        error,
+        pin_for: Some(reply_to),
+        ..Owned::default()
+    })?;
+    Ok(place)
+}
 
 /// The type-erased shape of a method trampoline.
-type MethodFn =
-    unsafe fn(*mut u8, &StoreClient, &[u8], ObjectId, (u32, u32)) -> Option<ResultPlace>;
-type TaskFn = fn(&StoreClient, &[u8], ObjectId, (u32, u32)) -> Option<ResultPlace>;
+type MethodFn = unsafe fn(*mut u8, &StoreClient, &[u8], &Call) -> Option<Deferred>;
+type TaskFn = fn(&StoreClient, &[u8], &Call) -> Option<Deferred>;
 type CtorFn = fn(&[u8]) -> std::result::Result<*mut u8, String>;
 
 /// # Safety
@@ -167,12 +283,11 @@ unsafe fn method_trampoline<A: 'static, F: Method<A, Args>, Args: Value>(
     state: *mut u8,
     client: &StoreClient,
     args: &[u8],
-    result: ObjectId,
-    reply_to: (u32, u32),
-) -> Option<ResultPlace> {
+    call: &Call,
+) -> Option<Deferred> {
     // SAFETY: per the contract, `state` is a live, exclusively used `A`.
     let actor = unsafe { &mut *(state as *mut A) };
-    run_and_report(client, args, result, reply_to, |a: Args| {
+    run_and_report(client, args, call, |a: Args| {
         conjure::<F>().invoke(actor, a)
     })
 }
@@ -180,12 +295,9 @@ unsafe fn method_trampoline<A: 'static, F: Method<A, Args>, Args: Value>(
 fn task_trampoline<F: Function<Args>, Args: Value>(
     client: &StoreClient,
     args: &[u8],
-    result: ObjectId,
-    reply_to: (u32, u32),
-) -> Option<ResultPlace> {
-    run_and_report(client, args, result, reply_to, |a: Args| {
-        conjure::<F>().invoke(a)
-    })
+    call: &Call,
+) -> Option<Deferred> {
+    run_and_report(client, args, call, |a: Args| conjure::<F>().invoke(a))
 }
 
 fn ctor_trampoline<A: 'static, C: Constructor<A, Args>, Args: Value>(
@@ -238,6 +350,7 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
         reason: e.to_string(),
     })?;
     let result = ObjectId::random();
+    runtime::share_refs(client, &refs)?;
     let mut keep = Vec::new();
     for id in &refs {
         client.hold(id)?;
@@ -269,7 +382,7 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     client.adopt_pending(&result);
     let r = ObjectRef::adopt(result);
     sh.keep_until_ready(result, keep);
-    match mailbox.push(&msg, None) {
+    match sh.push_call(mailbox, &msg) {
         Ok(pos) if !mailbox.is_dead() => sh.hint(result, *mailbox, pos, keepalive),
         // Dead before or right after we queued it: nobody may run it, so report it ourselves
         // (if the reaper reported it first, ours is ignored).
@@ -291,7 +404,7 @@ pub(crate) fn serve(
 ) -> i32 {
     let mut buf = Vec::with_capacity(SLOT_BYTES as usize);
     // Results whose frames are queued but not yet written: recorded once they are.
-    let mut done: Vec<(u64, ResultPlace)> = Vec::new();
+    let mut done: Vec<Deferred> = Vec::new();
     loop {
         // Nothing queued, or a batch is full: write the batched frames, then tell the callers
         // where their results are (only once the `PutSmall`s are in the socket, so the daemon
@@ -300,8 +413,8 @@ pub(crate) fn serve(
             if client.flush().is_err() {
                 return 0;
             }
-            for (pos, place) in done.drain(..) {
-                queue.complete(pos, place);
+            for (pos, offset, len, error) in done.drain(..) {
+                queue.record(pos).finish_stored(pos, offset, len, error);
             }
         }
         if queue.is_empty() && client.flush().is_err() {
@@ -354,22 +467,28 @@ pub(crate) fn serve(
         } else {
             m.args
         };
-        let place = if state.is_null() {
+        let call = Call {
+            result: m.result,
+            reply_to: m.reply_to,
+            pos,
+            record: queue.record(pos),
+        };
+        let deferred = if state.is_null() {
             // SAFETY: the address was made from a `TaskFn` by a process of this tree (same
             // binary); a corrupt mailbox is the only other writer, and only our own processes
             // can write to it.
             let f = unsafe { std::mem::transmute::<usize, TaskFn>(m.func as usize) };
-            f(client, args, m.result, m.reply_to)
+            f(client, args, &call)
         } else {
             // SAFETY: as above, a `MethodFn` for this actor's type (calls are typed by the
             // `ActorHandle<A>` they went through); `state` is our actor, used only here.
             unsafe {
                 let f = std::mem::transmute::<usize, MethodFn>(m.func as usize);
-                f(state, client, args, m.result, m.reply_to)
+                f(state, client, args, &call)
             }
         };
-        if let Some(place) = place {
-            done.push((pos, place));
+        if let Some(d) = deferred {
+            done.push(d);
         }
         record.clear_current();
     }

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use trove_executor::mailbox::{Mailbox, mailbox_bytes};
+use trove_executor::mailbox::{Mailbox, MailboxError, mailbox_bytes};
+use trove_executor::record::{Seen, Took};
 use trove_executor::{EmbeddedStore, ProcessError, SpawnRequest, Zygote};
 use trove_store::client::Readiness;
 use trove_store::protocol::Owned;
@@ -92,9 +93,19 @@ pub(crate) struct Shared {
     /// What the driver holds for the pool and the actors it started (mailboxes, names).
     owned: Mutex<Vec<ObjectRef<[u8]>>>,
     named: Mutex<HashMap<String, ObjectRef<[u8]>>>,
-    /// Calls in flight: where the callee will record the result's place (see `Mailbox::
-    /// complete`), with what keeps that mailbox mapped.
-    hints: Mutex<HashMap<ObjectId, Hint>>,
+    /// Calls in flight whose completion record this process has not read yet.
+    calls: Mutex<Calls>,
+}
+
+/// Calls in flight: where each result will be recorded (see [`trove_executor::record`]).
+/// A small result comes back only through its record, so a call stays here until its record
+/// has been read (the result taken into this process, or found in the store) or the caller
+/// asked for the store.
+#[derive(Default)]
+struct Calls {
+    by_id: HashMap<ObjectId, Hint>,
+    /// Results in call order, for harvesting finished calls before their records are reused.
+    order: VecDeque<ObjectId>,
 }
 
 /// A call's mailbox and position.
@@ -105,10 +116,11 @@ struct Hint {
     _keepalive: Option<Arc<dyn Send + Sync>>,
 }
 
-/// Hints are an optimisation (the daemon's notification is the fallback): a bounded map.
-const MAX_HINTS: usize = 1 << 16;
-/// How long a get polls a completion record before it falls back to the daemon.
+/// How long a get polls a completion record before it asks for the result in the store and
+/// waits for the daemon's notification.
 const HINT_SPIN: Duration = Duration::from_micros(200);
+/// How many finished calls a new call harvests.
+const HARVEST_PER_CALL: usize = 4;
 
 impl Shared {
     fn new(client: StoreClient, zygote: Option<Zygote>, task_queue_id: ObjectId) -> Shared {
@@ -121,7 +133,7 @@ impl Shared {
             keep: Mutex::new(VecDeque::new()),
             owned: Mutex::new(Vec::new()),
             named: Mutex::new(HashMap::new()),
-            hints: Mutex::new(HashMap::new()),
+            calls: Mutex::new(Calls::default()),
         }
     }
 
@@ -132,11 +144,8 @@ impl Shared {
         pos: u64,
         keepalive: Option<Arc<dyn Send + Sync>>,
     ) {
-        let mut h = lock(&self.hints);
-        if h.len() >= MAX_HINTS {
-            h.clear();
-        }
-        h.insert(
+        let mut calls = lock(&self.calls);
+        calls.by_id.insert(
             result,
             Hint {
                 mailbox,
@@ -144,31 +153,137 @@ impl Shared {
                 _keepalive: keepalive,
             },
         );
+        calls.order.push_back(result);
     }
 
-    /// Polls the completion record of a call in flight for a short while; on success the
-    /// result can be read in place before the daemon has published it.
-    fn await_hint(&self, id: &ObjectId, deadline: Option<Instant>) {
-        let Some(hint) = lock(&self.hints).get(id).cloned() else {
-            return;
+    /// Reads a call's completion record: takes an inline result into this process, or learns
+    /// where the stored one is. `true` once the record has nothing more to say.
+    fn look(&self, id: &ObjectId, hint: &Hint) -> bool {
+        let rec = hint.mailbox.record(hint.pos);
+        match rec.seen(hint.pos) {
+            Seen::Pending => false,
+            Seen::Inline => {
+                let mut bytes = Vec::new();
+                match rec.take_inline(hint.pos, &mut bytes) {
+                    Took::Value { error } => {
+                        self.client.resolve_local(id, &bytes, error);
+                        true
+                    }
+                    // Evicted to the store meanwhile: the next look says so.
+                    Took::No => false,
+                }
+            }
+            Seen::Stored { offset, len, error } => {
+                self.client.resolve_pending(id, offset, len, error);
+                true
+            }
+            Seen::Gone => true,
+        }
+    }
+
+    /// Looks at the record of the call for `id`, if one is in flight; forgets it once read.
+    /// `true` if nothing is left to wait for there.
+    fn settle(&self, id: &ObjectId) -> bool {
+        let mut calls = lock(&self.calls);
+        let Some(hint) = calls.by_id.get(id) else {
+            return true;
         };
+        let done = self.look(id, &hint.clone());
+        if done {
+            calls.by_id.remove(id);
+        }
+        done
+    }
+
+    /// Polls the completion record of a call in flight for a short while.
+    fn await_hint(&self, id: &ObjectId, deadline: Option<Instant>) -> bool {
         let until = Instant::now() + HINT_SPIN;
         let backoff = crossbeam_utils::Backoff::new();
         loop {
-            if let Some([offset, len, flags]) = hint.mailbox.completion(hint.pos) {
-                self.client.resolve_pending(id, offset, len, flags & 1 != 0);
-                lock(&self.hints).remove(id);
-                return;
+            if self.settle(id) {
+                return true;
             }
             let now = Instant::now();
             if now >= until || deadline.is_some_and(|d| now >= d) {
-                return;
+                return false;
             }
             if backoff.is_completed() {
                 std::thread::yield_now();
             } else {
                 backoff.snooze();
             }
+        }
+    }
+
+    /// Asks for the result `id` (a call in flight) to be put in the store, so that the
+    /// daemon can notify waiters and other processes can read it; takes it at once if it is
+    /// already inline. A no-op for other ids.
+    fn force_store(&self, id: &ObjectId) {
+        let mut calls = lock(&self.calls);
+        let Some(hint) = calls.by_id.get(id).cloned() else {
+            return;
+        };
+        hint.mailbox.record(hint.pos).want_store(hint.pos);
+        // The callee stores it from now on, unless it is inline already: then we take it.
+        while !self.look(id, &hint) {
+            if hint.mailbox.record(hint.pos).seen(hint.pos) == Seen::Pending {
+                break;
+            }
+        }
+        calls.by_id.remove(id);
+    }
+
+    /// Reads the records of finished calls, oldest first (at most `max`), so that their
+    /// inline results are taken before the callee reuses the records.
+    fn harvest(&self, max: usize) {
+        let mut calls = lock(&self.calls);
+        let mut n = 0;
+        while n < max {
+            let Some(id) = calls.order.front().copied() else {
+                break;
+            };
+            if let Some(hint) = calls.by_id.get(&id).cloned() {
+                if !self.look(&id, &hint) {
+                    break;
+                }
+                calls.by_id.remove(&id);
+                n += 1;
+            }
+            calls.order.pop_front();
+        }
+    }
+
+    /// Pushes a call message, harvesting finished calls while the mailbox is full.
+    pub(crate) fn push_call(
+        &self,
+        mailbox: &Mailbox,
+        msg: &[u8],
+    ) -> std::result::Result<u64, MailboxError> {
+        self.harvest(HARVEST_PER_CALL);
+        let backoff = crossbeam_utils::Backoff::new();
+        loop {
+            if mailbox.is_dead() {
+                return Err(MailboxError::Dead);
+            }
+            if let Some(pos) = mailbox.try_push(msg)? {
+                return Ok(pos);
+            }
+            self.harvest(usize::MAX);
+            if backoff.is_completed() {
+                std::thread::sleep(Duration::from_micros(20));
+            } else {
+                backoff.snooze();
+            }
+        }
+    }
+
+    /// Before this process drops its last reference to a call's result: settle the record so
+    /// that an inline result is taken (and dropped here) and a pending one goes to the store
+    /// (where the release finds it).
+    fn before_release(&self, id: &ObjectId) {
+        let pending = lock(&self.calls).by_id.contains_key(id);
+        if pending && self.client.held_count(id) <= 1 && !self.settle(id) {
+            self.force_store(id);
         }
     }
 
@@ -350,6 +465,7 @@ pub(crate) fn put_result<T: Value>(
             reason: "archive length changed between passes".into(),
         });
     }
+    share_refs(client, &refs)?;
     let place = (w.offset(), len as u64);
     w.publish_with(Owned {
         contained: refs,
@@ -478,8 +594,23 @@ pub(crate) fn hold(id: &ObjectId) {
 /// Drops one reference to `id` in this process.
 pub(crate) fn release(id: &ObjectId) {
     if let Some(sh) = current() {
+        sh.before_release(id);
         sh.client.release(id);
     }
+}
+
+/// Makes the objects `refs` readable by other processes before their ids escape into an
+/// object or a call: results of calls in flight are asked for in the store, and results held
+/// only in this process's memory are put there.
+pub(crate) fn share_refs(client: &StoreClient, refs: &[ObjectId]) -> Result<()> {
+    let sh = current();
+    for id in refs {
+        if let Some(sh) = &sh {
+            sh.force_store(id);
+        }
+        client.promote_local(id)?;
+    }
+    Ok(())
 }
 
 /// What [`Runtime::wait`] returns: `(ready, pending)`.
@@ -602,7 +733,28 @@ impl Runtime {
     ) -> Result<Waited<T>> {
         let ids: Vec<ObjectId> = refs.iter().map(|r| r.id()).collect();
         let deadline = timeout.map(|t| Instant::now() + t);
-        let states = self.sh.client.wait_ready(&ids, num_ready, deadline)?;
+        let spin_until = Instant::now() + HINT_SPIN;
+        let states = loop {
+            // Calls in flight answer in their records first; past a short spin, the rest are
+            // asked for in the store and waited for through the daemon.
+            let spinning =
+                Instant::now() < spin_until && deadline.is_none_or(|d| Instant::now() < d);
+            for id in &ids {
+                if !self.sh.settle(id) && !spinning {
+                    self.sh.force_store(id);
+                }
+            }
+            let now = Some(Instant::now());
+            let states = self.sh.client.wait_ready(&ids, num_ready, now)?;
+            let ready = states.iter().filter(|s| **s != Readiness::Pending).count();
+            if ready >= num_ready.min(ids.len()) {
+                break states;
+            }
+            if !spinning {
+                break self.sh.client.wait_ready(&ids, num_ready, deadline)?;
+            }
+            std::thread::yield_now();
+        };
         let (mut ready, mut pending) = (Vec::new(), Vec::new());
         for (r, s) in refs.iter().zip(states) {
             if s != Readiness::Pending && ready.len() < num_ready {
@@ -732,6 +884,7 @@ fn put_value<T: Value>(sh: &Shared, value: &T) -> Result<ObjectRef<T>> {
             reason: format!("archive was {written} bytes, {len} expected"),
         });
     }
+    share_refs(&sh.client, &refs)?;
     w.publish(&refs)?;
     Ok(ObjectRef::adopt(id))
 }
@@ -744,10 +897,12 @@ fn get_view(
 ) -> Result<trove_store::ObjectView> {
     for _ in 0..64 {
         if let Some(v) = sh.client.try_get(&id) {
-            lock(&sh.hints).remove(&id);
             return Ok(v);
         }
-        sh.await_hint(&id, deadline);
+        if !sh.await_hint(&id, deadline) {
+            // Still running: have the result stored so the daemon tells us when it is there.
+            sh.force_store(&id);
+        }
         if let Some(v) = sh.client.try_get(&id) {
             return Ok(v);
         }
@@ -802,6 +957,7 @@ impl<T: Stored + ?Sized> ObjectRef<T> {
     /// Whether the object is sealed now (no waiting).
     pub fn is_ready(&self) -> bool {
         current().is_some_and(|sh| {
+            sh.settle(&self.id());
             sh.client
                 .wait_ready(&[self.id()], 0, Some(Instant::now()))
                 .is_ok_and(|s| s[0] == Readiness::Ready)

@@ -1,10 +1,12 @@
-//! trove-executor: processes trove forks (the embedded store daemon; the zygote, actors and
-//! workers come with the executor issue).
+//! trove-executor: the processes trove forks (the embedded store daemon, the zygote, actors and
+//! workers), the shared-memory mailboxes calls travel in, and the completion records results
+//! come back in.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod mailbox;
 pub mod message;
 pub mod process;
+pub mod record;
 pub mod zygote;
 
 pub use mailbox::{Mailbox, MailboxError, mailbox_bytes};

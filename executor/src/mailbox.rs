@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_utils::Backoff;
 use rustix::io::Errno;
+
+use crate::record::{RECORD_LEN, Record};
 use rustix::thread::futex;
 
 const MAGIC: u64 = 0x5452_4f56_454d_4258; // "TROVEMBX"
@@ -74,13 +76,15 @@ pub enum MailboxError {
     BadParams(&'static str),
 }
 
-/// Bytes of a completion record: position, then three words the consumer fills.
-const COMPLETION_LEN: usize = 32;
+/// Where the completion records start: after the slots, 64-byte aligned.
+const fn records_offset(capacity: u64, slot_size: u64) -> usize {
+    (HEADER_LEN + (capacity * slot_size) as usize).next_multiple_of(64)
+}
 
 /// Bytes a mailbox of `capacity` slots (a power of two) of `slot_size` bytes needs: the
-/// header, the slots, and one completion record per slot.
+/// header, the slots, and one completion record per slot (see [`crate::record`]).
 pub const fn mailbox_bytes(capacity: u64, slot_size: u64) -> usize {
-    HEADER_LEN + (capacity * slot_size) as usize + capacity as usize * COMPLETION_LEN
+    records_offset(capacity, slot_size) + capacity as usize * RECORD_LEN
 }
 
 /// A view of a mailbox in this process's mapping. Cheap to copy.
@@ -135,7 +139,7 @@ impl Mailbox {
         h.current_set.store(0, Ordering::Relaxed);
         for i in 0..capacity {
             m.seq(i).store(i, Ordering::Relaxed);
-            m.completion_words(i)[0].store(u64::MAX, Ordering::Relaxed);
+            m.record(i).reset();
         }
         h.magic.store(MAGIC, Ordering::Release);
         Ok(m)
@@ -369,45 +373,20 @@ impl Mailbox {
         }
     }
 
-    fn completion_words(&self, pos: u64) -> &[AtomicU64; 4] {
+    /// The completion record of the message at `pos` (shared with the messages `capacity`
+    /// positions before and after it).
+    pub fn record(&self, pos: u64) -> &Record {
         let i = (pos & (self.capacity - 1)) as usize;
         // SAFETY: record i < capacity lies after the slots, inside the region (mailbox_bytes
-        // counts it; checked at init/attach); 8-aligned (64-aligned header, 16-multiple slots);
-        // only accessed atomically.
+        // counts it; checked at init/attach), 64-byte aligned (records_offset rounds up and
+        // RECORD_LEN is a multiple of 64); a Record is only atomics.
         unsafe {
             &*(self
                 .base
                 .as_ptr()
-                .add(HEADER_LEN + (self.capacity * self.slot_size) as usize + i * COMPLETION_LEN)
-                as *const [AtomicU64; 4])
+                .add(records_offset(self.capacity, self.slot_size) + i * RECORD_LEN)
+                as *const Record)
         }
-    }
-
-    /// The consumer records that the message at `pos` is done, with three words for the
-    /// producer (where its result is). Overwritten `capacity` messages later.
-    pub fn complete(&self, pos: u64, words: [u64; 3]) {
-        let w = self.completion_words(pos);
-        w[0].store(u64::MAX, Ordering::Relaxed);
-        fence(Ordering::Release);
-        for (a, v) in w[1..].iter().zip(words) {
-            a.store(v, Ordering::Relaxed);
-        }
-        w[0].store(pos, Ordering::Release);
-    }
-
-    /// The record of the message at `pos`, if it is done and not yet overwritten.
-    pub fn completion(&self, pos: u64) -> Option<[u64; 3]> {
-        let w = self.completion_words(pos);
-        if w[0].load(Ordering::Acquire) != pos {
-            return None;
-        }
-        let words = [
-            w[1].load(Ordering::Relaxed),
-            w[2].load(Ordering::Relaxed),
-            w[3].load(Ordering::Relaxed),
-        ];
-        fence(Ordering::Acquire);
-        (w[0].load(Ordering::Relaxed) == pos).then_some(words)
     }
 
     /// Whether no message is published at the head now.
@@ -450,6 +429,7 @@ impl Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::{Claim, Seen};
 
     #[repr(C, align(64))]
     struct Region([u8; 64]);
@@ -474,12 +454,28 @@ mod tests {
         for i in 0..4u8 {
             let (pos, got) = m.try_pop(|p, b| (p, b.to_vec())).unwrap().unwrap();
             assert_eq!((pos, got), (i as u64, vec![i; i as usize + 1]));
-            assert_eq!(m.completion(pos), None);
-            m.complete(pos, [1, 2, pos]);
-            assert_eq!(m.completion(pos), Some([1, 2, pos]));
+            assert_eq!(m.record(pos).seen(pos), Seen::Pending);
+            assert_eq!(m.record(pos).claim(pos), Claim::Ok(None));
+            m.record(pos).finish_stored(pos, 64, pos, false);
+            assert_eq!(
+                m.record(pos).seen(pos),
+                Seen::Stored {
+                    offset: 64,
+                    len: pos,
+                    error: false
+                }
+            );
         }
         // Position 4 reuses record 0: the old one does not answer for it.
-        assert_eq!(m.completion(4), None);
+        assert_eq!(m.record(4).seen(4), Seen::Pending);
+        assert_eq!(
+            m.record(4).seen(0),
+            Seen::Stored {
+                offset: 64,
+                len: 0,
+                error: false
+            }
+        );
         assert_eq!(m.try_pop(|_, b| b.len()).unwrap(), None);
         assert_eq!(m.try_push(&[0; 49]), Err(MailboxError::TooLarge(49)));
         assert_eq!(

@@ -77,9 +77,7 @@ pub fn report_failure(
     failure: Failure,
     message: &str,
 ) -> Result<Option<(u64, u64)>, StoreError> {
-    let mut bytes = Vec::with_capacity(1 + message.len());
-    bytes.push(failure as u8);
-    bytes.extend_from_slice(message.as_bytes());
+    let bytes = failure_bytes(failure, message);
     let mut w: OwnedWriter = match client.alloc_owned(result, bytes.len() as u64) {
         Ok(w) => w,
         Err(StoreError::AlreadyExists(_)) => return Ok(None),
@@ -93,6 +91,14 @@ pub fn report_failure(
         ..Owned::default()
     })?;
     Ok(Some(place))
+}
+
+/// A failure report's bytes: the kind, then the message.
+pub fn failure_bytes(failure: Failure, message: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(1 + message.len());
+    bytes.push(failure as u8);
+    bytes.extend_from_slice(message.as_bytes());
+    bytes
 }
 
 /// Decodes a failure report's bytes.

@@ -194,6 +194,41 @@ struct Held {
     /// it, this process's pin bit is the daemon's to set, so it must also be the daemon's to
     /// clear (an `Unhold` queued behind it) rather than a local unpin that could run first.
     daemon_seq: Option<u64>,
+    /// The object's bytes in this process's own memory: a call's small result that came back
+    /// inline and that the store has never seen (see [`StoreClient::resolve_local`]).
+    local: Option<Arc<Local>>,
+}
+
+/// A result kept in process memory, 64-byte aligned like the arena's blocks.
+struct Local {
+    blocks: Box<[Block]>,
+    len: usize,
+    error: bool,
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+struct Block([u8; 64]);
+
+impl Local {
+    fn new(bytes: &[u8], error: bool) -> Local {
+        let mut blocks = vec![Block([0; 64]); bytes.len().div_ceil(64).max(1)].into_boxed_slice();
+        bytemuck::cast_slice_mut::<Block, u8>(&mut blocks)[..bytes.len()].copy_from_slice(bytes);
+        Local {
+            blocks,
+            len: bytes.len(),
+            error,
+        }
+    }
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<Block, u8>(&self.blocks)[..self.len]
+    }
+}
+
+/// Where a view's bytes are.
+enum Pinned {
+    Arena { offset: u64, size: u64, error: bool },
+    Local(Arc<Local>),
 }
 
 impl Held {
@@ -205,6 +240,7 @@ impl Held {
             slot: Some(e.slot),
             error: e.word & FLAG_ERROR != 0,
             daemon_seq: None,
+            local: None,
         }
     }
 
@@ -216,6 +252,7 @@ impl Held {
             slot: None,
             error: false,
             daemon_seq: Some(seq),
+            local: None,
         }
     }
 }
@@ -502,12 +539,31 @@ impl StoreClient {
             ptr,
             len: size as usize,
             error: false,
+            _local: None,
         })
     }
 
     /// Pins `id` for a view if that can be done now, without the daemon.
     fn try_view(&self, id: &ObjectId) -> Option<ObjectView> {
-        let (offset, size, error) = self.try_pin_for_view(id)?;
+        let (offset, size, error) = match self.try_pin_for_view(id)? {
+            Pinned::Arena {
+                offset,
+                size,
+                error,
+            } => (offset, size, error),
+            Pinned::Local(local) => {
+                let b = local.bytes();
+                return Some(ObjectView {
+                    client: self.clone(),
+                    id: *id,
+                    offset: u64::MAX,
+                    ptr: b.as_ptr(),
+                    len: b.len(),
+                    error: local.error,
+                    _local: Some(local),
+                });
+            }
+        };
         let mut v = self.view(*id, offset, size);
         if let Some(v) = &mut v {
             v.error = error;
@@ -518,20 +574,30 @@ impl StoreClient {
         })
     }
 
-    /// Takes one view reference on `id` if it can be pinned now; returns where it is and
-    /// whether it is an error report.
-    fn try_pin_for_view(&self, id: &ObjectId) -> Option<(u64, u64, bool)> {
+    /// Takes one view reference on `id` if it can be pinned now; returns where it is.
+    fn try_pin_for_view(&self, id: &ObjectId) -> Option<Pinned> {
         let dir = self.inner.arena.directory();
         let me = self.inner.index;
         let mut guard = lock(&self.inner.holds);
         let holds = &mut *guard;
+        let arena = |offset, size, error| {
+            Some(Pinned::Arena {
+                offset,
+                size,
+                error,
+            })
+        };
         if let Some(h) = holds.map.get_mut(id) {
+            if let Some(local) = &h.local {
+                h.count += 1;
+                return Some(Pinned::Local(local.clone()));
+            }
             if let Some((offset, size)) = h.loc
                 && h.daemon_seq.is_some()
             {
                 // An owned object: this process's reference keeps it.
                 h.count += 1;
-                return Some((offset, size, h.error));
+                return arena(offset, size, h.error);
             }
             // Held through the daemon and not seen in place yet.
             let Lookup::Sealed(e) = dir.lookup(id) else {
@@ -552,7 +618,7 @@ impl StoreClient {
             h.loc = Some((e.offset, e.size));
             h.slot = Some(e.slot);
             h.error = e.word & FLAG_ERROR != 0;
-            return Some((e.offset, e.size, h.error));
+            return arena(e.offset, e.size, h.error);
         }
         if holds
             .unholding
@@ -572,7 +638,7 @@ impl StoreClient {
             }
             if ok {
                 holds.map.insert(*id, Held::pinned(&e));
-                return Some((e.offset, e.size, e.word & FLAG_ERROR != 0));
+                return arena(e.offset, e.size, e.word & FLAG_ERROR != 0);
             }
         }
         None
@@ -631,6 +697,10 @@ impl StoreClient {
             return;
         }
         let h = holds.map.remove(id).expect("present");
+        if h.local.is_some() {
+            // Only ever in this process's memory: nothing to tell the store.
+            return;
+        }
         let dir = self.inner.arena.directory();
         let me = self.inner.index;
         let daemon_pending = h.daemon_seq.is_some_and(|s| !self.inner.conn.is_synced(s));
@@ -701,6 +771,63 @@ impl StoreClient {
             h.loc = Some((offset, size));
             h.error = error;
         }
+    }
+
+    /// Gives a pending reference (taken with [`StoreClient::adopt_pending`]) its value in this
+    /// process's memory: a call's small result that came back inline, which the store never
+    /// sees. Views of it read the local copy; its last release tells the store nothing.
+    /// Returns `false` (and keeps nothing) if `id` is not such a reference any more.
+    pub fn resolve_local(&self, id: &ObjectId, bytes: &[u8], error: bool) -> bool {
+        let mut holds = lock(&self.inner.holds);
+        match holds.map.get_mut(id) {
+            Some(h) if h.loc.is_none() && h.local.is_none() && h.daemon_seq == Some(u64::MAX) => {
+                h.local = Some(Arc::new(Local::new(bytes, error)));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `id` is held only in this process's memory (see [`StoreClient::resolve_local`]).
+    pub fn is_local(&self, id: &ObjectId) -> bool {
+        lock(&self.inner.holds)
+            .map
+            .get(id)
+            .is_some_and(|h| h.local.is_some())
+    }
+
+    /// Puts a local value (see [`StoreClient::resolve_local`]) in the store under its id, so
+    /// that other processes can read it (its ref is escaping into an object or a call). This
+    /// process keeps its references, now to the stored object. A no-op for other ids.
+    pub fn promote_local(&self, id: &ObjectId) -> Result<()> {
+        let local = {
+            let mut holds = lock(&self.inner.holds);
+            match holds.map.get_mut(id) {
+                Some(h) if h.local.is_some() => h.local.take().expect("local"),
+                _ => return Ok(()),
+            }
+        };
+        let put = (|| {
+            let mut w = self.alloc_owned(*id, local.len as u64)?;
+            w.as_mut_slice().copy_from_slice(local.bytes());
+            w.publish_with(Owned {
+                error: local.error,
+                keep: true,
+                ..Owned::default()
+            })
+        })();
+        let mut holds = lock(&self.inner.holds);
+        let Some(h) = holds.map.get_mut(id) else {
+            return put;
+        };
+        match put {
+            // `publish` counted one more reference for the writer: ours were there already.
+            Ok(()) => h.count -= 1,
+            Err(_) => {
+                h.local = Some(local);
+            }
+        }
+        put
     }
 
     /// This client's (index, pid) for `Owned::pin_for`.
@@ -851,7 +978,11 @@ impl StoreClient {
         let notes = lock(&self.inner.notes);
         ids.iter()
             .map(|id| {
-                if holds.map.get(id).is_some_and(|h| h.loc.is_some()) {
+                if holds
+                    .map
+                    .get(id)
+                    .is_some_and(|h| h.loc.is_some() || h.local.is_some())
+                {
                     return Readiness::Ready;
                 }
                 match dir.lookup(id) {
@@ -1176,6 +1307,8 @@ pub struct ObjectView {
     ptr: *const u8,
     len: usize,
     error: bool,
+    /// Keeps a local value's bytes (see [`StoreClient::resolve_local`]) alive.
+    _local: Option<Arc<Local>>,
 }
 
 // SAFETY: a view is a read-only slice of immutable shared memory kept alive by the pin.
@@ -1192,7 +1325,7 @@ impl ObjectView {
         // (not freed or reused) for as long as self lives.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
-    /// The object's offset in the arena.
+    /// The object's offset in the arena (`u64::MAX` for a value held in process memory).
     pub fn offset(&self) -> u64 {
         self.offset
     }
@@ -1221,6 +1354,7 @@ impl Clone for ObjectView {
             ptr: self.ptr,
             len: self.len,
             error: self.error,
+            _local: self._local.clone(),
         }
     }
 }

@@ -16,18 +16,18 @@ impl ObjectId {
     /// A fresh id: 12 random bytes fixed per process, then a per-process counter.
     /// Unique across processes with overwhelming probability and cheap (no syscall per id).
     pub fn random() -> ObjectId {
-        static PREFIX: std::sync::Mutex<Option<(u32, [u8; 12])>> = std::sync::Mutex::new(None);
+        static PREFIX: std::sync::Mutex<Option<(u64, [u8; 12])>> = std::sync::Mutex::new(None);
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let pid = std::process::id();
+        let generation = fork_generation();
         let prefix = {
             let mut p = PREFIX.lock().unwrap_or_else(|e| e.into_inner());
             match *p {
-                Some((seeded, prefix)) if seeded == pid => prefix,
+                Some((seeded, prefix)) if seeded == generation => prefix,
                 // First use, or a forked child (new pid): a fresh random prefix, so parent
                 // and child never collide.
                 _ => {
                     let prefix = random_prefix();
-                    *p = Some((pid, prefix));
+                    *p = Some((generation, prefix));
                     prefix
                 }
             }
@@ -69,6 +69,24 @@ fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// Counts the forks this process descends from since it first asked (a `pthread_atfork` child
+/// handler bumps it), so that a forked child draws a new id prefix without a `getpid` system
+/// call per id.
+fn fork_generation() -> u64 {
+    static FORKS: AtomicU64 = AtomicU64::new(0);
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    extern "C" fn in_child() {
+        FORKS.fetch_add(1, Ordering::Relaxed);
+    }
+    REGISTER.call_once(|| {
+        // SAFETY: registers a handler that only touches an atomic (async-signal-safe, as a
+        // fork child handler must be); nothing is unregistered, the function lives forever.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+        assert_eq!(rc, 0, "pthread_atfork failed");
+    });
+    FORKS.load(Ordering::Relaxed)
 }
 
 fn random_prefix() -> [u8; 12] {
