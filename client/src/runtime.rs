@@ -5,12 +5,14 @@
 //! are (inside values, in other threads) without carrying a handle.
 
 use std::collections::{HashMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use trove_executor::mailbox::{Mailbox, MailboxError, mailbox_bytes};
-use trove_executor::record::{Seen, Took};
+use trove_executor::record::{INLINE_MAX, Seen, Took};
 use trove_executor::{EmbeddedStore, ProcessError, SpawnRequest, Zygote};
 use trove_store::client::Readiness;
 use trove_store::protocol::Owned;
@@ -103,7 +105,7 @@ pub(crate) struct Shared {
 /// asked for the store.
 #[derive(Default)]
 struct Calls {
-    by_id: HashMap<ObjectId, Hint>,
+    by_id: FxHashMap<ObjectId, Hint>,
     /// Results in call order, for harvesting finished calls before their records are reused.
     order: VecDeque<ObjectId>,
 }
@@ -163,10 +165,10 @@ impl Shared {
         match rec.seen(hint.pos) {
             Seen::Pending => false,
             Seen::Inline => {
-                let mut bytes = Vec::new();
+                let mut bytes = [0u8; INLINE_MAX];
                 match rec.take_inline(hint.pos, &mut bytes) {
-                    Took::Value { error } => {
-                        self.client.resolve_local(id, &bytes, error);
+                    Took::Value { error, len } => {
+                        self.client.resolve_local(id, &bytes[..len], error);
                         true
                     }
                     // Evicted to the store meanwhile: the next look says so.
@@ -188,7 +190,7 @@ impl Shared {
         let Some(hint) = calls.by_id.get(id) else {
             return true;
         };
-        let done = self.look(id, &hint.clone());
+        let done = self.look(id, hint);
         if done {
             calls.by_id.remove(id);
         }
@@ -242,8 +244,8 @@ impl Shared {
             let Some(id) = calls.order.front().copied() else {
                 break;
             };
-            if let Some(hint) = calls.by_id.get(&id).cloned() {
-                if !self.look(&id, &hint) {
+            if let Some(hint) = calls.by_id.get(&id) {
+                if !self.look(&id, hint) {
                     break;
                 }
                 calls.by_id.remove(&id);
@@ -268,9 +270,11 @@ impl Shared {
             if let Some(pos) = mailbox.try_push(msg)? {
                 return Ok(pos);
             }
+            // Full: the consumer is draining it. Take finished results meanwhile and yield
+            // (a sleep would outlast the whole queue's work).
             self.harvest(usize::MAX);
             if backoff.is_completed() {
-                std::thread::sleep(Duration::from_micros(20));
+                std::thread::yield_now();
             } else {
                 backoff.snooze();
             }
@@ -281,7 +285,10 @@ impl Shared {
     /// that an inline result is taken (and dropped here) and a pending one goes to the store
     /// (where the release finds it).
     fn before_release(&self, id: &ObjectId) {
-        let pending = lock(&self.calls).by_id.contains_key(id);
+        let pending = {
+            let calls = lock(&self.calls);
+            !calls.by_id.is_empty() && calls.by_id.contains_key(id)
+        };
         if pending && self.client.held_count(id) <= 1 && !self.settle(id) {
             self.force_store(id);
         }
@@ -302,6 +309,8 @@ impl Shared {
         let mut keep = lock(&self.keep);
         if !ids.is_empty() {
             keep.push_back((result, ids));
+        } else if keep.is_empty() {
+            return;
         }
         for _ in 0..8 {
             let Some((r, _)) = keep.front() else { break };
@@ -594,8 +603,11 @@ pub(crate) fn hold(id: &ObjectId) {
 /// Drops one reference to `id` in this process.
 pub(crate) fn release(id: &ObjectId) {
     if let Some(sh) = current() {
-        sh.before_release(id);
-        sh.client.release(id);
+        // Most drops are of results already in this process's memory: nothing to settle.
+        if !sh.client.release_if_local(id) {
+            sh.before_release(id);
+            sh.client.release(id);
+        }
     }
 }
 

@@ -330,6 +330,9 @@ impl Mailbox {
         timeout: Duration,
         mut f: impl FnMut(u64, &[u8]) -> R,
     ) -> Result<R, MailboxError> {
+        if let Some(r) = self.try_pop(&mut f)? {
+            return Ok(r);
+        }
         let deadline = Instant::now() + timeout;
         let spin_until = Instant::now() + SPIN_BEFORE_PARK.min(timeout);
         let backoff = Backoff::new();

@@ -104,8 +104,8 @@ pub enum Seen {
 /// What [`Record::take_inline`] got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Took {
-    /// The bytes are now the caller's; `error` if they are a failure report.
-    Value { error: bool },
+    /// The first `len` bytes are now the caller's; `error` if they are a failure report.
+    Value { error: bool, len: usize },
     /// Not inline (any more): look again with [`Record::seen`].
     No,
 }
@@ -281,16 +281,20 @@ impl Record {
         }
     }
 
-    /// Takes the inline result of `pos`, appending its bytes to `out`.
-    pub fn take_inline(&self, pos: u64, out: &mut Vec<u8>) -> Took {
+    /// Takes the inline result of `pos` into `out`.
+    pub fn take_inline(&self, pos: u64, out: &mut [u8; INLINE_MAX]) -> Took {
         let s = state(pos, INLINE);
         if self.w(0).load(Ordering::Acquire) != s {
             return Took::No;
         }
         let len_word = self.w(3).load(Ordering::Relaxed);
         let len = ((len_word & !ERROR_BIT) as usize).min(INLINE_MAX);
-        let start = out.len();
-        self.copy_data(len, out);
+        for (i, chunk) in out[..len.next_multiple_of(8)]
+            .chunks_exact_mut(8)
+            .enumerate()
+        {
+            chunk.copy_from_slice(&self.w(DATA_WORD + i).load(Ordering::Relaxed).to_le_bytes());
+        }
         // The CAS proves nobody changed the bytes while we copied (they only change after the
         // state leaves INLINE) and makes them ours.
         if self
@@ -300,9 +304,9 @@ impl Record {
         {
             Took::Value {
                 error: len_word & ERROR_BIT != 0,
+                len,
             }
         } else {
-            out.truncate(start);
             Took::No
         }
     }
@@ -341,9 +345,15 @@ mod tests {
         assert_eq!(r.seen(0), Seen::Pending);
         assert!(r.finish_inline(0, id(1), (3, 77), b"hello, world", false));
         assert_eq!(r.seen(0), Seen::Inline);
-        let mut out = b"x".to_vec();
-        assert_eq!(r.take_inline(0, &mut out), Took::Value { error: false });
-        assert_eq!(out, b"xhello, world");
+        let mut out = [0u8; INLINE_MAX];
+        assert_eq!(
+            r.take_inline(0, &mut out),
+            Took::Value {
+                error: false,
+                len: 12
+            }
+        );
+        assert_eq!(&out[..12], b"hello, world");
         assert_eq!(r.seen(0), Seen::Gone);
         assert_eq!(r.take_inline(0, &mut out), Took::No);
         // The next lap: nothing to evict.
@@ -384,9 +394,8 @@ mod tests {
             }
         );
         assert_eq!(r.seen(2), Seen::Gone);
-        let mut out = Vec::new();
+        let mut out = [0u8; INLINE_MAX];
         assert_eq!(r.take_inline(2, &mut out), Took::No);
-        assert!(out.is_empty());
         r.finish_empty(6);
         assert_eq!(r.seen(6), Seen::Pending);
         assert_eq!(r.claim(6), Claim::Ok(None));
@@ -405,9 +414,15 @@ mod tests {
         assert_eq!(r.claim(1), Claim::Ok(None));
         assert!(r.finish_inline(1, id(1), (0, 0), b"abc", false));
         r.want_store(1);
-        let mut out = Vec::new();
-        assert_eq!(r.take_inline(1, &mut out), Took::Value { error: false });
-        assert_eq!(out, b"abc");
+        let mut out = [0u8; INLINE_MAX];
+        assert_eq!(
+            r.take_inline(1, &mut out),
+            Took::Value {
+                error: false,
+                len: 3
+            }
+        );
+        assert_eq!(&out[..3], b"abc");
     }
 
     /// A caller wishing for the store races a consumer finishing inline: exactly one of them
@@ -422,7 +437,7 @@ mod tests {
                 let c = s.spawn(|| !r.finish_inline(pos, id(1), (0, 0), b"v", false));
                 let caller = s.spawn(|| {
                     r.want_store(pos);
-                    let mut out = Vec::new();
+                    let mut out = [0u8; INLINE_MAX];
                     loop {
                         match r.seen(pos) {
                             Seen::Inline => {
@@ -470,7 +485,7 @@ mod tests {
                     Claim::Unavailable => panic!("unavailable"),
                 });
                 let t = s.spawn(|| {
-                    let mut out = Vec::new();
+                    let mut out = [0u8; INLINE_MAX];
                     matches!(r.take_inline(pos, &mut out), Took::Value { .. })
                 });
                 (c.join().unwrap(), t.join().unwrap())

@@ -6,6 +6,7 @@
 //! The socket is shared by the threads of a process: requests carry ids, and whichever thread
 //! is waiting reads replies for everybody (see `Conn::call`).
 
+use rustc_hash::FxHashMap;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -199,21 +200,39 @@ struct Held {
     local: Option<Arc<Local>>,
 }
 
-/// A result kept in process memory, 64-byte aligned like the arena's blocks.
+/// A result kept in process memory, 16-byte aligned (what rkyv archives need); small ones
+/// (calls' inline results) live in the same allocation as the count.
 struct Local {
-    blocks: Box<[Block]>,
+    blocks: LocalBlocks,
     len: usize,
     error: bool,
 }
 
-#[repr(C, align(64))]
+enum LocalBlocks {
+    Small([Block; LOCAL_SMALL_BLOCKS]),
+    Large(Box<[Block]>),
+}
+
+/// Values up to this many 16-byte blocks are kept without a second allocation.
+const LOCAL_SMALL_BLOCKS: usize = 12;
+
+#[repr(C, align(16))]
 #[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
-struct Block([u8; 64]);
+struct Block([u8; 16]);
 
 impl Local {
     fn new(bytes: &[u8], error: bool) -> Local {
-        let mut blocks = vec![Block([0; 64]); bytes.len().div_ceil(64).max(1)].into_boxed_slice();
-        bytemuck::cast_slice_mut::<Block, u8>(&mut blocks)[..bytes.len()].copy_from_slice(bytes);
+        let n = bytes.len().div_ceil(16);
+        let mut blocks = if n <= LOCAL_SMALL_BLOCKS {
+            LocalBlocks::Small([Block([0; 16]); LOCAL_SMALL_BLOCKS])
+        } else {
+            LocalBlocks::Large(vec![Block([0; 16]); n].into_boxed_slice())
+        };
+        let all: &mut [Block] = match &mut blocks {
+            LocalBlocks::Small(b) => b,
+            LocalBlocks::Large(b) => b,
+        };
+        bytemuck::cast_slice_mut::<Block, u8>(all)[..bytes.len()].copy_from_slice(bytes);
         Local {
             blocks,
             len: bytes.len(),
@@ -221,7 +240,11 @@ impl Local {
         }
     }
     fn bytes(&self) -> &[u8] {
-        &bytemuck::cast_slice::<Block, u8>(&self.blocks)[..self.len]
+        let all: &[Block] = match &self.blocks {
+            LocalBlocks::Small(b) => b,
+            LocalBlocks::Large(b) => b,
+        };
+        &bytemuck::cast_slice::<Block, u8>(all)[..self.len]
     }
 }
 
@@ -259,11 +282,11 @@ impl Held {
 
 #[derive(Default)]
 struct Holds {
-    map: HashMap<ObjectId, Held>,
+    map: FxHashMap<ObjectId, Held>,
     /// Ids whose last reference went by an `Unhold` frame (value: its sequence number). Until
     /// the daemon has handled it, a new local pin could be undone by it, so new references
     /// to these ids go through the daemon too.
-    unholding: HashMap<ObjectId, u64>,
+    unholding: FxHashMap<ObjectId, u64>,
 }
 
 /// The slab this client bump-allocates small objects from.
@@ -684,6 +707,25 @@ impl StoreClient {
             },
         );
         Ok(())
+    }
+
+    /// [`StoreClient::release`] if `id` is a value in this process's memory (see
+    /// [`StoreClient::resolve_local`]); `false` (and nothing done) otherwise.
+    pub fn release_if_local(&self, id: &ObjectId) -> bool {
+        let mut holds = lock(&self.inner.holds);
+        let Some(h) = holds.map.get_mut(id) else {
+            return false;
+        };
+        if h.local.is_none() {
+            return false;
+        }
+        h.count -= 1;
+        if h.count == 0 {
+            let gone = holds.map.remove(id);
+            drop(holds);
+            drop(gone);
+        }
+        true
     }
 
     /// Drops one reference taken by [`StoreClient::hold`], a view, or an owned put.

@@ -16,20 +16,30 @@ impl ObjectId {
     /// A fresh id: 12 random bytes fixed per process, then a per-process counter.
     /// Unique across processes with overwhelming probability and cheap (no syscall per id).
     pub fn random() -> ObjectId {
-        static PREFIX: std::sync::Mutex<Option<(u64, [u8; 12])>> = std::sync::Mutex::new(None);
+        thread_local! {
+            /// The prefix, with the fork generation it was drawn in.
+            static PREFIX: std::cell::Cell<Option<(u64, [u8; 12])>> =
+                const { std::cell::Cell::new(None) };
+        }
+        static SHARED: std::sync::Mutex<Option<(u64, [u8; 12])>> = std::sync::Mutex::new(None);
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let generation = fork_generation();
-        let prefix = {
-            let mut p = PREFIX.lock().unwrap_or_else(|e| e.into_inner());
-            match *p {
-                Some((seeded, prefix)) if seeded == generation => prefix,
-                // First use, or a forked child (new pid): a fresh random prefix, so parent
-                // and child never collide.
-                _ => {
-                    let prefix = random_prefix();
-                    *p = Some((generation, prefix));
-                    prefix
-                }
+        let prefix = match PREFIX.get() {
+            Some((seeded, prefix)) if seeded == generation => prefix,
+            _ => {
+                // One prefix per process (threads share it; the counter keeps them apart),
+                // drawn again in a forked child so that parent and child never collide.
+                let mut p = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+                let prefix = match *p {
+                    Some((seeded, prefix)) if seeded == generation => prefix,
+                    _ => {
+                        let prefix = random_prefix();
+                        *p = Some((generation, prefix));
+                        prefix
+                    }
+                };
+                PREFIX.set(Some((generation, prefix)));
+                prefix
             }
         };
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
