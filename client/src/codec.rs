@@ -155,6 +155,14 @@ pub fn archived_len<T: Value>(value: &T) -> Result<usize> {
     Ok(counter.len())
 }
 
+/// [`archived_len`], also returning the refs inside `value` (so that they can be made shareable
+/// before the object that will contain them is allocated).
+pub fn archived_len_and_refs<T: Value>(value: &T) -> Result<(usize, Vec<ObjectId>)> {
+    let (counter, refs) =
+        collect_refs(|| rkyv::api::high::to_bytes_in::<_, RkyvError>(value, Counter::new()));
+    Ok((counter.map_err(serialize_error::<T>)?.len(), refs))
+}
+
 /// Serialises `value` straight into `buf` and returns the number of bytes written: the same bytes
 /// `rkyv::to_bytes` produces, at the start of `buf`.
 ///

@@ -465,7 +465,10 @@ pub(crate) fn put_result<T: Value>(
     value: &T,
     reply_to: (u32, u32),
 ) -> Result<(u64, u64)> {
-    let len = codec::archived_len(value)?;
+    // Refs first: sharing one may put it in this client's slab, which must happen before this
+    // object takes its place there (small puts are published in slab order).
+    let (len, refs) = codec::archived_len_and_refs(value)?;
+    share_refs(client, &refs)?;
     let mut w = client.alloc_owned(id, len as u64)?;
     let (written, refs) = codec::collect_refs(|| codec::serialize_into(value, w.as_mut_slice()));
     if written? != len {
@@ -474,7 +477,6 @@ pub(crate) fn put_result<T: Value>(
             reason: "archive length changed between passes".into(),
         });
     }
-    share_refs(client, &refs)?;
     let place = (w.offset(), len as u64);
     w.publish_with(Owned {
         contained: refs,
@@ -885,7 +887,9 @@ impl Drop for Runtime {
 }
 
 fn put_value<T: Value>(sh: &Shared, value: &T) -> Result<ObjectRef<T>> {
-    let len = codec::archived_len(value)?;
+    // Refs first (see `put_result`).
+    let (len, refs) = codec::archived_len_and_refs(value)?;
+    share_refs(&sh.client, &refs)?;
     let id = ObjectId::random();
     let mut w = sh.client.alloc_owned(id, len as u64)?;
     let (written, refs) = codec::collect_refs(|| codec::serialize_into(value, w.as_mut_slice()));
@@ -896,7 +900,6 @@ fn put_value<T: Value>(sh: &Shared, value: &T) -> Result<ObjectRef<T>> {
             reason: format!("archive was {written} bytes, {len} expected"),
         });
     }
-    share_refs(&sh.client, &refs)?;
     w.publish(&refs)?;
     Ok(ObjectRef::adopt(id))
 }

@@ -70,6 +70,10 @@ pub fn executor_handle_passed_through_two_tasks() {
     run("exec-two-hops", "");
 }
 
+pub fn executor_small_results_inline_escape_and_survive_record_reuse() {
+    run("exec-inline", "");
+}
+
 pub fn executor_ten_thousand_calls_run_in_order() {
     run("exec-order", "10000");
 }

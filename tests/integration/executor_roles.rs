@@ -92,6 +92,44 @@ impl Worker {
     fn add(&mut self, a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> u64 {
         a + b + c + d + e + f
     }
+    fn echo(&mut self, x: u64) -> u64 {
+        x
+    }
+    fn fail_long(&mut self, n: usize) -> Result<u64, String> {
+        Err("x".repeat(n))
+    }
+    fn double_ref(&mut self, r: ObjectRef<u64>) -> trove::Result<u64> {
+        Ok(r.get()?.to_native() * 2)
+    }
+}
+
+/// A task that reads the refs inside an object.
+fn sum_refs(v: ObjectRef<Vec<ObjectRef<u64>>>) -> trove::Result<u64> {
+    let o = v.get()?;
+    let mut sum = 0;
+    for r in o.iter() {
+        sum += r.to_ref().get()?.to_native();
+    }
+    Ok(sum)
+}
+
+/// Waits (bounded) until the store holds `objects` objects and `used` bytes again.
+fn store_back_to(rt: &trove::Runtime, objects: u64, used: u64, what: &str) -> Res {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = rt.stats()?;
+        if st.objects == objects && st.used == used {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            return Err(format!(
+                "{what}: store at {} objects / {} bytes, not {objects} / {used}",
+                st.objects, st.used
+            )
+            .into());
+        }
+        sleep(Duration::from_millis(10));
+    }
 }
 
 fn second_hop(h: ActorHandle<Worker>, x: u64) -> trove::Result<u64> {
@@ -287,6 +325,82 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
                 ),
                 "unknown name",
             )?;
+            say("OK");
+        }
+        "exec-inline" => {
+            let w = rt.actor(Worker::default)?;
+            let w2 = rt.actor(Worker::default)?;
+            check(
+                w.call(Worker::echo, (1,))?.get_timeout(T)?.to_native() == 1,
+                "warm",
+            )?;
+            check(
+                w2.call(Worker::echo, (1,))?.get_timeout(T)?.to_native() == 1,
+                "warm",
+            )?;
+            let base = rt.stats()?;
+            // Small results come back through the completion records, never the store.
+            for i in 0..1000u64 {
+                check(
+                    w.call(Worker::echo, (i,))?.get_timeout(T)?.to_native() == i,
+                    "sync",
+                )?;
+            }
+            let refs: Vec<_> = (0..1000u64)
+                .map(|i| w.call(Worker::echo, (i,)))
+                .collect::<Result<_, _>>()?;
+            check(
+                rt.get_all_timeout(&refs, T)? == (0..1000).collect::<Vec<u64>>(),
+                "async values",
+            )?;
+            let (ready, _) = rt.wait(&refs, refs.len(), Some(T))?;
+            check(ready.len() == refs.len(), "wait on inline results")?;
+            check(rt.stats()?.objects == base.objects, "results stayed local")?;
+            drop((refs, ready));
+            // More results than records, none read until the end: each record is reused
+            // several times, so most results are moved to the store; all read back right.
+            let refs: Vec<_> = (0..5000u64)
+                .map(|i| w.call(Worker::echo, (i,)))
+                .collect::<Result<_, _>>()?;
+            for (i, r) in refs.iter().enumerate().rev() {
+                check(r.get_timeout(T)?.to_native() == i as u64, "reused records")?;
+            }
+            drop(refs);
+            store_back_to(&rt, base.objects, base.used, "after record reuse")?;
+            // Refs escaping into an object: one already read (local), one still running.
+            let done = w.call(Worker::echo, (40,))?;
+            check(done.get_timeout(T)?.to_native() == 40, "done")?;
+            let running = w.call(Worker::slow, (300,))?;
+            let both = rt.put(&vec![done.clone(), running.clone()])?;
+            let sum = rt.spawn(sum_refs, (both.clone(),))?;
+            check(sum.get_timeout(T)?.to_native() == 340, "sum through a task")?;
+            // A running call's ref as another actor's argument.
+            let later = w.call(Worker::slow, (200,))?;
+            let doubled = w2.call(Worker::double_ref, (later.clone(),))?;
+            check(
+                doubled.get_timeout(T)?.to_native() == 400,
+                "ref as argument",
+            )?;
+            check(
+                later.get_timeout(T)?.to_native() == 200,
+                "the caller still reads it",
+            )?;
+            drop((done, running, both, sum, later, doubled));
+            // Refs dropped before their calls finish.
+            for _ in 0..50 {
+                w.call(Worker::slow, (2,))?;
+            }
+            w.call(Worker::echo, (0,))?.get_timeout(T)?;
+            // Failures: a short message inline, a long one through the store.
+            match w.call(Worker::fail_long, (10,))?.get_timeout(T) {
+                Err(Error::TaskFailed(m)) => check(m == "x".repeat(10), &m)?,
+                other => return Err(format!("short failure gave {other:?}").into()),
+            }
+            match w.call(Worker::fail_long, (1000,))?.get_timeout(T) {
+                Err(Error::TaskFailed(m)) => check(m == "x".repeat(1000), "long failure")?,
+                other => return Err(format!("long failure gave {other:?}").into()),
+            }
+            store_back_to(&rt, base.objects, base.used, "at the end")?;
             say("OK");
         }
         "exec-order" => {

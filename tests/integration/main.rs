@@ -83,6 +83,7 @@ fn main() -> ExitCode {
         executor_actors::executor_killed_actor_fails_pending_and_later_calls,
         executor_actors::executor_handle_passed_through_two_tasks,
         executor_actors::executor_ten_thousand_calls_run_in_order,
+        executor_actors::executor_small_results_inline_escape_and_survive_record_reuse,
         executor_actors::executor_driver_exit_leaves_no_process,
         cli_commands::cli_put_get_status,
         security_access::security_another_uid_cannot_connect,
