@@ -291,8 +291,13 @@ struct Holds {
 
 /// The slab this client bump-allocates small objects from.
 struct ClientSlab {
+    start: u64,
     end: u64,
     next: u64,
+    /// Writers placed in this slab and not yet published or dropped. The daemon frees a slab
+    /// this client has moved on from once its objects are gone, so the client only moves on
+    /// when none is outstanding (others go to the daemon meanwhile).
+    outstanding: u32,
 }
 
 /// What the notification ring has told this process.
@@ -895,7 +900,13 @@ impl StoreClient {
             Some(s) if s.next + step <= s.end => {
                 let o = s.next;
                 s.next += step;
+                s.outstanding += 1;
                 o
+            }
+            Some(s) if s.outstanding > 0 => {
+                // Full, and another thread is still writing into it: not ours to give up yet.
+                drop(slab);
+                return self.create_owned(id, size);
             }
             _ => {
                 let (offset, len) = match self.call(&Request::Slab { size: SLAB_LEN })? {
@@ -908,8 +919,10 @@ impl StoreClient {
                     )));
                 }
                 *slab = Some(ClientSlab {
+                    start: offset,
                     end: offset + len,
                     next: offset + step,
+                    outstanding: 1,
                 });
                 offset
             }
@@ -1520,6 +1533,14 @@ impl OwnedWriter {
 
 impl Drop for OwnedWriter {
     fn drop(&mut self) {
+        if self.small {
+            // Published (its frame is queued: runs after `publish_with`'s send) or abandoned.
+            if let Some(s) = &mut *lock(&self.client.inner.slab)
+                && (s.start..s.end).contains(&self.offset)
+            {
+                s.outstanding = s.outstanding.saturating_sub(1);
+            }
+        }
         if !self.done && !self.small {
             let _ = self.client.abort(self.id);
         }

@@ -164,8 +164,9 @@ impl Entry {
 struct Slab {
     owner: u32,
     len: u64,
-    /// Objects must be placed at or after this offset (no overlap with earlier ones).
-    next: u64,
+    /// One bit per 64-byte granule already given to an object: a granule is used once, so
+    /// objects never overlap, whatever order a client's threads publish them in.
+    used: Vec<u64>,
     live: u32,
     /// The client moved on to another slab (or left): freed when `live` reaches 0.
     retired: bool,
@@ -1132,7 +1133,7 @@ impl Table {
             Slab {
                 owner: client,
                 len,
-                next: offset,
+                used: vec![0; (len / 64).div_ceil(64) as usize],
                 live: 0,
                 retired: false,
             },
@@ -1178,13 +1179,16 @@ impl Table {
             .and_then(|c| c.slab)
             .ok_or_else(|| StoreError::InvalidRequest("no slab granted".into()))?;
         let s = &self.slabs[&slab_off];
-        let alloc_len = size.next_multiple_of(64);
+        let alloc_len = size.max(1).next_multiple_of(64);
         let fits = offset.is_multiple_of(64)
-            && offset >= s.next
+            && offset >= slab_off
             && offset
                 .checked_add(alloc_len)
                 .is_some_and(|end| end <= slab_off + s.len);
-        if !fits {
+        let first = (offset.wrapping_sub(slab_off) / 64) as usize;
+        let granules = first..first + (alloc_len / 64) as usize;
+        let bit = |g: usize| (s.used[g / 64] >> (g % 64)) & 1 == 1;
+        if !fits || granules.clone().any(bit) {
             return Err(StoreError::InvalidRequest(format!(
                 "object at {offset}+{size} is not in the free part of the client's slab"
             )));
@@ -1196,7 +1200,9 @@ impl Table {
             },
         )?;
         let s = self.slabs.get_mut(&slab_off).expect("checked above");
-        s.next = offset + alloc_len;
+        for g in granules {
+            s.used[g / 64] |= 1 << (g % 64);
+        }
         s.live += 1;
         self.slab_object_bytes += alloc_len;
         self.objects.insert(

@@ -62,6 +62,7 @@ fn main() -> ExitCode {
         store_lifecycle::store_full_when_everything_is_pinned,
         store_lifecycle::store_delete_is_deferred_while_pinned,
         store_lifecycle::store_last_unpin_frees_a_deferred_delete,
+        store_verbs::store_small_puts_from_many_threads_all_land,
         store_verbs::store_verbs_across_processes,
         store_verbs::store_get_blocks_until_another_process_seals,
         store_verbs::store_get_timeout_and_poll,

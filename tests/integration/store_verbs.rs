@@ -157,3 +157,42 @@ pub fn store_evict_verb_and_zero_size_and_abort() {
     c.create(explicit, 64).unwrap().abort().unwrap();
     assert_eq!(c.stats().unwrap().objects, 3);
 }
+
+/// Small owned puts from four threads of one client, racing each other through several slabs
+/// (published out of allocation order, some while the slab is being replaced): every object
+/// lands, with its bytes, and another connection reads them all.
+pub fn store_small_puts_from_many_threads_all_land() {
+    let store = TestStore::start("128MiB");
+    let c = store.client();
+    let ids: Vec<Vec<(ObjectId, usize)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4u8)
+            .map(|t| {
+                let c = c.clone();
+                s.spawn(move || {
+                    (0..3000usize)
+                        .map(|i| {
+                            let id = ObjectId::random();
+                            let len = 100 + (i * 37 + t as usize * 11) % 3000;
+                            let mut w = c.alloc_owned(id, len as u64).unwrap();
+                            w.as_mut_slice().copy_from_slice(&pattern(t as u64, len));
+                            if i % 7 == 0 {
+                                std::thread::yield_now();
+                            }
+                            w.publish(&[]).unwrap();
+                            (id, len)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(c.stats().unwrap().objects, 12_000);
+    let reader = store.client();
+    for (t, list) in ids.iter().enumerate() {
+        for (id, len) in list {
+            let v = reader.get(*id, Timeout::Poll).unwrap();
+            assert_eq!(v.as_slice(), pattern(t as u64, *len).as_slice());
+        }
+    }
+}
