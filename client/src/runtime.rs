@@ -244,11 +244,11 @@ impl Shared {
             let Some(id) = calls.order.front().copied() else {
                 break;
             };
-            if let Some(hint) = calls.by_id.get(&id) {
-                if !self.look(&id, hint) {
+            if let Some(hint) = calls.by_id.remove(&id) {
+                if !self.look(&id, &hint) {
+                    calls.by_id.insert(id, hint);
                     break;
                 }
-                calls.by_id.remove(&id);
                 n += 1;
             }
             calls.order.pop_front();
@@ -617,6 +617,9 @@ pub(crate) fn release(id: &ObjectId) {
 /// object or a call: results of calls in flight are asked for in the store, and results held
 /// only in this process's memory are put there.
 pub(crate) fn share_refs(client: &StoreClient, refs: &[ObjectId]) -> Result<()> {
+    if refs.is_empty() {
+        return Ok(());
+    }
     let sh = current();
     for id in refs {
         if let Some(sh) = &sh {

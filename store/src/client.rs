@@ -718,15 +718,15 @@ impl StoreClient {
     /// [`StoreClient::resolve_local`]); `false` (and nothing done) otherwise.
     pub fn release_if_local(&self, id: &ObjectId) -> bool {
         let mut holds = lock(&self.inner.holds);
-        let Some(h) = holds.map.get_mut(id) else {
+        let std::collections::hash_map::Entry::Occupied(mut e) = holds.map.entry(*id) else {
             return false;
         };
-        if h.local.is_none() {
+        if e.get().local.is_none() {
             return false;
         }
-        h.count -= 1;
-        if h.count == 0 {
-            let gone = holds.map.remove(id);
+        e.get_mut().count -= 1;
+        if e.get().count == 0 {
+            let gone = e.remove();
             drop(holds);
             drop(gone);
         }
