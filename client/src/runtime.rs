@@ -249,6 +249,7 @@ impl Shared {
                     calls.by_id.insert(id, hint);
                     break;
                 }
+                trove_store::client::shrink_if_sparse(&mut calls.by_id);
                 n += 1;
             }
             calls.order.pop_front();
