@@ -845,14 +845,6 @@ impl StoreClient {
         }
     }
 
-    /// Whether `id` is held only in this process's memory (see [`StoreClient::resolve_local`]).
-    pub fn is_local(&self, id: &ObjectId) -> bool {
-        lock(&self.inner.holds)
-            .map
-            .get(id)
-            .is_some_and(|h| h.local.is_some())
-    }
-
     /// Puts a local value (see [`StoreClient::resolve_local`]) in the store under its id, so
     /// that other processes can read it (its ref is escaping into an object or a call). This
     /// process keeps its references, now to the stored object. A no-op for other ids.
