@@ -5,16 +5,15 @@
 //! are (inside values, in other threads) without carrying a handle.
 
 use std::collections::{HashMap, VecDeque};
-
-use rustc_hash::FxHashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use rustc_hash::FxHashMap;
 use trove_executor::mailbox::{Mailbox, MailboxError, mailbox_bytes};
 use trove_executor::record::{INLINE_MAX, Seen, Took};
 use trove_executor::{EmbeddedStore, ProcessError, SpawnRequest, Zygote};
-use trove_store::client::Readiness;
+use trove_store::client::{OwnedWriter, Readiness};
 use trove_store::protocol::Owned;
 use trove_store::{ObjectId, Stats, StoreClient, StoreError};
 
@@ -286,10 +285,7 @@ impl Shared {
     /// that an inline result is taken (and dropped here) and a pending one goes to the store
     /// (where the release finds it).
     fn before_release(&self, id: &ObjectId) {
-        let pending = {
-            let calls = lock(&self.calls);
-            !calls.by_id.is_empty() && calls.by_id.contains_key(id)
-        };
+        let pending = lock(&self.calls).by_id.contains_key(id);
         if pending && self.client.held_count(id) <= 1 && !self.settle(id) {
             self.force_store(id);
         }
@@ -466,25 +462,37 @@ pub(crate) fn put_result<T: Value>(
     value: &T,
     reply_to: (u32, u32),
 ) -> Result<(u64, u64)> {
-    // Refs first: sharing one may put it in this client's slab, which must happen before this
-    // object takes its place there (small puts are published in slab order).
-    let (len, refs) = codec::archived_len_and_refs(value)?;
-    share_refs(client, &refs)?;
-    let mut w = client.alloc_owned(id, len as u64)?;
-    let (written, refs) = codec::collect_refs(|| codec::serialize_into(value, w.as_mut_slice()));
-    if written? != len {
-        return Err(Error::Serialize {
-            type_name: std::any::type_name::<T>(),
-            reason: "archive length changed between passes".into(),
-        });
-    }
-    let place = (w.offset(), len as u64);
+    let (w, refs) = write_owned(client, id, value)?;
+    let place = (w.offset(), w.len() as u64);
     w.publish_with(Owned {
         contained: refs,
         pin_for: Some(reply_to),
         ..Owned::default()
     })?;
     Ok(place)
+}
+
+/// Serialises `value` as the owned object `id`, not yet published; returns the writer and the
+/// refs inside the value (for `Owned::contained`).
+fn write_owned<T: Value>(
+    client: &StoreClient,
+    id: ObjectId,
+    value: &T,
+) -> Result<(OwnedWriter, Vec<ObjectId>)> {
+    // Refs first: sharing one may put it in this client's slab, which must happen before this
+    // object takes its place there (small puts are published in slab order).
+    let (len, refs) = codec::archived_len_and_refs(value)?;
+    share_refs(client, &refs)?;
+    let mut w = client.alloc_owned(id, len as u64)?;
+    let (written, refs) = codec::collect_refs(|| codec::serialize_into(value, w.as_mut_slice()));
+    let written = written?;
+    if written != len {
+        return Err(Error::Serialize {
+            type_name: std::any::type_name::<T>(),
+            reason: format!("archive was {written} bytes, {len} expected"),
+        });
+    }
+    Ok((w, refs))
 }
 
 /// A 20-byte id derived from a name (the same in every process).
@@ -891,19 +899,8 @@ impl Drop for Runtime {
 }
 
 fn put_value<T: Value>(sh: &Shared, value: &T) -> Result<ObjectRef<T>> {
-    // Refs first (see `put_result`).
-    let (len, refs) = codec::archived_len_and_refs(value)?;
-    share_refs(&sh.client, &refs)?;
     let id = ObjectId::random();
-    let mut w = sh.client.alloc_owned(id, len as u64)?;
-    let (written, refs) = codec::collect_refs(|| codec::serialize_into(value, w.as_mut_slice()));
-    let written = written?;
-    if written != len {
-        return Err(Error::Serialize {
-            type_name: std::any::type_name::<T>(),
-            reason: format!("archive was {written} bytes, {len} expected"),
-        });
-    }
+    let (w, refs) = write_owned(&sh.client, id, value)?;
     w.publish(&refs)?;
     Ok(ObjectRef::adopt(id))
 }

@@ -6,7 +6,6 @@
 //! The socket is shared by the threads of a process: requests carry ids, and whichever thread
 //! is waiting reads replies for everybody (see `Conn::call`).
 
-use rustc_hash::FxHashMap;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -14,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
 
 use crate::daemon::{NOTICE_LEN, NOTICE_LOST};
 use crate::error::{Result, StoreError};
@@ -244,7 +245,7 @@ impl Local {
             LocalBlocks::Small(b) => b,
             LocalBlocks::Large(b) => b,
         };
-        &bytemuck::cast_slice::<Block, u8>(all)[..self.len]
+        &bytemuck::cast_slice(all)[..self.len]
     }
 }
 
