@@ -17,7 +17,7 @@ use rkyv::munge::munge;
 use rkyv::rancor::{Fallible, Source};
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Place, Portable, Serialize};
-use trove_executor::mailbox::{Mailbox, MailboxError};
+use trove_executor::mailbox::{Debt, Mailbox, MailboxError, NOT_QUEUED};
 use trove_executor::message::{
     self, CALL_HEADER, Failure, KIND_CALL, KIND_CALL_BY_OBJECT, KIND_STOP, Message,
 };
@@ -121,13 +121,70 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panicked".into())
 }
 
-/// What the callee knows about the call it is running: where the result goes and its
-/// completion record.
+/// What the callee knows about the call it is running: where the result goes, its
+/// completion record, and where the callee notes the results it owes (its own mailbox).
 pub(crate) struct Call<'a> {
     pub(crate) result: ObjectId,
     pub(crate) reply_to: (u32, u32),
     pub(crate) pos: u64,
     pub(crate) record: &'a Record,
+    pub(crate) debts: &'a Mailbox,
+}
+
+impl Call<'_> {
+    /// Notes that the result of `d` is owed until the store frame `seq` is written (see
+    /// [`trove_executor::mailbox`]); `None` if that cannot be noted (the store is gone).
+    fn owe(&self, client: &StoreClient, d: &Debt, seq: u64) -> Option<u64> {
+        match self.debts.owe(d, seq) {
+            Ok(n) => Some(n),
+            // Every slot is unpaid: writing the queued frames pays them.
+            Err(_) => client
+                .flush()
+                .ok()
+                .and_then(|_| self.debts.owe(d, seq).ok()),
+        }
+    }
+
+    /// Runs `put`, which stores the result of debt `n` (noted before, so that there is no
+    /// moment when the result is neither owed nor in the store): the frames it queues stamp
+    /// the debt, which is paid once they are written. A failed put cancels the debt.
+    fn pay_with<R, E>(
+        &self,
+        client: &StoreClient,
+        n: Option<u64>,
+        put: impl FnOnce() -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
+        if let Some(n) = n {
+            self.debts.arm(n);
+        }
+        let r = client.stamping(put);
+        self.debts.disarm();
+        if let (Some(n), Err(_)) = (n, &r) {
+            self.debts.set_debt_seq(n, 0);
+        }
+        r
+    }
+
+    /// Notes the debt `d`, then [`Call::pay_with`].
+    fn put_owed<R, E>(
+        &self,
+        client: &StoreClient,
+        d: &Debt,
+        put: impl FnOnce() -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
+        let n = self.owe(client, d, NOT_QUEUED);
+        self.pay_with(client, n, put)
+    }
+
+    /// This call's own result, as a debt.
+    fn debt(&self) -> Debt {
+        Debt {
+            pos: self.pos,
+            result: self.result.0,
+            reply_to: self.reply_to,
+            evicted: false,
+        }
+    }
 }
 
 /// A result stored in the store whose place is recorded once its frame is written (see
@@ -155,7 +212,9 @@ fn run_and_report<Args: Value, O: Outcome>(
     let done = match outcome {
         Ok(v) => match small_value(&v, &mut small.0) {
             Ok(Some(len)) => finish(client, call, Finish::Bytes(&small.0[..len], false)),
-            Ok(None) => match runtime::put_result(client, call.result, &v, call.reply_to) {
+            Ok(None) => match call.put_owed(client, &call.debt(), || {
+                runtime::put_result(client, call.result, &v, call.reply_to)
+            }) {
                 Ok((offset, len)) => finish(client, call, Finish::Stored(offset, len)),
                 Err(e) => failed(client, call, &e.to_string()),
             },
@@ -192,7 +251,10 @@ fn failed(
     if report.len() <= INLINE_MAX {
         return finish(client, call, Finish::Bytes(&report, true));
     }
-    match message::report_failure(client, call.result, call.reply_to, Failure::TaskFailed, msg)? {
+    let report = call.put_owed(client, &call.debt(), || {
+        message::report_failure(client, call.result, call.reply_to, Failure::TaskFailed, msg)
+    })?;
+    match report {
         Some((offset, len)) => finish(client, call, Finish::StoredError(offset, len)),
         None => Ok(None),
     }
@@ -208,25 +270,72 @@ enum Finish<'a> {
 
 /// Completes a call: records the result inline in its completion record when it is small and
 /// the record is free, else makes sure it is in the store (its place recorded after the
-/// frames are written: the returned [`Deferred`]).
+/// frames are written: the returned [`Deferred`]). A result that goes to the store is owed
+/// (noted in `call.debts`) from before its frame is queued until it is written.
 fn finish(
     client: &StoreClient,
     call: &Call,
     what: Finish,
 ) -> std::result::Result<Option<Deferred>, StoreError> {
     let rec = call.record;
-    let claimed = match rec.claim(call.pos) {
+    // An earlier caller's untaken inline result becomes ours to store when we take the record:
+    // it is owed from just before we try, so that no moment has it in neither place.
+    let mut evict_debt = None;
+    let claim = rec.claim_with(call.pos, |ev| {
+        let d = Debt {
+            pos: ev.pos,
+            result: ev.result,
+            reply_to: ev.reply_to,
+            evicted: true,
+        };
+        match evict_debt {
+            Some(n) => call.debts.set_debt(n, &d, NOT_QUEUED),
+            None => evict_debt = call.owe(client, &d, NOT_QUEUED),
+        }
+    });
+    let claimed = match claim {
         Claim::Ok(evicted) => {
-            if let Some(ev) = evicted {
-                // An earlier caller never took its inline result: it goes to the store.
-                let id = ObjectId(ev.result);
-                if let Err(e) = store_bytes(client, id, &ev.bytes, ev.error, ev.reply_to) {
-                    tracing::warn!("evicting result {id}: {e}");
+            match evicted {
+                Some(ev) => {
+                    let id = ObjectId(ev.result);
+                    let stored = call.pay_with(client, evict_debt, || {
+                        store_bytes(client, id, &ev.bytes, ev.error, ev.reply_to)
+                    });
+                    if let Err(e) = stored {
+                        tracing::warn!("evicting result {id}: {e}");
+                        let msg = format!("result lost: {e}");
+                        let d = Debt {
+                            pos: ev.pos,
+                            result: ev.result,
+                            reply_to: ev.reply_to,
+                            evicted: true,
+                        };
+                        let _ = call.put_owed(client, &d, || {
+                            message::report_failure(
+                                client,
+                                id,
+                                ev.reply_to,
+                                Failure::TaskFailed,
+                                &msg,
+                            )
+                        });
+                    }
+                }
+                // The caller took it first: nothing is owed.
+                None => {
+                    if let Some(n) = evict_debt {
+                        call.debts.set_debt_seq(n, 0);
+                    }
                 }
             }
             true
         }
-        Claim::Unavailable => false,
+        Claim::Unavailable => {
+            if let Some(n) = evict_debt {
+                call.debts.set_debt_seq(n, 0);
+            }
+            false
+        }
     };
     let stored = match what {
         Finish::Bytes(bytes, error) => {
@@ -237,7 +346,9 @@ fn finish(
                 return Ok(None);
             }
             // The record is EVICTING (the caller asked for the store) or not ours.
-            match store_bytes(client, call.result, bytes, error, call.reply_to) {
+            match call.put_owed(client, &call.debt(), || {
+                store_bytes(client, call.result, bytes, error, call.reply_to)
+            }) {
                 Ok((offset, len)) => (offset, len, error),
                 Err(e) => {
                     if claimed {
@@ -409,16 +520,23 @@ thread_local! {
 }
 
 /// The loop of an actor or worker process: pop, run, repeat, until stopped, marked dead, or
-/// the store goes away.
-pub(crate) fn serve(
-    client: &StoreClient,
-    queue: &Mailbox,
-    record: &Mailbox,
-    state: *mut u8,
-) -> i32 {
+/// the store goes away. `queue` holds the calls and their completion records; `own` is this
+/// process's mailbox, where it notes the call it runs and the results it owes (the same as
+/// `queue` for an actor), so that whoever reaps it can fail them if it dies.
+pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state: *mut u8) -> i32 {
     let mut buf = Vec::with_capacity(SLOT_BYTES as usize);
     // Results whose frames are queued but not yet written: recorded once they are.
     let mut done: Vec<Deferred> = Vec::new();
+    // Each store frame queued while a debt is armed stamps it; each write pays the debts up
+    // to it.
+    let debts = *own;
+    client.on_queued(move |seq| debts.stamp(seq));
+    client.on_written(move |seq| debts.written(seq));
+    let record_done = |done: &mut Vec<Deferred>| {
+        for (pos, offset, len, error) in done.drain(..) {
+            queue.record(pos).finish_stored(pos, offset, len, error);
+        }
+    };
     loop {
         // Nothing queued, or a batch is full: write the batched frames, then tell the callers
         // where their results are (only once the `PutSmall`s are in the socket, so the daemon
@@ -427,9 +545,7 @@ pub(crate) fn serve(
             if client.flush().is_err() {
                 return 0;
             }
-            for (pos, offset, len, error) in done.drain(..) {
-                queue.record(pos).finish_stored(pos, offset, len, error);
-            }
+            record_done(&mut done);
         }
         if queue.is_empty() && client.flush().is_err() {
             return 0;
@@ -452,59 +568,69 @@ pub(crate) fn serve(
             continue;
         };
         if m.kind == KIND_STOP {
+            // Hand over what is done before going.
+            if client.flush().is_ok() {
+                record_done(&mut done);
+            }
             return 0;
         }
-        record.set_current(&buf[..CALL_HEADER]);
-        let args_view;
-        let args: &[u8] = if m.kind == KIND_CALL_BY_OBJECT {
-            let Ok(id) = <[u8; 20]>::try_from(m.args) else {
-                record.clear_current();
-                continue;
-            };
-            match client.get(ObjectId(id), Duration::from_secs(30)) {
-                Ok(v) => {
-                    args_view = v;
-                    &args_view
-                }
-                Err(e) => {
-                    let _ = message::report_failure(
-                        client,
-                        m.result,
-                        m.reply_to,
-                        Failure::TaskFailed,
-                        &format!("arguments lost: {e}"),
-                    );
-                    record.clear_current();
-                    continue;
-                }
-            }
-        } else {
-            m.args
-        };
+        own.set_current(pos, &buf[..CALL_HEADER]);
         let call = Call {
             result: m.result,
             reply_to: m.reply_to,
             pos,
             record: queue.record(pos),
+            debts: own,
         };
-        let deferred = if state.is_null() {
-            // SAFETY: the address was made from a `TaskFn` by a process of this tree (same
-            // binary); a corrupt mailbox is the only other writer, and only our own processes
-            // can write to it.
-            let f = unsafe { std::mem::transmute::<usize, TaskFn>(m.func as usize) };
-            f(client, args, &call)
-        } else {
-            // SAFETY: as above, a `MethodFn` for this actor's type (calls are typed by the
-            // `ActorHandle<A>` they went through); `state` is our actor, used only here.
-            unsafe {
-                let f = std::mem::transmute::<usize, MethodFn>(m.func as usize);
-                f(state, client, args, &call)
-            }
-        };
+        let deferred = run_call(client, &m, &call, state);
         if let Some(d) = deferred {
             done.push(d);
         }
-        record.clear_current();
+        // Its result is in its record, or owed (see `finish`): the call is no longer ours to
+        // fail.
+        own.clear_current();
+    }
+}
+
+/// Runs one call: fetches arguments passed as an object, calls the trampoline.
+fn run_call(client: &StoreClient, m: &Message, call: &Call, state: *mut u8) -> Option<Deferred> {
+    let args_view;
+    let args: &[u8] = if m.kind == KIND_CALL_BY_OBJECT {
+        let args = <[u8; 20]>::try_from(m.args)
+            .map_err(|_| "a malformed argument id".to_string())
+            .and_then(|id| {
+                client
+                    .get(ObjectId(id), Duration::from_secs(30))
+                    .map_err(|e| e.to_string())
+            });
+        match args {
+            Ok(v) => {
+                args_view = v;
+                &args_view
+            }
+            Err(e) => {
+                return failed(client, call, &format!("arguments lost: {e}")).unwrap_or_else(|e| {
+                    tracing::warn!("call result {}: {e}", call.result);
+                    None
+                });
+            }
+        }
+    } else {
+        m.args
+    };
+    if state.is_null() {
+        // SAFETY: the address was made from a `TaskFn` by a process of this tree (same
+        // binary); a corrupt mailbox is the only other writer, and only our own processes
+        // can write to it.
+        let f = unsafe { std::mem::transmute::<usize, TaskFn>(m.func as usize) };
+        f(client, args, call)
+    } else {
+        // SAFETY: as above, a `MethodFn` for this actor's type (calls are typed by the
+        // `ActorHandle<A>` they went through); `state` is our actor, used only here.
+        unsafe {
+            let f = std::mem::transmute::<usize, MethodFn>(m.func as usize);
+            f(state, client, args, call)
+        }
     }
 }
 

@@ -191,7 +191,10 @@ impl Shared {
         };
         let done = self.look(id, hint);
         if done {
-            calls.by_id.remove(id);
+            let hint = calls.by_id.remove(id);
+            // Dropping a hint may drop an actor handle, whose mailbox ref comes back here.
+            drop(calls);
+            drop(hint);
         }
         done
     }
@@ -231,15 +234,19 @@ impl Shared {
                 break;
             }
         }
-        calls.by_id.remove(id);
+        let removed = calls.by_id.remove(id);
+        // Hints are dropped unlocked (see `settle`).
+        drop(calls);
+        drop((hint, removed));
     }
 
     /// Reads the records of finished calls, oldest first (at most `max`), so that their
     /// inline results are taken before the callee reuses the records.
     fn harvest(&self, max: usize) {
         let mut calls = lock(&self.calls);
-        let mut n = 0;
-        while n < max {
+        // Dropped unlocked (see `settle`).
+        let mut read = Vec::new();
+        while read.len() < max {
             let Some(id) = calls.order.front().copied() else {
                 break;
             };
@@ -249,10 +256,12 @@ impl Shared {
                     break;
                 }
                 trove_store::client::shrink_if_sparse(&mut calls.by_id);
-                n += 1;
+                read.push(hint);
             }
             calls.order.pop_front();
         }
+        drop(calls);
+        drop(read);
     }
 
     /// Pushes a call message, harvesting finished calls while the mailbox is full.
@@ -443,15 +452,14 @@ fn worker_entry(payload: &[u8]) -> i32 {
     let Some(spec) = ChildSpec::decode(payload.get(20..).unwrap_or(&[])) else {
         return 2;
     };
-    let record_id = ObjectId(payload[..20].try_into().expect("20 bytes"));
+    let own_id = ObjectId(payload[..20].try_into().expect("20 bytes"));
     let Some(rt) = init_child(&spec) else {
         return 3;
     };
-    let (Ok(record), Ok(queue)) = (actor::attach(&rt.sh.client, record_id), rt.sh.task_queue())
-    else {
+    let (Ok(own), Ok(queue)) = (actor::attach(&rt.sh.client, own_id), rt.sh.task_queue()) else {
         return 4;
     };
-    actor::serve(&rt.sh.client, queue, &record.mailbox, std::ptr::null_mut())
+    actor::serve(&rt.sh.client, queue, &own.mailbox, std::ptr::null_mut())
 }
 
 /// Stores `value` as the result `id` for the caller `reply_to` (which gets the only
@@ -572,24 +580,26 @@ pub fn init(cfg: Config) -> Result<Runtime> {
     sh.task_queue_id = queue.id();
     lock(&sh.owned).push(queue);
     for _ in 0..cfg.num_cpus {
-        let record = sh.new_mailbox(2, 64)?;
+        // A worker's own mailbox: no calls, only its current call and its debts.
+        let own = sh.new_mailbox(2, 64)?;
         let spec = ChildSpec {
             socket: socket.clone(),
             task_queue: sh.task_queue_id,
             ctor: 0,
             ctor_args: Vec::new(),
         };
-        let mut payload = record.id().as_bytes().to_vec();
+        let mut payload = own.id().as_bytes().to_vec();
         payload.extend_from_slice(&spec.encode());
         sh.zygote()?
             .spawn(&SpawnRequest {
                 entry: worker_entry,
-                mailbox: record.id(),
+                mailbox: own.id(),
+                queue: sh.task_queue_id,
                 respawn: true,
                 payload,
             })
             .map_err(|e| Error::Init(e.to_string()))?;
-        lock(&sh.owned).push(record);
+        lock(&sh.owned).push(own);
     }
     let sh = Arc::new(sh);
     // Threads from here on: every fork is done (store, zygote); the zygote forks the rest.
@@ -824,6 +834,7 @@ impl Runtime {
             .spawn(&SpawnRequest {
                 entry: actor_entry,
                 mailbox: mailbox.id(),
+                queue: mailbox.id(),
                 respawn: false,
                 payload,
             })

@@ -126,6 +126,13 @@ impl Record {
 
     /// Claims the record to complete position `pos`.
     pub fn claim(&self, pos: u64) -> Claim {
+        self.claim_with(pos, |_| {})
+    }
+
+    /// [`Record::claim`], calling `before_evict` with an untaken inline result of an earlier
+    /// position before trying to take it (the consumer records that it may owe it; it owes it
+    /// if the claim returns it).
+    pub fn claim_with(&self, pos: u64, mut before_evict: impl FnMut(&InlineResult)) -> Claim {
         let until = Instant::now() + BUSY_WAIT;
         let backoff = Backoff::new();
         loop {
@@ -144,6 +151,9 @@ impl Record {
                 continue;
             }
             let evicted = (tag == INLINE).then(|| self.read_inline(p));
+            if let Some(ev) = &evicted {
+                before_evict(ev);
+            }
             if self
                 .w(0)
                 .compare_exchange(s, state(pos, WRITING), Ordering::AcqRel, Ordering::Acquire)
@@ -220,6 +230,28 @@ impl Record {
     /// to the store's notifications).
     pub fn finish_empty(&self, pos: u64) {
         self.w(0).store(state(pos, EMPTY), Ordering::Release);
+    }
+
+    /// Lets go of a record whose consumer died while filling it for `pos` (`WRITING` or
+    /// `EVICTING`): its caller then looks for the result in the store. `true` if it did.
+    pub fn abandon(&self, pos: u64) -> bool {
+        [WRITING, EVICTING].into_iter().any(|tag| {
+            self.w(0)
+                .compare_exchange(
+                    state(pos, tag),
+                    state(pos, TAKEN),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+        })
+    }
+
+    /// The position the record last spoke for, and whether its result reached the caller or
+    /// the store (`STORED`, `INLINE` or `TAKEN`).
+    pub fn status(&self) -> (u64, bool) {
+        let (p, tag) = split(self.w(0).load(Ordering::Acquire));
+        (p, matches!(tag, STORED | INLINE | TAKEN))
     }
 
     fn read_inline(&self, pos: u64) -> InlineResult {
@@ -399,6 +431,35 @@ mod tests {
         r.finish_empty(6);
         assert_eq!(r.seen(6), Seen::Pending);
         assert_eq!(r.claim(6), Claim::Ok(None));
+    }
+
+    #[test]
+    fn the_eviction_hook_sees_the_result_before_it_is_taken_and_dead_writers_are_abandoned() {
+        let r = record();
+        assert_eq!(r.claim(1), Claim::Ok(None));
+        assert!(r.finish_inline(1, id(5), (4, 8), b"v", false));
+        assert_eq!(r.status(), (1, true));
+        let mut seen = Vec::new();
+        let Claim::Ok(Some(ev)) = r.claim_with(5, |ev| {
+            // Still the caller's here: the record speaks for position 1.
+            assert_eq!(r.seen(1), Seen::Inline);
+            seen.push(ev.clone());
+        }) else {
+            panic!("expected an eviction")
+        };
+        assert_eq!(seen, vec![ev]);
+        // Its consumer dies while writing position 5: the record is let go, once.
+        assert_eq!(r.status(), (5, false));
+        assert!(!r.abandon(1));
+        assert!(r.abandon(5));
+        assert!(!r.abandon(5));
+        assert_eq!(r.seen(5), Seen::Gone);
+        assert_eq!(r.status(), (5, true));
+        // The next lap claims it as usual; a result in place is never abandoned.
+        assert_eq!(r.claim(9), Claim::Ok(None));
+        r.finish_stored(9, 64, 8, false);
+        assert!(!r.abandon(9));
+        assert_eq!(r.status(), (9, true));
     }
 
     #[test]

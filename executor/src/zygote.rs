@@ -32,9 +32,12 @@ pub type Entry = fn(&[u8]) -> i32;
 #[derive(Debug, Clone)]
 pub struct SpawnRequest {
     pub entry: Entry,
-    /// The child's mailbox (a store object): failed and marked dead when an actor dies; for a
-    /// worker, only its current call is failed.
+    /// The child's mailbox (a store object): its current call and debts are failed when it
+    /// dies; an actor's is marked dead and its queued calls failed too.
     pub mailbox: ObjectId,
+    /// The mailbox whose calls the child runs and whose completion records it fills: the
+    /// actor's own, or the task queue for a worker.
+    pub queue: ObjectId,
     /// Fork a replacement when it dies (workers).
     pub respawn: bool,
     pub payload: Vec<u8>,
@@ -104,6 +107,7 @@ impl Zygote {
         let mut body = vec![OP_SPAWN];
         body.extend_from_slice(&(req.entry as usize as u64).to_le_bytes());
         body.extend_from_slice(req.mailbox.as_bytes());
+        body.extend_from_slice(req.queue.as_bytes());
         body.push(req.respawn as u8);
         body.extend_from_slice(&req.payload);
         let r = self.request(&body)?;
@@ -164,9 +168,10 @@ fn reply(s: &mut UnixStream, ok: bool, body: &[u8]) -> std::io::Result<()> {
 
 struct Child {
     req: SpawnRequest,
-    /// Pins the mailbox object while the child lives.
-    view: ObjectView,
+    /// Pin the mailbox and queue objects while the child lives.
+    _views: (ObjectView, Option<ObjectView>),
     mailbox: Mailbox,
+    queue: Mailbox,
 }
 
 fn attach(client: &StoreClient, id: ObjectId) -> Result<(ObjectView, Mailbox), String> {
@@ -234,7 +239,7 @@ fn handle(
     me: Pid,
 ) -> (bool, Vec<u8>) {
     match body.first() {
-        Some(&OP_SPAWN) if body.len() >= 30 => {
+        Some(&OP_SPAWN) if body.len() >= 50 => {
             let entry_addr = u64::from_le_bytes(body[1..9].try_into().expect("8 bytes")) as usize;
             // SAFETY: the address was taken from an `Entry` fn item by the driver, which this
             // process is a fork of (same binary, same layout), and only the driver can write to
@@ -243,16 +248,34 @@ fn handle(
             let req = SpawnRequest {
                 entry,
                 mailbox: ObjectId(body[9..29].try_into().expect("20 bytes")),
-                respawn: body[29] != 0,
-                payload: body[30..].to_vec(),
+                queue: ObjectId(body[29..49].try_into().expect("20 bytes")),
+                respawn: body[49] != 0,
+                payload: body[50..].to_vec(),
             };
             let (view, mailbox) = match attach(client, req.mailbox) {
                 Ok(x) => x,
                 Err(e) => return (false, e.into_bytes()),
             };
+            let (queue_view, queue) = if req.queue == req.mailbox {
+                (None, mailbox)
+            } else {
+                match attach(client, req.queue) {
+                    Ok((v, q)) => (Some(v), q),
+                    Err(e) => return (false, e.into_bytes()),
+                }
+            };
             match fork_child(&req, me) {
                 Ok(pid) => {
-                    children.insert(pid, Child { req, view, mailbox });
+                    let views = (view, queue_view);
+                    children.insert(
+                        pid,
+                        Child {
+                            req,
+                            _views: views,
+                            mailbox,
+                            queue,
+                        },
+                    );
                     (true, pid.to_le_bytes().to_vec())
                 }
                 Err(e) => (false, e.into_bytes()),
@@ -314,24 +337,50 @@ fn reap(client: &StoreClient, children: &mut HashMap<i32, Child>, me: Pid) {
                 let _ = report_failure(client, m.result, m.reply_to, failure, &why);
             }
         };
-        if child.req.respawn {
-            if let Some(rec) = child.mailbox.current() {
-                fail(&rec, Failure::TaskFailed);
+        let failure = if child.req.respawn {
+            Failure::TaskFailed
+        } else {
+            // Producers see it first, so nothing new is queued behind what is failed below.
+            child.mailbox.set_dead();
+            Failure::ActorDied
+        };
+        // Results it made and handed to its store client (paid: the frame left it).
+        let debts = child.mailbox.debts();
+        // The call it was running, unless its result is in its record already or owed.
+        if let Some((pos, rec)) = child.mailbox.current() {
+            let (at, delivered) = child.queue.record(pos).status();
+            let owed = Message::decode(&rec)
+                .is_some_and(|m| debts.iter().any(|(d, _)| d.result == m.result.0));
+            let in_record = at == pos && delivered;
+            if !in_record && !owed {
+                fail(&rec, failure);
+                child.queue.record(pos).abandon(pos);
             }
-            child.mailbox.clear_current();
+        }
+        child.mailbox.clear_current();
+        for (d, paid) in debts {
+            let record = child.queue.record(d.pos);
+            // An inline result it was taking out of its record is owed only if it took it
+            // (the record moved on); otherwise its caller has it or still can take it.
+            if d.evicted && record.status().0 <= d.pos {
+                continue;
+            }
+            if !paid {
+                let _ = report_failure(client, ObjectId(d.result), d.reply_to, failure, &why);
+            }
+            // Its caller finds the result (or the failure) in the store.
+            record.abandon(d.pos);
+        }
+        child.mailbox.forgive();
+        if child.req.respawn {
             let _ = client.flush();
             if let Ok(new) = fork_child(&child.req, me) {
                 children.insert(new, child);
             }
             continue;
         }
-        child.mailbox.set_dead();
-        if let Some(rec) = child.mailbox.current() {
-            fail(&rec, Failure::ActorDied);
-        }
-        child.mailbox.clear_current();
         while let Ok(Some(())) = child.mailbox.try_pop(|_, m| fail(m, Failure::ActorDied)) {}
-        drop(child.view);
+        drop(child);
         // The reports are one-way frames: send them now (the zygote has no flusher thread).
         let _ = client.flush();
     }

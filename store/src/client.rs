@@ -90,6 +90,19 @@ struct Writer {
     /// Off by default: every frame is written at once. The `trove` runtime turns it on (it
     /// runs a flusher).
     batching: bool,
+    /// Sequence number of the last frame in `batch`.
+    last: u64,
+    /// Told the sequence number of the last frame written, after each write.
+    on_written: Option<Box<dyn Fn(u64) + Send>>,
+    /// Told the sequence number of each frame that publishes an object (`PutSmall`,
+    /// `SealOwned`) queued by a thread inside [`StoreClient::stamping`], before it can be
+    /// written.
+    on_queued: Option<Box<dyn Fn(u64) + Send>>,
+}
+
+thread_local! {
+    /// Whether this thread is inside [`StoreClient::stamping`].
+    static STAMPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A batch this large is written at once.
@@ -102,7 +115,11 @@ impl Writer {
         }
         let r = self.stream.write_all(&self.batch);
         self.batch.clear();
-        r.map_err(|e| StoreError::Disconnected(format!("write to the store failed: {e}")))
+        r.map_err(|e| StoreError::Disconnected(format!("write to the store failed: {e}")))?;
+        if let Some(f) = &self.on_written {
+            f(self.last);
+        }
+        Ok(())
     }
 }
 
@@ -114,6 +131,13 @@ impl Conn {
         let mut w = lock(&self.writer);
         w.batch.extend_from_slice(&frame);
         let seq = self.sent.fetch_add(1, Ordering::AcqRel) + 1;
+        w.last = seq;
+        if let Some(f) = &w.on_queued
+            && STAMPING.get()
+            && matches!(r, Request::PutSmall { .. } | Request::SealOwned { .. })
+        {
+            f(seq);
+        }
         if req != 0 || !w.batching || w.batch.len() >= BATCH_LIMIT {
             w.flush()?;
         }
@@ -386,6 +410,9 @@ impl StoreClient {
                         stream,
                         batch: Vec::with_capacity(BATCH_LIMIT),
                         batching: false,
+                        last: 0,
+                        on_written: None,
+                        on_queued: None,
                     }),
                     read: Mutex::new(ReadState {
                         reader: Some(reader),
@@ -815,6 +842,35 @@ impl StoreClient {
     /// Writes the one-way frames queued so far (releases, holds, small puts, watches).
     pub fn flush(&self) -> Result<()> {
         self.inner.conn.flush()
+    }
+
+    /// Calls `f` with the sequence number of the last frame written to the socket after each
+    /// write (frames are numbered from 1 in the order they are queued): every frame up to it is in the daemon's hands from then on, even if this process
+    /// dies. Called with the writer's lock held: `f` must be quick and must not use this
+    /// client. Replaces an earlier `f`.
+    pub fn on_written(&self, f: impl Fn(u64) + Send + 'static) {
+        lock(&self.inner.conn.writer).on_written = Some(Box::new(f));
+    }
+
+    /// Calls `f` with the sequence number of each frame publishing an owned object (a small
+    /// put or an owned seal) that a thread inside [`StoreClient::stamping`] queues, right
+    /// after queuing it and before it can be written (under the writer's lock: `f` must be
+    /// quick and must not use this client). Replaces an earlier `f`.
+    pub fn on_queued(&self, f: impl Fn(u64) + Send + 'static) {
+        lock(&self.inner.conn.writer).on_queued = Some(Box::new(f));
+    }
+
+    /// Runs `body`, reporting each frame this thread queues meanwhile to the
+    /// [`StoreClient::on_queued`] callback.
+    pub fn stamping<R>(&self, body: impl FnOnce() -> R) -> R {
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                STAMPING.set(self.0);
+            }
+        }
+        let _restore = Restore(STAMPING.replace(true));
+        body()
     }
 
     /// Tells this process where a pending reference's object is, learnt from its creator

@@ -74,6 +74,11 @@ pub fn executor_small_results_inline_escape_and_survive_record_reuse() {
     run("exec-inline", "");
 }
 
+pub fn executor_actor_killed_owing_results_fails_them_all() {
+    let line = run("exec-die-owing", "");
+    eprintln!("exec-die-owing: {line}");
+}
+
 pub fn executor_ten_thousand_calls_run_in_order() {
     run("exec-order", "10000");
 }

@@ -13,6 +13,8 @@ use crate::util::say;
 type Res = Result<(), Box<dyn std::error::Error>>;
 
 const T: Duration = Duration::from_secs(30);
+/// How long a result of a dead actor may take to be known (it should be well under 1 s).
+const BOUND: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 pub struct Foo {
@@ -101,6 +103,32 @@ impl Worker {
     fn double_ref(&mut self, r: ObjectRef<u64>) -> trove::Result<u64> {
         Ok(r.get()?.to_native() * 2)
     }
+    /// A result too large to travel inline: it goes through the store.
+    fn text(&mut self, i: u64) -> String {
+        format!("{i:>1000}")
+    }
+    /// SIGKILLs this actor's own process.
+    fn die(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Reads `n` results with `get(i)` (each bounded): each is right or `ActorDied`, none hangs.
+/// Returns how many died.
+fn each_value_or_died(
+    n: usize,
+    get: impl Fn(usize) -> trove::Result<bool>,
+    what: &str,
+) -> Result<usize, Box<dyn std::error::Error>> {
+    let mut died = 0;
+    for i in 0..n {
+        match get(i) {
+            Ok(right) => check(right, &format!("{what}: wrong value for call {i}"))?,
+            Err(Error::ActorDied(_)) => died += 1,
+            Err(e) => return Err(format!("{what}: call {i} gave {e}").into()),
+        }
+    }
+    Ok(died)
 }
 
 /// A task that reads the refs inside an object.
@@ -122,9 +150,23 @@ fn store_back_to(rt: &trove::Runtime, objects: u64, used: u64, what: &str) -> Re
             return Ok(());
         }
         if Instant::now() > until {
+            let list: Vec<String> = rt
+                .store()
+                .list()?
+                .iter()
+                .map(|o| {
+                    let b = rt
+                        .store()
+                        .get(o.id, Duration::from_millis(10))
+                        .map(|v| String::from_utf8_lossy(&v[..v.len().min(40)]).into_owned());
+                    format!("{} ({} bytes, {} pins) {b:?}", o.id, o.size, o.pins)
+                })
+                .collect();
             return Err(format!(
-                "{what}: store at {} objects / {} bytes, not {objects} / {used}",
-                st.objects, st.used
+                "{what}: store at {} objects / {} bytes, not {objects} / {used}: {}",
+                st.objects,
+                st.used,
+                list.join(", ")
             )
             .into());
         }
@@ -402,6 +444,49 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
             }
             store_back_to(&rt, base.objects, base.used, "at the end")?;
             say("OK");
+        }
+        "exec-die-owing" => {
+            let base = rt.stats()?;
+            // Stored results: the actor is busy while the calls queue up, then runs them
+            // back to back (its store frames batched) and kills itself with some unsent.
+            let w = rt.actor(Worker::default)?;
+            check(*w.call(Worker::echo, (1,))?.get_timeout(T)? == 1, "warm up")?;
+            w.call(Worker::slow, (200,))?;
+            let texts: Vec<_> = (0..200u64)
+                .map(|i| w.call(Worker::text, (i,)))
+                .collect::<Result<_, _>>()?;
+            let d1 = w.call(Worker::die, ())?;
+            let died_stored = each_value_or_died(
+                texts.len(),
+                |i| Ok(texts[i].get_timeout(BOUND)?.as_str() == format!("{i:>1000}")),
+                "stored results",
+            )?;
+            // Inline results the caller leaves in the records (a slow call in front stops it
+            // harvesting): the actor moves them to the store as it reuses the records, then
+            // kills itself with some of those moves unsent.
+            let slow = rt.actor(Worker::default)?;
+            let a = rt.actor(Worker::default)?;
+            check(*a.call(Worker::echo, (1,))?.get_timeout(T)? == 1, "warm up")?;
+            let front = slow.call(Worker::slow, (300,))?;
+            let echoes: Vec<_> = (0..1500u64)
+                .map(|i| a.call(Worker::echo, (i,)))
+                .collect::<Result<_, _>>()?;
+            // (Its ref dropped at once: fire and forget.)
+            a.call(Worker::die, ())?;
+            let died_evicted = each_value_or_died(
+                echoes.len(),
+                |i| Ok(echoes[i].get_timeout(BOUND)?.to_native() == i as u64),
+                "evicted results",
+            )?;
+            check(*front.get_timeout(T)? == 300, "slow call")?;
+            rt.kill(&slow)?;
+            check(
+                matches!(d1.get_timeout(BOUND), Err(Error::ActorDied(_))),
+                "the call that killed it",
+            )?;
+            drop((texts, echoes, front, w, a, slow, d1));
+            store_back_to(&rt, base.objects, base.used, "after the deaths")?;
+            say(&format!("OK {died_stored} {died_evicted}"));
         }
         "exec-order" => {
             let n: u64 = arg.parse()?;

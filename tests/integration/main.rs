@@ -82,6 +82,7 @@ fn main() -> ExitCode {
         executor_actors::executor_large_object_summed_by_an_actor,
         executor_actors::executor_panics_and_errors_fail_the_call_and_the_actor_lives,
         executor_actors::executor_killed_actor_fails_pending_and_later_calls,
+        executor_actors::executor_actor_killed_owing_results_fails_them_all,
         executor_actors::executor_handle_passed_through_two_tasks,
         executor_actors::executor_ten_thousand_calls_run_in_order,
         executor_actors::executor_small_results_inline_escape_and_survive_record_reuse,
