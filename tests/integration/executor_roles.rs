@@ -184,6 +184,16 @@ fn first_hop(h: ActorHandle<Worker>, x: u64) -> trove::Result<u64> {
     trove::spawn(second_hop, (h, x + 1))?.deserialize()
 }
 
+/// A task whose result is too large to travel inline.
+fn text_task(i: u64) -> String {
+    format!("{i:>1000}")
+}
+
+/// A task that SIGKILLs the worker running it.
+fn kill_worker() {
+    let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+}
+
 fn named_hop(x: u64) -> trove::Result<u64> {
     let h: ActorHandle<Worker> = trove::get_actor("named-worker")?;
     h.call(Worker::push, (x,))?.deserialize()?;
@@ -479,6 +489,34 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
                 "evicted results",
             )?;
             check(*front.get_timeout(T)? == 300, "slow call")?;
+            // Tasks: a worker kills itself with results of earlier tasks in its batch; each
+            // task gets its value or `TaskFailed`, and the replaced pool runs the next ones.
+            let mut tasks: Vec<_> = (0..300u64)
+                .map(|i| rt.spawn(text_task, (i,)))
+                .collect::<Result<_, _>>()?;
+            let killer = rt.spawn(kill_worker, ())?;
+            tasks.extend(
+                (300..400u64)
+                    .map(|i| rt.spawn(text_task, (i,)))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+            let mut died_tasks = 0;
+            for (i, t) in tasks.iter().enumerate() {
+                match t.get_timeout(BOUND) {
+                    Ok(v) => check(v.as_str() == format!("{i:>1000}"), "task value")?,
+                    Err(Error::TaskFailed(m)) if m.contains("died") => died_tasks += 1,
+                    Err(e) => return Err(format!("task {i} gave {e}").into()),
+                }
+            }
+            check(
+                matches!(killer.get_timeout(BOUND), Err(Error::TaskFailed(_))),
+                "the task that killed its worker",
+            )?;
+            check(
+                rt.spawn(text_task, (7,))?.get_timeout(T)?.as_str() == format!("{:>1000}", 7),
+                "the pool after a death",
+            )?;
+            drop((tasks, killer));
             rt.kill(&slow)?;
             check(
                 matches!(d1.get_timeout(BOUND), Err(Error::ActorDied(_))),
@@ -486,7 +524,7 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
             )?;
             drop((texts, echoes, front, w, a, slow, d1));
             store_back_to(&rt, base.objects, base.used, "after the deaths")?;
-            say(&format!("OK {died_stored} {died_evicted}"));
+            say(&format!("OK {died_stored} {died_evicted} {died_tasks}"));
         }
         "exec-order" => {
             let n: u64 = arg.parse()?;
