@@ -155,11 +155,12 @@ fn store_back_to(rt: &trove::Runtime, objects: u64, used: u64, what: &str) -> Re
                 .list()?
                 .iter()
                 .map(|o| {
-                    let b = rt
-                        .store()
-                        .get(o.id, Duration::from_millis(10))
-                        .map(|v| String::from_utf8_lossy(&v[..v.len().min(40)]).into_owned());
-                    format!("{} ({} bytes, {} pins) {b:?}", o.id, o.size, o.pins)
+                    // Small ones (results, failure reports) with their bytes.
+                    let bytes = match rt.store().get(o.id, Duration::from_millis(10)) {
+                        Ok(v) if v.len() <= 256 => format!(" {:?}", String::from_utf8_lossy(&v)),
+                        _ => String::new(),
+                    };
+                    format!("{} ({} bytes, {} pins){bytes}", o.id, o.size, o.pins)
                 })
                 .collect();
             return Err(format!(
@@ -443,6 +444,15 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
                 w.call(Worker::slow, (2,))?;
             }
             w.call(Worker::echo, (0,))?.get_timeout(T)?;
+            // The last handle to an actor dropped before a running call's ref: dropping the
+            // ref lets go of the call, which held the handle (and its mailbox ref).
+            let v = rt.actor(Worker::default)?;
+            let pid = nix::unistd::Pid::from_raw(v.pid());
+            let running = v.call(Worker::slow, (50,))?;
+            drop(v);
+            drop(running);
+            // (Actors live until killed, handles or not.)
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)?;
             // Failures: a short message inline, a long one through the store.
             match w.call(Worker::fail_long, (10,))?.get_timeout(T) {
                 Err(Error::TaskFailed(m)) => check(m == "x".repeat(10), &m)?,
