@@ -1,5 +1,6 @@
-//! Actor calls: sync round trip, async calls in batches of 10,000, actor creation, and an actor
-//! summing a 256 MiB `Vec<f64>` passed by ref against summing it locally.
+//! Actor calls: sync round trip, async calls in batches of 10,000 (small results, and 1 KiB
+//! results that go through the store), actor creation, and an actor summing a 256 MiB
+//! `Vec<f64>` passed by ref against summing it locally.
 //!
 //! `cargo bench --bench actor_calls`. `trove::init` runs first thing in `main`.
 
@@ -18,6 +19,11 @@ impl Counter {
     fn inc(&mut self) -> u64 {
         self.n += 1;
         self.n
+    }
+    /// A result too large to travel inline (it goes through the store).
+    fn kib(&mut self) -> Vec<u8> {
+        self.n += 1;
+        vec![self.n as u8; 1024]
     }
     fn sum(&mut self, data: ObjectRef<Vec<f64>>) -> trove::Result<f64> {
         Ok(data.get()?.iter().map(|x| x.to_native()).sum())
@@ -44,6 +50,14 @@ fn main() {
                 .collect();
             // Calls from one caller run in order: the last done means all are.
             black_box(*refs.last().unwrap().get().unwrap());
+        })
+    });
+    g.bench_function("async_calls_10k_stored_1KiB", |b| {
+        b.iter(|| {
+            let refs: Vec<_> = (0..10_000)
+                .map(|_| actor.call(Counter::kib, ()).unwrap())
+                .collect();
+            black_box(refs.last().unwrap().get().unwrap().len());
         })
     });
     g.throughput(Throughput::Elements(1));
