@@ -21,7 +21,7 @@ use trove_executor::mailbox::{Debt, Mailbox, MailboxError, NOT_QUEUED};
 use trove_executor::message::{
     self, CALL_HEADER, Failure, KIND_CALL, KIND_CALL_BY_OBJECT, KIND_STOP, Message,
 };
-use trove_executor::record::{Claim, INLINE_MAX, Record};
+use trove_executor::record::{Claim, INLINE_MAX, InlineResult, Record};
 use trove_store::protocol::Owned;
 use trove_store::{ObjectId, ObjectView, StoreClient, StoreError};
 
@@ -280,14 +280,15 @@ fn finish(
     let rec = call.record;
     // An earlier caller's untaken inline result becomes ours to store when we take the record:
     // it is owed from just before we try, so that no moment has it in neither place.
+    let evicted_debt = |ev: &InlineResult| Debt {
+        pos: ev.pos,
+        result: ev.result,
+        reply_to: ev.reply_to,
+        evicted: true,
+    };
     let mut evict_debt = None;
     let claim = rec.claim_with(call.pos, |ev| {
-        let d = Debt {
-            pos: ev.pos,
-            result: ev.result,
-            reply_to: ev.reply_to,
-            evicted: true,
-        };
+        let d = evicted_debt(ev);
         match evict_debt {
             Some(n) => call.debts.set_debt(n, &d, NOT_QUEUED),
             None => evict_debt = call.owe(client, &d, NOT_QUEUED),
@@ -304,13 +305,7 @@ fn finish(
                     if let Err(e) = stored {
                         tracing::warn!("evicting result {id}: {e}");
                         let msg = format!("result lost: {e}");
-                        let d = Debt {
-                            pos: ev.pos,
-                            result: ev.result,
-                            reply_to: ev.reply_to,
-                            evicted: true,
-                        };
-                        let _ = call.put_owed(client, &d, || {
+                        let _ = call.put_owed(client, &evicted_debt(&ev), || {
                             message::report_failure(
                                 client,
                                 id,
