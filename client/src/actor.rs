@@ -22,7 +22,6 @@ use trove_executor::message::{
     self, CALL_HEADER, Failure, KIND_CALL, KIND_CALL_BY_OBJECT, KIND_STOP, Message,
 };
 use trove_executor::record::{Claim, INLINE_MAX, InlineResult, Record};
-use trove_store::protocol::Owned;
 use trove_store::{ObjectId, ObjectView, StoreClient, StoreError};
 
 use crate::codec::{self, RkyvError, Value};
@@ -300,7 +299,7 @@ fn finish(
                 Some(ev) => {
                     let id = ObjectId(ev.result);
                     let stored = call.pay_with(client, evict_debt, || {
-                        store_bytes(client, id, &ev.bytes, ev.error, ev.reply_to)
+                        message::store_result(client, id, ev.reply_to, &ev.bytes, ev.error)
                     });
                     if let Err(e) = stored {
                         tracing::warn!("evicting result {id}: {e}");
@@ -342,7 +341,7 @@ fn finish(
             }
             // The record is EVICTING (the caller asked for the store) or not ours.
             match call.put_owed(client, &call.debt(), || {
-                store_bytes(client, call.result, bytes, error, call.reply_to)
+                message::store_result(client, call.result, call.reply_to, bytes, error)
             }) {
                 Ok((offset, len)) => (offset, len, error),
                 Err(e) => {
@@ -357,25 +356,6 @@ fn finish(
         Finish::StoredError(offset, len) => (offset, len, true),
     };
     Ok(claimed.then_some((call.pos, stored.0, stored.1, stored.2)))
-}
-
-/// Stores `bytes` as the object `id` for the caller `reply_to`; returns where it is.
-fn store_bytes(
-    client: &StoreClient,
-    id: ObjectId,
-    bytes: &[u8],
-    error: bool,
-    reply_to: (u32, u32),
-) -> std::result::Result<(u64, u64), StoreError> {
-    let mut w = client.alloc_owned(id, bytes.len() as u64)?;
-    w.as_mut_slice().copy_from_slice(bytes);
-    let place = (w.offset(), bytes.len() as u64);
-    w.publish_with(Owned {
-        error,
-        pin_for: Some(reply_to),
-        ..Owned::default()
-    })?;
-    Ok(place)
 }
 
 /// The type-erased shape of a method trampoline.

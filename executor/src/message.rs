@@ -67,6 +67,27 @@ pub enum Failure {
     ActorDied = 2,
 }
 
+/// Stores `bytes` as the call result `result` for the caller `reply_to`, which gets the only
+/// reference (`Owned::pin_for`); `error` if they are a failure report. Returns where it is
+/// (offset, length).
+pub fn store_result(
+    client: &StoreClient,
+    result: ObjectId,
+    reply_to: (u32, u32),
+    bytes: &[u8],
+    error: bool,
+) -> Result<(u64, u64), StoreError> {
+    let mut w: OwnedWriter = client.alloc_owned(result, bytes.len() as u64)?;
+    w.as_mut_slice().copy_from_slice(bytes);
+    let place = (w.offset(), bytes.len() as u64);
+    w.publish_with(Owned {
+        error,
+        pin_for: Some(reply_to),
+        ..Owned::default()
+    })?;
+    Ok(place)
+}
+
 /// Leaves a failure report as the call's result object, for the caller `reply_to`; returns
 /// where it is (offset, length). A report that already exists (two processes reporting the
 /// same death) is not an error (`Ok(None)`).
@@ -77,20 +98,17 @@ pub fn report_failure(
     failure: Failure,
     message: &str,
 ) -> Result<Option<(u64, u64)>, StoreError> {
-    let bytes = failure_bytes(failure, message);
-    let mut w: OwnedWriter = match client.alloc_owned(result, bytes.len() as u64) {
-        Ok(w) => w,
-        Err(StoreError::AlreadyExists(_)) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    w.as_mut_slice().copy_from_slice(&bytes);
-    let place = (w.offset(), bytes.len() as u64);
-    w.publish_with(Owned {
-        error: true,
-        pin_for: Some(reply_to),
-        ..Owned::default()
-    })?;
-    Ok(Some(place))
+    match store_result(
+        client,
+        result,
+        reply_to,
+        &failure_bytes(failure, message),
+        true,
+    ) {
+        Ok(place) => Ok(Some(place)),
+        Err(StoreError::AlreadyExists(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// A failure report's bytes: the kind, then the message.
