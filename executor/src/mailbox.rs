@@ -230,6 +230,29 @@ impl Mailbox {
         }
     }
 
+    /// Vyukov's claim: takes the position `index` (tail for producers, head for consumers)
+    /// points at once its slot's sequence is that position plus `ready` (0: free for a
+    /// producer; 1: published, for a consumer). `None` if the queue is full (producers) or
+    /// empty (consumers).
+    fn claim(&self, index: &AtomicU64, ready: u64) -> Option<u64> {
+        let mut pos = index.load(Ordering::Relaxed);
+        loop {
+            let seq = self.seq(pos).load(Ordering::Acquire);
+            let diff = seq.wrapping_sub(pos + ready) as i64;
+            if diff == 0 {
+                match index.compare_exchange_weak(pos, pos + 1, Ordering::SeqCst, Ordering::Relaxed)
+                {
+                    Ok(_) => return Some(pos),
+                    Err(p) => pos = p,
+                }
+            } else if diff < 0 {
+                return None;
+            } else {
+                pos = index.load(Ordering::Relaxed);
+            }
+        }
+    }
+
     fn seq(&self, pos: u64) -> &AtomicU64 {
         // SAFETY: a slot starts with an 8-aligned u64 (slots are 16-byte multiples after a
         // 64-aligned header), accessed only atomically.
@@ -264,26 +287,9 @@ impl Mailbox {
             return Err(MailboxError::TooLarge(msg.len()));
         }
         let h = self.header();
-        let mut pos = h.tail.0.load(Ordering::Relaxed);
-        loop {
-            let seq = self.seq(pos).load(Ordering::Acquire);
-            let diff = seq.wrapping_sub(pos) as i64;
-            if diff == 0 {
-                match h.tail.0.compare_exchange_weak(
-                    pos,
-                    pos + 1,
-                    Ordering::SeqCst,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => break,
-                    Err(p) => pos = p,
-                }
-            } else if diff < 0 {
-                return Ok(None);
-            } else {
-                pos = h.tail.0.load(Ordering::Relaxed);
-            }
-        }
+        let Some(pos) = self.claim(&h.tail.0, 0) else {
+            return Ok(None);
+        };
         // SAFETY: we own slot `pos` until we publish it: the payload area is inside the slot
         // (len <= max_msg_len) and no consumer reads it before the Release store below.
         unsafe {
@@ -325,26 +331,9 @@ impl Mailbox {
     /// Pops one message into `f` (with its position) without waiting; `Ok(None)` if empty.
     pub fn try_pop<R>(&self, f: impl FnOnce(u64, &[u8]) -> R) -> Result<Option<R>, MailboxError> {
         let h = self.header();
-        let mut pos = h.head.0.load(Ordering::Relaxed);
-        loop {
-            let seq = self.seq(pos).load(Ordering::Acquire);
-            let diff = seq.wrapping_sub(pos + 1) as i64;
-            if diff == 0 {
-                match h.head.0.compare_exchange_weak(
-                    pos,
-                    pos + 1,
-                    Ordering::SeqCst,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => break,
-                    Err(p) => pos = p,
-                }
-            } else if diff < 0 {
-                return Ok(None);
-            } else {
-                pos = h.head.0.load(Ordering::Relaxed);
-            }
-        }
+        let Some(pos) = self.claim(&h.head.0, 1) else {
+            return Ok(None);
+        };
         let len = self.len_word(pos).load(Ordering::Relaxed) as usize;
         let result = if len > self.max_msg_len() {
             Err(MailboxError::Corrupt("message length"))
