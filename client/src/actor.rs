@@ -28,7 +28,7 @@ use crate::codec::{self, RkyvError, Value};
 use crate::error::{Error, Result};
 use crate::object_ref::ObjectRef;
 use crate::outcome::Outcome;
-use crate::runtime::{self, Shared};
+use crate::runtime::{self, Kept, Shared};
 
 /// Mailbox geometry: 1024 slots of 256 bytes (an actor's queue), 4096 for the task queue.
 pub(crate) const MAILBOX_SLOTS: u64 = 1024;
@@ -201,7 +201,18 @@ fn run_and_report<Args: Value, O: Outcome>(
         let mut aligned = AlignedVec::<16>::with_capacity(args.len());
         aligned.extend_from_slice(args);
         let archived = codec::access::<Args>(call.result, &aligned).map_err(|e| e.to_string())?;
+        let sent = client.frames_sent();
         let args = codec::deserialize::<Args>(call.result, archived).map_err(|e| e.to_string())?;
+        // A ref in the arguments to an object not sealed yet is held through a one-way `Hold`
+        // frame. The caller lets go of its own references once this call has run, possibly
+        // on another connection that the daemon serves first: so those frames must have been
+        // handled before the call can be seen to have run. (Sealed objects are pinned in
+        // place at once, with no frame: the common case costs nothing.)
+        if client.frames_sent() != sent {
+            client
+                .sync_through(client.frames_sent())
+                .map_err(|e| e.to_string())?;
+        }
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(args))) {
             Ok(o) => o.into_outcome(),
             Err(p) => Err(format!("panicked: {}", panic_message(p))),
@@ -444,10 +455,12 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     })?;
     let result = ObjectId::random();
     runtime::share_refs(client, &refs)?;
-    let mut keep = Vec::new();
+    // Everything the arguments refer to is held until the call has run (released with
+    // `keep`, on every path out of here that does not hand it to the call's entry).
+    let mut keep = Kept(Vec::with_capacity(refs.len() + 1));
     for id in &refs {
         client.hold(id)?;
-        keep.push(*id);
+        keep.0.push(*id);
     }
     let mut kind = KIND_CALL;
     let args_object;
@@ -457,7 +470,7 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
         let mut w = client.alloc_owned(id, bytes.len() as u64)?;
         w.as_mut_slice().copy_from_slice(&bytes);
         w.publish(&[])?;
-        keep.push(id);
+        keep.0.push(id);
         kind = KIND_CALL_BY_OBJECT;
         args_object = id;
         payload = args_object.as_bytes();
@@ -473,14 +486,14 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     .encode_into(&mut msg);
     client.adopt_pending(&result);
     let r = ObjectRef::adopt(result);
-    sh.keep_until_ready(result, keep);
     let pushed = sh.push_call(mailbox, &msg);
     SCRATCH.with(|s| *s.borrow_mut() = Some((bytes, msg)));
     match pushed {
-        Ok(pos) if !mailbox.is_dead() => sh.hint(result, *mailbox, pos, keepalive),
+        Ok(pos) if !mailbox.is_dead() => sh.hint(result, *mailbox, pos, keep, keepalive),
         // Dead before or right after we queued it: nobody may run it, so report it ourselves
-        // (if the reaper reported it first, ours is ignored).
+        // (if the reaper reported it first, ours is ignored). What it kept goes now.
         Ok(_) | Err(MailboxError::Dead) => {
+            drop(keep);
             message::report_failure(client, result, reply_to, dead, "the process is dead")?;
         }
         Err(e) => return Err(Error::TaskFailed(format!("mailbox: {e}"))),

@@ -89,8 +89,6 @@ pub(crate) struct Shared {
     zygote: Option<Zygote>,
     task_queue_id: ObjectId,
     task_queue: OnceLock<std::result::Result<Attached, String>>,
-    /// Objects kept alive for calls in flight: (result, ids held until it is ready).
-    keep: Mutex<VecDeque<(ObjectId, Vec<ObjectId>)>>,
     /// What the driver holds for the pool and the actors it started (mailboxes, names).
     owned: Mutex<Vec<ObjectRef<[u8]>>>,
     named: Mutex<HashMap<String, ObjectRef<[u8]>>>,
@@ -102,19 +100,53 @@ pub(crate) struct Shared {
 /// A small result comes back only through its record, so a call stays here until its record
 /// has been read (the result taken into this process, or found in the store) or the caller
 /// asked for the store.
+///
+/// Each call also keeps what its arguments refer to (the argument object, and every
+/// `ObjectRef` inside the arguments) until the callee has run it: the callee takes its own
+/// references while it deserialises the arguments, so once the call has run, the caller's
+/// are no longer needed. They are released with the call's entry (`Kept`'s drop), keyed by
+/// the call, never by the order calls were made in.
 #[derive(Default)]
 struct Calls {
     by_id: FxHashMap<ObjectId, Hint>,
     /// Results in call order, for harvesting finished calls before their records are reused.
+    /// Holds ids already settled too (skipped when met); compacted when those dominate.
     order: VecDeque<ObjectId>,
+    /// Calls forgotten by id (their result asked for in the store, or dropped) that may
+    /// still be running and keep arguments: kept until they have run (see [`Running`]).
+    running: Vec<Running>,
 }
 
-/// A call's mailbox and position.
-#[derive(Clone)]
+/// A call's mailbox and position, and what it keeps alive while it runs.
 struct Hint {
     mailbox: Mailbox,
     pos: u64,
+    keep: Kept,
     _keepalive: Option<Arc<dyn Send + Sync>>,
+}
+
+/// A call that may still be running, forgotten by id: its arguments' references are kept
+/// until it has run, and its result is held meanwhile, so that the store tells when the
+/// call is over even if its record never does (a consumer that died mid-call).
+struct Running {
+    result: ObjectId,
+    hint: Hint,
+}
+
+/// References this process holds for a call in flight, released when dropped.
+pub(crate) struct Kept(pub(crate) Vec<ObjectId>);
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        if let Some(sh) = current() {
+            for id in &self.0 {
+                sh.client.release(id);
+            }
+        }
+    }
 }
 
 /// How long a get polls a completion record before it asks for the result in the store and
@@ -131,7 +163,6 @@ impl Shared {
             zygote,
             task_queue_id,
             task_queue: OnceLock::new(),
-            keep: Mutex::new(VecDeque::new()),
             owned: Mutex::new(Vec::new()),
             named: Mutex::new(HashMap::new()),
             calls: Mutex::new(Calls::default()),
@@ -143,6 +174,7 @@ impl Shared {
         result: ObjectId,
         mailbox: Mailbox,
         pos: u64,
+        keep: Kept,
         keepalive: Option<Arc<dyn Send + Sync>>,
     ) {
         let mut calls = lock(&self.calls);
@@ -151,10 +183,18 @@ impl Shared {
             Hint {
                 mailbox,
                 pos,
+                keep,
                 _keepalive: keepalive,
             },
         );
         calls.order.push_back(result);
+        // Ids settled out of order stay in `order` until they reach its front: keep it within
+        // a constant factor of the calls in flight (amortised O(1)), so that one long call in
+        // front does not make it grow without bound.
+        if calls.order.len() > 2 * calls.by_id.len() + 1024 {
+            let Calls { by_id, order, .. } = &mut *calls;
+            order.retain(|id| by_id.contains_key(id));
+        }
     }
 
     /// Reads a call's completion record: takes an inline result into this process, or learns
@@ -221,23 +261,69 @@ impl Shared {
 
     /// Asks for the result `id` (a call in flight) to be put in the store, so that the
     /// daemon can notify waiters and other processes can read it; takes it at once if it is
-    /// already inline. A no-op for other ids.
+    /// already inline. A no-op for other ids. The call is forgotten by id; if it may still be
+    /// running and keeps arguments alive, it moves to `running` until it has run.
     fn force_store(&self, id: &ObjectId) {
         let mut calls = lock(&self.calls);
-        let Some(hint) = calls.by_id.get(id).cloned() else {
+        let Some(hint) = calls.by_id.remove(id) else {
             return;
         };
-        hint.mailbox.record(hint.pos).want_store(hint.pos);
+        let rec = hint.mailbox.record(hint.pos);
+        rec.want_store(hint.pos);
         // The callee stores it from now on, unless it is inline already: then we take it.
-        while !self.look(id, &hint) {
-            if hint.mailbox.record(hint.pos).seen(hint.pos) == Seen::Pending {
+        let mut done = false;
+        while !done {
+            done = self.look(id, &hint);
+            if rec.seen(hint.pos) == Seen::Pending {
                 break;
             }
         }
-        let removed = calls.by_id.remove(id);
-        // Hints are dropped unlocked (see `settle`).
+        if done || hint.keep.0.is_empty() {
+            // Hints are dropped unlocked (see `settle`).
+            drop(calls);
+            drop(hint);
+            return;
+        }
+        // Held until the call is over (released in `reap_running`): a result this process
+        // no longer refers to could otherwise be freed before we see it.
+        if self.client.hold(id).is_err() {
+            drop(calls);
+            drop(hint);
+            return;
+        }
+        calls.running.push(Running { result: *id, hint });
+    }
+
+    /// Releases what calls in `running` kept, for those that have run: their record moved
+    /// on, their result is in the store (or lost), or their mailbox is dead.
+    fn reap_running(&self) {
+        let mut calls = lock(&self.calls);
+        if calls.running.is_empty() {
+            return;
+        }
+        let mut over = Vec::new();
+        let mut i = 0;
+        while i < calls.running.len() {
+            let r = &calls.running[i];
+            let h = &r.hint;
+            let ran = h.mailbox.is_dead()
+                || h.mailbox.record(h.pos).seen(h.pos) != Seen::Pending
+                || self
+                    .client
+                    .wait_ready(&[r.result], 0, Some(Instant::now()))
+                    .is_ok_and(|s| s[0] != Readiness::Pending);
+            if ran {
+                over.push(calls.running.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
         drop(calls);
-        drop((hint, removed));
+        for r in over {
+            // Its arguments first (the hint's `Kept`), then the hold on its result.
+            drop(r.hint);
+            self.client.release(&r.result);
+        }
     }
 
     /// Reads the records of finished calls, oldest first (at most `max`), so that their
@@ -260,8 +346,12 @@ impl Shared {
             }
             calls.order.pop_front();
         }
+        let running = !calls.running.is_empty();
         drop(calls);
         drop(read);
+        if running {
+            self.reap_running();
+        }
     }
 
     /// Pushes a call message, harvesting finished calls while the mailbox is full.
@@ -306,31 +396,6 @@ impl Shared {
         }) {
             Ok(a) => Ok(&a.mailbox),
             Err(e) => Err(Error::TaskFailed(format!("task queue: {e}"))),
-        }
-    }
-
-    /// Keeps `ids` (already held) until `result` is ready, and releases those kept for
-    /// results that are ready now.
-    pub(crate) fn keep_until_ready(&self, result: ObjectId, ids: Vec<ObjectId>) {
-        let mut keep = lock(&self.keep);
-        if !ids.is_empty() {
-            keep.push_back((result, ids));
-        } else if keep.is_empty() {
-            return;
-        }
-        for _ in 0..8 {
-            let Some((r, _)) = keep.front() else { break };
-            let ready = self
-                .client
-                .wait_ready(&[*r], 0, Some(Instant::now()))
-                .is_ok_and(|s| s[0] != Readiness::Pending);
-            if !ready {
-                break;
-            }
-            let (_, ids) = keep.pop_front().expect("front");
-            for id in ids {
-                self.client.release(&id);
-            }
         }
     }
 
@@ -406,7 +471,8 @@ fn init_child(spec: &ChildSpec) -> Option<Runtime> {
 }
 
 /// Writes batched one-way frames every millisecond or so, so that a process that drops refs
-/// and then idles still releases them promptly. Ends with the runtime.
+/// and then idles still releases them promptly, and every 10 ms releases the arguments of
+/// forgotten calls that have run (`Shared::reap_running`). Ends with the runtime.
 fn start_flusher(sh: &Arc<Shared>) {
     let weak = Arc::downgrade(sh);
     if sh.client.set_batching(true).is_err() {
@@ -415,7 +481,12 @@ fn start_flusher(sh: &Arc<Shared>) {
     let _ = std::thread::Builder::new()
         .name("trove-flusher".into())
         .spawn(move || {
+            let mut tick = 0u32;
             while let Some(sh) = weak.upgrade() {
+                tick = tick.wrapping_add(1);
+                if tick.is_multiple_of(10) {
+                    sh.reap_running();
+                }
                 if sh.client.flush().is_err() {
                     return;
                 }

@@ -817,6 +817,20 @@ impl StoreClient {
         }
     }
 
+    /// The sequence number of the last one-way frame or request queued on this connection.
+    pub fn frames_sent(&self) -> u64 {
+        self.inner.conn.sent.load(Ordering::Acquire)
+    }
+
+    /// Makes sure the daemon has handled every frame up to sequence number `seq` (one round
+    /// trip, unless a reply already vouches for it).
+    pub fn sync_through(&self, seq: u64) -> Result<()> {
+        if self.inner.conn.is_synced(seq) {
+            return Ok(());
+        }
+        self.sync()
+    }
+
     /// Takes a reference to `id` that the daemon sets up when the object is sealed by another
     /// process which names this one in `Owned::pin_for` (a call's result). No frame is sent;
     /// the release always goes through the daemon.

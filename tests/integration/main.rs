@@ -6,6 +6,7 @@
 //! in a process that has threads.
 
 mod cli_commands;
+mod client_lifetimes;
 mod client_objects;
 mod client_roles;
 mod executor_actors;
@@ -69,6 +70,11 @@ fn main() -> ExitCode {
         store_verbs::store_get_many_returns_what_is_ready,
         store_verbs::store_subscribe_sees_seals_and_deletes,
         store_verbs::store_evict_verb_and_zero_size_and_abort,
+        client_lifetimes::client_call_arguments_are_freed_while_running,
+        client_lifetimes::client_refs_inside_arguments_are_freed_while_running,
+        client_lifetimes::client_dropped_and_unread_results_free_their_arguments,
+        client_lifetimes::client_pending_results_as_arguments_are_freed,
+        client_lifetimes::client_nested_calls_and_handles_in_tasks_free_everything,
         client_objects::client_init_refuses_a_threaded_process,
         client_objects::client_get_waits_for_an_object_sealed_later,
         client_objects::client_timeouts_and_wait,

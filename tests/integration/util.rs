@@ -211,6 +211,8 @@ pub fn run_helper_if_asked() {
         crate::load_clients::load_role(&socket, &arg)
     } else if role == "sec-stall" {
         crate::security_access::stall_role(&socket, arg.parse().unwrap_or(1))
+    } else if role.starts_with("live-") {
+        crate::client_lifetimes::helper_role(&role, &socket, &arg)
     } else if role.starts_with("exec-") {
         crate::executor_roles::helper_role(&role, &socket, &arg)
     } else if role.starts_with("trove-") {
