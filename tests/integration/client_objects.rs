@@ -7,7 +7,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use trove_store::ObjectId;
 
-use crate::util::{Helper, TestStore, wait_until};
+use crate::util::{Helper, TestStore, wait_until, wait_until_blocked};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -99,7 +99,7 @@ pub fn client_creator_killed_while_a_reader_waits_is_lost() {
     let id = id_of(&creator.expect_line("ID", T));
     let mut reader = Helper::start("trove-wait-forever", &store.socket, &id);
     reader.expect_line("WAITING", T);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until_blocked(reader.pid(), T);
     creator.kill9();
     let line = reader.expect_line("FAILED", Duration::from_secs(5));
     assert!(line.contains("ObjectLost"), "{line}");
@@ -118,7 +118,7 @@ pub fn client_daemon_killed_gives_disconnected() {
         &ObjectId::random().to_string(),
     );
     reader.expect_line("WAITING", T);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until_blocked(reader.pid(), T);
     kill(store.pid(), Signal::SIGKILL).unwrap();
     let line = reader.expect_line("FAILED", Duration::from_secs(5));
     assert!(line.contains("Disconnected"), "{line}");

@@ -196,6 +196,35 @@ impl Drop for Helper {
     }
 }
 
+/// Waits (bounded) until every thread of process `pid` is asleep (state `S` or `D` in
+/// /proc), twice in a row 20 ms apart: a reader that printed it is about to wait is then
+/// really parked in its wait, not still on its way there.
+pub fn wait_until_blocked(pid: Pid, limit: Duration) {
+    let asleep = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        let mut any = false;
+        for t in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+                return false;
+            };
+            let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start());
+            if !state.is_some_and(|r| r.starts_with('S') || r.starts_with('D')) {
+                return false;
+            }
+            any = true;
+        }
+        any
+    };
+    wait_until(limit, "the process to block", || {
+        asleep() && {
+            std::thread::sleep(Duration::from_millis(20));
+            asleep()
+        }
+    });
+}
+
 /// Runs the helper role named in the environment, then exits the process.
 pub fn run_helper_if_asked() {
     let Ok(role) = std::env::var(ROLE_ENV) else {
