@@ -1,5 +1,6 @@
 //! Load: more client processes than cores putting, getting and calling at once for a bounded
-//! time, every value checked, and the store back to empty at the end.
+//! time, every value checked, the store back to its baseline while every client still runs,
+//! and back to empty once they have gone.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -35,7 +36,31 @@ impl Checker {
     }
 }
 
-/// Role `load-client`: seed:millis — put, get, call, drop, until the time is up.
+/// Waits (bounded) for the file `path` to exist: the test's barrier between phases.
+fn await_file(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let until = Instant::now() + T;
+    while !path.exists() {
+        if Instant::now() > until {
+            return Err(format!("{} never appeared", path.display()).into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// The barrier files, beside the store's socket directory.
+fn barrier(socket: &Path, name: &str) -> std::path::PathBuf {
+    socket
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/nonexistent"))
+        .join(name)
+}
+
+/// Role `load-client`: seed:millis — put, get, call, drop, until the time is up. Says
+/// `READY` once its runtime and actor exist and waits for the `start` file; says `DONE`
+/// once it has let everything go and waits for the `end` file, so that the test sees the
+/// store back at its baseline while every client still runs.
 pub fn load_role(socket: &Path, arg: &str) -> Result<(), Box<dyn std::error::Error>> {
     let (seed, millis) = arg.split_once(':').ok_or("seed:millis")?;
     let mut x: u64 = seed.parse::<u64>()?.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -47,6 +72,8 @@ pub fn load_role(socket: &Path, arg: &str) -> Result<(), Box<dyn std::error::Err
     };
     let rt = trove::init(Config::default().store(socket).num_cpus(1))?;
     let checker = rt.actor(Checker::new)?;
+    say("READY");
+    await_file(&barrier(socket, "start"))?;
     let until = Instant::now() + Duration::from_millis(millis.parse()?);
     let mut live: VecDeque<ObjectRef<Blob>> = VecDeque::new();
     let (mut checked, mut calls) = (0u64, 0u64);
@@ -81,6 +108,7 @@ pub fn load_role(socket: &Path, arg: &str) -> Result<(), Box<dyn std::error::Err
     }
     drop(live);
     say(&format!("DONE {checked} {calls}"));
+    await_file(&barrier(socket, "end"))?;
     Ok(())
 }
 
@@ -93,6 +121,12 @@ pub fn load_many_clients_put_get_and_call_with_every_value_checked() {
     let mut helpers: Vec<Helper> = (0..procs)
         .map(|i| Helper::start("load-client", &store.socket, &format!("{}:2000", i + 1)))
         .collect();
+    for h in &mut helpers {
+        h.expect_line("READY", T);
+    }
+    // Every client's runtime, pool and actor exist: this is what the store holds at rest.
+    let base = c.stats().unwrap();
+    std::fs::write(store.dir.path().join("start"), b"").unwrap();
     let start = Instant::now();
     let mut peak = 0;
     while start.elapsed() < Duration::from_millis(1500) {
@@ -107,9 +141,17 @@ pub fn load_many_clients_put_get_and_call_with_every_value_checked() {
         let mut f = line.split_whitespace().skip(1);
         checked += f.next().unwrap().parse::<u64>().unwrap();
         calls += f.next().unwrap().parse::<u64>().unwrap();
+    }
+    // Everything each client made is dropped, and every client still runs.
+    wait_until(T, "the store back at its baseline with every client alive", || {
+        let s = c.stats().unwrap();
+        s.used == base.used && s.objects == base.objects
+    });
+    std::fs::write(store.dir.path().join("end"), b"").unwrap();
+    for h in &mut helpers {
         assert!(h.wait(T).success());
     }
-    assert!(peak > 0 && checked > 0 && calls > 0);
+    assert!(peak > base.used && checked > 0 && calls > 0);
     eprintln!("load: {procs} processes, {checked} objects checked, {calls} actor checks");
     wait_until(T, "used bytes back to zero", || {
         let s = c.stats().unwrap();
