@@ -35,21 +35,30 @@ fn sum_task(data: ObjectRef<Vec<u64>>) -> trove::Result<u64> {
     Ok(data.get()?.iter().map(|x| x.to_native()).sum())
 }
 
-/// Role `fault-driver`: a workload of puts, actor calls and tasks until the store goes away.
-/// Prints `ACTOR <pid>` for each actor it starts and counts what it saw.
+/// Role `fault-driver`: a workload of puts, actor calls and tasks until the test creates the
+/// `quiet` file (or the store goes away). Prints `ACTOR <pid>` for each actor it starts and
+/// counts what it saw. Once quiet, it checks the store back at its baseline while it, its
+/// pool and its two current actors all still run, says `LIVE`, and waits to be killed.
 pub fn driver_role(socket: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let _ = nix::unistd::setsid();
     let rt = trove::init(Config::default().store(socket).num_cpus(2))?;
+    let quiet = socket
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("socket path")?
+        .join("quiet");
+    say("STARTED");
     let start_actor = || -> trove::Result<trove::ActorHandle<Keeper>> {
         let a = rt.actor(Keeper::default)?;
         say(&format!("ACTOR {}", a.pid()));
         Ok(a)
     };
-    say("STARTED");
     let mut actors = [start_actor()?, start_actor()?];
+    // What the pool and two actors hold (a dead actor's mailbox goes with its last handle).
+    let base = rt.stats()?;
     let (mut ok, mut died, mut task_failed) = (0u64, 0u64, 0u64);
     let mut i = 0u64;
-    loop {
+    while !quiet.exists() {
         i += 1;
         if i.is_multiple_of(50) {
             say(&format!("STATS {ok} {died} {task_failed}"));
@@ -91,7 +100,41 @@ pub fn driver_role(socket: &Path) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    say(&format!("DISCONNECTED {ok} {died} {task_failed}"));
+    if !quiet.exists() {
+        say(&format!("DISCONNECTED {ok} {died} {task_failed}"));
+        return Ok(());
+    }
+    say(&format!("STATS {ok} {died} {task_failed}"));
+    let (objects, used) = (base.objects, base.used);
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = rt.stats()?;
+        if st.objects == objects && st.used == used {
+            break;
+        }
+        if Instant::now() > until {
+            return Err(format!(
+                "live leak: store at {} objects / {} bytes, expected {objects} / {used}",
+                st.objects, st.used
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Every actor alive still answers.
+    for a in &actors {
+        match a
+            .call(Keeper::keep, (rt.put(&vec![1u64, 2])?,))?
+            .get_timeout(T)
+        {
+            Ok(s) if *s == 3 => {}
+            Ok(s) => return Err(format!("actor summed {}", *s).into()),
+            Err(Error::ActorDied(_)) => {}
+            Err(e) => return Err(format!("last call: {e}").into()),
+        }
+    }
+    say(&format!("LIVE {objects} {used}"));
+    std::thread::sleep(T);
     Ok(())
 }
 
@@ -164,6 +207,11 @@ pub fn fault_sigkill_actors_workers_clients_then_the_daemon() {
             }
         }
     }
+    // Quiet: the driver stops and checks the store back at its baseline with every process
+    // of its tree alive. The plain clients' objects go first: their holders were killed.
+    c.delete(&plain).unwrap();
+    std::fs::write(store.dir.path().join("quiet"), b"").unwrap();
+    let live = driver.expect_line("LIVE", T);
     for l in driver.take_lines() {
         if l.starts_with("STATS") {
             stats = l;
@@ -178,7 +226,6 @@ pub fn fault_sigkill_actors_workers_clients_then_the_daemon() {
     assert!(f[1] > 0, "killed actors were seen as ActorDied: {stats}");
     // The driver itself (a client with actors, workers and objects) dies: once its tree is
     // gone, nothing it held is left: the store is back to empty.
-    c.delete(&plain).unwrap();
     driver.kill9();
     faults += 1;
     wait_until(
@@ -202,7 +249,7 @@ pub fn fault_sigkill_actors_workers_clients_then_the_daemon() {
     let line = reader.expect_line("FAILED", Duration::from_secs(5));
     assert!(line.contains("Disconnected"), "{line}");
     assert!(reader.wait(T).success());
-    eprintln!("faults: seed {seed}, {faults} kills; the driver saw {stats}");
+    eprintln!("faults: seed {seed}, {faults} kills; the driver saw {stats}; {live}");
     let _ = store.stop();
 }
 

@@ -143,10 +143,14 @@ pub fn load_many_clients_put_get_and_call_with_every_value_checked() {
         calls += f.next().unwrap().parse::<u64>().unwrap();
     }
     // Everything each client made is dropped, and every client still runs.
-    wait_until(T, "the store back at its baseline with every client alive", || {
-        let s = c.stats().unwrap();
-        s.used == base.used && s.objects == base.objects
-    });
+    wait_until(
+        T,
+        "the store back at its baseline with every client alive",
+        || {
+            let s = c.stats().unwrap();
+            s.used == base.used && s.objects == base.objects
+        },
+    );
     std::fs::write(store.dir.path().join("end"), b"").unwrap();
     for h in &mut helpers {
         assert!(h.wait(T).success());
