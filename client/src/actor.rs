@@ -457,7 +457,7 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     runtime::share_refs(client, &refs)?;
     // Everything the arguments refer to is held until the call has run (released with
     // `keep`, on every path out of here that does not hand it to the call's entry).
-    let mut keep = Kept(Vec::with_capacity(refs.len() + 1));
+    let mut keep = Kept(Vec::new());
     for id in &refs {
         client.hold(id)?;
         keep.0.push(*id);
