@@ -19,6 +19,7 @@ mod util;
 mod store_errors;
 mod store_faults;
 mod store_fuzz;
+mod store_isolation;
 mod store_lifecycle;
 mod store_verbs;
 
@@ -58,6 +59,11 @@ fn main() -> ExitCode {
         store_faults::store_sigterm_removes_the_socket_and_a_second_daemon_is_refused,
         store_faults::store_socket_directory_is_private,
         store_fuzz::store_random_and_truncated_frames_leave_the_daemon_serving,
+        store_isolation::store_cut_off_client_keeps_its_pins_and_index_while_alive,
+        store_isolation::store_a_client_that_does_not_read_replies_stalls_nobody,
+        store_isolation::store_rejected_small_put_is_an_error,
+        store_isolation::store_holds_and_watches_of_absent_ids_are_bounded,
+        store_isolation::store_owned_objects_are_deleted_by_their_owner_only,
         store_lifecycle::store_lru_eviction_order,
         store_lifecycle::store_full_when_everything_is_pinned,
         store_lifecycle::store_delete_is_deferred_while_pinned,

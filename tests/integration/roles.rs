@@ -60,6 +60,10 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Result<(), Box<dyn s
                 Err(e) => say(&format!("FAILED {e:?}")),
             }
         }
+        "pin-stop" => {
+            drop(client);
+            return crate::store_isolation::pin_stop_role(socket, arg);
+        }
         other => return Err(format!("unknown role {other}").into()),
     }
     Ok(())
