@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
-use crate::daemon::{NOTICE_LEN, NOTICE_LOST};
+use crate::daemon::{NOTICE_LEN, NOTICE_LOST, NOTICE_REJECTED};
 use crate::error::{Result, StoreError};
 use crate::id::ObjectId;
 use crate::protocol::{
@@ -223,6 +223,9 @@ struct Held {
     /// The object's bytes in this process's own memory: a call's small result that came back
     /// inline and that the store has never seen (see [`StoreClient::resolve_local`]).
     local: Option<Arc<Local>>,
+    /// This process's own small put of it was rejected by the daemon (`NOTICE_REJECTED`):
+    /// `loc` is not an object, and a get is `PutRejected`.
+    rejected: bool,
 }
 
 /// A result kept in process memory, 16-byte aligned (what rkyv archives need); small ones
@@ -289,6 +292,7 @@ impl Held {
             error: e.word & FLAG_ERROR != 0,
             daemon_seq: None,
             local: None,
+            rejected: false,
         }
     }
 
@@ -301,6 +305,7 @@ impl Held {
             error: false,
             daemon_seq: Some(seq),
             local: None,
+            rejected: false,
         }
     }
 }
@@ -530,6 +535,11 @@ impl StoreClient {
 
     /// Gets several objects: each entry is `Some` if it was sealed before the timeout.
     pub fn get_many(&self, ids: &[ObjectId], timeout: Timeout) -> Result<Vec<Option<ObjectView>>> {
+        // A rejected small put of ours is reported on the ring: an error, not its bytes.
+        self.poll_notes();
+        for id in ids {
+            self.check_rejected(id)?;
+        }
         let deadline = timeout.deadline();
         let mut out: Vec<Option<ObjectView>> = ids.iter().map(|_| None).collect();
         loop {
@@ -652,6 +662,9 @@ impl StoreClient {
             })
         };
         if let Some(h) = holds.map.get_mut(id) {
+            if h.rejected {
+                return None;
+            }
             if let Some(local) = &h.local {
                 h.count += 1;
                 return Some(Pinned::Local(local.clone()));
@@ -1092,12 +1105,10 @@ impl StoreClient {
         let notes = lock(&self.inner.notes);
         ids.iter()
             .map(|id| {
-                if holds
-                    .map
-                    .get(id)
-                    .is_some_and(|h| h.loc.is_some() || h.local.is_some())
-                {
-                    return Readiness::Ready;
+                match holds.map.get(id) {
+                    Some(h) if h.rejected => return Readiness::Lost,
+                    Some(h) if h.loc.is_some() || h.local.is_some() => return Readiness::Ready,
+                    _ => {}
                 }
                 match dir.lookup(id) {
                     Lookup::Sealed(_) => Readiness::Ready,
@@ -1153,9 +1164,24 @@ impl StoreClient {
         };
         let mut notes = lock(&self.inner.notes);
         notes.consumer = Some(consumer);
+        self.absorb_notes(notes, got);
+        if flush {
+            self.inner.conn.send(0, &Request::Flush)?;
+            self.inner.conn.flush()?;
+        }
+        result?;
+        self.check_alive()
+    }
+
+    /// Records a batch of notices (the `notes` lock is released here) and wakes waiters.
+    fn absorb_notes(&self, mut notes: MutexGuard<'_, Notes>, got: Vec<(u8, ObjectId)>) {
         notes.epoch += 1;
+        let mut rejected = Vec::new();
         for (kind, id) in got {
-            if kind == NOTICE_LOST && notes.lost.insert(id) {
+            if kind == NOTICE_REJECTED {
+                rejected.push(id);
+            }
+            if (kind == NOTICE_LOST || kind == NOTICE_REJECTED) && notes.lost.insert(id) {
                 notes.lost_order.push_back(id);
                 if notes.lost_order.len() > LOST_MEMORY
                     && let Some(old) = notes.lost_order.pop_front()
@@ -1165,13 +1191,54 @@ impl StoreClient {
             }
         }
         drop(notes);
-        self.inner.notes_cv.notify_all();
-        if flush {
-            self.inner.conn.send(0, &Request::Flush)?;
-            self.inner.conn.flush()?;
+        if !rejected.is_empty() {
+            let mut holds = lock(&self.inner.holds);
+            for id in rejected {
+                tracing::warn!("the store rejected this process's put of {id}");
+                if let Some(h) = holds.map.get_mut(&id)
+                    && h.loc.is_some()
+                    && h.local.is_none()
+                {
+                    h.rejected = true;
+                }
+            }
         }
-        result?;
-        self.check_alive()
+        self.inner.notes_cv.notify_all();
+    }
+
+    /// Takes what the notification ring holds now, without waiting (nothing if another
+    /// thread is reading it).
+    fn poll_notes(&self) {
+        let mut notes = lock(&self.inner.notes);
+        let Some(consumer) = notes.consumer.as_mut() else {
+            return;
+        };
+        let mut got: Vec<(u8, ObjectId)> = Vec::new();
+        while let Ok(Some(())) = consumer.try_pop_with(|m| {
+            if m.len() == NOTICE_LEN
+                && let Ok(id) = <[u8; crate::id::ID_LEN]>::try_from(&m[1..])
+            {
+                got.push((m[0], ObjectId(id)));
+            }
+        }) {}
+        if !got.is_empty() {
+            self.absorb_notes(notes, got);
+        }
+    }
+
+    /// `PutRejected` if this process's own small put of `id` was rejected by the daemon.
+    fn check_rejected(&self, id: &ObjectId) -> Result<()> {
+        if lock(&self.inner.holds)
+            .map
+            .get(id)
+            .is_some_and(|h| h.rejected)
+        {
+            return Err(StoreError::PutRejected {
+                id: *id,
+                reason: "its id exists, or its place was not in this client's slab".into(),
+            });
+        }
+        Ok(())
     }
 
     /// `Disconnected` if the daemon has gone (its end of the socket is closed).
