@@ -100,5 +100,6 @@ fn main() -> ExitCode {
         load_clients::load_many_clients_put_get_and_call_with_every_value_checked,
         fault_kills::fault_sigkill_actors_workers_clients_then_the_daemon,
     ];
+    let tests = tests.into_iter().map(security_access::needs_root).collect();
     libtest_mimic::run(&args, tests).exit_code()
 }
