@@ -1408,3 +1408,483 @@ impl Table {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::protocol::ErrorCode;
+    use crate::shm::{Layout, Lookup};
+
+    /// A table over a real (in-process) arena, with clients whose far ends are kept open.
+    struct Fx {
+        arena: Arena,
+        t: Table,
+        peers: Vec<UnixStream>,
+    }
+
+    impl Fx {
+        fn new(limits: Limits) -> Fx {
+            let arena = Arena::create(Layout::new(8 << 20, 256).unwrap()).unwrap();
+            let t = Table::new(&arena, limits);
+            Fx {
+                arena,
+                t,
+                peers: Vec::new(),
+            }
+        }
+
+        fn connect(&mut self) -> u32 {
+            let (a, b) = UnixStream::pair().unwrap();
+            let i = self.t.take_index().unwrap();
+            let ring = self.arena.init_ring(i).unwrap().producer();
+            self.t.add_client(i, Arc::new(Conn::new(a)), 1, None, ring);
+            self.peers.push(b);
+            i
+        }
+
+        fn req(&mut self, c: u32, r: Request) -> Reply {
+            let mut out = Outbox::default();
+            let h = self.t.request(&self.arena, c, 7, r, &mut out);
+            h.reply.expect("a reply")
+        }
+
+        fn one_way(&mut self, c: u32, r: Request) {
+            let mut out = Outbox::default();
+            assert!(self.t.request(&self.arena, c, 0, r, &mut out).reply.is_none());
+        }
+
+        fn stats(&mut self) -> Stats {
+            match self.req(0, Request::Stats) {
+                Reply::Stats(s) => s,
+                r => panic!("{r:?}"),
+            }
+        }
+
+        /// Used bytes equal the live objects' sizes (rounded to granules).
+        fn check_used(&mut self) {
+            let live: u64 = self.t.objects.values().map(|e| e.alloc_len).sum();
+            let s = self.stats();
+            assert_eq!(s.used, live, "{s:?}");
+            assert_eq!(s.objects, self.t.objects.len() as u64);
+        }
+
+        fn put(&mut self, c: u32, id: ObjectId, size: u64) -> u64 {
+            let Reply::Created { offset } = self.req(c, Request::Create { id, size }) else {
+                panic!("create failed")
+            };
+            assert_eq!(self.req(c, Request::Seal { id }), Reply::Ok);
+            offset
+        }
+
+        fn slot(&self, id: &ObjectId) -> u64 {
+            match self.arena.directory().lookup(id) {
+                Lookup::Sealed(e) => e.slot,
+                other => panic!("{id} is {other:?}"),
+            }
+        }
+
+        /// What client `c`'s ring holds: (kind, id) notices.
+        fn notices(&self, c: u32) -> Vec<(u8, ObjectId)> {
+            let mut consumer = self.arena.attach_ring(c).unwrap().consumer();
+            let mut got = Vec::new();
+            while let Ok(Some(())) = consumer.try_pop_with(|m| {
+                got.push((m[0], ObjectId(m[1..].try_into().unwrap())));
+            }) {}
+            got
+        }
+    }
+
+    fn code(r: &Reply) -> Option<ErrorCode> {
+        match r {
+            Reply::Error { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    fn owned(keep: bool, contained: Vec<ObjectId>) -> Owned {
+        Owned {
+            contained,
+            keep,
+            ..Owned::default()
+        }
+    }
+
+    #[test]
+    fn create_seal_abort() {
+        let mut f = Fx::new(Limits::default());
+        let (a, b) = (f.connect(), f.connect());
+        let id = ObjectId::random();
+        assert!(matches!(
+            f.req(a, Request::Create { id, size: 1000 }),
+            Reply::Created { .. }
+        ));
+        assert_eq!(
+            code(&f.req(a, Request::Create { id, size: 1 })),
+            Some(ErrorCode::AlreadyExists)
+        );
+        assert_eq!(
+            code(&f.req(b, Request::Seal { id })),
+            Some(ErrorCode::NotOwner)
+        );
+        assert_eq!(
+            code(&f.req(b, Request::Abort { id })),
+            Some(ErrorCode::NotOwner)
+        );
+        f.check_used();
+        assert_eq!(f.req(a, Request::Seal { id }), Reply::Ok);
+        assert_eq!(
+            code(&f.req(a, Request::Seal { id })),
+            Some(ErrorCode::AlreadySealed)
+        );
+        assert_eq!(f.req(b, Request::Contains { id }), Reply::Bool(true));
+        let other = ObjectId::random();
+        f.req(a, Request::Create {
+            id: other,
+            size: 5000,
+        });
+        assert_eq!(f.req(a, Request::Abort { id: other }), Reply::Ok);
+        assert_eq!(f.req(b, Request::Contains { id: other }), Reply::Bool(false));
+        f.check_used();
+        assert_eq!(f.stats().objects, 1);
+    }
+
+    #[test]
+    fn put_small_and_a_rejected_put() {
+        let mut f = Fx::new(Limits::default());
+        let (a, b) = (f.connect(), f.connect());
+        let Reply::Slab { offset, len } = f.req(a, Request::Slab { size: 1 << 20 }) else {
+            panic!("no slab")
+        };
+        assert!(len >= 1 << 20);
+        let x = ObjectId::random();
+        f.one_way(a, Request::PutSmall {
+            id: x,
+            offset,
+            size: 100,
+            owned: owned(true, vec![]),
+        });
+        let slot = f.slot(&x);
+        assert!(f.arena.directory().has_pin(slot, a), "the creator keeps a ref");
+        f.check_used();
+        assert_eq!(f.stats().used, 128);
+        // The same granules again, under another id: rejected, reported on the ring.
+        let y = ObjectId::random();
+        f.one_way(a, Request::PutSmall {
+            id: y,
+            offset,
+            size: 10,
+            owned: owned(true, vec![]),
+        });
+        // An existing id in the free part: rejected too, and those granules are kept.
+        f.one_way(a, Request::PutSmall {
+            id: x,
+            offset: offset + 128,
+            size: 64,
+            owned: owned(true, vec![]),
+        });
+        assert_eq!(
+            f.notices(a),
+            vec![(NOTICE_REJECTED, y), (NOTICE_REJECTED, x)]
+        );
+        assert_eq!(f.t.clients[&a].rejected.len(), 1);
+        f.check_used();
+        // The granules of the rejected put are not given to a later put.
+        let z = ObjectId::random();
+        f.one_way(a, Request::PutSmall {
+            id: z,
+            offset: offset + 128,
+            size: 64,
+            owned: owned(true, vec![]),
+        });
+        assert_eq!(f.notices(a), vec![(NOTICE_REJECTED, z)]);
+        // A put with a reply gets the error itself, and no notice.
+        assert_eq!(
+            code(&f.req(b, Request::PutSmall {
+                id: z,
+                offset,
+                size: 1,
+                owned: owned(true, vec![]),
+            })),
+            Some(ErrorCode::InvalidRequest)
+        );
+        // The creator's last pin goes: the object is freed.
+        f.arena.directory().unpin(slot, a);
+        f.req(a, Request::Release { id: x });
+        assert_eq!(f.stats().objects, 0);
+        f.check_used();
+        // Departure frees the slab, the rejected put's granules with it.
+        f.t.remove_client(&f.arena, a, &mut Outbox::default());
+        let s = f.stats();
+        assert_eq!((s.used, s.reserved), (0, 0), "{s:?}");
+    }
+
+    #[test]
+    fn holds_before_seal_and_pending_holders() {
+        let mut f = Fx::new(Limits::default());
+        let (a, b) = (f.connect(), f.connect());
+        let x = ObjectId::random();
+        // B holds X before it exists; A creates it and publishes it without a ref of its own.
+        f.one_way(b, Request::Hold { id: x });
+        assert_eq!(f.t.clients[&b].pending, 1);
+        f.req(a, Request::Create { id: x, size: 64 });
+        // Y contains X while X is not sealed yet: counted when X is.
+        let y = ObjectId::random();
+        f.req(a, Request::Create { id: y, size: 64 });
+        assert_eq!(
+            f.req(a, Request::SealOwned {
+                id: y,
+                owned: owned(true, vec![x]),
+            }),
+            Reply::Ok
+        );
+        assert_eq!(f.t.pending_holders.get(&x), Some(&1));
+        assert_eq!(
+            f.req(a, Request::SealOwned {
+                id: x,
+                owned: owned(false, vec![]),
+            }),
+            Reply::Ok
+        );
+        assert_eq!(f.t.clients[&b].pending, 0);
+        let sx = f.slot(&x);
+        assert!(f.arena.directory().has_pin(sx, b));
+        assert_eq!(f.t.objects[&x].holders, 1);
+        // B lets go: X lives on, held by Y.
+        f.one_way(b, Request::Unhold { id: x });
+        assert_eq!(f.stats().objects, 2);
+        // A lets go of Y: Y is freed, then X.
+        let sy = f.slot(&y);
+        f.arena.directory().unpin(sy, a);
+        f.req(a, Request::Release { id: y });
+        assert_eq!(f.stats().objects, 0);
+        f.check_used();
+        // An Unhold before the object exists: a pin_for naming B at seal is ignored.
+        let z = ObjectId::random();
+        f.one_way(b, Request::Unhold { id: z });
+        assert_eq!(f.t.clients[&b].pending, 1);
+        f.req(a, Request::Create { id: z, size: 64 });
+        f.req(a, Request::SealOwned {
+            id: z,
+            owned: Owned {
+                pin_for: Some((b, 1)),
+                ..Owned::default()
+            },
+        });
+        assert_eq!(f.t.clients[&b].pending, 0);
+        assert_eq!(f.stats().objects, 0, "nobody holds it: freed at seal");
+    }
+
+    #[test]
+    fn delete_is_deferred_by_pins() {
+        let mut f = Fx::new(Limits::default());
+        let (a, b) = (f.connect(), f.connect());
+        let x = ObjectId::random();
+        f.put(a, x, 300);
+        let slot = f.slot(&x);
+        f.arena.directory().pin_for(slot, b);
+        assert_eq!(
+            f.req(a, Request::Delete { ids: vec![x] }),
+            Reply::Deleted {
+                outcomes: vec![DeleteOutcome::Deferred]
+            }
+        );
+        assert_eq!(f.t.list(&f.arena)[0].state, ObjectState::DeletePending);
+        assert_eq!(f.arena.directory().lookup(&x), Lookup::Absent);
+        // Still there until the last pin goes.
+        assert_eq!(f.stats().objects, 1);
+        assert!(f.arena.directory().unpin(slot, b));
+        f.req(b, Request::Release { id: x });
+        assert_eq!(f.stats().objects, 0);
+        f.check_used();
+    }
+
+    #[test]
+    fn eviction_goes_in_lru_order_and_skips_pinned() {
+        let mut f = Fx::new(Limits::default());
+        let a = f.connect();
+        let ids: Vec<ObjectId> = (0..4).map(|_| ObjectId::random()).collect();
+        for id in &ids {
+            f.put(a, *id, 1000);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // The oldest is pinned; the second is used again (a client's pin refreshes last use).
+        let s0 = f.slot(&ids[0]);
+        f.arena.directory().pin_for(s0, a);
+        let s1 = f.slot(&ids[1]);
+        f.arena.directory().touch(s1);
+        assert_eq!(
+            f.req(a, Request::Evict { bytes: 1 }),
+            Reply::Evicted {
+                count: 1,
+                bytes: 1024
+            }
+        );
+        let left: Vec<ObjectId> = f.t.list(&f.arena).iter().map(|o| o.id).collect();
+        assert!(!left.contains(&ids[2]), "the least recently used unpinned goes first");
+        f.req(a, Request::Evict { bytes: 1 });
+        let left: Vec<ObjectId> = f.t.list(&f.arena).iter().map(|o| o.id).collect();
+        assert!(!left.contains(&ids[3]));
+        assert!(left.contains(&ids[0]) && left.contains(&ids[1]));
+        f.req(a, Request::Evict { bytes: u64::MAX });
+        let left: Vec<ObjectId> = f.t.list(&f.arena).iter().map(|o| o.id).collect();
+        assert_eq!(left, vec![ids[0]], "only the pinned one is left");
+        f.check_used();
+    }
+
+    #[test]
+    fn departure_keeps_what_a_live_process_may_read_until_removed() {
+        let mut f = Fx::new(Limits::default());
+        let (a, b) = (f.connect(), f.connect());
+        let x = ObjectId::random();
+        f.put(a, x, 100);
+        let slot = f.slot(&x);
+        f.arena.directory().pin_for(slot, b);
+        let creating = ObjectId::random();
+        f.req(b, Request::Create {
+            id: creating,
+            size: 100,
+        });
+        let w = ObjectId::random();
+        f.one_way(b, Request::Hold { id: w });
+        f.req(a, Request::Delete { ids: vec![x] });
+        // B's connection closes but its process may still read: pins, creating objects and
+        // index are kept; what it asked for (holds) is forgotten.
+        f.t.depart(b);
+        assert_eq!(f.stats().clients, 1);
+        assert!(f.arena.directory().has_pin(slot, b));
+        assert_eq!(f.stats().objects, 2);
+        assert!(f.t.holds.is_empty());
+        assert_ne!(f.t.take_index(), Some(b), "a departed index is not reused");
+        assert_eq!(f.t.departed().map(|(i, _)| i).collect::<Vec<_>>(), vec![b]);
+        // Once it is gone: its pin goes (the deferred delete completes) and its creation is
+        // aborted.
+        f.t.remove_client(&f.arena, b, &mut Outbox::default());
+        assert_eq!(f.stats().objects, 0);
+        f.check_used();
+        assert!(f.t.free_indices.contains(&b));
+    }
+
+    #[test]
+    fn pending_ids_are_bounded_per_client() {
+        let mut f = Fx::new(Limits {
+            max_pending: 3,
+            ..Limits::default()
+        });
+        let (a, b) = (f.connect(), f.connect());
+        let ids: Vec<ObjectId> = (0..5).map(|_| ObjectId::random()).collect();
+        for id in &ids[..2] {
+            assert_eq!(f.req(a, Request::Hold { id: *id }), Reply::Ok);
+        }
+        // The same id again is not a new entry.
+        assert_eq!(f.req(a, Request::Hold { id: ids[0] }), Reply::Ok);
+        assert_eq!(f.req(a, Request::Unhold { id: ids[2] }), Reply::Ok);
+        assert_eq!(f.t.clients[&a].pending, 3);
+        assert_eq!(
+            code(&f.req(a, Request::Hold { id: ids[3] })),
+            Some(ErrorCode::TooManyPending)
+        );
+        // A Watch past the bound changes nothing.
+        assert_eq!(
+            code(&f.req(a, Request::Watch {
+                ids: vec![ids[3], ids[4]]
+            })),
+            Some(ErrorCode::TooManyPending)
+        );
+        assert!(f.t.watchers.is_empty());
+        // Another client has its own bound.
+        assert_eq!(
+            f.req(b, Request::Watch {
+                ids: ids[..3].to_vec()
+            }),
+            Reply::Ok
+        );
+        // Entries go when their id is sealed or lost.
+        f.req(b, Request::Create {
+            id: ids[0],
+            size: 1,
+        });
+        f.req(b, Request::Abort { id: ids[0] });
+        assert_eq!(f.t.clients[&a].pending, 2);
+        assert_eq!(f.t.clients[&b].pending, 2);
+        assert_eq!(
+            f.notices(b),
+            vec![(NOTICE_LOST, ids[0])]
+        );
+        f.put(b, ids[1], 1);
+        assert_eq!(f.t.clients[&a].pending, 1);
+        assert_eq!(f.t.clients[&b].pending, 1);
+        // A one-way frame past the bound cuts the client off (its far end sees the error).
+        f.one_way(a, Request::Hold { id: ids[3] });
+        f.one_way(a, Request::Hold { id: ids[4] });
+        f.one_way(a, Request::Hold {
+            id: ObjectId::random(),
+        });
+        let mut buf = [0u8; 256];
+        let peer = &f.peers[a as usize];
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let n = std::io::Read::read(&mut &*peer, &mut buf).unwrap();
+        let (req, reply) = Reply::decode(&buf[4..n]).unwrap();
+        assert_eq!((req, code(&reply)), (0, Some(ErrorCode::TooManyPending)));
+    }
+
+    #[test]
+    fn owned_objects_are_deleted_by_their_owner_only() {
+        let mut f = Fx::new(Limits::default());
+        let (a, b) = (f.connect(), f.connect());
+        let x = ObjectId::random();
+        f.req(a, Request::Create { id: x, size: 64 });
+        f.req(a, Request::SealOwned {
+            id: x,
+            owned: owned(true, vec![]),
+        });
+        assert_eq!(
+            f.req(b, Request::Delete { ids: vec![x] }),
+            Reply::Deleted {
+                outcomes: vec![DeleteOutcome::NotOwner]
+            }
+        );
+        assert_eq!(f.t.objects[&x].state, EntryState::Sealed);
+        assert!(matches!(f.arena.directory().lookup(&x), Lookup::Sealed(_)));
+        // A plain object is a cache entry: anyone may delete it.
+        let p = ObjectId::random();
+        f.put(a, p, 64);
+        assert_eq!(
+            f.req(b, Request::Delete { ids: vec![p] }),
+            Reply::Deleted {
+                outcomes: vec![DeleteOutcome::Deleted]
+            }
+        );
+        // The owner may; its own pin defers it.
+        assert_eq!(
+            f.req(a, Request::Delete { ids: vec![x] }),
+            Reply::Deleted {
+                outcomes: vec![DeleteOutcome::Deferred]
+            }
+        );
+        // A new client at the owner's old index is not its owner.
+        f.t.remove_client(&f.arena, a, &mut Outbox::default());
+        assert_eq!(f.stats().objects, 0);
+        let y = ObjectId::random();
+        let c = f.connect();
+        f.req(c, Request::Create { id: y, size: 64 });
+        f.req(c, Request::SealOwned {
+            id: y,
+            owned: owned(true, vec![]),
+        });
+        let sy = f.slot(&y);
+        f.arena.directory().pin_for(sy, b);
+        f.t.remove_client(&f.arena, c, &mut Outbox::default());
+        let d = f.connect();
+        assert_eq!(d, c, "the index is free again");
+        assert_eq!(
+            f.req(d, Request::Delete { ids: vec![y] }),
+            Reply::Deleted {
+                outcomes: vec![DeleteOutcome::NotOwner]
+            }
+        );
+        assert_eq!(f.stats().objects, 1);
+        f.check_used();
+    }
+}
