@@ -81,6 +81,8 @@ struct Shared {
 pub(crate) struct Conn {
     stream: UnixStream,
     out: Mutex<ConnOut>,
+    /// The daemon ended this connection (the client did not close it itself).
+    cut: AtomicBool,
 }
 
 #[derive(Default)]
@@ -97,6 +99,7 @@ impl Conn {
         Conn {
             stream,
             out: Mutex::new(ConnOut::default()),
+            cut: AtomicBool::new(false),
         }
     }
 
@@ -144,6 +147,7 @@ impl Conn {
     /// without blocking). The client's next verb gets `Disconnected`; what its process may
     /// still read is kept until it is gone (see `Table::depart`).
     pub(crate) fn cut_off(&self, why: Option<&[u8]>) {
+        self.cut.store(true, Ordering::SeqCst);
         if let Some(frame) = why {
             let o = lock(&self.out);
             if !o.replying {
@@ -469,9 +473,20 @@ impl Shared {
             let body = match protocol::read_frame(&mut r, MAX_REQUEST) {
                 Ok(Some(b)) => b,
                 Ok(None) => return,
+                Err(StoreError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    // The client closed (or died) mid-frame.
+                    debug!("client {index}: closed mid-frame: {e}");
+                    return;
+                }
                 Err(e) => {
                     debug!("client {index}: closing: {e}");
                     let _ = conn.reply(&Reply::error(&e).encode(0));
+                    conn.cut_off(None);
                     return;
                 }
             };
@@ -525,8 +540,13 @@ impl Shared {
             let Some(c) = t.clients.get(&index) else {
                 return;
             };
+            // A client that closed its connection itself no longer maps the arena: a
+            // `StoreClient` unmaps before it closes its socket, and a process that exits loses
+            // its mappings before its files. One the daemon cut off may still read: it is kept
+            // until its process is gone.
+            let cut = c.conn.cut.load(Ordering::SeqCst);
             let _ = c.conn.stream.shutdown(Shutdown::Both);
-            let (gone, pid) = (self.process_gone(c), c.pid);
+            let (gone, pid) = (!cut || self.process_gone(c), c.pid);
             t.depart(index);
             if gone {
                 t.remove_client(&self.arena, index, &mut out);
@@ -538,9 +558,9 @@ impl Shared {
         out.flush();
     }
 
-    /// Whether a client's process can no longer read the arena: it has exited (its pidfd
-    /// says so), or it no longer maps the arena memfd (a `StoreClient` unmaps before it
-    /// closes its socket). When that cannot be read, it is assumed to still map it.
+    /// Whether a cut-off client's process can no longer read the arena: it has exited (its
+    /// pidfd says so), or it maps the arena memfd nowhere any more. When that cannot be read,
+    /// it is assumed to still map it.
     fn process_gone(&self, c: &ClientState) -> bool {
         let Some(fd) = &c.pidfd else {
             return true;

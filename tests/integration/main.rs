@@ -59,6 +59,7 @@ fn main() -> ExitCode {
         store_faults::store_sigterm_removes_the_socket_and_a_second_daemon_is_refused,
         store_faults::store_socket_directory_is_private,
         store_fuzz::store_random_and_truncated_frames_leave_the_daemon_serving,
+        store_fuzz::store_stateful_protocol_fuzz,
         store_isolation::store_cut_off_client_keeps_its_pins_and_index_while_alive,
         store_isolation::store_a_client_that_does_not_read_replies_stalls_nobody,
         store_isolation::store_rejected_small_put_is_an_error,
