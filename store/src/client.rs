@@ -151,7 +151,17 @@ impl Conn {
     /// Sends a request and waits for its reply.
     fn call(&self, r: &Request) -> Result<Reply> {
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-        let seq = self.send(req, r)?;
+        let seq = match self.send(req, r) {
+            Ok(seq) => seq,
+            // The daemon closed the connection: it may have said why first (a client cut off
+            // for misbehaviour is sent the error); read up to its end for that reason.
+            Err(StoreError::Disconnected(_)) => {
+                return Err(self
+                    .wait_reply(|_| None::<()>)
+                    .expect_err("only a broken connection ends this wait"));
+            }
+            Err(e) => return Err(e),
+        };
         let reply = self.wait_reply(|st| st.replies.remove(&req))?;
         self.synced.fetch_max(seq, Ordering::AcqRel);
         Ok(reply)
