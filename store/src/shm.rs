@@ -777,7 +777,10 @@ mod tests {
         // A delete marks it pending, so the entry seen above is stale now.
         assert_eq!(d.try_remove(i, true), Removal::Pinned);
         assert_eq!(d.try_pin(&stale, 5), (false, false));
-        assert!(d.has_pin(i, 5), "the existing pin must survive a failed try_pin");
+        assert!(
+            d.has_pin(i, 5),
+            "the existing pin must survive a failed try_pin"
+        );
         // A failed try_pin that set the bit itself clears it again.
         assert_eq!(d.try_pin(&stale, 6), (false, false));
         assert!(!d.has_pin(i, 6));

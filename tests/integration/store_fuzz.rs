@@ -30,7 +30,6 @@ fn frame(body: &[u8]) -> Vec<u8> {
     f
 }
 
-
 /// Role `fuzz-hostile`: hostile frames on 60 raw connections; prints `SENT n`.
 pub fn hostile_role(socket: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = StdRng::seed_from_u64(0x7A0E);
@@ -107,7 +106,11 @@ pub fn hostile_role(socket: &std::path::Path) -> Result<(), Box<dyn std::error::
 /// A random but decodable request (hostile in content: unknown ids, places not granted).
 fn well_formed(rng: &mut StdRng) -> Request {
     let id = ObjectId::random();
-    let ids = |rng: &mut StdRng| (0..rng.random_range(1..8)).map(|_| ObjectId::random()).collect();
+    let ids = |rng: &mut StdRng| {
+        (0..rng.random_range(1..8))
+            .map(|_| ObjectId::random())
+            .collect()
+    };
     match rng.random_range(0..12) {
         0 => Request::Seal { id },
         1 => Request::Abort { id },
@@ -288,7 +291,12 @@ pub fn store_stateful_protocol_fuzz() {
                 if let Some(id) = pick(&mut rng, plain) {
                     let out = c.delete(&[id]).unwrap()[0];
                     assert!(
-                        matches!(out, DeleteOutcome::Deleted | DeleteOutcome::Deferred | DeleteOutcome::NotFound),
+                        matches!(
+                            out,
+                            DeleteOutcome::Deleted
+                                | DeleteOutcome::Deferred
+                                | DeleteOutcome::NotFound
+                        ),
                         "{out:?}"
                     );
                     m.plain.remove(&id);
@@ -367,7 +375,10 @@ pub fn store_stateful_protocol_fuzz() {
         assert_eq!(s.objects as usize, ids.len(), "step {steps}, seed {seed}");
         if s.evictions == 0 {
             for id in m.plain.keys() {
-                assert!(ids.contains(id), "step {steps}, seed {seed}: plain {id} lost");
+                assert!(
+                    ids.contains(id),
+                    "step {steps}, seed {seed}: plain {id} lost"
+                );
             }
         } else {
             m.plain.retain(|id, _| ids.contains(id));

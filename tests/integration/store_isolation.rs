@@ -120,7 +120,10 @@ pub fn store_cut_off_client_keeps_its_pins_and_index_while_alive() {
 
 /// Role `pin-stop` (`id:len:seed:n:gofile`): pin an object, watch `n` ids, then (stopped and
 /// resumed by the test) wait for `gofile`, check the view's bytes and try one verb.
-pub fn pin_stop_role(socket: &std::path::Path, arg: &str) -> Result<(), Box<dyn std::error::Error>> {
+pub fn pin_stop_role(
+    socket: &std::path::Path,
+    arg: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
     let p: Vec<&str> = arg.splitn(5, ':').collect();
     let c = StoreClient::connect(socket)?;
     let view = c.get(p[0].parse()?, Duration::from_secs(20))?;
@@ -217,7 +220,11 @@ pub fn store_a_client_that_does_not_read_replies_stalls_nobody() {
     let done = rx.recv_timeout(Duration::from_secs(10));
     drop(a);
     t.join().unwrap();
-    assert_eq!(done, Ok(true), "a seal was stalled by a client that does not read");
+    assert_eq!(
+        done,
+        Ok(true),
+        "a seal was stalled by a client that does not read"
+    );
     assert_eq!(&*c.get(x, Timeout::Poll).unwrap(), b"wake");
 }
 
@@ -241,7 +248,10 @@ pub fn store_rejected_small_put_is_an_error() {
         "{:?}",
         got.map(|v| v.len())
     );
-    assert_eq!(&*a.get(x, Timeout::Poll).unwrap(), pattern(1, 500).as_slice());
+    assert_eq!(
+        &*a.get(x, Timeout::Poll).unwrap(),
+        pattern(1, 500).as_slice()
+    );
     let s = a.stats().unwrap();
     assert_eq!((s.objects, s.used), (1, live_bytes(&a)), "{s:?}");
     // The sender's next small put works.
@@ -275,7 +285,11 @@ pub fn store_holds_and_watches_of_absent_ids_are_bounded() {
     let ids: Vec<ObjectId> = (0..1001u64)
         .map(|i| ObjectId::from_parts([4; 12], i))
         .collect();
-    let r = w.wait_ready(&ids, 1, Some(std::time::Instant::now() + Duration::from_secs(5)));
+    let r = w.wait_ready(
+        &ids,
+        1,
+        Some(std::time::Instant::now() + Duration::from_secs(5)),
+    );
     assert!(matches!(r, Err(StoreError::Disconnected(_))), "{r:?}");
     drop((b, w));
     wait_until(T, "the bounded clients to be gone", || {
@@ -304,7 +318,10 @@ pub fn store_owned_objects_are_deleted_by_their_owner_only() {
     );
     let after = b.list().unwrap();
     assert_eq!(after.len(), before.len());
-    assert!(after.iter().all(|o| o.state == ObjectState::Sealed), "{after:?}");
+    assert!(
+        after.iter().all(|o| o.state == ObjectState::Sealed),
+        "{after:?}"
+    );
     assert_eq!(&*b.get(small, Timeout::Poll).unwrap(), b"mailbox!");
     // The owner may delete it (deferred while it holds its own reference).
     assert_eq!(a.delete(&[small]).unwrap(), vec![DeleteOutcome::Deferred]);

@@ -14,7 +14,9 @@ use super::Conn;
 use crate::alloc::Allocator;
 use crate::error::{Result, StoreError};
 use crate::id::ObjectId;
-use crate::protocol::{DeleteOutcome, Event, ObjectInfo, ObjectState, Owned, Reply, Request, Stats};
+use crate::protocol::{
+    DeleteOutcome, Event, ObjectInfo, ObjectState, Owned, Reply, Request, Stats,
+};
 use crate::ring::{Producer, RingError};
 use crate::shm::{Arena, FLAG_ERROR, FLAG_REFCOUNTED, MAX_CLIENTS, Removal};
 
@@ -467,9 +469,9 @@ impl Table {
                 }
                 Some(to_reply(r))
             }
-            Request::SealOwned { id, owned } => Some(to_reply(
-                self.seal_owned(arena, client, id, &owned, out),
-            )),
+            Request::SealOwned { id, owned } => {
+                Some(to_reply(self.seal_owned(arena, client, id, &owned, out)))
+            }
             Request::Hold { id } => Some(to_reply(self.hold(arena, client, id))),
             Request::Unhold { id } => Some(to_reply(self.unhold(arena, client, id, out))),
             Request::Watch { ids } => Some(to_reply(self.watch(client, &ids))),
@@ -955,13 +957,7 @@ impl Table {
         Ok(())
     }
 
-    fn unhold(
-        &mut self,
-        arena: &Arena,
-        client: u32,
-        id: ObjectId,
-        out: &mut Outbox,
-    ) -> Result<()> {
+    fn unhold(&mut self, arena: &Arena, client: u32, id: ObjectId, out: &mut Outbox) -> Result<()> {
         if let Some(list) = self.holds.get_mut(&id)
             && let Some(at) = list.iter().position(|c| *c == client)
         {
@@ -978,7 +974,11 @@ impl Table {
             }
             _ if self.lost_set.contains(&id) => {}
             _ => {
-                if self.early_unholds.get(&id).is_some_and(|l| l.contains(&client)) {
+                if self
+                    .early_unholds
+                    .get(&id)
+                    .is_some_and(|l| l.contains(&client))
+                {
                     return Ok(());
                 }
                 self.count_pending(client, 1)?;
@@ -1077,7 +1077,15 @@ impl Table {
         self.slab_object_bytes += alloc_len;
         self.objects.insert(
             id,
-            Entry::creating(slot, offset, size, alloc_len, client, session, Some(slab_off)),
+            Entry::creating(
+                slot,
+                offset,
+                size,
+                alloc_len,
+                client,
+                session,
+                Some(slab_off),
+            ),
         );
         self.publish(arena, client, id, Some(owned), out);
         Ok(())
@@ -1452,7 +1460,12 @@ mod tests {
 
         fn one_way(&mut self, c: u32, r: Request) {
             let mut out = Outbox::default();
-            assert!(self.t.request(&self.arena, c, 0, r, &mut out).reply.is_none());
+            assert!(
+                self.t
+                    .request(&self.arena, c, 0, r, &mut out)
+                    .reply
+                    .is_none()
+            );
         }
 
         fn stats(&mut self) -> Stats {
@@ -1540,12 +1553,18 @@ mod tests {
         );
         assert_eq!(f.req(b, Request::Contains { id }), Reply::Bool(true));
         let other = ObjectId::random();
-        f.req(a, Request::Create {
-            id: other,
-            size: 5000,
-        });
+        f.req(
+            a,
+            Request::Create {
+                id: other,
+                size: 5000,
+            },
+        );
         assert_eq!(f.req(a, Request::Abort { id: other }), Reply::Ok);
-        assert_eq!(f.req(b, Request::Contains { id: other }), Reply::Bool(false));
+        assert_eq!(
+            f.req(b, Request::Contains { id: other }),
+            Reply::Bool(false)
+        );
         f.check_used();
         assert_eq!(f.stats().objects, 1);
     }
@@ -1559,31 +1578,43 @@ mod tests {
         };
         assert!(len >= 1 << 20);
         let x = ObjectId::random();
-        f.one_way(a, Request::PutSmall {
-            id: x,
-            offset,
-            size: 100,
-            owned: owned(true, vec![]),
-        });
+        f.one_way(
+            a,
+            Request::PutSmall {
+                id: x,
+                offset,
+                size: 100,
+                owned: owned(true, vec![]),
+            },
+        );
         let slot = f.slot(&x);
-        assert!(f.arena.directory().has_pin(slot, a), "the creator keeps a ref");
+        assert!(
+            f.arena.directory().has_pin(slot, a),
+            "the creator keeps a ref"
+        );
         f.check_used();
         assert_eq!(f.stats().used, 128);
         // The same granules again, under another id: rejected, reported on the ring.
         let y = ObjectId::random();
-        f.one_way(a, Request::PutSmall {
-            id: y,
-            offset,
-            size: 10,
-            owned: owned(true, vec![]),
-        });
+        f.one_way(
+            a,
+            Request::PutSmall {
+                id: y,
+                offset,
+                size: 10,
+                owned: owned(true, vec![]),
+            },
+        );
         // An existing id in the free part: rejected too, and those granules are kept.
-        f.one_way(a, Request::PutSmall {
-            id: x,
-            offset: offset + 128,
-            size: 64,
-            owned: owned(true, vec![]),
-        });
+        f.one_way(
+            a,
+            Request::PutSmall {
+                id: x,
+                offset: offset + 128,
+                size: 64,
+                owned: owned(true, vec![]),
+            },
+        );
         assert_eq!(
             f.notices(a),
             vec![(NOTICE_REJECTED, y), (NOTICE_REJECTED, x)]
@@ -1592,21 +1623,27 @@ mod tests {
         f.check_used();
         // The granules of the rejected put are not given to a later put.
         let z = ObjectId::random();
-        f.one_way(a, Request::PutSmall {
-            id: z,
-            offset: offset + 128,
-            size: 64,
-            owned: owned(true, vec![]),
-        });
+        f.one_way(
+            a,
+            Request::PutSmall {
+                id: z,
+                offset: offset + 128,
+                size: 64,
+                owned: owned(true, vec![]),
+            },
+        );
         assert_eq!(f.notices(a), vec![(NOTICE_REJECTED, z)]);
         // A put with a reply gets the error itself, and no notice.
         assert_eq!(
-            code(&f.req(b, Request::PutSmall {
-                id: z,
-                offset,
-                size: 1,
-                owned: owned(true, vec![]),
-            })),
+            code(&f.req(
+                b,
+                Request::PutSmall {
+                    id: z,
+                    offset,
+                    size: 1,
+                    owned: owned(true, vec![]),
+                }
+            )),
             Some(ErrorCode::InvalidRequest)
         );
         // The creator's last pin goes: the object is freed.
@@ -1633,18 +1670,24 @@ mod tests {
         let y = ObjectId::random();
         f.req(a, Request::Create { id: y, size: 64 });
         assert_eq!(
-            f.req(a, Request::SealOwned {
-                id: y,
-                owned: owned(true, vec![x]),
-            }),
+            f.req(
+                a,
+                Request::SealOwned {
+                    id: y,
+                    owned: owned(true, vec![x]),
+                }
+            ),
             Reply::Ok
         );
         assert_eq!(f.t.pending_holders.get(&x), Some(&1));
         assert_eq!(
-            f.req(a, Request::SealOwned {
-                id: x,
-                owned: owned(false, vec![]),
-            }),
+            f.req(
+                a,
+                Request::SealOwned {
+                    id: x,
+                    owned: owned(false, vec![]),
+                }
+            ),
             Reply::Ok
         );
         assert_eq!(f.t.clients[&b].pending, 0);
@@ -1665,13 +1708,16 @@ mod tests {
         f.one_way(b, Request::Unhold { id: z });
         assert_eq!(f.t.clients[&b].pending, 1);
         f.req(a, Request::Create { id: z, size: 64 });
-        f.req(a, Request::SealOwned {
-            id: z,
-            owned: Owned {
-                pin_for: Some((b, 1)),
-                ..Owned::default()
+        f.req(
+            a,
+            Request::SealOwned {
+                id: z,
+                owned: Owned {
+                    pin_for: Some((b, 1)),
+                    ..Owned::default()
+                },
             },
-        });
+        );
         assert_eq!(f.t.clients[&b].pending, 0);
         assert_eq!(f.stats().objects, 0, "nobody holds it: freed at seal");
     }
@@ -1722,7 +1768,10 @@ mod tests {
             }
         );
         let left: Vec<ObjectId> = f.t.list(&f.arena).iter().map(|o| o.id).collect();
-        assert!(!left.contains(&ids[2]), "the least recently used unpinned goes first");
+        assert!(
+            !left.contains(&ids[2]),
+            "the least recently used unpinned goes first"
+        );
         f.req(a, Request::Evict { bytes: 1 });
         let left: Vec<ObjectId> = f.t.list(&f.arena).iter().map(|o| o.id).collect();
         assert!(!left.contains(&ids[3]));
@@ -1742,10 +1791,13 @@ mod tests {
         let slot = f.slot(&x);
         f.arena.directory().pin_for(slot, b);
         let creating = ObjectId::random();
-        f.req(b, Request::Create {
-            id: creating,
-            size: 100,
-        });
+        f.req(
+            b,
+            Request::Create {
+                id: creating,
+                size: 100,
+            },
+        );
         let w = ObjectId::random();
         f.one_way(b, Request::Hold { id: w });
         f.req(a, Request::Delete { ids: vec![x] });
@@ -1787,40 +1839,49 @@ mod tests {
         );
         // A Watch past the bound changes nothing.
         assert_eq!(
-            code(&f.req(a, Request::Watch {
-                ids: vec![ids[3], ids[4]]
-            })),
+            code(&f.req(
+                a,
+                Request::Watch {
+                    ids: vec![ids[3], ids[4]]
+                }
+            )),
             Some(ErrorCode::TooManyPending)
         );
         assert!(f.t.watchers.is_empty());
         // Another client has its own bound.
         assert_eq!(
-            f.req(b, Request::Watch {
-                ids: ids[..3].to_vec()
-            }),
+            f.req(
+                b,
+                Request::Watch {
+                    ids: ids[..3].to_vec()
+                }
+            ),
             Reply::Ok
         );
         // Entries go when their id is sealed or lost.
-        f.req(b, Request::Create {
-            id: ids[0],
-            size: 1,
-        });
+        f.req(
+            b,
+            Request::Create {
+                id: ids[0],
+                size: 1,
+            },
+        );
         f.req(b, Request::Abort { id: ids[0] });
         assert_eq!(f.t.clients[&a].pending, 2);
         assert_eq!(f.t.clients[&b].pending, 2);
-        assert_eq!(
-            f.notices(b),
-            vec![(NOTICE_LOST, ids[0])]
-        );
+        assert_eq!(f.notices(b), vec![(NOTICE_LOST, ids[0])]);
         f.put(b, ids[1], 1);
         assert_eq!(f.t.clients[&a].pending, 1);
         assert_eq!(f.t.clients[&b].pending, 1);
         // A one-way frame past the bound cuts the client off (its far end sees the error).
         f.one_way(a, Request::Hold { id: ids[3] });
         f.one_way(a, Request::Hold { id: ids[4] });
-        f.one_way(a, Request::Hold {
-            id: ObjectId::random(),
-        });
+        f.one_way(
+            a,
+            Request::Hold {
+                id: ObjectId::random(),
+            },
+        );
         let mut buf = [0u8; 256];
         let peer = &f.peers[a as usize];
         peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -1835,10 +1896,13 @@ mod tests {
         let (a, b) = (f.connect(), f.connect());
         let x = ObjectId::random();
         f.req(a, Request::Create { id: x, size: 64 });
-        f.req(a, Request::SealOwned {
-            id: x,
-            owned: owned(true, vec![]),
-        });
+        f.req(
+            a,
+            Request::SealOwned {
+                id: x,
+                owned: owned(true, vec![]),
+            },
+        );
         assert_eq!(
             f.req(b, Request::Delete { ids: vec![x] }),
             Reply::Deleted {
@@ -1869,10 +1933,13 @@ mod tests {
         let y = ObjectId::random();
         let c = f.connect();
         f.req(c, Request::Create { id: y, size: 64 });
-        f.req(c, Request::SealOwned {
-            id: y,
-            owned: owned(true, vec![]),
-        });
+        f.req(
+            c,
+            Request::SealOwned {
+                id: y,
+                owned: owned(true, vec![]),
+            },
+        );
         let sy = f.slot(&y);
         f.arena.directory().pin_for(sy, b);
         f.t.remove_client(&f.arena, c, &mut Outbox::default());
