@@ -501,9 +501,10 @@ impl<'a> Directory<'a> {
     /// Pins a sealed entry for client `client`: sets the client's pin bit, then checks that
     /// the entry did not change. Pairs with [`Directory::try_remove`]: both sides do a SeqCst
     /// store then a SeqCst load of the other's word, so either the daemon sees the pin bit or
-    /// this sees the daemon's BUSY state. Returns false if the entry changed, having cleared the bit only if
-    /// this call set it; the second value says whether the daemon must be told (see [`Directory::unpin`]).
-    /// A bit that was already set (another reference of this process) is never cleared here.
+    /// this sees the daemon's BUSY state. Returns false if the entry changed, having cleared
+    /// the bit only if this call set it (a bit already set, another reference of this process,
+    /// is never cleared here); the second value says whether the daemon must be told (see
+    /// [`Directory::unpin`]).
     pub fn try_pin(&self, e: &SealedEntry, client: u32) -> (bool, bool) {
         let s = self.slot(e.slot);
         let bit = 1 << (client % 64);
