@@ -4,8 +4,9 @@
 //! Threads: one accept loop, one thread per client connection (so a request that waits, such
 //! as `Wait` with a timeout, never blocks other clients: it is parked in the waiter table and
 //! answered later by whichever thread seals the object, or by the timer thread), one timer
-//! thread for wait deadlines, and one background pre-fault thread. All table state is behind
-//! one mutex; socket writes happen outside it.
+//! thread for wait deadlines and for forgetting cut-off clients once their process is gone,
+//! and one background pre-fault thread. All table state ([`table::Table`]) is behind one
+//! mutex; socket writes happen outside it, and a push never waits for another thread's reply.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Write};
