@@ -1191,7 +1191,9 @@ impl StoreClient {
             if kind == NOTICE_REJECTED {
                 rejected.push(id);
             }
-            if (kind == NOTICE_LOST || kind == NOTICE_REJECTED) && notes.lost.insert(id) {
+            // A rejected put says nothing of the id itself (another process's object may
+            // exist under it): only this process's own place for it is void.
+            if kind == NOTICE_LOST && notes.lost.insert(id) {
                 notes.lost_order.push_back(id);
                 if notes.lost_order.len() > LOST_MEMORY
                     && let Some(old) = notes.lost_order.pop_front()
