@@ -361,6 +361,9 @@ struct Notes {
 
 struct Inner {
     arena: Arena,
+    /// This client's notification ring: the daemon closes it when the connection ends (a
+    /// client it cut off sees that without a round trip).
+    ring: crate::ring::RingRef,
     conn: Conn,
     index: u32,
     /// The pid that connected (a client is never used across a fork).
@@ -415,11 +418,13 @@ impl StoreClient {
         let socket = socket.as_ref();
         let (stream, index, fd) = handshake(socket)?;
         let arena = Arena::attach(fd)?;
-        let consumer = arena.attach_ring(index)?.consumer();
+        let ring = arena.attach_ring(index)?;
+        let consumer = ring.consumer();
         let reader = BufReader::with_capacity(64 << 10, stream.try_clone()?);
         Ok(StoreClient {
             inner: Arc::new(Inner {
                 arena,
+                ring,
                 conn: Conn {
                     writer: Mutex::new(Writer {
                         stream,
@@ -545,6 +550,11 @@ impl StoreClient {
 
     /// Gets several objects: each entry is `Some` if it was sealed before the timeout.
     pub fn get_many(&self, ids: &[ObjectId], timeout: Timeout) -> Result<Vec<Option<ObjectView>>> {
+        if self.inner.ring.is_closed() {
+            return Err(StoreError::Disconnected(
+                "the store ended this connection".into(),
+            ));
+        }
         // A rejected small put of ours is reported on the ring: an error, not its bytes.
         self.poll_notes();
         for id in ids {

@@ -99,6 +99,8 @@ pub fn store_cut_off_client_keeps_its_pins_and_index_while_alive() {
     std::fs::write(&go, b"").unwrap();
     kill(h.pid(), Signal::SIGCONT).unwrap();
     h.expect_line("BYTES OK", T);
+    let get = h.expect_line("GET", T);
+    assert!(get.contains("Disconnected"), "{get}");
     let verb = h.expect_line("VERB", T);
     assert!(verb.contains("Disconnected"), "{verb}");
     assert!(h.wait(T).success());
@@ -146,6 +148,11 @@ pub fn pin_stop_role(
     } else {
         "BYTES BAD"
     });
+    // Its next verbs, a lock-free get as much as a round trip, are `Disconnected`.
+    match c.get(p[0].parse()?, Timeout::Poll) {
+        Ok(_) => crate::util::say("GET Ok"),
+        Err(e) => crate::util::say(&format!("GET {e:?}")),
+    }
     match c.stats() {
         Ok(_) => crate::util::say("VERB Ok"),
         Err(e) => crate::util::say(&format!("VERB {e:?}")),

@@ -523,6 +523,9 @@ impl Table {
         };
         c.connected = false;
         c.subscribed = false;
+        // Its gets see the connection has ended (the ring is set up afresh for the next
+        // client at this index).
+        c.ring.ring().close();
         c.backlog.clear();
         c.pending = 0;
         let mine: Vec<u64> = self
