@@ -61,6 +61,7 @@ fn main() -> ExitCode {
         store_fuzz::store_random_and_truncated_frames_leave_the_daemon_serving,
         store_fuzz::store_stateful_protocol_fuzz,
         store_isolation::store_cut_off_client_keeps_its_pins_and_index_while_alive,
+        store_isolation::store_client_stopped_past_the_write_timeout_keeps_its_pins,
         store_isolation::store_a_client_that_does_not_read_replies_stalls_nobody,
         store_isolation::store_rejected_small_put_is_an_error,
         store_isolation::store_holds_and_watches_of_absent_ids_are_bounded,

@@ -66,25 +66,46 @@ fn live_bytes(c: &StoreClient) -> u64 {
 /// `Disconnected`.
 pub fn store_cut_off_client_keeps_its_pins_and_index_while_alive() {
     let store = start_store_env("64MiB", &[("TROVE_STORE_MAX_BACKLOG", "16")]);
+    cut_off_case(&store, "watch", 2048 + 64);
+}
+
+/// The same for a client stopped while the daemon writes it a reply larger than the socket
+/// buffers: past the client timeout (here 300 ms, 5 s by default) it is cut off, and keeps
+/// what it may read until its process is gone.
+pub fn store_client_stopped_past_the_write_timeout_keeps_its_pins() {
+    let store = start_store_env("64MiB", &[("TROVE_STORE_CLIENT_TIMEOUT_MS", "300")]);
+    cut_off_case(&store, "list", 10_000);
+}
+
+/// A helper pins an object, is stopped, and is cut off: by notices it does not read
+/// (`watch`: `n` of them overflow its ring and backlog) or by a `List` reply of `n` objects
+/// that the daemon cannot finish writing (`list`).
+fn cut_off_case(store: &TestStore, mode: &str, n: u64) {
     let c = store.client();
     let p = ObjectId::random();
     let len = 100_000;
     c.put(p, &pattern(3, len)).unwrap();
+    if mode == "list" {
+        for id in flood_ids(n) {
+            c.put(id, &[1u8; 64]).unwrap();
+        }
+    }
     let go = store.dir.path().join("go");
-    let n = 2048 + 64;
     let mut h = Helper::start(
         "pin-stop",
         &store.socket,
-        &format!("{p}:{len}:3:{n}:{}", go.display()),
+        &format!("{mode}:{p}:{len}:3:{n}:{}", go.display()),
     );
     let line = h.expect_line("PINNED", T);
     let index: u32 = line.split(' ').nth(1).unwrap().parse().unwrap();
     h.expect_line("WATCHING", T);
     wait_until(T, "two clients", || c.stats().unwrap().clients == 2);
     kill(h.pid(), Signal::SIGSTOP).unwrap();
-    // Every seal notifies the stopped helper: its ring fills, then its backlog overflows.
-    for id in flood_ids(n) {
-        c.put(id, &[1u8; 64]).unwrap();
+    if mode == "watch" {
+        // Every seal notifies the stopped helper: its ring fills, then its backlog overflows.
+        for id in flood_ids(n) {
+            c.put(id, &[1u8; 64]).unwrap();
+        }
     }
     wait_until(T, "the stopped helper to be cut off", || {
         c.stats().unwrap().clients == 1
@@ -120,19 +141,27 @@ pub fn store_cut_off_client_keeps_its_pins_and_index_while_alive() {
     assert_eq!((s.objects, s.used), (0, 0), "{s:?}");
 }
 
-/// Role `pin-stop` (`id:len:seed:n:gofile`): pin an object, watch `n` ids, then (stopped and
-/// resumed by the test) wait for `gofile`, check the view's bytes and try one verb.
+/// Role `pin-stop` (`mode:id:len:seed:n:gofile`): pin an object, then watch `n` ids
+/// (`watch`) or list the store in a loop on another thread (`list`); then (stopped and
+/// resumed by the test) wait for `gofile`, check the view's bytes and try two verbs.
 pub fn pin_stop_role(
     socket: &std::path::Path,
     arg: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let (mode, arg) = arg.split_once(':').ok_or("no mode")?;
     let p: Vec<&str> = arg.splitn(5, ':').collect();
     let c = StoreClient::connect(socket)?;
     let view = c.get(p[0].parse()?, Duration::from_secs(20))?;
     crate::util::say(&format!("PINNED {}", c.client_index()));
     let n: u64 = p[3].parse()?;
-    c.wait_ready(&flood_ids(n), n as usize, Some(std::time::Instant::now()))?;
-    c.flush()?;
+    if mode == "watch" {
+        c.wait_ready(&flood_ids(n), n as usize, Some(std::time::Instant::now()))?;
+        c.flush()?;
+    } else {
+        c.list()?;
+        let lister = c.clone();
+        std::thread::spawn(move || while lister.list().is_ok() {});
+    }
     crate::util::say("WATCHING");
     let go = PathBuf::from(p[4]);
     let start = std::time::Instant::now();
