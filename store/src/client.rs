@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
-use crate::daemon::{NOTICE_LEN, NOTICE_LOST};
+use crate::daemon::{NOTICE_LEN, NOTICE_LOST, NOTICE_REJECTED};
 use crate::error::{Result, StoreError};
 use crate::id::ObjectId;
 use crate::protocol::{
@@ -151,7 +151,17 @@ impl Conn {
     /// Sends a request and waits for its reply.
     fn call(&self, r: &Request) -> Result<Reply> {
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-        let seq = self.send(req, r)?;
+        let seq = match self.send(req, r) {
+            Ok(seq) => seq,
+            // The daemon closed the connection: it may have said why first (a client cut off
+            // for misbehaviour is sent the error); read up to its end for that reason.
+            Err(StoreError::Disconnected(_)) => {
+                return Err(self
+                    .wait_reply(|_| None::<()>)
+                    .expect_err("only a broken connection ends this wait"));
+            }
+            Err(e) => return Err(e),
+        };
         let reply = self.wait_reply(|st| st.replies.remove(&req))?;
         self.synced.fetch_max(seq, Ordering::AcqRel);
         Ok(reply)
@@ -223,6 +233,9 @@ struct Held {
     /// The object's bytes in this process's own memory: a call's small result that came back
     /// inline and that the store has never seen (see [`StoreClient::resolve_local`]).
     local: Option<Arc<Local>>,
+    /// This process's own small put of it was rejected by the daemon (`NOTICE_REJECTED`):
+    /// `loc` is not an object, and a get is `PutRejected`.
+    rejected: bool,
 }
 
 /// A result kept in process memory, 16-byte aligned (what rkyv archives need); small ones
@@ -289,6 +302,7 @@ impl Held {
             error: e.word & FLAG_ERROR != 0,
             daemon_seq: None,
             local: None,
+            rejected: false,
         }
     }
 
@@ -301,6 +315,7 @@ impl Held {
             error: false,
             daemon_seq: Some(seq),
             local: None,
+            rejected: false,
         }
     }
 }
@@ -346,6 +361,9 @@ struct Notes {
 
 struct Inner {
     arena: Arena,
+    /// This client's notification ring: the daemon closes it when the connection ends (a
+    /// client it cut off sees that without a round trip).
+    ring: crate::ring::RingRef,
     conn: Conn,
     index: u32,
     /// The pid that connected (a client is never used across a fork).
@@ -400,11 +418,13 @@ impl StoreClient {
         let socket = socket.as_ref();
         let (stream, index, fd) = handshake(socket)?;
         let arena = Arena::attach(fd)?;
-        let consumer = arena.attach_ring(index)?.consumer();
+        let ring = arena.attach_ring(index)?;
+        let consumer = ring.consumer();
         let reader = BufReader::with_capacity(64 << 10, stream.try_clone()?);
         Ok(StoreClient {
             inner: Arc::new(Inner {
                 arena,
+                ring,
                 conn: Conn {
                     writer: Mutex::new(Writer {
                         stream,
@@ -530,6 +550,16 @@ impl StoreClient {
 
     /// Gets several objects: each entry is `Some` if it was sealed before the timeout.
     pub fn get_many(&self, ids: &[ObjectId], timeout: Timeout) -> Result<Vec<Option<ObjectView>>> {
+        if self.inner.ring.is_closed() {
+            return Err(StoreError::Disconnected(
+                "the store ended this connection".into(),
+            ));
+        }
+        // A rejected small put of ours is reported on the ring: an error, not its bytes.
+        self.poll_notes();
+        for id in ids {
+            self.check_rejected(id)?;
+        }
         let deadline = timeout.deadline();
         let mut out: Vec<Option<ObjectView>> = ids.iter().map(|_| None).collect();
         loop {
@@ -652,6 +682,9 @@ impl StoreClient {
             })
         };
         if let Some(h) = holds.map.get_mut(id) {
+            if h.rejected {
+                return None;
+            }
             if let Some(local) = &h.local {
                 h.count += 1;
                 return Some(Pinned::Local(local.clone()));
@@ -1106,12 +1139,10 @@ impl StoreClient {
         let notes = lock(&self.inner.notes);
         ids.iter()
             .map(|id| {
-                if holds
-                    .map
-                    .get(id)
-                    .is_some_and(|h| h.loc.is_some() || h.local.is_some())
-                {
-                    return Readiness::Ready;
+                match holds.map.get(id) {
+                    Some(h) if h.rejected => return Readiness::Lost,
+                    Some(h) if h.loc.is_some() || h.local.is_some() => return Readiness::Ready,
+                    _ => {}
                 }
                 match dir.lookup(id) {
                     Lookup::Sealed(_) => Readiness::Ready,
@@ -1167,8 +1198,25 @@ impl StoreClient {
         };
         let mut notes = lock(&self.inner.notes);
         notes.consumer = Some(consumer);
+        self.absorb_notes(notes, got);
+        if flush {
+            self.inner.conn.send(0, &Request::Flush)?;
+            self.inner.conn.flush()?;
+        }
+        result?;
+        self.check_alive()
+    }
+
+    /// Records a batch of notices (the `notes` lock is released here) and wakes waiters.
+    fn absorb_notes(&self, mut notes: MutexGuard<'_, Notes>, got: Vec<(u8, ObjectId)>) {
         notes.epoch += 1;
+        let mut rejected = Vec::new();
         for (kind, id) in got {
+            if kind == NOTICE_REJECTED {
+                rejected.push(id);
+            }
+            // A rejected put says nothing of the id itself (another process's object may
+            // exist under it): only this process's own place for it is void.
             if kind == NOTICE_LOST && notes.lost.insert(id) {
                 notes.lost_order.push_back(id);
                 if notes.lost_order.len() > LOST_MEMORY
@@ -1179,13 +1227,54 @@ impl StoreClient {
             }
         }
         drop(notes);
-        self.inner.notes_cv.notify_all();
-        if flush {
-            self.inner.conn.send(0, &Request::Flush)?;
-            self.inner.conn.flush()?;
+        if !rejected.is_empty() {
+            let mut holds = lock(&self.inner.holds);
+            for id in rejected {
+                tracing::warn!("the store rejected this process's put of {id}");
+                if let Some(h) = holds.map.get_mut(&id)
+                    && h.loc.is_some()
+                    && h.local.is_none()
+                {
+                    h.rejected = true;
+                }
+            }
         }
-        result?;
-        self.check_alive()
+        self.inner.notes_cv.notify_all();
+    }
+
+    /// Takes what the notification ring holds now, without waiting (nothing if another
+    /// thread is reading it).
+    fn poll_notes(&self) {
+        let mut notes = lock(&self.inner.notes);
+        let Some(consumer) = notes.consumer.as_mut() else {
+            return;
+        };
+        let mut got: Vec<(u8, ObjectId)> = Vec::new();
+        while let Ok(Some(())) = consumer.try_pop_with(|m| {
+            if m.len() == NOTICE_LEN
+                && let Ok(id) = <[u8; crate::id::ID_LEN]>::try_from(&m[1..])
+            {
+                got.push((m[0], ObjectId(id)));
+            }
+        }) {}
+        if !got.is_empty() {
+            self.absorb_notes(notes, got);
+        }
+    }
+
+    /// `PutRejected` if this process's own small put of `id` was rejected by the daemon.
+    fn check_rejected(&self, id: &ObjectId) -> Result<()> {
+        if lock(&self.inner.holds)
+            .map
+            .get(id)
+            .is_some_and(|h| h.rejected)
+        {
+            return Err(StoreError::PutRejected {
+                id: *id,
+                reason: "its id exists, or its place was not in this client's slab".into(),
+            });
+        }
+        Ok(())
     }
 
     /// `Disconnected` if the daemon has gone (its end of the socket is closed).

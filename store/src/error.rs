@@ -28,6 +28,15 @@ pub enum StoreError {
     /// Seal or abort of an object another client is creating.
     #[error("object {0} is being created by another client")]
     NotOwner(ObjectId),
+    /// A small object put without a round trip (`PutSmall`) was refused by the daemon (its id
+    /// exists, or its place is not in the free part of this client's slab): it does not exist
+    /// as this client wrote it.
+    #[error("the put of object {id} was rejected by the store: {reason}")]
+    PutRejected { id: ObjectId, reason: String },
+    /// A client asked the daemon to remember more ids that do not exist yet (`Hold`, `Watch`,
+    /// `Unhold` of unsealed ids) than its bound.
+    #[error("too many pending ids for one client: {what} over the bound of {limit}")]
+    TooManyPending { what: &'static str, limit: usize },
     #[error("timed out waiting for {0} object(s)")]
     Timeout(usize),
     /// The daemon went away (closed the socket, died, or was never there).

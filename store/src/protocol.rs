@@ -124,6 +124,7 @@ pub enum ErrorCode {
     InvalidRequest = 8,
     Protocol = 9,
     Refused = 10,
+    TooManyPending = 11,
 }
 
 impl ErrorCode {
@@ -140,6 +141,7 @@ impl ErrorCode {
             8 => InvalidRequest,
             9 => Protocol,
             10 => Refused,
+            11 => TooManyPending,
             _ => return None,
         })
     }
@@ -175,6 +177,9 @@ pub enum DeleteOutcome {
     NotFound = 2,
     /// Still being created: abort it instead.
     NotSealed = 3,
+    /// A reference-counted object of another (live) client: only its owner may delete it.
+    /// Nothing was changed.
+    NotOwner = 4,
 }
 
 /// Store-wide figures.
@@ -588,6 +593,7 @@ impl Reply {
                             1 => DeleteOutcome::Deferred,
                             2 => DeleteOutcome::NotFound,
                             3 => DeleteOutcome::NotSealed,
+                            4 => DeleteOutcome::NotOwner,
                             x => return Err(proto(format!("bad delete outcome {x}"))),
                         })
                     })
@@ -672,6 +678,9 @@ impl Reply {
             StoreError::NotOwner(_) => (ErrorCode::NotOwner, [0; 3]),
             StoreError::Refused(_) => (ErrorCode::Refused, [0; 3]),
             StoreError::Protocol(_) => (ErrorCode::Protocol, [0; 3]),
+            StoreError::TooManyPending { limit, .. } => {
+                (ErrorCode::TooManyPending, [*limit as u64, 0, 0])
+            }
             _ => (ErrorCode::InvalidRequest, [0; 3]),
         };
         Reply::Error {
@@ -703,6 +712,10 @@ impl Reply {
             ErrorCode::InvalidRequest => StoreError::InvalidRequest(message),
             ErrorCode::Protocol => StoreError::Protocol(message),
             ErrorCode::Refused => StoreError::Refused(message),
+            ErrorCode::TooManyPending => StoreError::TooManyPending {
+                what: "ids",
+                limit: nums[0] as usize,
+            },
         }
     }
 }

@@ -501,14 +501,21 @@ impl<'a> Directory<'a> {
     /// Pins a sealed entry for client `client`: sets the client's pin bit, then checks that
     /// the entry did not change. Pairs with [`Directory::try_remove`]: both sides do a SeqCst
     /// store then a SeqCst load of the other's word, so either the daemon sees the pin bit or
-    /// this sees the daemon's BUSY state. Returns false (and leaves no pin) if the entry changed;
-    /// the second value says whether the daemon must be told (see [`Directory::unpin`]).
+    /// this sees the daemon's BUSY state. Returns false if the entry changed, having cleared
+    /// the bit only if this call set it (a bit already set, another reference of this process,
+    /// is never cleared here); the second value says whether the daemon must be told (see
+    /// [`Directory::unpin`]).
     pub fn try_pin(&self, e: &SealedEntry, client: u32) -> (bool, bool) {
         let s = self.slot(e.slot);
-        s.pins[(client / 64) as usize % 2].fetch_or(1 << (client % 64), Ordering::SeqCst);
+        let bit = 1 << (client % 64);
+        let before = s.pins[(client / 64) as usize % 2].fetch_or(bit, Ordering::SeqCst);
         if s.word.load(Ordering::SeqCst) == e.word {
             s.last_use.store(monotonic_ns(), Ordering::Relaxed);
             (true, false)
+        } else if before & bit != 0 {
+            // The bit was set before this call (another reference of this process, or a
+            // `Hold` the daemon applied): not ours to clear.
+            (false, false)
         } else {
             (false, self.unpin(e.slot, client))
         }
@@ -754,6 +761,30 @@ mod tests {
         // A stale entry cannot be pinned.
         assert!(!d.try_pin(&e, 5).0);
         assert!(!d.is_pinned(i));
+    }
+
+    #[test]
+    fn a_failed_try_pin_keeps_a_pin_it_did_not_set() {
+        let a = arena();
+        let d = a.directory();
+        let id = ObjectId::random();
+        let i = d.insert(&id, a.layout().heap_offset, 10, 0).unwrap();
+        d.seal(i);
+        let Lookup::Sealed(stale) = d.lookup(&id) else {
+            panic!("sealed object not found")
+        };
+        // Client 5 already holds a pin (a reference of another thread of its process).
+        d.pin_for(i, 5);
+        // A delete marks it pending, so the entry seen above is stale now.
+        assert_eq!(d.try_remove(i, true), Removal::Pinned);
+        assert_eq!(d.try_pin(&stale, 5), (false, false));
+        assert!(
+            d.has_pin(i, 5),
+            "the existing pin must survive a failed try_pin"
+        );
+        // A failed try_pin that set the bit itself clears it again.
+        assert_eq!(d.try_pin(&stale, 6), (false, false));
+        assert!(!d.has_pin(i, 6));
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod util;
 mod store_errors;
 mod store_faults;
 mod store_fuzz;
+mod store_isolation;
 mod store_lifecycle;
 mod store_verbs;
 
@@ -59,6 +60,13 @@ fn main() -> ExitCode {
         store_faults::store_sigterm_removes_the_socket_and_a_second_daemon_is_refused,
         store_faults::store_socket_directory_is_private,
         store_fuzz::store_random_and_truncated_frames_leave_the_daemon_serving,
+        store_fuzz::store_stateful_protocol_fuzz,
+        store_isolation::store_cut_off_client_keeps_its_pins_and_index_while_alive,
+        store_isolation::store_client_stopped_past_the_write_timeout_keeps_its_pins,
+        store_isolation::store_a_client_that_does_not_read_replies_stalls_nobody,
+        store_isolation::store_rejected_small_put_is_an_error,
+        store_isolation::store_holds_and_watches_of_absent_ids_are_bounded,
+        store_isolation::store_owned_objects_are_deleted_by_their_owner_only,
         store_lifecycle::store_lru_eviction_order,
         store_lifecycle::store_full_when_everything_is_pinned,
         store_lifecycle::store_delete_is_deferred_while_pinned,
@@ -100,5 +108,6 @@ fn main() -> ExitCode {
         load_clients::load_many_clients_put_get_and_call_with_every_value_checked,
         fault_kills::fault_sigkill_actors_workers_clients_then_the_daemon,
     ];
+    let tests = tests.into_iter().map(security_access::needs_root).collect();
     libtest_mimic::run(&args, tests).exit_code()
 }

@@ -16,6 +16,12 @@ fn id(s: &str) -> ObjectId {
 }
 
 pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Result<(), Box<dyn std::error::Error>> {
+    // Roles that make their own connections.
+    match role {
+        "pin-stop" => return crate::store_isolation::pin_stop_role(socket, arg),
+        "fuzz-hostile" => return crate::store_fuzz::hostile_role(socket),
+        _ => {}
+    }
     let client = StoreClient::connect(socket)?;
     let p = parts(arg);
     match role {
