@@ -539,6 +539,7 @@ pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state:
             }
             Err(_) => return 0,
         };
+        trove_executor::fail_point!("trove::claimed");
         let Some(m) = Message::decode(&buf) else {
             continue;
         };

@@ -344,6 +344,7 @@ impl Mailbox {
             let bytes = unsafe { std::slice::from_raw_parts(self.slot(pos).add(SLOT_HEADER), len) };
             Ok(Some(f(pos, bytes)))
         };
+        crate::fail_point!("trove::claim_held");
         self.seq(pos).store(pos + self.capacity, Ordering::Release);
         result
     }
@@ -521,6 +522,7 @@ impl Mailbox {
         let armed = self.header().armed.load(Ordering::Relaxed);
         if armed != 0 {
             self.set_debt_seq(armed - 1, seq);
+            crate::fail_point!("trove::owing");
         }
     }
 
