@@ -505,6 +505,8 @@ pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state:
     // Each store frame queued while a debt is armed stamps it; each write pays the debts up
     // to it.
     let debts = *own;
+    // This consumer's tag in the queue slots it holds (see `Mailbox::try_pop`).
+    let tag = std::process::id();
     client.on_queued(move |seq| debts.stamp(seq));
     client.on_written(move |seq| debts.written(seq));
     let record_done = |done: &mut Vec<Deferred>| {
@@ -525,9 +527,12 @@ pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state:
         if queue.is_empty() && client.flush().is_err() {
             return 0;
         }
-        let pos = match queue.pop(Duration::from_millis(100), |pos, m| {
+        // The message is noted as current while its queue slot still names us (inside the
+        // pop), so a death at any moment leaves it in one of the two for the reaper.
+        let pos = match queue.pop(tag, Duration::from_millis(100), |pos, m| {
             buf.clear();
             buf.extend_from_slice(m);
+            own.set_current(pos, &m[..m.len().min(CALL_HEADER)]);
             pos
         }) {
             Ok(pos) => pos,
@@ -539,18 +544,18 @@ pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state:
             }
             Err(_) => return 0,
         };
-        trove_executor::fail_point!("trove::claimed");
         let Some(m) = Message::decode(&buf) else {
+            own.clear_current();
             continue;
         };
         if m.kind == KIND_STOP {
+            own.clear_current();
             // Hand over what is done before going.
             if client.flush().is_ok() {
                 record_done(&mut done);
             }
             return 0;
         }
-        own.set_current(pos, &buf[..CALL_HEADER]);
         let call = Call {
             result: m.result,
             reply_to: m.reply_to,

@@ -344,6 +344,16 @@ fn reap(client: &StoreClient, children: &mut HashMap<i32, Child>, me: Pid) {
             child.mailbox.set_dead();
             Failure::ActorDied
         };
+        // Messages it had taken and still held in their queue slots: each one it had not yet
+        // noted as current is failed here (the current one is looked at below, with its
+        // record and its debts); every such slot is freed, so the queue is not blocked.
+        let current_pos = child.mailbox.current().map(|(pos, _)| pos);
+        child.queue.reclaim(pid.as_raw() as u32, |pos, m| {
+            if current_pos != Some(pos) {
+                fail(m, failure);
+                child.queue.record(pos).abandon(pos);
+            }
+        });
         // Results it made and handed to its store client (paid: the frame left it).
         let debts = child.mailbox.debts();
         // The call it was running, unless its result is in its record already or owed.
@@ -379,7 +389,10 @@ fn reap(client: &StoreClient, children: &mut HashMap<i32, Child>, me: Pid) {
             }
             continue;
         }
-        while let Ok(Some(())) = child.mailbox.try_pop(|_, m| fail(m, Failure::ActorDied)) {}
+        while let Ok(Some(())) = child
+            .mailbox
+            .try_pop(me.as_raw() as u32, |_, m| fail(m, Failure::ActorDied))
+        {}
         drop(child);
         // The reports are one-way frames: send them now (the zygote has no flusher thread).
         let _ = client.flush();

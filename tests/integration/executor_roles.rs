@@ -231,7 +231,8 @@ impl Kills {
                     return;
                 };
                 let mut words = armed.split_whitespace();
-                let (Some(target), Some(Ok(n))) = (words.next(), words.next().map(str::parse::<u64>))
+                let (Some(target), Some(Ok(n))) =
+                    (words.next(), words.next().map(str::parse::<u64>))
                 else {
                     return;
                 };
@@ -630,14 +631,17 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
             let w = rt.actor(Worker::default)?;
             let other = rt.actor(Worker::default)?;
             check(*w.call(Worker::echo, (1,))?.get_timeout(T)? == 1, "warm up")?;
-            check(*other.call(Worker::echo, (1,))?.get_timeout(T)? == 1, "warm up")?;
+            check(
+                *other.call(Worker::echo, (1,))?.get_timeout(T)? == 1,
+                "warm up",
+            )?;
             check(*rt.spawn(double, (1,))?.get_timeout(T)? == 2, "warm up")?;
             let base = rt.stats()?;
             // An actor: its next call is lost with it, and `get` (no timeout) says so.
             kills.arm(point, &w.pid().to_string(), 1)?;
             let t = Instant::now();
-            let lost = w.call(Worker::echo, (5,))?;
-            match lost.get() {
+            let lost_call = w.call(Worker::echo, (5,))?;
+            match lost_call.get() {
                 Err(Error::ActorDied(_)) => {}
                 other => return Err(format!("the lost call gave {other:?}").into()),
             }
@@ -656,14 +660,17 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
             // queue has slots (so the dead worker's slot is reused).
             kills.arm(point, "child", 1)?;
             let t = Instant::now();
-            let lost = rt.spawn(double, (21,))?;
-            match lost.get() {
+            let lost_task = rt.spawn(double, (21,))?;
+            match lost_task.get() {
                 Err(Error::TaskFailed(m)) if m.contains("died") => {}
                 other => return Err(format!("the lost task gave {other:?}").into()),
             }
             let took_task = t.elapsed();
             check(kills.hit(point), "a worker died at the fail point")?;
-            check(took_task < BOUND, &format!("TaskFailed after {took_task:?}"))?;
+            check(
+                took_task < BOUND,
+                &format!("TaskFailed after {took_task:?}"),
+            )?;
             let refs: Vec<_> = (0..5000u64)
                 .map(|i| rt.spawn(double, (i,)))
                 .collect::<Result<_, _>>()?;
@@ -671,9 +678,13 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
                 rt.get_all_timeout(&refs, T)? == (0..5000).map(|i| 2 * i).collect::<Vec<_>>(),
                 "the pool after the death",
             )?;
-            drop((lost, refs));
+            drop((lost_call, lost_task, refs));
             store_back_to(&rt, base.objects, base.used, "after the lost calls")?;
-            say(&format!("OK {} {}", took.as_millis(), took_task.as_millis()));
+            say(&format!(
+                "OK {} {}",
+                took.as_millis(),
+                took_task.as_millis()
+            ));
         }
         "exec-order" => {
             let n: u64 = arg.parse()?;
