@@ -411,8 +411,12 @@ pub(crate) fn attach(client: &StoreClient, id: ObjectId) -> Result<Attached> {
     let view = client
         .get(id, Duration::from_secs(30))
         .map_err(|e| Error::ActorDied(format!("mailbox {id}: {e}")))?;
-    // SAFETY: the view pins the mailbox object; the Mailbox is dropped with it (same struct).
-    let mailbox = unsafe { Mailbox::attach(view.as_ptr() as *mut u8, view.len()) }
+    let ptr = view
+        .shared_ptr()
+        .ok_or_else(|| Error::ActorDied(format!("mailbox {id}: not in shared memory")))?;
+    // SAFETY: the pointer comes from the raw shared mapping (writes through it are allowed),
+    // the view pins the mailbox object, and the Mailbox is dropped with it (same struct).
+    let mailbox = unsafe { Mailbox::attach(ptr, view.len()) }
         .map_err(|e| Error::ActorDied(format!("mailbox {id}: {e}")))?;
     Ok(Attached {
         _view: view,

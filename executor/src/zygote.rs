@@ -178,9 +178,13 @@ fn attach(client: &StoreClient, id: ObjectId) -> Result<(ObjectView, Mailbox), S
     let view = client
         .get(id, Duration::from_secs(5))
         .map_err(|e| format!("mailbox {id}: {e}"))?;
-    // SAFETY: the view pins the object's bytes, which stay mapped while it lives; the
-    // mailbox is stored next to the view and dropped with it.
-    let mailbox = unsafe { Mailbox::attach(view.as_ptr() as *mut u8, view.len()) }
+    let ptr = view
+        .shared_ptr()
+        .ok_or_else(|| format!("mailbox {id}: not in shared memory"))?;
+    // SAFETY: the pointer comes from the raw shared mapping (writes through it are allowed);
+    // the view pins the object's bytes, which stay mapped while it lives; the mailbox is
+    // stored next to the view and dropped with it.
+    let mailbox = unsafe { Mailbox::attach(ptr, view.len()) }
         .map_err(|e| format!("mailbox {id}: {e}"))?;
     Ok((view, mailbox))
 }
