@@ -629,7 +629,27 @@ pub struct ActorHandle<A> {
 struct HandleInner {
     mailbox: ObjectRef<[u8]>,
     pid: i32,
-    attached: OnceLock<std::result::Result<Attached, String>>,
+    attached: OnceLock<std::result::Result<Attached, AttachError>>,
+}
+
+/// Why a handle cannot reach its actor (kept with the handle, so it is asked once).
+#[derive(Clone)]
+enum AttachError {
+    Died(String),
+    WrongType,
+    Foreign,
+}
+
+/// The fingerprint of actor type `A` that its mailbox carries: a hash of its `TypeId` (with
+/// std's fixed-key `DefaultHasher::new`), never 0 (the task queue's). A `TypeId` tells every
+/// type of one program apart (a type name need not) and is the same in every process of it;
+/// across programs it means nothing, which is why the mailbox's program identity is checked
+/// first ([`trove_executor::process::program_id`]).
+pub(crate) fn type_tag<A: 'static>() -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::any::TypeId::of::<A>().hash(&mut h);
+    h.finish().max(1)
 }
 
 impl<A> Clone for ActorHandle<A> {
@@ -675,14 +695,27 @@ impl<A: 'static> ActorHandle<A> {
         self.inner.mailbox.id()
     }
 
-    fn mailbox(&self, sh: &Shared) -> Result<&Mailbox> {
-        match self
-            .inner
-            .attached
-            .get_or_init(|| attach(&sh.client, self.inner.mailbox.id()).map_err(|e| e.to_string()))
-        {
+    /// The actor's mailbox, once checked to be of this program and of type `A`.
+    pub(crate) fn mailbox(&self, sh: &Shared) -> Result<&Mailbox> {
+        let id = self.inner.mailbox.id();
+        let attached = self.inner.attached.get_or_init(|| {
+            let a = attach(&sh.client, id).map_err(|e| AttachError::Died(e.to_string()))?;
+            if a.mailbox.program() != trove_executor::process::program_id() {
+                Err(AttachError::Foreign)
+            } else if a.mailbox.type_tag() != type_tag::<A>() {
+                Err(AttachError::WrongType)
+            } else {
+                Ok(a)
+            }
+        });
+        match attached {
             Ok(a) => Ok(&a.mailbox),
-            Err(e) => Err(Error::ActorDied(e.clone())),
+            Err(AttachError::Died(e)) => Err(Error::ActorDied(e.clone())),
+            Err(AttachError::WrongType) => Err(Error::WrongActorType {
+                id,
+                expected: type_name::<A>(),
+            }),
+            Err(AttachError::Foreign) => Err(Error::ForeignActor(id)),
         }
     }
 
@@ -712,7 +745,7 @@ impl<A: 'static> ActorHandle<A> {
         )
     }
 
-    /// Whether the actor's process is known to be dead.
+    /// Whether the actor's process is known to be dead (or cannot be reached from here).
     pub fn is_dead(&self) -> bool {
         runtime::shared()
             .ok()

@@ -77,6 +77,11 @@ struct Header {
     magic: AtomicU64,
     capacity: AtomicU64,
     slot_size: AtomicU64,
+    /// The creator's program identity ([`crate::process::program_id`]): function addresses
+    /// in messages mean something only to consumers of the same program.
+    program: AtomicU64,
+    /// What the consumer is (an actor type's fingerprint; 0 for the task queue and workers).
+    type_tag: AtomicU64,
     dead: AtomicU32,
     /// Non-zero while `current` holds the message the consumer is running.
     current_set: AtomicU32,
@@ -154,7 +159,8 @@ unsafe impl Send for Mailbox {}
 unsafe impl Sync for Mailbox {}
 
 impl Mailbox {
-    /// Initialises a mailbox in `region`.
+    /// Initialises a mailbox in `region` for consumers of type `type_tag` (an actor type's
+    /// fingerprint, 0 for tasks), stamped with this program's identity.
     ///
     /// # Safety
     /// `region` is valid for reads and writes of `mailbox_bytes(capacity, slot_size)` bytes,
@@ -164,6 +170,7 @@ impl Mailbox {
         region: *mut u8,
         capacity: u64,
         slot_size: u64,
+        type_tag: u64,
     ) -> Result<Mailbox, MailboxError> {
         if !capacity.is_power_of_two() || capacity > 1 << 20 {
             return Err(MailboxError::BadParams("capacity: a power of two <= 2^20"));
@@ -186,6 +193,9 @@ impl Mailbox {
         h.sleepers.0.store(0, Ordering::Relaxed);
         h.capacity.store(capacity, Ordering::Relaxed);
         h.slot_size.store(slot_size, Ordering::Relaxed);
+        h.program
+            .store(crate::process::program_id(), Ordering::Relaxed);
+        h.type_tag.store(type_tag, Ordering::Relaxed);
         h.dead.store(0, Ordering::Relaxed);
         h.current_set.store(0, Ordering::Relaxed);
         m.forgive();
@@ -275,6 +285,16 @@ impl Mailbox {
     fn len_word(&self, pos: u64) -> &AtomicU32 {
         // SAFETY: bytes 8..12 of the slot, 4-aligned, accessed only atomically.
         unsafe { &*(self.slot(pos).add(8) as *const AtomicU32) }
+    }
+
+    /// The identity of the program that created the mailbox (see [`Mailbox::init`]).
+    pub fn program(&self) -> u64 {
+        self.header().program.load(Ordering::Relaxed)
+    }
+
+    /// The type of consumer the mailbox was made for (see [`Mailbox::init`]).
+    pub fn type_tag(&self) -> u64 {
+        self.header().type_tag.load(Ordering::Relaxed)
     }
 
     /// The largest message a slot holds.
@@ -694,7 +714,7 @@ mod tests {
     fn fifo_full_and_lengths() {
         let mut r = region(4, 64);
         // SAFETY: the Vec is big enough, 64-aligned, and outlives `m`.
-        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 4, 64) }.unwrap();
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 4, 64, 0) }.unwrap();
         for i in 0..4u8 {
             assert_eq!(
                 m.try_push(&[i; 10][..i as usize + 1]).unwrap(),
@@ -741,7 +761,7 @@ mod tests {
     fn many_producers_many_consumers_lose_nothing() {
         let mut r = region(64, 32);
         // SAFETY: as above; the threads are joined before `r` drops.
-        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 64, 32) }.unwrap();
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 64, 32, 0) }.unwrap();
         const PER: u64 = 20_000;
         let sums: Vec<u64> = std::thread::scope(|s| {
             for p in 0..3u64 {
@@ -777,7 +797,7 @@ mod tests {
     fn a_dead_consumers_held_slots_are_reclaimed_in_order() {
         let mut r = region(4, 32);
         // SAFETY: as above.
-        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 4, 32) }.unwrap();
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 4, 32, 0) }.unwrap();
         let mut pos = 0;
         // Several laps, so that positions and slot indices differ.
         for lap in 0..3u64 {
@@ -829,7 +849,7 @@ mod tests {
     fn current_record_round_trips() {
         let mut r = region(2, 32);
         // SAFETY: as above.
-        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 2, 32) }.unwrap();
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 2, 32, 0) }.unwrap();
         assert_eq!(m.current(), None);
         m.set_current(9, &[7; 40]);
         let (pos, c) = m.current().unwrap();
@@ -847,7 +867,7 @@ mod tests {
     fn debts_are_paid_by_written_frames_and_the_ring_refuses_unpaid_slots() {
         let mut r = region(2, 32);
         // SAFETY: as above.
-        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 2, 32) }.unwrap();
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 2, 32, 0) }.unwrap();
         let debt = |i: u64, evicted| Debt {
             pos: i,
             result: [i as u8; 20],

@@ -184,8 +184,8 @@ fn attach(client: &StoreClient, id: ObjectId) -> Result<(ObjectView, Mailbox), S
     // SAFETY: the pointer comes from the raw shared mapping (writes through it are allowed);
     // the view pins the object's bytes, which stay mapped while it lives; the mailbox is
     // stored next to the view and dropped with it.
-    let mailbox = unsafe { Mailbox::attach(ptr, view.len()) }
-        .map_err(|e| format!("mailbox {id}: {e}"))?;
+    let mailbox =
+        unsafe { Mailbox::attach(ptr, view.len()) }.map_err(|e| format!("mailbox {id}: {e}"))?;
     Ok((view, mailbox))
 }
 

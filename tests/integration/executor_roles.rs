@@ -201,6 +201,17 @@ fn named_hop(x: u64) -> trove::Result<u64> {
     Ok(h.call(Worker::seen, ())?.deserialize()?.len() as u64)
 }
 
+/// Calls a Worker's handle read back as a `Foo` handle (in a worker process): `true` if that
+/// is refused with `WrongActorType`.
+fn wrong_type_hop(stored: ObjectRef<ActorHandle<Worker>>) -> trove::Result<bool> {
+    let wrong: ActorHandle<Foo> =
+        ObjectRef::<ActorHandle<Foo>>::from_id(stored.id()).deserialize()?;
+    Ok(matches!(
+        wrong.call(Foo::increment, ()),
+        Err(Error::WrongActorType { .. })
+    ))
+}
+
 /// A task with a small result.
 fn double(x: u64) -> u64 {
     2 * x
@@ -285,12 +296,23 @@ fn check(cond: bool, what: &str) -> Res {
     }
 }
 
-pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
+pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
     // A session of our own: the test finds every process of this tree by its session id.
     let _ = nix::unistd::setsid();
     // Before init: the zygote, actors and workers inherit the fail-point callbacks.
     let kills = Kills::new()?;
-    let rt = trove::init(Config::default().memory(512 << 20).num_cpus(2))?;
+    let mut cfg = Config::default().memory(512 << 20).num_cpus(2);
+    if role.starts_with("exec-ns-") {
+        // A driver of its own on the test's shared troved.
+        cfg = cfg.store(socket);
+    }
+    if role == "exec-ns-other-program" {
+        // Play another program (a test-only hook of the `failpoints` build).
+        // SAFETY: single-threaded (before init, which checks it), nobody reads the environment
+        // concurrently.
+        unsafe { std::env::set_var("TROVE_TEST_PROGRAM_ID", "12345") };
+    }
+    let rt = trove::init(cfg)?;
     match role {
         "exec-seed-actors" => {
             let f1 = rt.actor(Foo::default)?;
@@ -685,6 +707,79 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
                 took.as_millis(),
                 took_task.as_millis()
             ));
+        }
+        "exec-actor-types" => {
+            let w = rt.actor_with(Worker::new, (3u64,))?;
+            // A handle deserialised as another actor type: nothing is sent.
+            let stored = rt.put(&w)?;
+            let wrong: ActorHandle<Foo> =
+                ObjectRef::<ActorHandle<Foo>>::from_id(stored.id()).deserialize()?;
+            match wrong.call(Foo::reset, ()) {
+                Err(Error::WrongActorType { id, expected }) => check(
+                    id == w.id() && expected.ends_with("Foo"),
+                    &format!("{id} {expected}"),
+                )?,
+                other => return Err(format!("a Worker called as Foo gave {other:?}").into()),
+            }
+            // Looked up by name as another type: refused at once; as its own type: found.
+            let named = rt.actor_named("typed", Worker::default)?;
+            match trove::get_actor::<Foo>("typed") {
+                Err(Error::WrongActorType { id, .. }) => check(id == named.id(), "named id")?,
+                other => return Err(format!("get_actor as Foo gave {other:?}").into()),
+            }
+            let found: ActorHandle<Worker> = trove::get_actor("typed")?;
+            check(found.pid() == named.pid(), "found as Worker")?;
+            // The same through a task (a handle deserialised in another process).
+            check(
+                rt.spawn(wrong_type_hop, (stored.clone(),))?
+                    .get_timeout(T)?
+                    .deserialize()?,
+                "a task's wrongly typed handle",
+            )?;
+            // Both actors were left alone.
+            check(
+                w.call(Worker::seen, ())?.get_timeout(T)?.deserialize()? == [3],
+                "state untouched",
+            )?;
+            say("OK");
+        }
+        "exec-ns-owner" => {
+            // Owns a named actor in its own (default) namespace, then waits for the test.
+            let w = rt.actor_with(Worker::new, (7u64,))?;
+            let _named = rt.actor_named("shared-name", Worker::default)?;
+            check(
+                trove::get_actor::<Worker>("shared-name").is_ok(),
+                "found in its own namespace",
+            )?;
+            say(&format!("READY {}", rt.namespace()));
+            let done = Path::new(arg);
+            let until = Instant::now() + T;
+            while !done.exists() && Instant::now() < until {
+                sleep(Duration::from_millis(10));
+            }
+            // It still serves.
+            check(*w.call(Worker::echo, (5,))?.get_timeout(T)? == 5, "owner")?;
+            say("OK");
+        }
+        "exec-ns-other-program" => {
+            // `arg`: the owner's namespace.
+            check(rt.namespace() != arg, "a namespace of its own")?;
+            match trove::get_actor::<Worker>("shared-name") {
+                Err(Error::NotFound(_)) => {}
+                other => return Err(format!("another driver's name gave {other:?}").into()),
+            }
+            // The same name in its own namespace is free.
+            let mine = rt.actor_named("shared-name", Worker::default)?;
+            check(
+                trove::get_actor::<Worker>("shared-name")?.pid() == mine.pid(),
+                "its own",
+            )?;
+            // Naming the owner's namespace: an actor of another program, refused.
+            match trove::get_actor_in::<Worker>(arg, "shared-name") {
+                Err(Error::ForeignActor(_)) => {}
+                other => return Err(format!("the other program's actor gave {other:?}").into()),
+            }
+            say("OK");
         }
         "exec-order" => {
             let n: u64 = arg.parse()?;
