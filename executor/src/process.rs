@@ -306,7 +306,10 @@ fn build_id() -> (Option<Vec<u8>>, u64) {
         // SAFETY: the loader passes a valid `dl_phdr_info` for the call; `out` is the
         // `(Option<Vec<u8>>, u64)` given to `dl_iterate_phdr` below, used by this thread only.
         let (info, (out, base)) = unsafe { (&*info, &mut *(out as *mut (Option<Vec<u8>>, u64))) };
-        *base = info.dlpi_addr as u64;
+        // (`Elf32_Addr` on 32-bit targets.)
+        #[allow(clippy::unnecessary_cast)]
+        let addr = info.dlpi_addr as u64;
+        *base = addr;
         // SAFETY: `dlpi_phdr` points at `dlpi_phnum` program headers of the loaded object.
         let headers =
             unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
