@@ -610,8 +610,9 @@ fn run_call(client: &StoreClient, m: &Message, call: &Call, state: *mut u8) -> O
         let f = unsafe { std::mem::transmute::<usize, TaskFn>(m.func as usize) };
         f(client, args, call)
     } else {
-        // SAFETY: as above, a `MethodFn` for this actor's type (calls are typed by the
-        // `ActorHandle<A>` they went through); `state` is our actor, used only here.
+        // SAFETY: as above, a `MethodFn` for this actor's type: calls are typed by the
+        // `ActorHandle<A>` they went through, which checked the mailbox's program identity
+        // and type fingerprint before sending anything; `state` is our actor, used only here.
         unsafe {
             let f = std::mem::transmute::<usize, MethodFn>(m.func as usize);
             f(state, client, args, call)

@@ -5,13 +5,13 @@
 
 /// A named fail point (the `fail` crate): compiled in only with the `failpoints` feature (the
 /// crash tests), nothing at all otherwise. The names are listed in [`FAIL_POINTS`].
-#[macro_export]
 macro_rules! fail_point {
     ($name:expr) => {
         #[cfg(feature = "failpoints")]
         ::fail::fail_point!($name);
     };
 }
+pub(crate) use fail_point;
 
 /// The executor's fail points: where a consumer can be made to die in the windows its reaper
 /// must cover.
