@@ -7,7 +7,8 @@
 //! with the driver), so no process outlives the driver, however the driver ends. When a child
 //! dies the zygote fails the call it was running and, for an actor, every queued call (the
 //! callers see `ActorDied`), and marks its mailbox dead so later calls fail at once; a worker
-//! is replaced.
+//! is replaced. Messages the dead child had taken but not yet noted as current are failed
+//! too, and the queue slots it still held are freed (`Mailbox::reclaim`).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
