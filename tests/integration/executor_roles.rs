@@ -299,8 +299,13 @@ fn check(cond: bool, what: &str) -> Res {
 pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
     // A session of our own: the test finds every process of this tree by its session id.
     let _ = nix::unistd::setsid();
-    // Before init: the zygote, actors and workers inherit the fail-point callbacks.
-    let kills = Kills::new()?;
+    // Before init: the zygote, actors and workers inherit the fail-point callbacks (only
+    // roles that kill at fail points have them, and the directory they arm through).
+    let kills = match role {
+        "exec-lost-call" | "exec-die-owing" => Some(Kills::new()?),
+        _ => None,
+    };
+    let kills = || kills.as_ref().ok_or("this role has no fail points");
     let mut cfg = Config::default().memory(512 << 20).num_cpus(2);
     if role.starts_with("exec-ns-") {
         // A driver of its own on the test's shared troved.
@@ -573,7 +578,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             let w = rt.actor(Worker::default)?;
             check(*w.call(Worker::echo, (1,))?.get_timeout(T)? == 1, "warm up")?;
             let busy = w.call(Worker::slow, (200,))?;
-            kills.arm("trove::owing", &w.pid().to_string(), 100)?;
+            kills()?.arm("trove::owing", &w.pid().to_string(), 100)?;
             let texts: Vec<_> = (0..200u64)
                 .map(|i| w.call(Worker::text, (i,)))
                 .collect::<Result<_, _>>()?;
@@ -582,7 +587,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
                 |i| Ok(texts[i].get_timeout(BOUND)?.as_str() == format!("{i:>1000}")),
                 "stored results",
             )?;
-            check(kills.hit("trove::owing"), "the actor died owing")?;
+            check(kills()?.hit("trove::owing"), "the actor died owing")?;
             // The one it died owing was failed (only its debt names it), and so was each
             // later one.
             for (i, t) in texts.iter().enumerate().skip(99) {
@@ -616,7 +621,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
                 .map(|i| rt.spawn(text_task, (i,)))
                 .collect::<Result<_, _>>()?;
             // (A worker dies owing its 50th result.)
-            kills.arm("trove::owing", "child", 50)?;
+            kills()?.arm("trove::owing", "child", 50)?;
             let killer = rt.spawn(kill_worker, ())?;
             tasks.extend(
                 (300..400u64)
@@ -640,7 +645,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
                 "the pool after a death",
             )?;
             drop((tasks, killer));
-            check(kills.hit("trove::owing"), "a worker died owing")?;
+            check(kills()?.hit("trove::owing"), "a worker died owing")?;
             check(died_tasks >= 1, "a worker died owing a task's result")?;
             rt.kill(&slow)?;
             drop((texts, echoes, front, w, a, slow, busy));
@@ -660,7 +665,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             check(*rt.spawn(double, (1,))?.get_timeout(T)? == 2, "warm up")?;
             let base = rt.stats()?;
             // An actor: its next call is lost with it, and `get` (no timeout) says so.
-            kills.arm(point, &w.pid().to_string(), 1)?;
+            kills()?.arm(point, &w.pid().to_string(), 1)?;
             let t = Instant::now();
             let lost_call = w.call(Worker::echo, (5,))?;
             match lost_call.get() {
@@ -668,7 +673,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
                 other => return Err(format!("the lost call gave {other:?}").into()),
             }
             let took = t.elapsed();
-            check(kills.hit(point), "the actor died at the fail point")?;
+            check(kills()?.hit(point), "the actor died at the fail point")?;
             check(took < BOUND, &format!("ActorDied after {took:?}"))?;
             match w.call(Worker::echo, (6,))?.get_timeout(BOUND) {
                 Err(Error::ActorDied(_)) => {}
@@ -680,7 +685,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             )?;
             // A worker: its task fails, and the pool runs on, through more tasks than the
             // queue has slots (so the dead worker's slot is reused).
-            kills.arm(point, "child", 1)?;
+            kills()?.arm(point, "child", 1)?;
             let t = Instant::now();
             let lost_task = rt.spawn(double, (21,))?;
             match lost_task.get() {
@@ -688,7 +693,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
                 other => return Err(format!("the lost task gave {other:?}").into()),
             }
             let took_task = t.elapsed();
-            check(kills.hit(point), "a worker died at the fail point")?;
+            check(kills()?.hit(point), "a worker died at the fail point")?;
             check(
                 took_task < BOUND,
                 &format!("TaskFailed after {took_task:?}"),
