@@ -422,8 +422,12 @@ pub(crate) fn attach(client: &StoreClient, id: ObjectId) -> Result<Attached> {
     let view = client
         .get(id, Duration::from_secs(30))
         .map_err(|e| Error::ActorDied(format!("mailbox {id}: {e}")))?;
-    // SAFETY: the view pins the mailbox object; the Mailbox is dropped with it (same struct).
-    let mailbox = unsafe { Mailbox::attach(view.as_ptr() as *mut u8, view.len()) }
+    let ptr = view
+        .shared_ptr()
+        .ok_or_else(|| Error::ActorDied(format!("mailbox {id}: not in shared memory")))?;
+    // SAFETY: the pointer comes from the raw shared mapping (writes through it are allowed),
+    // the view pins the mailbox object, and the Mailbox is dropped with it (same struct).
+    let mailbox = unsafe { Mailbox::attach(ptr, view.len()) }
         .map_err(|e| Error::ActorDied(format!("mailbox {id}: {e}")))?;
     Ok(Attached {
         _view: view,
@@ -518,6 +522,8 @@ pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state:
     // Each store frame queued while a debt is armed stamps it; each write pays the debts up
     // to it.
     let debts = *own;
+    // This consumer's tag in the queue slots it holds (see `Mailbox::try_pop`).
+    let tag = std::process::id();
     client.on_queued(move |seq| debts.stamp(seq));
     client.on_written(move |seq| debts.written(seq));
     let record_done = |done: &mut Vec<Deferred>| {
@@ -538,9 +544,12 @@ pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state:
         if queue.is_empty() && client.flush().is_err() {
             return 0;
         }
-        let pos = match queue.pop(Duration::from_millis(100), |pos, m| {
+        // The message is noted as current while its queue slot still names us (inside the
+        // pop), so a death at any moment leaves it in one of the two for the reaper.
+        let pos = match queue.pop(tag, Duration::from_millis(100), |pos, m| {
             buf.clear();
             buf.extend_from_slice(m);
+            own.set_current(pos, &m[..m.len().min(CALL_HEADER)]);
             pos
         }) {
             Ok(pos) => pos,
@@ -553,16 +562,17 @@ pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state:
             Err(_) => return 0,
         };
         let Some(m) = Message::decode(&buf) else {
+            own.clear_current();
             continue;
         };
         if m.kind == KIND_STOP {
+            own.clear_current();
             // Hand over what is done before going.
             if client.flush().is_ok() {
                 record_done(&mut done);
             }
             return 0;
         }
-        own.set_current(pos, &buf[..CALL_HEADER]);
         let call = Call {
             result: m.result,
             reply_to: m.reply_to,
@@ -613,8 +623,9 @@ fn run_call(client: &StoreClient, m: &Message, call: &Call, state: *mut u8) -> O
         let f = unsafe { std::mem::transmute::<usize, TaskFn>(m.func as usize) };
         f(client, args, call)
     } else {
-        // SAFETY: as above, a `MethodFn` for this actor's type (calls are typed by the
-        // `ActorHandle<A>` they went through); `state` is our actor, used only here.
+        // SAFETY: as above, a `MethodFn` for this actor's type: calls are typed by the
+        // `ActorHandle<A>` they went through, which checked the mailbox's program identity
+        // and type fingerprint before sending anything; `state` is our actor, used only here.
         unsafe {
             let f = std::mem::transmute::<usize, MethodFn>(m.func as usize);
             f(state, client, args, call)
@@ -632,7 +643,27 @@ pub struct ActorHandle<A> {
 struct HandleInner {
     mailbox: ObjectRef<[u8]>,
     pid: i32,
-    attached: OnceLock<std::result::Result<Attached, String>>,
+    attached: OnceLock<std::result::Result<Attached, AttachError>>,
+}
+
+/// Why a handle cannot reach its actor (kept with the handle, so it is asked once).
+#[derive(Clone)]
+enum AttachError {
+    Died(String),
+    WrongType,
+    Foreign,
+}
+
+/// The fingerprint of actor type `A` that its mailbox carries: a hash of its `TypeId` (with
+/// std's fixed-key `DefaultHasher::new`), never 0 (the task queue's). A `TypeId` tells every
+/// type of one program apart (a type name need not) and is the same in every process of it;
+/// across programs it means nothing, which is why the mailbox's program identity is checked
+/// first ([`trove_executor::process::program_id`]).
+pub(crate) fn type_tag<A: 'static>() -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::any::TypeId::of::<A>().hash(&mut h);
+    h.finish().max(1)
 }
 
 impl<A> Clone for ActorHandle<A> {
@@ -678,14 +709,27 @@ impl<A: 'static> ActorHandle<A> {
         self.inner.mailbox.id()
     }
 
-    fn mailbox(&self, sh: &Shared) -> Result<&Mailbox> {
-        match self
-            .inner
-            .attached
-            .get_or_init(|| attach(&sh.client, self.inner.mailbox.id()).map_err(|e| e.to_string()))
-        {
+    /// The actor's mailbox, once checked to be of this program and of type `A`.
+    pub(crate) fn mailbox(&self, sh: &Shared) -> Result<&Mailbox> {
+        let id = self.inner.mailbox.id();
+        let attached = self.inner.attached.get_or_init(|| {
+            let a = attach(&sh.client, id).map_err(|e| AttachError::Died(e.to_string()))?;
+            if a.mailbox.program() != trove_executor::process::program_id() {
+                Err(AttachError::Foreign)
+            } else if a.mailbox.type_tag() != type_tag::<A>() {
+                Err(AttachError::WrongType)
+            } else {
+                Ok(a)
+            }
+        });
+        match attached {
             Ok(a) => Ok(&a.mailbox),
-            Err(e) => Err(Error::ActorDied(e.clone())),
+            Err(AttachError::Died(e)) => Err(Error::ActorDied(e.clone())),
+            Err(AttachError::WrongType) => Err(Error::WrongActorType {
+                id,
+                expected: type_name::<A>(),
+            }),
+            Err(AttachError::Foreign) => Err(Error::ForeignActor(id)),
         }
     }
 
@@ -715,7 +759,7 @@ impl<A: 'static> ActorHandle<A> {
         )
     }
 
-    /// Whether the actor's process is known to be dead.
+    /// Whether the actor's process is known to be dead (or cannot be reached from here).
     pub fn is_dead(&self) -> bool {
         runtime::shared()
             .ok()

@@ -41,6 +41,17 @@ pub enum Error {
     /// The actor's process died.
     #[error("actor {0} died")]
     ActorDied(String),
+    /// A handle or name that leads to an actor of another type than the one asked for (its
+    /// methods would run on another type's state): nothing was sent.
+    #[error("actor {id} is not a {expected}")]
+    WrongActorType {
+        id: ObjectId,
+        expected: &'static str,
+    },
+    /// An actor started by another program (another executable, sharing the store): the
+    /// function addresses a call carries mean nothing there, so nothing was sent.
+    #[error("actor {0} belongs to another program")]
+    ForeignActor(ObjectId),
     /// The task or method failed (an `Err` result or a panic).
     #[error("task failed: {0}")]
     TaskFailed(String),

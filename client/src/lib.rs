@@ -22,7 +22,9 @@ pub use error::{Error, Result};
 pub use obj::{Obj, Stored};
 pub use object_ref::ObjectRef;
 pub use outcome::Outcome;
-pub use runtime::{Builder, Config, DEFAULT_MEMORY, Runtime, Waited, get_actor, init, spawn};
+pub use runtime::{
+    Builder, Config, DEFAULT_MEMORY, Runtime, Waited, get_actor, get_actor_in, init, spawn,
+};
 pub use trove_store as store;
 pub use trove_store::ObjectId;
 pub use trove_store::Stats;

@@ -37,6 +37,7 @@ pub struct Config {
     memory: u64,
     prefault: bool,
     num_cpus: usize,
+    namespace: Option<String>,
 }
 
 impl Default for Config {
@@ -52,6 +53,7 @@ impl Default for Config {
             memory,
             prefault: false,
             num_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            namespace: None,
         }
     }
 }
@@ -80,6 +82,20 @@ impl Config {
     pub fn get_num_cpus(&self) -> usize {
         self.num_cpus
     }
+    /// The namespace of this driver's named actors (Ray's `namespace`): names are found only
+    /// within it. By default each driver has its own (unique per `init`), so two programs
+    /// sharing a `troved` never see each other's names unless both name one namespace.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Config {
+        self.namespace = Some(namespace.into());
+        self
+    }
+}
+
+/// A namespace no other driver has: this process's pid and a random id.
+fn unique_namespace() -> String {
+    let r = ObjectId::random();
+    let hex: String = r.0[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("driver-{}-{hex}", std::process::id())
 }
 
 pub(crate) struct Shared {
@@ -89,6 +105,8 @@ pub(crate) struct Shared {
     zygote: Option<Zygote>,
     task_queue_id: ObjectId,
     task_queue: OnceLock<std::result::Result<Attached, String>>,
+    /// Where this tree's named actors live (see [`Config::namespace`]).
+    namespace: String,
     /// What the driver holds for the pool and the actors it started (mailboxes, names).
     owned: Mutex<Vec<ObjectRef<[u8]>>>,
     named: Mutex<HashMap<String, ObjectRef<[u8]>>>,
@@ -156,13 +174,19 @@ const HINT_SPIN: Duration = Duration::from_micros(200);
 const HARVEST_PER_CALL: usize = 4;
 
 impl Shared {
-    fn new(client: StoreClient, zygote: Option<Zygote>, task_queue_id: ObjectId) -> Shared {
+    fn new(
+        client: StoreClient,
+        zygote: Option<Zygote>,
+        task_queue_id: ObjectId,
+        namespace: String,
+    ) -> Shared {
         Shared {
             client,
             embedded: Mutex::new(None),
             zygote,
             task_queue_id,
             task_queue: OnceLock::new(),
+            namespace,
             owned: Mutex::new(Vec::new()),
             named: Mutex::new(HashMap::new()),
             calls: Mutex::new(Calls::default()),
@@ -408,14 +432,15 @@ impl Shared {
         })
     }
 
-    /// Creates a mailbox object; the returned ref holds it.
-    fn new_mailbox(&self, slots: u64, slot_bytes: u64) -> Result<ObjectRef<[u8]>> {
+    /// Creates a mailbox object for consumers of type `type_tag` (see [`Mailbox::init`]); the
+    /// returned ref holds it.
+    fn new_mailbox(&self, slots: u64, slot_bytes: u64, type_tag: u64) -> Result<ObjectRef<[u8]>> {
         let id = ObjectId::random();
         let len = mailbox_bytes(slots, slot_bytes);
         let mut w = self.client.create_owned(id, len as u64)?;
         // SAFETY: the writer's buffer is `len` bytes of the arena, 64-byte aligned, ours until
         // published, and stays mapped while this process is connected; init only writes it.
-        unsafe { Mailbox::init(w.as_mut_slice().as_mut_ptr(), slots, slot_bytes) }
+        unsafe { Mailbox::init(w.as_mut_slice().as_mut_ptr(), slots, slot_bytes, type_tag) }
             .map_err(|e| Error::Init(format!("mailbox: {e}")))?;
         w.publish(&[])?;
         Ok(ObjectRef::adopt(id))
@@ -429,6 +454,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// What a forked actor or worker needs to join the tree.
 struct ChildSpec {
     socket: PathBuf,
+    namespace: String,
     task_queue: ObjectId,
     ctor: u64,
     ctor_args: Vec<u8>,
@@ -443,6 +469,8 @@ impl ChildSpec {
         b.extend_from_slice(&self.ctor.to_le_bytes());
         b.extend_from_slice(&(sock.len() as u32).to_le_bytes());
         b.extend_from_slice(sock);
+        b.extend_from_slice(&(self.namespace.len() as u32).to_le_bytes());
+        b.extend_from_slice(self.namespace.as_bytes());
         b.extend_from_slice(&self.ctor_args);
         b
     }
@@ -452,11 +480,15 @@ impl ChildSpec {
         let ctor = u64::from_le_bytes(b.get(20..28)?.try_into().ok()?);
         let n = u32::from_le_bytes(b.get(28..32)?.try_into().ok()?) as usize;
         let socket = PathBuf::from(std::ffi::OsStr::from_bytes(b.get(32..32 + n)?));
+        let at = 32 + n;
+        let k = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize;
+        let namespace = String::from_utf8(b.get(at + 4..at + 4 + k)?.to_vec()).ok()?;
         Some(ChildSpec {
             socket,
+            namespace,
             task_queue,
             ctor,
-            ctor_args: b.get(32 + n..)?.to_vec(),
+            ctor_args: b.get(at + 4 + k..)?.to_vec(),
         })
     }
 }
@@ -464,7 +496,12 @@ impl ChildSpec {
 /// Joins the tree in a forked child: connects and installs the process-global runtime.
 fn init_child(spec: &ChildSpec) -> Option<Runtime> {
     let client = StoreClient::connect(&spec.socket).ok()?;
-    let sh = Arc::new(Shared::new(client, None, spec.task_queue));
+    let sh = Arc::new(Shared::new(
+        client,
+        None,
+        spec.task_queue,
+        spec.namespace.clone(),
+    ));
     *RUNTIME.write().unwrap_or_else(|p| p.into_inner()) = Some(sh.clone());
     start_flusher(&sh);
     Some(Runtime { sh })
@@ -574,12 +611,17 @@ fn write_owned<T: Value>(
     Ok((w, refs))
 }
 
-/// A 20-byte id derived from a name (the same in every process).
-fn named_id(name: &str) -> ObjectId {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+/// A 20-byte id derived from a namespace and a name (the same in every process and program:
+/// FNV-1a, whose output no Rust release changes).
+fn named_id(namespace: &str, name: &str) -> ObjectId {
     let mut b = [0u8; 20];
     for (i, chunk) in b.chunks_mut(8).enumerate() {
-        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one((i, "trove actor", name));
+        let mut key = format!("trove actor {i} ").into_bytes();
+        // Lengths first, so that no two (namespace, name) pairs give the same key.
+        key.extend_from_slice(&(namespace.len() as u64).to_le_bytes());
+        key.extend_from_slice(namespace.as_bytes());
+        key.extend_from_slice(name.as_bytes());
+        let h = trove_executor::process::fnv1a(&key);
         chunk.copy_from_slice(&h.to_le_bytes()[..chunk.len()]);
     }
     ObjectId(b)
@@ -594,17 +636,31 @@ where
     actor::spawn_task(&*shared()?, f, args)
 }
 
-/// Finds a named actor from any process of the tree.
+/// Finds a named actor of this tree's namespace from any process of the tree. An actor of
+/// another type under that name gives [`Error::WrongActorType`]; one of another program
+/// [`Error::ForeignActor`].
 pub fn get_actor<A: 'static>(name: &str) -> Result<ActorHandle<A>> {
-    let r = ObjectRef::<([u8; 20], i32)>::from_id(named_id(name));
-    match r.get_timeout(Duration::from_millis(200)) {
+    let sh = shared()?;
+    get_actor_in(&sh.namespace, name)
+}
+
+/// [`get_actor`] in the namespace `namespace` (another driver's, named by
+/// [`Config::namespace`]).
+pub fn get_actor_in<A: 'static>(namespace: &str, name: &str) -> Result<ActorHandle<A>> {
+    let sh = shared()?;
+    let named = named_id(namespace, name);
+    let r = ObjectRef::<([u8; 20], i32)>::from_id(named);
+    let h = match r.get_timeout(Duration::from_millis(200)) {
         Ok(o) => {
             let (id, pid) = o.deserialize()?;
-            Ok(ActorHandle::new(ObjectRef::from_id(ObjectId(id)), pid))
+            ActorHandle::new(ObjectRef::from_id(ObjectId(id)), pid)
         }
-        Err(Error::Timeout(_)) | Err(Error::ObjectLost(_)) => Err(Error::NotFound(named_id(name))),
-        Err(e) => Err(e),
-    }
+        Err(Error::Timeout(_)) | Err(Error::ObjectLost(_)) => return Err(Error::NotFound(named)),
+        Err(e) => return Err(e),
+    };
+    // Checked now: of this program, of type `A`.
+    h.mailbox(&sh)?;
+    Ok(h)
 }
 
 static RUNTIME: RwLock<Option<Arc<Shared>>> = RwLock::new(None);
@@ -645,16 +701,18 @@ pub fn init(cfg: Config) -> Result<Runtime> {
         other => Error::Init(other.to_string()),
     })?;
     let client = StoreClient::connect(&socket)?;
-    let mut sh = Shared::new(client, Some(zygote), ObjectId::default());
+    let namespace = cfg.namespace.clone().unwrap_or_else(unique_namespace);
+    let mut sh = Shared::new(client, Some(zygote), ObjectId::default(), namespace);
     *sh.embedded.get_mut().unwrap_or_else(|p| p.into_inner()) = embedded;
-    let queue = sh.new_mailbox(TASK_SLOTS, SLOT_BYTES)?;
+    let queue = sh.new_mailbox(TASK_SLOTS, SLOT_BYTES, 0)?;
     sh.task_queue_id = queue.id();
     lock(&sh.owned).push(queue);
     for _ in 0..cfg.num_cpus {
         // A worker's own mailbox: no calls, only its current call and its debts.
-        let own = sh.new_mailbox(2, 64)?;
+        let own = sh.new_mailbox(2, 64, 0)?;
         let spec = ChildSpec {
             socket: socket.clone(),
+            namespace: sh.namespace.clone(),
             task_queue: sh.task_queue_id,
             ctor: 0,
             ctor_args: Vec::new(),
@@ -738,6 +796,11 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
+    /// The namespace of this tree's named actors (see [`Config::namespace`]).
+    pub fn namespace(&self) -> &str {
+        &self.sh.namespace
+    }
+
     /// The store connection (Plasma-level verbs, stats).
     pub fn store(&self) -> &StoreClient {
         &self.sh.client
@@ -891,9 +954,10 @@ impl Runtime {
                 reason: e.to_string(),
             })?
             .to_vec();
-        let mailbox = sh.new_mailbox(MAILBOX_SLOTS, SLOT_BYTES)?;
+        let mailbox = sh.new_mailbox(MAILBOX_SLOTS, SLOT_BYTES, actor::type_tag::<A>())?;
         let spec = ChildSpec {
             socket: sh.client.socket_path().to_path_buf(),
+            namespace: sh.namespace.clone(),
             task_queue: sh.task_queue_id,
             ctor: actor::ctor_address::<A, C, Args>(),
             ctor_args,
@@ -919,7 +983,7 @@ impl Runtime {
         name: &str,
         ctor: C,
     ) -> Result<ActorHandle<A>> {
-        let id = named_id(name);
+        let id = named_id(&self.sh.namespace, name);
         if lock(&self.sh.named).contains_key(name) {
             return Err(Error::Store(StoreError::AlreadyExists(id)));
         }

@@ -4,9 +4,16 @@
 //!
 //! The algorithm is Dmitry Vyukov's bounded MPMC queue: each slot carries a sequence number;
 //! a producer claims position `p` by CAS on `tail` when slot `p`'s sequence is `p`, writes, then
-//! publishes with sequence `p + 1`; a consumer claims `p` by CAS on `head` when the sequence is
-//! `p + 1`, reads, then frees the slot with sequence `p + capacity`. Indices are free-running
-//! `u64`s, so they never wrap in practice.
+//! publishes with sequence `p + 1`; a consumer claims `p` when the sequence is `p + 1`, reads,
+//! then frees the slot with sequence `p + capacity`. Indices are free-running `u64`s, so they
+//! never wrap in practice.
+//!
+//! A consumer claims a slot by a CAS on the slot's *sequence* (from `p + 1` to
+//! [`CLAIMED`]` | tag`, its tag being its pid) and only then moves `head` past it (any consumer
+//! that finds the head slot claimed helps move it). So the slot itself says which consumer
+//! holds it, from the claim to the free: if that consumer dies in between, its reaper finds
+//! the slot ([`Mailbox::reclaim`]), fails the message in it (unless the consumer had noted it
+//! as current) and frees it, so no call is lost and no slot stays blocked.
 //!
 //! Consumers park on a futex: a consumer increments `sleepers`, fences, re-checks the queue,
 //! and waits on `event` with the value it read before; a producer, after publishing, fences and,
@@ -49,6 +56,14 @@ pub const DEBTS: u64 = 128;
 /// A debt's sequence number while its frame is not even queued yet.
 pub const NOT_QUEUED: u64 = u64::MAX >> 1;
 const EVICTED_BIT: u64 = 1 << 63;
+/// A slot's sequence while a consumer holds it: this bit, the low 31 bits of the position
+/// (so a holder of the same slot a lap before is told apart) and the consumer's tag (its pid).
+pub const CLAIMED: u64 = 1 << 63;
+
+/// The sequence word of a slot that consumer `tag` holds for position `pos`.
+const fn claimed(pos: u64, tag: u32) -> u64 {
+    CLAIMED | (pos & 0x7fff_ffff) << 32 | tag as u64
+}
 
 #[repr(C, align(64))]
 struct Line<T>(T);
@@ -62,6 +77,11 @@ struct Header {
     magic: AtomicU64,
     capacity: AtomicU64,
     slot_size: AtomicU64,
+    /// The creator's program identity ([`crate::process::program_id`]): function addresses
+    /// in messages mean something only to consumers of the same program.
+    program: AtomicU64,
+    /// What the consumer is (an actor type's fingerprint; 0 for the task queue and workers).
+    type_tag: AtomicU64,
     dead: AtomicU32,
     /// Non-zero while `current` holds the message the consumer is running.
     current_set: AtomicU32,
@@ -139,7 +159,8 @@ unsafe impl Send for Mailbox {}
 unsafe impl Sync for Mailbox {}
 
 impl Mailbox {
-    /// Initialises a mailbox in `region`.
+    /// Initialises a mailbox in `region` for consumers of type `type_tag` (an actor type's
+    /// fingerprint, 0 for tasks), stamped with this program's identity.
     ///
     /// # Safety
     /// `region` is valid for reads and writes of `mailbox_bytes(capacity, slot_size)` bytes,
@@ -149,6 +170,7 @@ impl Mailbox {
         region: *mut u8,
         capacity: u64,
         slot_size: u64,
+        type_tag: u64,
     ) -> Result<Mailbox, MailboxError> {
         if !capacity.is_power_of_two() || capacity > 1 << 20 {
             return Err(MailboxError::BadParams("capacity: a power of two <= 2^20"));
@@ -171,6 +193,9 @@ impl Mailbox {
         h.sleepers.0.store(0, Ordering::Relaxed);
         h.capacity.store(capacity, Ordering::Relaxed);
         h.slot_size.store(slot_size, Ordering::Relaxed);
+        h.program
+            .store(crate::process::program_id(), Ordering::Relaxed);
+        h.type_tag.store(type_tag, Ordering::Relaxed);
         h.dead.store(0, Ordering::Relaxed);
         h.current_set.store(0, Ordering::Relaxed);
         m.forgive();
@@ -230,10 +255,8 @@ impl Mailbox {
         }
     }
 
-    /// Vyukov's claim: takes the position `index` (tail for producers, head for consumers)
-    /// points at once its slot's sequence is that position plus `ready` (0: free for a
-    /// producer; 1: published, for a consumer). `None` if the queue is full (producers) or
-    /// empty (consumers).
+    /// Vyukov's claim for producers: takes the position `index` (tail) points at once its
+    /// slot's sequence is that position plus `ready` (0: free). `None` if the queue is full.
     fn claim(&self, index: &AtomicU64, ready: u64) -> Option<u64> {
         let mut pos = index.load(Ordering::Relaxed);
         loop {
@@ -262,6 +285,16 @@ impl Mailbox {
     fn len_word(&self, pos: u64) -> &AtomicU32 {
         // SAFETY: bytes 8..12 of the slot, 4-aligned, accessed only atomically.
         unsafe { &*(self.slot(pos).add(8) as *const AtomicU32) }
+    }
+
+    /// The identity of the program that created the mailbox (see [`Mailbox::init`]).
+    pub fn program(&self) -> u64 {
+        self.header().program.load(Ordering::Relaxed)
+    }
+
+    /// The type of consumer the mailbox was made for (see [`Mailbox::init`]).
+    pub fn type_tag(&self) -> u64 {
+        self.header().type_tag.load(Ordering::Relaxed)
     }
 
     /// The largest message a slot holds.
@@ -328,24 +361,114 @@ impl Mailbox {
         }
     }
 
+    /// A consumer's claim: takes the position at `head` once its slot is published, by a CAS
+    /// of the slot's sequence to `CLAIMED | tag` (so the slot names its holder until it is
+    /// freed), then moves `head` on. `None` if the queue is empty.
+    fn claim_for_consumer(&self, tag: u32) -> Option<u64> {
+        let head = &self.header().head.0;
+        let mut pos = head.load(Ordering::Relaxed);
+        loop {
+            let seq = self.seq(pos).load(Ordering::Acquire);
+            if seq & CLAIMED != 0 {
+                // Held: for `pos` by a consumer that has not moved `head` past it yet (help),
+                // or for the position a lap before (the queue is full up to there), or `pos`
+                // is stale.
+                if seq >> 32 == claimed(pos, 0) >> 32 {
+                    let _ =
+                        head.compare_exchange(pos, pos + 1, Ordering::SeqCst, Ordering::Relaxed);
+                } else if head.load(Ordering::Relaxed) == pos {
+                    return None;
+                }
+                pos = head.load(Ordering::Relaxed);
+                continue;
+            }
+            let diff = seq.wrapping_sub(pos + 1) as i64;
+            if diff == 0 {
+                if self
+                    .seq(pos)
+                    .compare_exchange(seq, claimed(pos, tag), Ordering::SeqCst, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    let _ =
+                        head.compare_exchange(pos, pos + 1, Ordering::SeqCst, Ordering::Relaxed);
+                    return Some(pos);
+                }
+                // Another consumer took it: the next look sees it claimed.
+            } else if diff < 0 {
+                return None;
+            } else {
+                pos = head.load(Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Pops one message into `f` (with its position) without waiting; `Ok(None)` if empty.
-    pub fn try_pop<R>(&self, f: impl FnOnce(u64, &[u8]) -> R) -> Result<Option<R>, MailboxError> {
-        let h = self.header();
-        let Some(pos) = self.claim(&h.head.0, 1) else {
+    /// `tag` names the consumer (its pid) in the slot while it holds it: `f` runs then, so a
+    /// consumer that notes the message as its current one in `f` leaves no moment when a
+    /// message it took is neither named by its slot nor by its current record.
+    pub fn try_pop<R>(
+        &self,
+        tag: u32,
+        f: impl FnOnce(u64, &[u8]) -> R,
+    ) -> Result<Option<R>, MailboxError> {
+        let Some(pos) = self.claim_for_consumer(tag) else {
             return Ok(None);
         };
+        crate::fail_point!("trove::claimed");
         let len = self.len_word(pos).load(Ordering::Relaxed) as usize;
         let result = if len > self.max_msg_len() {
             Err(MailboxError::Corrupt("message length"))
         } else {
-            // SAFETY: we own slot `pos` until we free it below; `len` was checked to lie
-            // within the payload area; the producer's Release store of the sequence (read with
-            // Acquire) ordered its writes before our reads.
+            // SAFETY: we hold slot `pos` until we free it below; `len` was checked to lie
+            // within the payload area; the producer's Release store of the sequence (read by
+            // our claim's CAS) ordered its writes before our reads.
             let bytes = unsafe { std::slice::from_raw_parts(self.slot(pos).add(SLOT_HEADER), len) };
             Ok(Some(f(pos, bytes)))
         };
+        crate::fail_point!("trove::claim_held");
         self.seq(pos).store(pos + self.capacity, Ordering::Release);
         result
+    }
+
+    /// Frees every slot the consumer `tag` holds (it died between a claim and its free),
+    /// calling `f` with each one's position and message first, oldest first.
+    pub fn reclaim(&self, tag: u32, mut f: impl FnMut(u64, &[u8])) {
+        let head = &self.header().head.0;
+        // Move `head` past claimed slots, so that every held position lies below it.
+        loop {
+            let pos = head.load(Ordering::SeqCst);
+            if self.seq(pos).load(Ordering::Acquire) != claimed(pos, tag) {
+                break;
+            }
+            let _ = head.compare_exchange(pos, pos + 1, Ordering::SeqCst, Ordering::Relaxed);
+        }
+        let h = head.load(Ordering::SeqCst);
+        let mut held = Vec::new();
+        for i in 0..self.capacity.min(h) {
+            // The slot's position is the last one below `head` that maps to it (`head` is at
+            // most `capacity` past a held position: the slot after it is not free).
+            let pos = (h - 1) - ((h - 1 - i) & (self.capacity - 1));
+            if self.seq(i).load(Ordering::Acquire) == claimed(pos, tag) {
+                held.push(pos);
+            }
+        }
+        held.sort_unstable();
+        for pos in held {
+            let len = self.len_word(pos).load(Ordering::Relaxed) as usize;
+            if len <= self.max_msg_len() {
+                // SAFETY: the slot is held by a dead consumer, so nobody writes it until we
+                // free it below; `len` lies within the payload area.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(self.slot(pos).add(SLOT_HEADER), len) };
+                f(pos, bytes);
+            }
+            let _ = self.seq(pos).compare_exchange(
+                claimed(pos, tag),
+                pos + self.capacity,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            );
+        }
     }
 
     /// Pops one message, spinning briefly and then parking on the futex, for at most
@@ -353,10 +476,11 @@ impl Mailbox {
     /// and empty.
     pub fn pop<R>(
         &self,
+        tag: u32,
         timeout: Duration,
         mut f: impl FnMut(u64, &[u8]) -> R,
     ) -> Result<R, MailboxError> {
-        if let Some(r) = self.try_pop(&mut f)? {
+        if let Some(r) = self.try_pop(tag, &mut f)? {
             return Ok(r);
         }
         let deadline = Instant::now() + timeout;
@@ -364,7 +488,7 @@ impl Mailbox {
         let backoff = Backoff::new();
         let h = self.header();
         loop {
-            if let Some(r) = self.try_pop(&mut f)? {
+            if let Some(r) = self.try_pop(tag, &mut f)? {
                 return Ok(r);
             }
             if self.is_dead() {
@@ -418,10 +542,12 @@ impl Mailbox {
         }
     }
 
-    /// Whether no message is published at the head now.
+    /// Whether no message is published at the head now (a head slot claimed by a consumer
+    /// that has not moved `head` on yet counts as not empty: a consumer will help).
     pub fn is_empty(&self) -> bool {
         let pos = self.header().head.0.load(Ordering::SeqCst);
-        self.seq(pos).load(Ordering::SeqCst) != pos + 1
+        let seq = self.seq(pos).load(Ordering::SeqCst);
+        seq != pos + 1 && seq >> 32 != claimed(pos, 0) >> 32
     }
 
     /// Records the message the consumer popped from `pos` and is about to run (at most
@@ -521,6 +647,7 @@ impl Mailbox {
         let armed = self.header().armed.load(Ordering::Relaxed);
         if armed != 0 {
             self.set_debt_seq(armed - 1, seq);
+            crate::fail_point!("trove::owing");
         }
     }
 
@@ -587,7 +714,7 @@ mod tests {
     fn fifo_full_and_lengths() {
         let mut r = region(4, 64);
         // SAFETY: the Vec is big enough, 64-aligned, and outlives `m`.
-        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 4, 64) }.unwrap();
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 4, 64, 0) }.unwrap();
         for i in 0..4u8 {
             assert_eq!(
                 m.try_push(&[i; 10][..i as usize + 1]).unwrap(),
@@ -596,7 +723,7 @@ mod tests {
         }
         assert_eq!(m.try_push(b"x").unwrap(), None, "full");
         for i in 0..4u8 {
-            let (pos, got) = m.try_pop(|p, b| (p, b.to_vec())).unwrap().unwrap();
+            let (pos, got) = m.try_pop(1, |p, b| (p, b.to_vec())).unwrap().unwrap();
             assert_eq!((pos, got), (i as u64, vec![i; i as usize + 1]));
             assert_eq!(m.record(pos).seen(pos), Seen::Pending);
             assert_eq!(m.record(pos).claim(pos), Claim::Ok(None));
@@ -620,10 +747,10 @@ mod tests {
                 error: false
             }
         );
-        assert_eq!(m.try_pop(|_, b| b.len()).unwrap(), None);
+        assert_eq!(m.try_pop(1, |_, b| b.len()).unwrap(), None);
         assert_eq!(m.try_push(&[0; 49]), Err(MailboxError::TooLarge(49)));
         assert_eq!(
-            m.pop(Duration::from_millis(20), |_, b| b.len()),
+            m.pop(1, Duration::from_millis(20), |_, b| b.len()),
             Err(MailboxError::Timeout)
         );
         m.set_dead();
@@ -634,7 +761,7 @@ mod tests {
     fn many_producers_many_consumers_lose_nothing() {
         let mut r = region(64, 32);
         // SAFETY: as above; the threads are joined before `r` drops.
-        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 64, 32) }.unwrap();
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 64, 32, 0) }.unwrap();
         const PER: u64 = 20_000;
         let sums: Vec<u64> = std::thread::scope(|s| {
             for p in 0..3u64 {
@@ -645,11 +772,11 @@ mod tests {
                 });
             }
             let consumers: Vec<_> = (0..2)
-                .map(|_| {
+                .map(|c| {
                     s.spawn(move || {
                         let mut sum = 0u64;
                         loop {
-                            match m.pop(Duration::from_millis(500), |_, b| {
+                            match m.pop(c, Duration::from_millis(500), |_, b| {
                                 u64::from_le_bytes(b.try_into().unwrap())
                             }) {
                                 Ok(v) => sum += v + 1,
@@ -667,10 +794,62 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_consumers_held_slots_are_reclaimed_in_order() {
+        let mut r = region(4, 32);
+        // SAFETY: as above.
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 4, 32, 0) }.unwrap();
+        let mut pos = 0;
+        // Several laps, so that positions and slot indices differ.
+        for lap in 0..3u64 {
+            for i in 0..4u8 {
+                assert_eq!(m.try_push(&[i]).unwrap(), Some(pos + i as u64));
+            }
+            assert_eq!(m.try_push(b"x").unwrap(), None, "full");
+            // Consumer 8 takes one normally; consumer 7 takes the next two and dies holding
+            // them (claimed, never freed).
+            assert_eq!(m.try_pop(8, |p, b| (p, b[0])).unwrap(), Some((pos, 0)));
+            for _ in 0..2 {
+                m.claim_for_consumer(7).unwrap();
+            }
+            assert_eq!(m.try_push(b"y").unwrap(), Some(pos + 4), "its slot is free");
+            assert_eq!(m.try_push(b"z").unwrap(), None, "the dead one's are not");
+            let mut got = Vec::new();
+            m.reclaim(8, |p, b| got.push((p, b.to_vec())));
+            assert!(got.is_empty(), "consumer 8 holds nothing");
+            m.reclaim(7, |p, b| got.push((p, b.to_vec())));
+            assert_eq!(
+                got,
+                vec![(pos + 1, vec![1]), (pos + 2, vec![2])],
+                "lap {lap}"
+            );
+            assert_eq!(m.try_push(b"z").unwrap(), Some(pos + 5));
+            assert_eq!(m.try_push(b"w").unwrap(), Some(pos + 6));
+            // Drain: the reclaimed messages are not popped again.
+            let mut rest = Vec::new();
+            while let Some(p) = m.try_pop(8, |p, _| p).unwrap() {
+                rest.push(p);
+            }
+            assert_eq!(rest, vec![pos + 3, pos + 4, pos + 5, pos + 6]);
+            pos += 7;
+        }
+        // A consumer that dies between its claim and moving `head`: others help.
+        m.try_push(b"a").unwrap();
+        m.try_push(b"b").unwrap();
+        let p = m.header().head.0.load(Ordering::Relaxed);
+        m.seq(p).store(claimed(p, 9), Ordering::SeqCst);
+        assert!(!m.is_empty(), "a stuck head is not empty");
+        assert_eq!(m.try_pop(8, |p, b| (p, b[0])).unwrap(), Some((p + 1, b'b')));
+        let mut got = Vec::new();
+        m.reclaim(9, |p, b| got.push((p, b[0])));
+        assert_eq!(got, vec![(p, b'a')]);
+        assert!(m.is_empty());
+    }
+
+    #[test]
     fn current_record_round_trips() {
         let mut r = region(2, 32);
         // SAFETY: as above.
-        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 2, 32) }.unwrap();
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 2, 32, 0) }.unwrap();
         assert_eq!(m.current(), None);
         m.set_current(9, &[7; 40]);
         let (pos, c) = m.current().unwrap();
@@ -688,7 +867,7 @@ mod tests {
     fn debts_are_paid_by_written_frames_and_the_ring_refuses_unpaid_slots() {
         let mut r = region(2, 32);
         // SAFETY: as above.
-        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 2, 32) }.unwrap();
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 2, 32, 0) }.unwrap();
         let debt = |i: u64, evicted| Debt {
             pos: i,
             result: [i as u8; 20],

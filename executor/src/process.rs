@@ -247,3 +247,141 @@ fn daemon_child(cfg: &DaemonConfig, parent: Pid, status: OwnedFd, dir: &Path) ->
     let _ = std::fs::remove_dir_all(dir);
     code
 }
+
+/// This program's identity: a 64-bit hash of the executable's GNU build id (read from the
+/// running image's `PT_NOTE` segments through `dl_iterate_phdr`: no file is read) or, for an
+/// executable linked without one, of `/proc/self/exe`'s device, inode, size and modification
+/// time; and of the address the executable is loaded at. Computed once per process. Two
+/// processes share it exactly when they run the same executable at the same addresses (a
+/// process and its forks; two runs of one binary differ under ASLR), which is when a function
+/// address sent from one means the same function in the other.
+///
+/// With the `failpoints` feature (test builds only), `TROVE_TEST_PROGRAM_ID` (a number)
+/// replaces it, so a test can play "another program" with the same binary.
+pub fn program_id() -> u64 {
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        #[cfg(feature = "failpoints")]
+        if let Some(id) = std::env::var("TROVE_TEST_PROGRAM_ID")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            return id;
+        }
+        let (id, base) = build_id();
+        let base = base.to_le_bytes();
+        match id {
+            Some(id) => fnv1a(&[&id[..], &base].concat()),
+            None => {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::metadata("/proc/self/exe").ok();
+                let words = m.map_or([0; 4], |m| {
+                    [
+                        m.dev(),
+                        m.ino(),
+                        m.size(),
+                        m.mtime_nsec() as u64 ^ m.mtime() as u64,
+                    ]
+                });
+                fnv1a(&[&words.map(u64::to_le_bytes).concat()[..], &base].concat())
+            }
+        }
+    })
+}
+
+/// FNV-1a, 64 bits: a stable hash (the same in every build and process).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The main executable's GNU build id (if it was linked with one) and load address.
+fn build_id() -> (Option<Vec<u8>>, u64) {
+    unsafe extern "C" fn first(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        out: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: the loader passes a valid `dl_phdr_info` for the call; `out` is the
+        // `(Option<Vec<u8>>, u64)` given to `dl_iterate_phdr` below, used by this thread only.
+        let (info, (out, base)) = unsafe { (&*info, &mut *(out as *mut (Option<Vec<u8>>, u64))) };
+        // (`Elf32_Addr` on 32-bit targets.)
+        #[allow(clippy::unnecessary_cast)]
+        let addr = info.dlpi_addr as u64;
+        *base = addr;
+        // SAFETY: `dlpi_phdr` points at `dlpi_phnum` program headers of the loaded object.
+        let headers =
+            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
+        for h in headers.iter().filter(|h| h.p_type == libc::PT_NOTE) {
+            let start = (info.dlpi_addr as usize).wrapping_add(h.p_vaddr as usize);
+            // SAFETY: a PT_NOTE segment is loaded (mapped, readable) at its address plus the
+            // object's base for as long as the object is loaded (the main program: always).
+            let notes =
+                unsafe { std::slice::from_raw_parts(start as *const u8, h.p_memsz as usize) };
+            if let Some(id) = gnu_build_id(notes) {
+                *out = Some(id);
+                break;
+            }
+        }
+        // The first object is the main program: stop there.
+        1
+    }
+    let mut out: (Option<Vec<u8>>, u64) = (None, 0);
+    // SAFETY: `first` matches the callback type and only touches `out` through the pointer
+    // passed here, which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(first), &mut out as *mut _ as *mut libc::c_void) };
+    out
+}
+
+/// Finds the `NT_GNU_BUILD_ID` note (type 3, name "GNU") in a note segment's bytes.
+fn gnu_build_id(mut notes: &[u8]) -> Option<Vec<u8>> {
+    let word = |b: &[u8], i: usize| -> Option<usize> {
+        Some(u32::from_ne_bytes(b.get(4 * i..4 * i + 4)?.try_into().ok()?) as usize)
+    };
+    while notes.len() >= 12 {
+        let (namesz, descsz, kind) = (word(notes, 0)?, word(notes, 1)?, word(notes, 2)?);
+        let name_end = 12 + namesz.next_multiple_of(4);
+        let desc_end = name_end.checked_add(descsz.next_multiple_of(4))?;
+        let name = notes.get(12..12 + namesz)?;
+        let desc = notes.get(name_end..name_end + descsz)?;
+        if kind == 3 && name == b"GNU\0" {
+            return Some(desc.to_vec());
+        }
+        notes = notes.get(desc_end..)?;
+    }
+    None
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+
+    #[test]
+    fn the_program_id_is_the_build_id_and_stable() {
+        let (id, base) = build_id();
+        let id = id.expect("this test binary has a GNU build id");
+        assert!(id.len() >= 8, "{id:?}");
+        assert_eq!(
+            program_id(),
+            fnv1a(&[&id[..], &base.to_le_bytes()].concat())
+        );
+        assert_eq!(program_id(), program_id());
+        // A note segment with another note first.
+        let mut notes = Vec::new();
+        for (name, kind, desc) in [
+            (&b"XY\0"[..], 1u32, &[1u8, 2, 3][..]),
+            (b"GNU\0", 3, &[9; 20]),
+        ] {
+            notes.extend_from_slice(&(name.len() as u32).to_ne_bytes());
+            notes.extend_from_slice(&(desc.len() as u32).to_ne_bytes());
+            notes.extend_from_slice(&kind.to_ne_bytes());
+            notes.extend_from_slice(name);
+            notes.resize(notes.len().next_multiple_of(4), 0);
+            notes.extend_from_slice(desc);
+            notes.resize(notes.len().next_multiple_of(4), 0);
+        }
+        assert_eq!(gnu_build_id(&notes), Some(vec![9; 20]));
+        assert_eq!(gnu_build_id(&notes[..20]), None, "truncated");
+    }
+}

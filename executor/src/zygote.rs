@@ -7,7 +7,8 @@
 //! with the driver), so no process outlives the driver, however the driver ends. When a child
 //! dies the zygote fails the call it was running and, for an actor, every queued call (the
 //! callers see `ActorDied`), and marks its mailbox dead so later calls fail at once; a worker
-//! is replaced.
+//! is replaced. Messages the dead child had taken but not yet noted as current are failed
+//! too, and the queue slots it still held are freed (`Mailbox::reclaim`).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -178,10 +179,14 @@ fn attach(client: &StoreClient, id: ObjectId) -> Result<(ObjectView, Mailbox), S
     let view = client
         .get(id, Duration::from_secs(5))
         .map_err(|e| format!("mailbox {id}: {e}"))?;
-    // SAFETY: the view pins the object's bytes, which stay mapped while it lives; the
-    // mailbox is stored next to the view and dropped with it.
-    let mailbox = unsafe { Mailbox::attach(view.as_ptr() as *mut u8, view.len()) }
-        .map_err(|e| format!("mailbox {id}: {e}"))?;
+    let ptr = view
+        .shared_ptr()
+        .ok_or_else(|| format!("mailbox {id}: not in shared memory"))?;
+    // SAFETY: the pointer comes from the raw shared mapping (writes through it are allowed);
+    // the view pins the object's bytes, which stay mapped while it lives; the mailbox is
+    // stored next to the view and dropped with it.
+    let mailbox =
+        unsafe { Mailbox::attach(ptr, view.len()) }.map_err(|e| format!("mailbox {id}: {e}"))?;
     Ok((view, mailbox))
 }
 
@@ -344,6 +349,16 @@ fn reap(client: &StoreClient, children: &mut HashMap<i32, Child>, me: Pid) {
             child.mailbox.set_dead();
             Failure::ActorDied
         };
+        // Messages it had taken and still held in their queue slots: each one it had not yet
+        // noted as current is failed here (the current one is looked at below, with its
+        // record and its debts); every such slot is freed, so the queue is not blocked.
+        let current_pos = child.mailbox.current().map(|(pos, _)| pos);
+        child.queue.reclaim(pid.as_raw() as u32, |pos, m| {
+            if current_pos != Some(pos) {
+                fail(m, failure);
+                child.queue.record(pos).abandon(pos);
+            }
+        });
         // Results it made and handed to its store client (paid: the frame left it).
         let debts = child.mailbox.debts();
         // The call it was running, unless its result is in its record already or owed.
@@ -379,7 +394,10 @@ fn reap(client: &StoreClient, children: &mut HashMap<i32, Child>, me: Pid) {
             }
             continue;
         }
-        while let Ok(Some(())) = child.mailbox.try_pop(|_, m| fail(m, Failure::ActorDied)) {}
+        while let Ok(Some(())) = child
+            .mailbox
+            .try_pop(me.as_raw() as u32, |_, m| fail(m, Failure::ActorDied))
+        {}
         drop(child);
         // The reports are one-way frames: send them now (the zygote has no flusher thread).
         let _ = client.flush();

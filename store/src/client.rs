@@ -1542,6 +1542,13 @@ impl ObjectView {
         // (not freed or reused) for as long as self lives.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
+    /// The object's bytes as a raw pointer taken from the shared mapping itself (not from a
+    /// shared slice), for objects that are shared-memory structures which several processes
+    /// write through atomics (actor mailboxes): writing through [`ObjectView::as_slice`]'s
+    /// pointer would be undefined behaviour. `None` for a value held in process memory.
+    pub fn shared_ptr(&self) -> Option<*mut u8> {
+        self._local.is_none().then_some(self.ptr as *mut u8)
+    }
     /// The object's offset in the arena (`u64::MAX` for a value held in process memory).
     pub fn offset(&self) -> u64 {
         self.offset

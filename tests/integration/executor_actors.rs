@@ -8,7 +8,7 @@ use crate::util::{Helper, wait_until};
 
 const T: Duration = Duration::from_secs(60);
 
-fn run(role: &str, arg: &str) -> String {
+pub fn run(role: &str, arg: &str) -> String {
     let mut h = Helper::start(role, Path::new("/nonexistent"), arg);
     let line = h.expect_line("OK", T);
     assert!(h.wait(T).success());

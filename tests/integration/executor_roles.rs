@@ -201,6 +201,93 @@ fn named_hop(x: u64) -> trove::Result<u64> {
     Ok(h.call(Worker::seen, ())?.deserialize()?.len() as u64)
 }
 
+/// Calls a Worker's handle read back as a `Foo` handle (in a worker process): `true` if that
+/// is refused with `WrongActorType`.
+fn wrong_type_hop(stored: ObjectRef<ActorHandle<Worker>>) -> trove::Result<bool> {
+    let wrong: ActorHandle<Foo> =
+        ObjectRef::<ActorHandle<Foo>>::from_id(stored.id()).deserialize()?;
+    Ok(matches!(
+        wrong.call(Foo::increment, ()),
+        Err(Error::WrongActorType { .. })
+    ))
+}
+
+/// A task with a small result.
+fn double(x: u64) -> u64 {
+    2 * x
+}
+
+/// Fail points armed through files, so that a test kills one consumer at exactly one window:
+/// `<dir>/<point>` holds `<target> <n>`, and the `n`-th time (counted from arming) a process
+/// that is `target` (a pid, or `child`: any consumer, i.e. any process but the driver and
+/// the zygote) passes `point`, it renames the file to `<point>.taken` and SIGKILLs itself.
+/// Configured before `init`, so every process of the tree inherits the callbacks.
+struct Kills {
+    dir: tempfile::TempDir,
+}
+
+impl Kills {
+    const POINTS: [&str; 3] = ["trove::claimed", "trove::claim_held", "trove::owing"];
+
+    fn new() -> Result<Kills, Box<dyn std::error::Error>> {
+        use nix::unistd::{getpid, getppid};
+        let dir = tempfile::Builder::new().prefix("trove-kills-").tempdir()?;
+        let driver = getpid().as_raw();
+        for point in Self::POINTS {
+            let path = Self::file(dir.path(), point);
+            // This process's count of hits since the current arming (by the file's contents).
+            let seen = std::sync::Mutex::new((String::new(), 0u64));
+            fail::cfg_callback(point, move || {
+                let Ok(armed) = std::fs::read_to_string(&path) else {
+                    return;
+                };
+                let mut words = armed.split_whitespace();
+                let (Some(target), Some(Ok(n))) =
+                    (words.next(), words.next().map(str::parse::<u64>))
+                else {
+                    return;
+                };
+                let me = getpid().as_raw();
+                let mine = match target {
+                    "child" => me != driver && getppid().as_raw() != driver,
+                    pid => pid.parse() == Ok(me),
+                };
+                if !mine {
+                    return;
+                }
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                if seen.0 != armed {
+                    *seen = (armed.clone(), 0);
+                }
+                seen.1 += 1;
+                if seen.1 == n && std::fs::rename(&path, path.with_extension("taken")).is_ok() {
+                    let _ = nix::sys::signal::kill(getpid(), nix::sys::signal::Signal::SIGKILL);
+                }
+            })?;
+        }
+        Ok(Kills { dir })
+    }
+
+    fn file(dir: &Path, point: &str) -> std::path::PathBuf {
+        dir.join(point.replace("::", "-"))
+    }
+
+    /// Arms `point` for `target` (a pid, or "child") at its `n`-th pass.
+    fn arm(&self, point: &str, target: &str, n: u64) -> Res {
+        let path = Self::file(self.dir.path(), point);
+        let _ = std::fs::remove_file(path.with_extension("taken"));
+        std::fs::write(&path, format!("{target} {n}"))?;
+        Ok(())
+    }
+
+    /// Whether a process died at `point` since it was armed.
+    fn hit(&self, point: &str) -> bool {
+        Self::file(self.dir.path(), point)
+            .with_extension("taken")
+            .exists()
+    }
+}
+
 fn check(cond: bool, what: &str) -> Res {
     if cond {
         Ok(())
@@ -209,10 +296,28 @@ fn check(cond: bool, what: &str) -> Res {
     }
 }
 
-pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
+pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
     // A session of our own: the test finds every process of this tree by its session id.
     let _ = nix::unistd::setsid();
-    let rt = trove::init(Config::default().memory(512 << 20).num_cpus(2))?;
+    // Before init: the zygote, actors and workers inherit the fail-point callbacks (only
+    // roles that kill at fail points have them, and the directory they arm through).
+    let kills = match role {
+        "exec-lost-call" | "exec-die-owing" => Some(Kills::new()?),
+        _ => None,
+    };
+    let kills = || kills.as_ref().ok_or("this role has no fail points");
+    let mut cfg = Config::default().memory(512 << 20).num_cpus(2);
+    if role.starts_with("exec-ns-") {
+        // A driver of its own on the test's shared troved.
+        cfg = cfg.store(socket);
+    }
+    if role == "exec-ns-other-program" {
+        // Play another program (a test-only hook of the `failpoints` build).
+        // SAFETY: single-threaded (before init, which checks it), nobody reads the environment
+        // concurrently.
+        unsafe { std::env::set_var("TROVE_TEST_PROGRAM_ID", "12345") };
+    }
+    let rt = trove::init(cfg)?;
     match role {
         "exec-seed-actors" => {
             let f1 = rt.actor(Foo::default)?;
@@ -468,19 +573,30 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
         "exec-die-owing" => {
             let base = rt.stats()?;
             // Stored results: the actor is busy while the calls queue up, then runs them
-            // back to back (its store frames batched) and kills itself with some unsent.
+            // back to back (its store frames batched) and dies while it owes the 100th (its
+            // debt noted, its frame queued, not written).
             let w = rt.actor(Worker::default)?;
             check(*w.call(Worker::echo, (1,))?.get_timeout(T)? == 1, "warm up")?;
-            w.call(Worker::slow, (200,))?;
+            let busy = w.call(Worker::slow, (200,))?;
+            kills()?.arm("trove::owing", &w.pid().to_string(), 100)?;
             let texts: Vec<_> = (0..200u64)
                 .map(|i| w.call(Worker::text, (i,)))
                 .collect::<Result<_, _>>()?;
-            let d1 = w.call(Worker::die, ())?;
             let died_stored = each_value_or_died(
                 texts.len(),
                 |i| Ok(texts[i].get_timeout(BOUND)?.as_str() == format!("{i:>1000}")),
                 "stored results",
             )?;
+            check(kills()?.hit("trove::owing"), "the actor died owing")?;
+            // The one it died owing was failed (only its debt names it), and so was each
+            // later one.
+            for (i, t) in texts.iter().enumerate().skip(99) {
+                match t.get_timeout(BOUND) {
+                    Err(Error::ActorDied(_)) => {}
+                    other => return Err(format!("stored result {i} gave {other:?}").into()),
+                }
+            }
+            check(*busy.get_timeout(T)? == 200, "the call before")?;
             // Inline results the caller leaves in the records (a slow call in front stops it
             // harvesting): the actor moves them to the store as it reuses the records, then
             // kills itself with some of those moves unsent.
@@ -504,6 +620,8 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
             let mut tasks: Vec<_> = (0..300u64)
                 .map(|i| rt.spawn(text_task, (i,)))
                 .collect::<Result<_, _>>()?;
+            // (A worker dies owing its 50th result.)
+            kills()?.arm("trove::owing", "child", 50)?;
             let killer = rt.spawn(kill_worker, ())?;
             tasks.extend(
                 (300..400u64)
@@ -527,14 +645,146 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
                 "the pool after a death",
             )?;
             drop((tasks, killer));
+            check(kills()?.hit("trove::owing"), "a worker died owing")?;
+            check(died_tasks >= 1, "a worker died owing a task's result")?;
             rt.kill(&slow)?;
-            check(
-                matches!(d1.get_timeout(BOUND), Err(Error::ActorDied(_))),
-                "the call that killed it",
-            )?;
-            drop((texts, echoes, front, w, a, slow, d1));
+            drop((texts, echoes, front, w, a, slow, busy));
             store_back_to(&rt, base.objects, base.used, "after the deaths")?;
             say(&format!("OK {died_stored} {died_evicted} {died_tasks}"));
+        }
+        "exec-lost-call" => {
+            // `arg` is the window: a consumer dies there with one call in hand.
+            let point = arg;
+            let w = rt.actor(Worker::default)?;
+            let other = rt.actor(Worker::default)?;
+            check(*w.call(Worker::echo, (1,))?.get_timeout(T)? == 1, "warm up")?;
+            check(
+                *other.call(Worker::echo, (1,))?.get_timeout(T)? == 1,
+                "warm up",
+            )?;
+            check(*rt.spawn(double, (1,))?.get_timeout(T)? == 2, "warm up")?;
+            let base = rt.stats()?;
+            // An actor: its next call is lost with it, and `get` (no timeout) says so.
+            kills()?.arm(point, &w.pid().to_string(), 1)?;
+            let t = Instant::now();
+            let lost_call = w.call(Worker::echo, (5,))?;
+            match lost_call.get() {
+                Err(Error::ActorDied(_)) => {}
+                other => return Err(format!("the lost call gave {other:?}").into()),
+            }
+            let took = t.elapsed();
+            check(kills()?.hit(point), "the actor died at the fail point")?;
+            check(took < BOUND, &format!("ActorDied after {took:?}"))?;
+            match w.call(Worker::echo, (6,))?.get_timeout(BOUND) {
+                Err(Error::ActorDied(_)) => {}
+                other => return Err(format!("a later call gave {other:?}").into()),
+            }
+            check(
+                *other.call(Worker::echo, (3,))?.get_timeout(T)? == 3,
+                "another actor",
+            )?;
+            // A worker: its task fails, and the pool runs on, through more tasks than the
+            // queue has slots (so the dead worker's slot is reused).
+            kills()?.arm(point, "child", 1)?;
+            let t = Instant::now();
+            let lost_task = rt.spawn(double, (21,))?;
+            match lost_task.get() {
+                Err(Error::TaskFailed(m)) if m.contains("died") => {}
+                other => return Err(format!("the lost task gave {other:?}").into()),
+            }
+            let took_task = t.elapsed();
+            check(kills()?.hit(point), "a worker died at the fail point")?;
+            check(
+                took_task < BOUND,
+                &format!("TaskFailed after {took_task:?}"),
+            )?;
+            let refs: Vec<_> = (0..5000u64)
+                .map(|i| rt.spawn(double, (i,)))
+                .collect::<Result<_, _>>()?;
+            check(
+                rt.get_all_timeout(&refs, T)? == (0..5000).map(|i| 2 * i).collect::<Vec<_>>(),
+                "the pool after the death",
+            )?;
+            drop((lost_call, lost_task, refs));
+            store_back_to(&rt, base.objects, base.used, "after the lost calls")?;
+            say(&format!(
+                "OK {} {}",
+                took.as_millis(),
+                took_task.as_millis()
+            ));
+        }
+        "exec-actor-types" => {
+            let w = rt.actor_with(Worker::new, (3u64,))?;
+            // A handle deserialised as another actor type: nothing is sent.
+            let stored = rt.put(&w)?;
+            let wrong: ActorHandle<Foo> =
+                ObjectRef::<ActorHandle<Foo>>::from_id(stored.id()).deserialize()?;
+            match wrong.call(Foo::reset, ()) {
+                Err(Error::WrongActorType { id, expected }) => check(
+                    id == w.id() && expected.ends_with("Foo"),
+                    &format!("{id} {expected}"),
+                )?,
+                other => return Err(format!("a Worker called as Foo gave {other:?}").into()),
+            }
+            // Looked up by name as another type: refused at once; as its own type: found.
+            let named = rt.actor_named("typed", Worker::default)?;
+            match trove::get_actor::<Foo>("typed") {
+                Err(Error::WrongActorType { id, .. }) => check(id == named.id(), "named id")?,
+                other => return Err(format!("get_actor as Foo gave {other:?}").into()),
+            }
+            let found: ActorHandle<Worker> = trove::get_actor("typed")?;
+            check(found.pid() == named.pid(), "found as Worker")?;
+            // The same through a task (a handle deserialised in another process).
+            check(
+                rt.spawn(wrong_type_hop, (stored.clone(),))?
+                    .get_timeout(T)?
+                    .deserialize()?,
+                "a task's wrongly typed handle",
+            )?;
+            // Both actors were left alone.
+            check(
+                w.call(Worker::seen, ())?.get_timeout(T)?.deserialize()? == [3],
+                "state untouched",
+            )?;
+            say("OK");
+        }
+        "exec-ns-owner" => {
+            // Owns a named actor in its own (default) namespace, then waits for the test.
+            let w = rt.actor_with(Worker::new, (7u64,))?;
+            let _named = rt.actor_named("shared-name", Worker::default)?;
+            check(
+                trove::get_actor::<Worker>("shared-name").is_ok(),
+                "found in its own namespace",
+            )?;
+            say(&format!("READY {}", rt.namespace()));
+            let done = Path::new(arg);
+            let until = Instant::now() + T;
+            while !done.exists() && Instant::now() < until {
+                sleep(Duration::from_millis(10));
+            }
+            // It still serves.
+            check(*w.call(Worker::echo, (5,))?.get_timeout(T)? == 5, "owner")?;
+            say("OK");
+        }
+        "exec-ns-other-program" => {
+            // `arg`: the owner's namespace.
+            check(rt.namespace() != arg, "a namespace of its own")?;
+            match trove::get_actor::<Worker>("shared-name") {
+                Err(Error::NotFound(_)) => {}
+                other => return Err(format!("another driver's name gave {other:?}").into()),
+            }
+            // The same name in its own namespace is free.
+            let mine = rt.actor_named("shared-name", Worker::default)?;
+            check(
+                trove::get_actor::<Worker>("shared-name")?.pid() == mine.pid(),
+                "its own",
+            )?;
+            // Naming the owner's namespace: an actor of another program, refused.
+            match trove::get_actor_in::<Worker>(arg, "shared-name") {
+                Err(Error::ForeignActor(_)) => {}
+                other => return Err(format!("the other program's actor gave {other:?}").into()),
+            }
+            say("OK");
         }
         "exec-order" => {
             let n: u64 = arg.parse()?;

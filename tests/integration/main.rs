@@ -9,7 +9,9 @@ mod cli_commands;
 mod client_lifetimes;
 mod client_objects;
 mod client_roles;
+mod executor_actor_types;
 mod executor_actors;
+mod executor_lost_calls;
 mod executor_roles;
 mod fault_kills;
 mod load_clients;
@@ -101,6 +103,10 @@ fn main() -> ExitCode {
         executor_actors::executor_ten_thousand_calls_run_in_order,
         executor_actors::executor_small_results_inline_escape_and_survive_record_reuse,
         executor_actors::executor_driver_exit_leaves_no_process,
+        executor_lost_calls::executor_consumer_killed_after_taking_a_call_fails_it,
+        executor_lost_calls::executor_consumer_killed_holding_a_queue_slot_frees_it,
+        executor_actor_types::executor_wrong_actor_type_is_a_typed_error,
+        executor_actor_types::executor_named_actors_are_scoped_by_namespace_and_program,
         cli_commands::cli_put_get_status,
         security_access::security_another_uid_cannot_connect,
         security_access::security_arena_has_no_name,
