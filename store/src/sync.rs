@@ -57,7 +57,11 @@ mod model {
                     self.0.store(v, order);
                     sc_fence(order);
                 }
-                fn rmw<R>(&self, order: Ordering, f: impl FnOnce(&loom::sync::atomic::$name) -> R) -> R {
+                fn rmw<R>(
+                    &self,
+                    order: Ordering,
+                    f: impl FnOnce(&loom::sync::atomic::$name) -> R,
+                ) -> R {
                     sc_fence(order);
                     let r = f(&self.0);
                     sc_fence(order);
@@ -88,7 +92,9 @@ mod model {
                     success: Ordering,
                     failure: Ordering,
                 ) -> Result<$int, $int> {
-                    self.rmw(success, |a| a.compare_exchange(current, new, success, failure))
+                    self.rmw(success, |a| {
+                        a.compare_exchange(current, new, success, failure)
+                    })
                 }
                 pub fn compare_exchange_weak(
                     &self,
@@ -148,6 +154,10 @@ where
     let mut builder = loom::model::Builder::new();
     if builder.preemption_bound.is_none() {
         builder.preemption_bound = Some(preemptions);
+    }
+    if std::env::var_os("LOOM_MAX_BRANCHES").is_none() {
+        // Spin-waits (a consumer polling an empty queue) take many branches per execution.
+        builder.max_branches = 100_000;
     }
     let bound = builder.preemption_bound;
     builder.check(move || {
