@@ -28,6 +28,7 @@ pub mod mailbox;
 pub mod message;
 pub mod process;
 pub mod record;
+mod sync;
 pub mod zygote;
 
 pub use mailbox::{Mailbox, MailboxError, mailbox_bytes};

@@ -34,14 +34,12 @@
 //! left the dead process.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
-use crossbeam_utils::Backoff;
 use rustix::io::Errno;
 
 use crate::record::{RECORD_LEN, Record};
-use rustix::thread::futex;
+use crate::sync::{AtomicU32, AtomicU64, Backoff, Ordering, fence, futex};
 
 const MAGIC: u64 = 0x5452_4f56_454d_4258; // "TROVEMBX"
 const SHARED: futex::Flags = futex::Flags::empty();
@@ -924,3 +922,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(all(test, loom))]
+mod loom_models;

@@ -28,10 +28,10 @@
 //! Everything here is atomics on shared memory: a peer that scribbles on a record can make a
 //! caller read a wrong value for its own call, never make anybody access outside the region.
 
-use std::sync::atomic::{AtomicU64, Ordering, fence};
+#[cfg(not(loom))]
 use std::time::{Duration, Instant};
 
-use crossbeam_utils::Backoff;
+use crate::sync::{AtomicU64, Backoff, Ordering, fence};
 
 /// Bytes of a record.
 pub const RECORD_LEN: usize = 256;
@@ -50,7 +50,40 @@ const EVICTING: u64 = 5;
 
 const ERROR_BIT: u64 = 1 << 63;
 /// How long a consumer waits for another consumer that is filling the same record.
+#[cfg(not(loom))]
 const BUSY_WAIT: Duration = Duration::from_micros(200);
+
+/// A consumer's patience with another consumer filling the same record: [`BUSY_WAIT`] of
+/// real time; under loom a few of loom's yields, so that a model explores both outcomes
+/// (the other finishes first, or the wait gives up) deterministically.
+struct Patience {
+    #[cfg(not(loom))]
+    until: Instant,
+    #[cfg(loom)]
+    left: u32,
+}
+
+impl Patience {
+    fn new() -> Patience {
+        Patience {
+            #[cfg(not(loom))]
+            until: Instant::now() + BUSY_WAIT,
+            #[cfg(loom)]
+            left: 3,
+        }
+    }
+
+    #[cfg(not(loom))]
+    fn exhausted(&mut self) -> bool {
+        Instant::now() >= self.until
+    }
+
+    #[cfg(loom)]
+    fn exhausted(&mut self) -> bool {
+        self.left = self.left.saturating_sub(1);
+        self.left == 0
+    }
+}
 
 fn state(pos: u64, tag: u64) -> u64 {
     pos << 3 | tag
@@ -133,7 +166,7 @@ impl Record {
     /// position before trying to take it (the consumer records that it may owe it; it owes it
     /// if the claim returns it).
     pub fn claim_with(&self, pos: u64, mut before_evict: impl FnMut(&InlineResult)) -> Claim {
-        let until = Instant::now() + BUSY_WAIT;
+        let mut patience = Patience::new();
         let backoff = Backoff::new();
         loop {
             let s = self.w(0).load(Ordering::Acquire);
@@ -144,7 +177,7 @@ impl Record {
             if tag == WRITING || tag == EVICTING {
                 // Another consumer (of an earlier position) is filling it: a few instructions,
                 // unless it died there.
-                if Instant::now() >= until {
+                if patience.exhausted() {
                     return Claim::Unavailable;
                 }
                 backoff.snooze();
@@ -159,6 +192,12 @@ impl Record {
                 .compare_exchange(s, state(pos, WRITING), Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
+                // The seqlock writer's fence: the fields written from now on (place, length,
+                // inline bytes) must not become visible before WRITING does, or a caller
+                // reading the old `STORED` place (`seen`) could take the new offset or length
+                // as its own and pass its re-check of the state. The CAS's release half only
+                // orders what came before it (x86 never reorders stores; ARM and POWER do).
+                fence(Ordering::Release);
                 return Claim::Ok(evicted);
             }
         }
@@ -559,3 +598,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(all(test, loom))]
+mod loom_models;

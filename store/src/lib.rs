@@ -16,6 +16,7 @@ pub mod ring;
 pub mod shm;
 pub mod size;
 mod sock;
+pub mod sync;
 
 pub use client::{
     ObjectView, ObjectWriter, OwnedWriter, Readiness, StoreClient, Subscription, Timeout,

@@ -16,9 +16,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
-use crossbeam_utils::Backoff;
 use memmap2::{Advice, MmapOptions, MmapRaw};
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
@@ -26,6 +24,7 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 use crate::error::{Result, StoreError};
 use crate::id::{ID_LEN, ObjectId};
 use crate::ring::RingRef;
+use crate::sync::{AtomicU32, AtomicU64, Backoff, Ordering, fence};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"troveAR1");
 /// Layout version; a client refuses an arena of another version.
@@ -819,3 +818,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(all(test, loom))]
+mod loom_models;
