@@ -88,6 +88,7 @@ fn main() -> ExitCode {
         executor_actors::executor_small_results_inline_escape_and_survive_record_reuse,
         executor_actors::executor_driver_exit_leaves_no_process,
         cli_commands::cli_put_get_status,
+        cli_commands::cli_stress_runs_kills_and_prints_its_table,
         security_access::security_another_uid_cannot_connect,
         security_access::security_arena_has_no_name,
         security_access::security_a_client_that_stops_reading_cannot_stall_others,
