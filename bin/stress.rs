@@ -978,7 +978,6 @@ pub fn run(rt: &Runtime, opts: &Options) -> anyhow::Result<bool> {
             killer.join().expect("killer thread");
             tallies
         });
-        drop(round);
         // The round's end: clients (all killed by now) reaped, actors killed, refs dropped.
         for mut c in clients {
             let _ = c.child.kill();
