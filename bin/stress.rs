@@ -80,11 +80,16 @@ fn add_value(a: u64, b: u64) -> u64 {
     a.wrapping_mul(31).wrapping_add(b ^ 0xA5A5)
 }
 
-struct Rng(u64);
+struct Rng(u64, bool);
 
 impl Rng {
     fn new(seed: u64) -> Rng {
-        Rng(mix(seed) | 1)
+        Rng(mix(seed) | 1, false)
+    }
+    /// Only large values from [`Rng::len`] (`--large`).
+    fn large_only(mut self, yes: bool) -> Rng {
+        self.1 = yes;
+        self
     }
     fn next(&mut self) -> u64 {
         self.0 = mix(self.0);
@@ -94,8 +99,11 @@ impl Rng {
         self.next() % n.max(1)
     }
     /// Element counts: mostly small (an inline result), some medium (KiBs), a few large
-    /// (256-512 KiB).
+    /// (256-512 KiB); with `large_only`, 256 KiB-1 MiB.
     fn len(&mut self) -> u64 {
+        if self.1 {
+            return (32 << 10) + self.below(96 << 10);
+        }
         match self.below(40) {
             0..=19 => 1 + self.below(20),
             20..=38 => 100 + self.below(2000),
@@ -400,6 +408,7 @@ impl Op {
 
 struct Round<'a> {
     ops: &'a [Op],
+    large: bool,
     rt: &'a Runtime,
     inner: &'a [ActorHandle<Inner>],
     outer: &'a [(ActorHandle<Outer>, usize)],
@@ -653,7 +662,7 @@ impl Round<'_> {
 
     /// One workload thread: batches of operations until the round's work time is over.
     fn work(&self, seed: u64) -> Tally {
-        let mut rng = Rng::new(seed);
+        let mut rng = Rng::new(seed).large_only(self.large);
         let mut tally = Tally::default();
         while self.start.elapsed() < ROUND_WORK {
             let mut batch = Vec::with_capacity(BATCH);
@@ -801,6 +810,8 @@ pub struct Options {
     pub ops: Vec<Op>,
     /// What the killer kills (all kinds by default; no client processes without `Client`).
     pub kill: Vec<KillKind>,
+    /// Only large values (256 KiB-1 MiB) in the driver's workload.
+    pub large: bool,
 }
 
 #[derive(Default)]
@@ -917,6 +928,7 @@ pub fn run(rt: &Runtime, opts: &Options) -> anyhow::Result<bool> {
         let worker_seed = rng.next();
         let round = Round {
             ops: &opts.ops,
+            large: opts.large,
             rt,
             inner: &inner,
             outer: &outer,

@@ -66,6 +66,9 @@ enum Command {
         /// What to SIGKILL: actors,workers,clients (any subset) or none.
         #[arg(long, default_value = "actors,workers,clients", value_parser = stress::KillKind::parse_list)]
         kill: std::vec::Vec<stress::KillKind>,
+        /// Only large values (256 KiB-1 MiB) in the driver's workload.
+        #[arg(long)]
+        large: bool,
     },
     /// A client process of `stress` (started by it).
     #[command(hide = true)]
@@ -113,6 +116,7 @@ fn main() -> anyhow::Result<()> {
             workers,
             ops,
             kill,
+            large,
         } => {
             let workers = workers.max(1);
             let rt = init(args.store, memory, workers)?;
@@ -129,6 +133,7 @@ fn main() -> anyhow::Result<()> {
                 workers,
                 ops: ops.unwrap_or_else(|| stress::Op::ALL.iter().map(|(_, op)| *op).collect()),
                 kill,
+                large,
             };
             if !stress::run(&rt, &opts)? {
                 bail!("stress (seed {seed}) saw hangs, wrong values or leaks");

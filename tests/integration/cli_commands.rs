@@ -116,7 +116,10 @@ pub fn cli_stress_runs_kills_and_prints_its_table() {
     let err = std::fs::read_to_string(&err_path).unwrap();
     let status = status.unwrap_or_else(|| panic!("trove stress did not end in 120 s\n{err}"));
     // It ended by itself: not by a signal, and with its table (even when it reports a leak).
-    assert!(status.code().is_some(), "killed by a signal: {status:?}\n{err}");
+    assert!(
+        status.code().is_some(),
+        "killed by a signal: {status:?}\n{err}"
+    );
     let field = |name: &str| -> u64 {
         let line = out
             .lines()
@@ -131,7 +134,10 @@ pub fn cli_stress_runs_kills_and_prints_its_table() {
     assert!(out.starts_with("trove stress: seed 20261129"), "{out}");
     assert!(field("kills") > 0, "nothing was killed:\n{out}\n{err}");
     assert!(field("calls") > 0, "no calls:\n{out}\n{err}");
-    assert!(field("objects checked") > 0, "nothing checked:\n{out}\n{err}");
+    assert!(
+        field("objects checked") > 0,
+        "nothing checked:\n{out}\n{err}"
+    );
     for name in ["hangs", "wrong values", "max live leak", "stray processes"] {
         field(name);
     }
