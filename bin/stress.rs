@@ -5,7 +5,7 @@
 //! "outer" actors hold an `ActorHandle` of an "inner" one and call it), runs a workload from a
 //! few threads (puts small and large, calls with small args, `ObjectRef` args and refs inside
 //! args, small and large results, a ref inside a result, tasks, tasks that call actors), and
-//! starts client processes (this binary re-executed as `trove stress-client`, connected to the
+//! starts client processes (this binary re-executed as `trove stress-client` through /proc/self/exe, connected to the
 //! driver's store by its socket path, `StoreClient::socket_path`). A killer thread SIGKILLs
 //! actors, task workers (children of the zygote that are not actors) and client processes at
 //! moments drawn from the seed. After the round everything the round made is dropped, its
@@ -706,8 +706,8 @@ struct ClientProc {
 }
 
 fn start_client(socket: &Path, seed: u64) -> anyhow::Result<ClientProc> {
-    let exe = std::env::current_exe().context("finding the trove binary")?;
-    let mut child = Command::new(exe)
+    // This very binary, even if the file was replaced since (a rebuild during a long run).
+    let mut child = Command::new("/proc/self/exe")
         .arg("--store")
         .arg(socket)
         .arg("stress-client")
@@ -992,6 +992,16 @@ pub fn run(rt: &Runtime, opts: &Options) -> anyhow::Result<bool> {
         });
         // The round's end: clients (all killed by now) reaped, actors killed, refs dropped.
         for mut c in clients {
+            // Every client was SIGKILLed by the killer; one that exited by itself failed.
+            if let Ok(Some(status)) = c.child.try_wait()
+                && status.code().is_some()
+            {
+                totals.tally.wrong += 1;
+                totals.tally.note(format!(
+                    "WRONG round {number}: client pid {} exited by itself ({status}) before its kill",
+                    c.child.id()
+                ));
+            }
             let _ = c.child.kill();
             let _ = c.child.wait();
             let r = c.reader.join().unwrap_or_default();
