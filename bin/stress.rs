@@ -5,8 +5,9 @@
 //! "outer" actors hold an `ActorHandle` of an "inner" one and call it), runs a workload from a
 //! few threads (puts small and large, calls with small args, `ObjectRef` args and refs inside
 //! args, small and large results, a ref inside a result, tasks, tasks that call actors), and
-//! starts client processes (this binary re-executed as `trove stress-client` through /proc/self/exe, connected to the
-//! driver's store by its socket path, `StoreClient::socket_path`). A killer thread SIGKILLs
+//! starts client processes (this binary re-executed through /proc/self/exe as `trove
+//! stress-client`, connected to the driver's store by its socket path,
+//! `StoreClient::socket_path`, with `trove::Config::store`). A killer thread SIGKILLs
 //! actors, task workers (children of the zygote that are not actors) and client processes at
 //! moments drawn from the seed. After the round everything the round made is dropped, its
 //! actors are killed, and the store's used bytes and object count are compared with the
