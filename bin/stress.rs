@@ -864,6 +864,8 @@ pub fn run(rt: &Runtime, opts: &Options) -> anyhow::Result<bool> {
         );
     }
     let mut all_actor_pids: HashSet<i32> = HashSet::new();
+    // Leaked ids already shown (a leak stays from round to round).
+    let mut leaked_seen: HashSet<ObjectId> = HashSet::new();
     let mut totals = Totals::default();
     let started = Instant::now();
     let mut prev_leak = (0i64, 0i64);
@@ -1083,7 +1085,10 @@ pub fn run(rt: &Runtime, opts: &Options) -> anyhow::Result<bool> {
         totals.last_leak_objects = leak_objects;
         if (leak_bytes != 0 || leak_objects != 0) && totals.leaked_examples.len() < 5 {
             for o in rt.store().list()? {
-                if !base_ids.contains(&o.id) && totals.leaked_examples.len() < 5 {
+                if !base_ids.contains(&o.id)
+                    && totals.leaked_examples.len() < 5
+                    && leaked_seen.insert(o.id)
+                {
                     totals.leaked_examples.push(format!(
                         "round {number}: {} {} B {:?} pins {} owner client {}",
                         o.id, o.size, o.state, o.pins, o.owner
