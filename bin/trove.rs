@@ -1,5 +1,7 @@
-//! `trove`: the driver CLI. `demo` and `bench` run on an embedded store (forked by
+//! `trove`: the driver CLI. `demo`, `bench` and `stress` run on an embedded store (forked by
 //! `trove::init`); `status`, `put` and `get` talk to a running `troved`.
+
+mod stress;
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -38,6 +40,42 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A mixed workload under seeded SIGKILLs of actors, workers and client processes; every
+    /// value checked, every wait bounded, the store's live leak measured after each round.
+    /// Exits non-zero on any hang, wrong value or leak.
+    Stress {
+        /// How long to run (whole rounds; at least one).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// The seed of the kill schedule and the workload (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Size of the embedded store.
+        #[arg(long, default_value = "1GiB", value_parser = trove_store::size::parse_size)]
+        memory: u64,
+        /// Task workers.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Only these operations (comma-separated): put, put_slice, add, sum, bundle, make,
+        /// echo, relay_add, relay_sum, task_make, task_sum, task_call. Default: all.
+        #[arg(long, value_parser = stress::Op::parse_list)]
+        ops: Option<std::vec::Vec<stress::Op>>,
+        /// What to SIGKILL: actors,workers,clients (any subset) or none.
+        #[arg(long, default_value = "actors,workers,clients", value_parser = stress::KillKind::parse_list)]
+        kill: std::vec::Vec<stress::KillKind>,
+        /// Only large values (256 KiB-1 MiB) in the driver's workload.
+        #[arg(long)]
+        large: bool,
+    },
+    /// A client process of `stress` (started by it).
+    #[command(hide = true)]
+    StressClient {
+        #[arg(long)]
+        seed: u64,
+    },
     /// A running store's capacity, used and pinned bytes, objects and clients.
     Status {
         /// List the objects too (id, size, state, pins, age).
@@ -69,6 +107,44 @@ fn main() -> anyhow::Result<()> {
             let rt = init(args.store, 5 << 29, cpus)?;
             logging();
             bench(&rt, quick, json)
+        }
+        Command::Stress {
+            seconds,
+            seed,
+            json,
+            memory,
+            workers,
+            ops,
+            kill,
+            large,
+        } => {
+            let workers = workers.max(1);
+            let rt = init(args.store, memory, workers)?;
+            logging();
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+            let opts = stress::Options {
+                seconds,
+                seed,
+                json,
+                workers,
+                ops: ops.unwrap_or_else(|| stress::Op::ALL.iter().map(|(_, op)| *op).collect()),
+                kill,
+                large,
+            };
+            if !stress::run(&rt, &opts)? {
+                bail!("stress (seed {seed}) saw hangs, wrong values or leaks");
+            }
+            Ok(())
+        }
+        Command::StressClient { seed } => {
+            let socket = args
+                .store
+                .context("stress-client needs --store (the driver's socket)")?;
+            stress::client_main(socket, seed)
         }
         Command::Status { objects } => status(&connect(args.store)?, objects),
         Command::Put { file } => {

@@ -1,4 +1,4 @@
-//! The `trove` CLI against a running store: put, get, status.
+//! The `trove` CLI: put, get, status against a running store; `stress` on its own.
 
 use std::process::Command;
 
@@ -46,4 +46,116 @@ pub fn cli_put_get_status() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
+
+/// Live (not zombie) processes of process group `pgid`.
+fn group_members(pgid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after "comm)": state ppid pgrp ...
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 2 && f[0] != "Z" && f[2] == pgid.to_string() {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// `trove stress --seconds 3`: it runs its rounds, kills actors, workers and clients, checks
+/// values and prints its table, within a bound, and leaves no process behind.
+///
+/// It does not assert zero leaks or zero hangs yet: the library fixes for the known
+/// call-argument leak land separately. The lead will tighten this (exit status 0: no hang, no
+/// wrong value, no leak) once they are in.
+pub fn cli_stress_runs_kills_and_prints_its_table() {
+    use std::os::unix::process::CommandExt;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trove"))
+        .args(["stress", "--seconds", "3", "--seed", "20261129"])
+        .args(["--memory", "512MiB"])
+        .env_remove("TROVE_STORE")
+        .env("RUST_BACKTRACE", "0")
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .expect("run trove stress");
+    let pgid = child.id() as i32;
+    let status = {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                // The whole tree (store, zygote, actors, workers, clients) goes.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(-pgid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let out = std::fs::read_to_string(&out_path).unwrap();
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    let status = status.unwrap_or_else(|| panic!("trove stress did not end in 120 s\n{err}"));
+    // It ended by itself: not by a signal, and with its table (even when it reports a leak).
+    assert!(
+        status.code().is_some(),
+        "killed by a signal: {status:?}\n{err}"
+    );
+    let field = |name: &str| -> u64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name:?} line in the table:\n{out}\n{err}"));
+        line[name.len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("bad {name:?} line: {line}"))
+    };
+    assert!(out.starts_with("trove stress: seed 20261129"), "{out}");
+    assert!(field("kills") > 0, "nothing was killed:\n{out}\n{err}");
+    assert!(field("calls") > 0, "no calls:\n{out}\n{err}");
+    assert!(
+        field("objects checked") > 0,
+        "nothing checked:\n{out}\n{err}"
+    );
+    for name in ["hangs", "wrong values", "max live leak", "stray processes"] {
+        field(name);
+    }
+    assert!(err.contains("round    1"), "no progress line:\n{err}");
+    // Exit status 0 exactly when the table shows no hang, wrong value, leak or stray process.
+    let clean = field("hangs") == 0
+        && field("wrong values") == 0
+        && field("max live leak") == 0
+        && field("stray processes") == 0;
+    assert_eq!(status.success(), clean, "exit status {status:?} for\n{out}");
+    // Nothing of its tree is left.
+    let start = std::time::Instant::now();
+    while !group_members(pgid).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "processes left: {:?}",
+            group_members(pgid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

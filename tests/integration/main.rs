@@ -108,6 +108,7 @@ fn main() -> ExitCode {
         executor_actor_types::executor_wrong_actor_type_is_a_typed_error,
         executor_actor_types::executor_named_actors_are_scoped_by_namespace_and_program,
         cli_commands::cli_put_get_status,
+        cli_commands::cli_stress_runs_kills_and_prints_its_table,
         security_access::security_another_uid_cannot_connect,
         security_access::security_arena_has_no_name,
         security_access::security_a_client_that_stops_reading_cannot_stall_others,
