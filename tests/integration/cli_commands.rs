@@ -2,6 +2,7 @@
 
 use std::process::Command;
 
+use crate::harness::register;
 use crate::util::TestStore;
 
 fn trove(store: &TestStore, args: &[&str]) -> std::process::Output {
@@ -47,3 +48,4 @@ pub fn cli_put_get_status() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 }
+register!(cli_put_get_status);
