@@ -8,14 +8,15 @@
 //! and `main` collects every registered test ([`trials`]), named `module::function` (the
 //! names CI logs and `cargo test --test integration -- <filter>` see).
 //!
-//! Why this way: the registrations are gathered with the `inventory` crate (dtolnay's; each
-//! `register!` is a static added to a list before `main` by a constructor that only links a
-//! node, so no thread exists when a helper role starts). Beside a test there is nothing to
-//! forget in another file, and a test that is *not* registered does not compile: the binary
-//! is `#![deny(dead_code)]`, and a test function that nothing registers is dead code. We did
-//! not take `linkme` (distributed slices need a `#[distributed_slice]` static per test, with
-//! a name of its own, and rely on linker sections) or an attribute macro (a proc-macro crate
-//! of our own for what one `macro_rules!` line does).
+//! Why this way: the registrations are gathered with the `inventory` crate (dtolnay's, well
+//! kept): each `register!` is one plain macro call that adds a static to a list before `main`
+//! (a constructor that only links a node: no thread exists when a helper role starts). A
+//! test's registration sits beside it, there is nothing to keep in another file, and a test
+//! that is *not* registered does not compile: the binary is `#![deny(dead_code)]`, and a test
+//! function that nothing registers is dead code. `linkme` would gather them as well, but each
+//! `#[distributed_slice]` entry is an attributed static that needs a name of its own, more
+//! than a one-line `macro_rules!` call; an attribute macro (`#[trove_test]`) would need a
+//! proc-macro crate of our own for the same thing.
 //!
 //! A test that needs root (it switches uid) is registered as `register!(root: name)`: it is
 //! reported as ignored, with the reason as its kind, unless the tests run as root, so that it

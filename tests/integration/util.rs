@@ -225,32 +225,24 @@ pub fn wait_until_blocked(pid: Pid, limit: Duration) {
 }
 
 /// Runs the helper role encoded in the environment ([`ROLE_ENV`]), then exits the process.
-/// Called first thing in `main`, so the role runs before any thread exists.
+/// Called first thing in `main`, so the role runs before any thread exists. The one dispatch
+/// of a role to its body, in its area's file.
 pub fn run_helper_if_asked() {
-    let Ok(line) = std::env::var(ROLE_ENV) else {
-        return;
-    };
-    let result = match Role::decode(&line) {
-        Err(e) => Err(format!("bad role {line:?}: {e}").into()),
-        Ok(role) => run_role(role),
-    };
-    let code = match result {
-        Ok(()) => 0,
-        Err(e) => {
-            println!("ERROR {e}");
-            1
-        }
-    };
-    std::process::exit(code);
-}
-
-/// The one dispatch of a role to its body, in its area's file.
-fn run_role(role: Role) -> Result<(), Box<dyn std::error::Error>> {
     use crate::{
         client_lifetimes, client_roles, executor_roles, fault_kills, load_clients, roles,
         security_access, store_fuzz, store_isolation,
     };
-    match role {
+    let Ok(line) = std::env::var(ROLE_ENV) else {
+        return;
+    };
+    let role = match Role::decode(&line) {
+        Ok(role) => role,
+        Err(e) => {
+            println!("ERROR bad role {line:?}: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = match role {
         Role::Store { socket, role } => roles::helper_role(role, &socket),
         Role::PinStop {
             socket,
@@ -274,7 +266,15 @@ fn run_role(role: Role) -> Result<(), Box<dyn std::error::Error>> {
             millis,
         } => load_clients::load_role(&socket, seed, millis),
         Role::FaultDriver { socket } => fault_kills::driver_role(&socket),
-    }
+    };
+    let code = match result {
+        Ok(()) => 0,
+        Err(e) => {
+            println!("ERROR {e}");
+            1
+        }
+    };
+    std::process::exit(code);
 }
 
 /// Prints a line for the parent and flushes it.
