@@ -1,5 +1,6 @@
-//! Helper roles that use the `trove` client API (`TroveRole`, `Role::TroveEmbedded`). They run on the main thread of a
-//! fresh process, before any other thread exists, so `trove::init` may fork.
+//! Helper roles that use the `trove` client API (`TroveRole`, `Role::TroveEmbedded`). They run
+//! on the main thread of a fresh process, before any other thread exists, so `trove::init` may
+//! fork.
 
 use std::collections::BTreeMap;
 use std::path::Path;

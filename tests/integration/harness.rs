@@ -41,12 +41,22 @@ inventory::collect!(Test);
 macro_rules! register {
     (root: $f:ident) => {
         inventory::submit! {
-            $crate::harness::Test { module: module_path!(), name: stringify!($f), run: $f, root: true }
+            $crate::harness::Test {
+                module: module_path!(),
+                name: stringify!($f),
+                run: $f,
+                root: true,
+            }
         }
     };
     ($f:ident) => {
         inventory::submit! {
-            $crate::harness::Test { module: module_path!(), name: stringify!($f), run: $f, root: false }
+            $crate::harness::Test {
+                module: module_path!(),
+                name: stringify!($f),
+                run: $f,
+                root: false,
+            }
         }
     };
 }

@@ -136,7 +136,11 @@ macro_rules! roles {
             }
             fn decode(_key: &str, words: &mut Words<'_>) -> Result<Self, String> {
                 match words.next() {
-                    $( Some($name) => Ok($E::$V $({ $($f: Arg::decode(stringify!($f), words)?),* })?), )*
+                    $(
+                        Some($name) => Ok($E::$V $({
+                            $($f: Arg::decode(stringify!($f), words)?),*
+                        })?),
+                    )*
                     other => Err(format!("unknown {} {other:?}", stringify!($E))),
                 }
             }
