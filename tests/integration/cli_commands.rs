@@ -2,6 +2,7 @@
 
 use std::process::Command;
 
+use crate::harness::register;
 use crate::util::TestStore;
 
 fn trove(store: &TestStore, args: &[&str]) -> std::process::Output {
@@ -47,6 +48,7 @@ pub fn cli_put_get_status() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 }
+register!(cli_put_get_status);
 
 /// Live (not zombie) processes of process group `pgid`.
 fn group_members(pgid: i32) -> Vec<i32> {
@@ -159,3 +161,4 @@ pub fn cli_stress_runs_kills_and_prints_its_table() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+register!(cli_stress_runs_kills_and_prints_its_table);

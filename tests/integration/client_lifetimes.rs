@@ -4,12 +4,13 @@
 //! program still runs*: a check after exit would prove nothing, since a disconnect frees all
 //! that a process held.
 
-use std::path::Path;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use trove::{ActorHandle, Config, ObjectRef};
 
+use crate::harness::register;
+use crate::role::{Role, Scenario};
 use crate::util::{Helper, say};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
@@ -18,38 +19,45 @@ const T: Duration = Duration::from_secs(30);
 /// 8 MiB of `f64`.
 const CHUNK: usize = 1 << 20;
 
-fn run(scenario: &str) {
-    let mut h = Helper::start("live-lifetimes", Path::new("/nonexistent"), scenario);
+fn run(scenario: Scenario) {
+    let mut h = Helper::start(Role::Lifetimes {
+        scenario: scenario.clone(),
+    });
     let line = h.expect_line("OK", Duration::from_secs(120));
-    assert!(line.starts_with("OK"), "{scenario}: {line}");
-    assert!(h.wait(T).success(), "{scenario}: driver failed");
+    assert!(line.starts_with("OK"), "{scenario:?}: {line}");
+    assert!(h.wait(T).success(), "{scenario:?}: driver failed");
 }
 
 /// The loop: 1,000 calls, each with a fresh 8 MiB object as its argument, every ref
 /// dropped each iteration. The store never holds more than a few chunks.
 pub fn client_call_arguments_are_freed_while_running() {
-    run("args-loop");
+    run(Scenario::ArgsLoop);
 }
+register!(client_call_arguments_are_freed_while_running);
 
 /// Refs inside arguments (a `Vec<ObjectRef>` and a tuple of refs), to actors and tasks.
 pub fn client_refs_inside_arguments_are_freed_while_running() {
-    run("refs-inside");
+    run(Scenario::RefsInside);
 }
+register!(client_refs_inside_arguments_are_freed_while_running);
 
 /// Results dropped before they are ready, and calls whose results nobody ever reads.
 pub fn client_dropped_and_unread_results_free_their_arguments() {
-    run("dropped-results");
+    run(Scenario::DroppedResults);
 }
+register!(client_dropped_and_unread_results_free_their_arguments);
 
 /// A call's pending result passed as another call's argument, then everything dropped.
 pub fn client_pending_results_as_arguments_are_freed() {
-    run("chained");
+    run(Scenario::Chained);
 }
+register!(client_pending_results_as_arguments_are_freed);
 
 /// Actors calling actors and handles passed to tasks, with objects as arguments all along.
 pub fn client_nested_calls_and_handles_in_tasks_free_everything() {
-    run("nested");
+    run(Scenario::Nested);
 }
+register!(client_nested_calls_and_handles_in_tasks_free_everything);
 
 #[derive(Default)]
 pub struct Summer {
@@ -156,9 +164,8 @@ fn at_most_chunks(rt: &trove::Runtime, base: &trove_store::Stats, n: u64, what: 
     )
 }
 
-pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
+pub fn helper_role(scenario: Scenario) -> Res {
     let _ = nix::unistd::setsid();
-    check(role == "live-lifetimes", role)?;
     let rt = trove::init(Config::default().memory(512 << 20).num_cpus(2))?;
     let a = rt.actor(Summer::default)?;
     let b = rt.actor(Summer::default)?;
@@ -167,8 +174,8 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
     b.call(Summer::twice, (1,))?.get_timeout(T)?;
     rt.spawn(sum_refs_task, (Vec::new(),))?.get_timeout(T)?;
     let base = rt.stats()?;
-    match arg {
-        "args-loop" => {
+    match scenario {
+        Scenario::ArgsLoop => {
             let ones = vec![1.0f64; CHUNK];
             for i in 0..1000u64 {
                 let chunk = rt.put_slice(&ones)?;
@@ -200,7 +207,7 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
             }
             back_to(&rt, &base, "after 100 tasks")?;
         }
-        "refs-inside" => {
+        Scenario::RefsInside => {
             let ones = vec![1.0f64; 1024];
             for i in 0..200u64 {
                 let vs: Vec<_> = (0..4)
@@ -235,7 +242,7 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
             check(s == 4950, &format!("100 refs: {s}"))?;
             back_to(&rt, &base, "after an argument object")?;
         }
-        "dropped-results" => {
+        Scenario::DroppedResults => {
             let ones = vec![1.0f64; 1024];
             // Dropped while the call still runs.
             for _ in 0..20 {
@@ -264,7 +271,7 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
             b.call(Summer::twice, (1,))?.get_timeout(T)?;
             back_to(&rt, &base, "after dropped and unread results")?;
         }
-        "chained" => {
+        Scenario::Chained => {
             for i in 0..200u64 {
                 let x = rt.put(&i)?;
                 // `b.read` gets `a.read`'s result while it may still be running.
@@ -285,7 +292,7 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
             b.call(Summer::twice, (1,))?.get_timeout(T)?;
             back_to(&rt, &base, "after chained calls")?;
         }
-        "nested" => {
+        Scenario::Nested => {
             let ones = vec![1.0f64; 4096];
             for i in 0..100u64 {
                 let v = rt.put_slice(&ones)?;
@@ -303,7 +310,6 @@ pub fn helper_role(role: &str, _socket: &Path, arg: &str) -> Res {
             }
             back_to(&rt, &base, "after nested calls")?;
         }
-        other => return Err(format!("unknown scenario {other}").into()),
     }
     // The actors are still alive: the check above ran with every process running.
     check(

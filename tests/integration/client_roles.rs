@@ -1,5 +1,6 @@
-//! Helper roles that use the `trove` client API (`trove-*`). They run on the main thread of a
-//! fresh process, before any other thread exists, so `trove::init` may fork.
+//! Helper roles that use the `trove` client API (`TroveRole`, `Role::TroveEmbedded`). They run
+//! on the main thread of a fresh process, before any other thread exists, so `trove::init` may
+//! fork.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -7,75 +8,65 @@ use std::time::{Duration, Instant};
 
 use trove::{Config, Error, ObjectId, ObjectRef};
 
+use crate::role::TroveRole;
 use crate::util::say;
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
 const T: Duration = Duration::from_secs(30);
 
-fn id(s: &str) -> ObjectId {
-    s.parse().expect("object id")
-}
-
 /// The value the producer stores as object `i`.
 pub fn produced(i: u64) -> Vec<u64> {
     (0..i % 50).map(|k| i * 1000 + k).collect()
 }
 
-pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
-    let p: Vec<&str> = arg.split(':').collect();
-    if role == "trove-embedded" {
-        return embedded(arg);
-    }
+pub fn helper_role(role: TroveRole, socket: &Path) -> Res {
     let rt = trove::init(Config::default().store(socket))?;
     match role {
-        // n:delay_ms:ack — announce an in-place object, fill and seal it after a delay, keep
-        // it until the ack object exists.
-        "trove-create-later" => {
-            let n: usize = p[0].parse()?;
+        // Announce an in-place object, fill and seal it after a delay, keep it until the ack
+        // object exists.
+        TroveRole::CreateLater { n, delay_ms, ack } => {
             let mut b = rt.create::<u64>(n)?;
             say(&format!("ID {}", b.id()));
-            std::thread::sleep(Duration::from_millis(p[1].parse()?));
+            std::thread::sleep(Duration::from_millis(delay_ms));
             for (i, x) in b.iter_mut().enumerate() {
                 *x = i as u64 * 3;
             }
             let r = b.seal()?;
-            rt.store().get(id(p[2]), T)?;
+            rt.store().get(ack, T)?;
             drop(r);
             say("DONE");
         }
-        // n — announce an in-place object and never seal it (killed by the test).
-        "trove-create-hold" => {
-            let b = rt.create::<u64>(p[0].parse()?)?;
+        // Announce an in-place object and never seal it (killed by the test).
+        TroveRole::CreateHold { n } => {
+            let b = rt.create::<u64>(n)?;
             say(&format!("ID {}", b.id()));
             loop {
                 std::thread::sleep(Duration::from_secs(60));
             }
         }
-        // id:n — get an object of n u64s written by create-later and check it.
-        "trove-get-u64s" => {
-            let r = ObjectRef::<[u64]>::from_id(id(p[0]));
+        // Get an object of n u64s written by create-later and check it.
+        TroveRole::GetU64s { id, n } => {
+            let r = ObjectRef::<[u64]>::from_id(id);
             let v = r.get_timeout(T)?;
-            let n: usize = p[1].parse()?;
             if v.len() != n || v.iter().enumerate().any(|(i, x)| *x != i as u64 * 3) {
                 return Err("wrong contents".into());
             }
             say("OK");
         }
-        // id — wait without a timeout; report how it ended.
-        "trove-wait-forever" => {
-            let r = ObjectRef::<[u64]>::from_id(id(p[0]));
+        // Wait without a timeout; report how it ended.
+        TroveRole::WaitForever { id } => {
+            let r = ObjectRef::<[u64]>::from_id(id);
             say("WAITING");
             match r.get() {
                 Ok(_) => say("GOT"),
                 Err(e) => say(&format!("FAILED {e:?}")),
             }
         }
-        "trove-timeouts" => timeouts(&rt)?,
-        "trove-wrong-type" => wrong_type(&rt)?,
-        // count:ack — put `count` objects and one holding refs to them all.
-        "trove-produce" => {
-            let count: u64 = p[0].parse()?;
+        TroveRole::Timeouts => timeouts(&rt)?,
+        TroveRole::WrongType => wrong_type(&rt)?,
+        // Put `count` objects and one holding refs to them all.
+        TroveRole::Produce { count, ack } => {
             let mut refs = Vec::new();
             for i in 0..count {
                 refs.push(rt.put(&produced(i))?);
@@ -86,21 +77,24 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
                 .collect::<Result<_, _>>()?;
             let container = rt.put(&(refs, big))?;
             say(&format!("ID {}", container.id()));
-            rt.store().get(id(p[1]), T)?;
+            rt.store().get(ack, T)?;
             drop(container);
             say("DONE");
         }
-        // container:count:ack — read everything through the container, then ack and drop.
-        "trove-consume" => {
-            let count: u64 = p[1].parse()?;
+        // Read everything through the container, then ack and drop.
+        TroveRole::Consume {
+            container,
+            count,
+            ack,
+        } => {
             type Payload = (Vec<ObjectRef<Vec<u64>>>, Vec<ObjectRef<[u8]>>);
-            let container = ObjectRef::<Payload>::from_id(id(p[0]));
+            let container = ObjectRef::<Payload>::from_id(container);
             let (refs, big) = container.get_timeout(T)?.deserialize()?;
             drop(container);
             if refs.len() as u64 != count || big.len() != 4 {
                 return Err("wrong container".into());
             }
-            rt.store().put(id(p[2]), b"ack")?;
+            rt.store().put(ack, b"ack")?;
             for (i, r) in refs.iter().enumerate() {
                 let v = r.get_timeout(T)?;
                 let want = produced(i as u64);
@@ -116,7 +110,6 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             }
             say("DONE");
         }
-        other => return Err(format!("unknown role {other}").into()),
     }
     Ok(())
 }
@@ -183,8 +176,8 @@ fn wrong_type(rt: &trove::Runtime) -> Res {
     Ok(())
 }
 
-/// hold|exit — an embedded store: report it, use it, then hold or shut down.
-fn embedded(arg: &str) -> Res {
+/// An embedded store: report it, use it, then hold (`hold`) or shut down.
+pub fn embedded(hold: bool) -> Res {
     let rt = trove::init(Config::default().memory(32 << 20))?;
     let pid = rt.embedded_store_pid().ok_or("no embedded store")?;
     let socket = rt.store().socket_path().to_path_buf();
@@ -193,7 +186,7 @@ fn embedded(arg: &str) -> Res {
     if r.get()?.iter().map(|x| x.to_native()).sum::<u32>() != 6 {
         return Err("sum".into());
     }
-    if arg == "hold" {
+    if hold {
         say("HOLDING");
         loop {
             std::thread::sleep(Duration::from_secs(60));

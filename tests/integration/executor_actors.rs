@@ -1,15 +1,16 @@
 //! Actors and tasks across processes: the seed exercises, failures, ordering, and that no
 //! process outlives the driver.
 
-use std::path::Path;
 use std::time::Duration;
 
+use crate::harness::register;
+use crate::role::{ExecRole, Role};
 use crate::util::{Helper, wait_until};
 
 const T: Duration = Duration::from_secs(60);
 
-pub fn run(role: &str, arg: &str) -> String {
-    let mut h = Helper::start(role, Path::new("/nonexistent"), arg);
+pub fn run(role: ExecRole) -> String {
+    let mut h = Helper::start(Role::Exec { role });
     let line = h.expect_line("OK", T);
     assert!(h.wait(T).success());
     let sid = h.pid().as_raw();
@@ -47,45 +48,58 @@ pub fn session_members(sid: i32) -> Vec<i32> {
 }
 
 pub fn executor_seed_actors_in_parallel() {
-    run("exec-seed-actors", "");
+    run(ExecRole::SeedActors);
 }
+register!(executor_seed_actors_in_parallel);
 
 pub fn executor_seed_logging_actor_shared_by_three_tasks() {
-    run("exec-seed-logging", "");
+    run(ExecRole::SeedLogging);
 }
+register!(executor_seed_logging_actor_shared_by_three_tasks);
 
 pub fn executor_large_object_summed_by_an_actor() {
-    run("exec-large", "");
+    run(ExecRole::Large);
 }
+register!(executor_large_object_summed_by_an_actor);
 
 pub fn executor_panics_and_errors_fail_the_call_and_the_actor_lives() {
-    run("exec-failures", "");
+    run(ExecRole::Failures);
 }
+register!(executor_panics_and_errors_fail_the_call_and_the_actor_lives);
 
 pub fn executor_killed_actor_fails_pending_and_later_calls() {
-    run("exec-kill", "");
+    run(ExecRole::Kill);
 }
+register!(executor_killed_actor_fails_pending_and_later_calls);
 
 pub fn executor_handle_passed_through_two_tasks() {
-    run("exec-two-hops", "");
+    run(ExecRole::TwoHops);
 }
+register!(executor_handle_passed_through_two_tasks);
 
 pub fn executor_small_results_inline_escape_and_survive_record_reuse() {
-    run("exec-inline", "");
+    run(ExecRole::Inline);
 }
+register!(executor_small_results_inline_escape_and_survive_record_reuse);
 
 pub fn executor_actor_killed_owing_results_fails_them_all() {
-    let line = run("exec-die-owing", "");
+    let line = run(ExecRole::DieOwing);
     eprintln!("exec-die-owing: {line}");
 }
+register!(executor_actor_killed_owing_results_fails_them_all);
 
 pub fn executor_ten_thousand_calls_run_in_order() {
-    run("exec-order", "10000");
+    run(ExecRole::Order { n: 10000 });
 }
+register!(executor_ten_thousand_calls_run_in_order);
 
 pub fn executor_driver_exit_leaves_no_process() {
     for how in ["exit", "kill"] {
-        let mut h = Helper::start("exec-exit", Path::new("/nonexistent"), how);
+        let mut h = Helper::start(Role::Exec {
+            role: ExecRole::Exit {
+                leave: how == "exit",
+            },
+        });
         h.expect_line("RUNNING", T);
         let sid = h.pid().as_raw();
         let members = session_members(sid);
@@ -105,3 +119,4 @@ pub fn executor_driver_exit_leaves_no_process() {
         );
     }
 }
+register!(executor_driver_exit_leaves_no_process);

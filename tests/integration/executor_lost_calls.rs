@@ -4,16 +4,24 @@
 //! the pool still run, and the store is back at its baseline while everything still runs.
 
 use crate::executor_actors::run;
+use crate::harness::register;
+use crate::role::ExecRole;
 
 /// Dies after taking the call from the queue, before noting it as current.
 pub fn executor_consumer_killed_after_taking_a_call_fails_it() {
-    let line = run("exec-lost-call", "trove::claimed");
+    let line = run(ExecRole::LostCall {
+        point: "trove::claimed".into(),
+    });
     eprintln!("exec-lost-call claimed: {line}");
 }
+register!(executor_consumer_killed_after_taking_a_call_fails_it);
 
 /// Dies with the call noted but its queue slot not yet freed (a task-queue slot would stay
 /// blocked for good).
 pub fn executor_consumer_killed_holding_a_queue_slot_frees_it() {
-    let line = run("exec-lost-call", "trove::claim_held");
+    let line = run(ExecRole::LostCall {
+        point: "trove::claim_held".into(),
+    });
     eprintln!("exec-lost-call claim_held: {line}");
 }
+register!(executor_consumer_killed_holding_a_queue_slot_frees_it);

@@ -1,4 +1,4 @@
-//! Helper roles for the executor tests (`exec-*`): each is a driver process that calls
+//! Helper roles for the executor tests (`ExecRole`): each is a driver process that calls
 //! `trove::init` on its main thread, exercises actors and tasks, and prints what it saw.
 
 use std::collections::BTreeMap;
@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use trove::{ActorHandle, Config, Error, ObjectRef};
 
+use crate::role::ExecRole;
 use crate::util::say;
 
 type Res = Result<(), Box<dyn std::error::Error>>;
@@ -296,22 +297,22 @@ fn check(cond: bool, what: &str) -> Res {
     }
 }
 
-pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
+pub fn helper_role(role: ExecRole) -> Res {
     // A session of our own: the test finds every process of this tree by its session id.
     let _ = nix::unistd::setsid();
     // Before init: the zygote, actors and workers inherit the fail-point callbacks (only
     // roles that kill at fail points have them, and the directory they arm through).
     let kills = match role {
-        "exec-lost-call" | "exec-die-owing" => Some(Kills::new()?),
+        ExecRole::LostCall { .. } | ExecRole::DieOwing => Some(Kills::new()?),
         _ => None,
     };
     let kills = || kills.as_ref().ok_or("this role has no fail points");
     let mut cfg = Config::default().memory(512 << 20).num_cpus(2);
-    if role.starts_with("exec-ns-") {
+    if let ExecRole::NsOwner { socket, .. } | ExecRole::NsOtherProgram { socket, .. } = &role {
         // A driver of its own on the test's shared troved.
         cfg = cfg.store(socket);
     }
-    if role == "exec-ns-other-program" {
+    if let ExecRole::NsOtherProgram { .. } = role {
         // Play another program (a test-only hook of the `failpoints` build).
         // SAFETY: single-threaded (before init, which checks it), nobody reads the environment
         // concurrently.
@@ -319,7 +320,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
     }
     let rt = trove::init(cfg)?;
     match role {
-        "exec-seed-actors" => {
+        ExecRole::SeedActors => {
             let f1 = rt.actor(Foo::default)?;
             let f2 = rt.actor(Foo::default)?;
             f1.call(Foo::reset, ())?;
@@ -342,7 +343,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             )?;
             say(&format!("OK {}", took.as_millis()));
         }
-        "exec-seed-logging" => {
+        ExecRole::SeedLogging => {
             let iterations = 5;
             let logger = rt.actor(LoggingActor::default)?;
             let experiments = (0..3)
@@ -376,7 +377,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             )?;
             say(&format!("OK {counts:?}"));
         }
-        "exec-large" => {
+        ExecRole::Large => {
             let w = rt.actor_with(Worker::new, (0u64,))?;
             let big: ObjectRef<Vec<f64>> = rt.put(&vec![0.5; 4 << 20])?;
             let sum = w
@@ -386,7 +387,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             check(sum == (2 << 20) as f64, &format!("sum {sum}"))?;
             say("OK");
         }
-        "exec-failures" => {
+        ExecRole::Failures => {
             let w = rt.actor(Worker::default)?;
             match w
                 .call(Worker::boom, ("bad input".to_string(),))?
@@ -415,7 +416,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             )?;
             say("OK");
         }
-        "exec-kill" => {
+        ExecRole::Kill => {
             let w = rt.actor(Worker::default)?;
             check(*w.call(Worker::slow, (1,))?.get_timeout(T)? == 1, "warm up")?;
             let running = w.call(Worker::slow, (10_000,))?;
@@ -456,7 +457,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             }
             say(&format!("OK {}", took.as_millis()));
         }
-        "exec-two-hops" => {
+        ExecRole::TwoHops => {
             let w = rt.actor_with(Worker::new, (100u64,))?;
             let r = rt.spawn(first_hop, (w.clone(), 41))?;
             check(r.get_timeout(T)?.deserialize()? == 42, "two hops")?;
@@ -485,7 +486,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             )?;
             say("OK");
         }
-        "exec-inline" => {
+        ExecRole::Inline => {
             let w = rt.actor(Worker::default)?;
             let w2 = rt.actor(Worker::default)?;
             check(
@@ -570,7 +571,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             store_back_to(&rt, base.objects, base.used, "at the end")?;
             say("OK");
         }
-        "exec-die-owing" => {
+        ExecRole::DieOwing => {
             let base = rt.stats()?;
             // Stored results: the actor is busy while the calls queue up, then runs them
             // back to back (its store frames batched) and dies while it owes the 100th (its
@@ -652,9 +653,9 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             store_back_to(&rt, base.objects, base.used, "after the deaths")?;
             say(&format!("OK {died_stored} {died_evicted} {died_tasks}"));
         }
-        "exec-lost-call" => {
-            // `arg` is the window: a consumer dies there with one call in hand.
-            let point = arg;
+        ExecRole::LostCall { point } => {
+            // `point` is the window: a consumer dies there with one call in hand.
+            let point = point.as_str();
             let w = rt.actor(Worker::default)?;
             let other = rt.actor(Worker::default)?;
             check(*w.call(Worker::echo, (1,))?.get_timeout(T)? == 1, "warm up")?;
@@ -713,7 +714,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
                 took_task.as_millis()
             ));
         }
-        "exec-actor-types" => {
+        ExecRole::ActorTypes => {
             let w = rt.actor_with(Worker::new, (3u64,))?;
             // A handle deserialised as another actor type: nothing is sent.
             let stored = rt.put(&w)?;
@@ -748,7 +749,7 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             )?;
             say("OK");
         }
-        "exec-ns-owner" => {
+        ExecRole::NsOwner { done, .. } => {
             // Owns a named actor in its own (default) namespace, then waits for the test.
             let w = rt.actor_with(Worker::new, (7u64,))?;
             let _named = rt.actor_named("shared-name", Worker::default)?;
@@ -757,7 +758,6 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
                 "found in its own namespace",
             )?;
             say(&format!("READY {}", rt.namespace()));
-            let done = Path::new(arg);
             let until = Instant::now() + T;
             while !done.exists() && Instant::now() < until {
                 sleep(Duration::from_millis(10));
@@ -766,9 +766,8 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             check(*w.call(Worker::echo, (5,))?.get_timeout(T)? == 5, "owner")?;
             say("OK");
         }
-        "exec-ns-other-program" => {
-            // `arg`: the owner's namespace.
-            check(rt.namespace() != arg, "a namespace of its own")?;
+        ExecRole::NsOtherProgram { namespace, .. } => {
+            check(rt.namespace() != namespace, "a namespace of its own")?;
             match trove::get_actor::<Worker>("shared-name") {
                 Err(Error::NotFound(_)) => {}
                 other => return Err(format!("another driver's name gave {other:?}").into()),
@@ -780,14 +779,13 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
                 "its own",
             )?;
             // Naming the owner's namespace: an actor of another program, refused.
-            match trove::get_actor_in::<Worker>(arg, "shared-name") {
+            match trove::get_actor_in::<Worker>(&namespace, "shared-name") {
                 Err(Error::ForeignActor(_)) => {}
                 other => return Err(format!("the other program's actor gave {other:?}").into()),
             }
             say("OK");
         }
-        "exec-order" => {
-            let n: u64 = arg.parse()?;
+        ExecRole::Order { n } => {
             let w = rt.actor(Worker::default)?;
             let refs: Vec<_> = (0..n)
                 .map(|i| w.call(Worker::push, (i,)))
@@ -797,13 +795,13 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
             drop(refs);
             say("OK");
         }
-        "exec-exit" => {
+        ExecRole::Exit { leave } => {
             let a = rt.actor(Worker::default)?;
             let b = rt.actor(Worker::default)?;
             a.call(Worker::push, (1,))?.get_timeout(T)?;
             b.call(Worker::slow, (60_000,))?;
             say("RUNNING");
-            if arg == "exit" {
+            if leave {
                 // Leave (after the test has looked) without shutting down: every child must
                 // still go.
                 sleep(Duration::from_millis(1500));
@@ -813,7 +811,6 @@ pub fn helper_role(role: &str, socket: &Path, arg: &str) -> Res {
                 sleep(Duration::from_secs(60));
             }
         }
-        other => return Err(format!("unknown role {other}").into()),
     }
     drop(rt);
     Ok(())

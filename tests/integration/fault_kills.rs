@@ -10,6 +10,8 @@ use nix::unistd::Pid;
 use trove::{Config, Error, ObjectRef};
 
 use crate::executor_actors::session_members;
+use crate::harness::register;
+use crate::role::{Role, StoreRole, TroveRole};
 use crate::util::{Helper, TestStore, say, wait_until};
 
 const T: Duration = Duration::from_secs(60);
@@ -35,7 +37,7 @@ fn sum_task(data: ObjectRef<Vec<u64>>) -> trove::Result<u64> {
     Ok(data.get()?.iter().map(|x| x.to_native()).sum())
 }
 
-/// Role `fault-driver`: a workload of puts, actor calls and tasks until the test creates the
+/// Role `FaultDriver`: a workload of puts, actor calls and tasks until the test creates the
 /// `quiet` file (or the store goes away). Prints `ACTOR <pid>` for each actor it starts and
 /// counts what it saw. Once quiet, it checks the store back at its baseline while it, its
 /// pool and its two current actors all still run, says `LIVE`, and waits to be killed.
@@ -156,7 +158,9 @@ pub fn fault_sigkill_actors_workers_clients_then_the_daemon() {
     let mut next = rng(seed);
     let mut store = TestStore::start("256MiB");
     let c = store.client();
-    let mut driver = Helper::start("fault-driver", &store.socket, "");
+    let mut driver = Helper::start(Role::FaultDriver {
+        socket: store.socket.clone(),
+    });
     driver.expect_line("STARTED", T);
     let sid = driver.pid().as_raw();
     let mut actors: Vec<i32> = Vec::new();
@@ -200,7 +204,7 @@ pub fn fault_sigkill_actors_workers_clients_then_the_daemon() {
                 let id = trove_store::ObjectId::random();
                 c.put(id, &[3u8; 4096]).unwrap();
                 plain.push(id);
-                let mut h = Helper::start("pin", &store.socket, &id.to_string());
+                let mut h = Helper::start(Role::store(&store.socket, StoreRole::Pin { id }));
                 h.expect_line("PINNED", T);
                 h.kill9();
                 faults += 1;
@@ -238,11 +242,12 @@ pub fn fault_sigkill_actors_workers_clients_then_the_daemon() {
         s.used == 0 && s.pinned == 0 && s.objects == 0
     });
     // The daemon itself: a waiting survivor gets Disconnected, not a hang.
-    let mut reader = Helper::start(
-        "trove-wait-forever",
+    let mut reader = Helper::start(Role::trove(
         &store.socket,
-        &trove_store::ObjectId::random().to_string(),
-    );
+        TroveRole::WaitForever {
+            id: trove_store::ObjectId::random(),
+        },
+    ));
     reader.expect_line("WAITING", T);
     kill(store.pid(), Signal::SIGKILL).unwrap();
     faults += 1;
@@ -252,6 +257,7 @@ pub fn fault_sigkill_actors_workers_clients_then_the_daemon() {
     eprintln!("faults: seed {seed}, {faults} kills; the driver saw {stats}; {live}");
     let _ = store.stop();
 }
+register!(fault_sigkill_actors_workers_clients_then_the_daemon);
 
 /// A worker is a grandchild of the driver (child of the zygote, which is the driver's child)
 /// that is not an actor; actors are also grandchildren, so the caller filters them out.

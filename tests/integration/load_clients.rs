@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use trove::{Config, ObjectRef};
 
+use crate::harness::register;
+use crate::role::Role;
 use crate::util::{Helper, TestStore, say, wait_until};
 
 const T: Duration = Duration::from_secs(60);
@@ -57,13 +59,12 @@ fn barrier(socket: &Path, name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
-/// Role `load-client`: seed:millis — put, get, call, drop, until the time is up. Says
+/// Role `LoadClient`: put, get, call, drop, until the time is up. Says
 /// `READY` once its runtime and actor exist and waits for the `start` file; says `DONE`
 /// once it has let everything go and waits for the `end` file, so that the test sees the
 /// store back at its baseline while every client still runs.
-pub fn load_role(socket: &Path, arg: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let (seed, millis) = arg.split_once(':').ok_or("seed:millis")?;
-    let mut x: u64 = seed.parse::<u64>()?.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+pub fn load_role(socket: &Path, seed: u64, millis: u64) -> Result<(), Box<dyn std::error::Error>> {
+    let mut x: u64 = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = move || {
         x ^= x << 13;
         x ^= x >> 7;
@@ -74,7 +75,7 @@ pub fn load_role(socket: &Path, arg: &str) -> Result<(), Box<dyn std::error::Err
     let checker = rt.actor(Checker::new)?;
     say("READY");
     await_file(&barrier(socket, "start"))?;
-    let until = Instant::now() + Duration::from_millis(millis.parse()?);
+    let until = Instant::now() + Duration::from_millis(millis);
     let mut live: VecDeque<ObjectRef<Blob>> = VecDeque::new();
     let (mut checked, mut calls) = (0u64, 0u64);
     while Instant::now() < until {
@@ -119,7 +120,13 @@ pub fn load_many_clients_put_get_and_call_with_every_value_checked() {
         .map_or(2, |n| n.get())
         .max(2);
     let mut helpers: Vec<Helper> = (0..procs)
-        .map(|i| Helper::start("load-client", &store.socket, &format!("{}:2000", i + 1)))
+        .map(|i| {
+            Helper::start(Role::LoadClient {
+                socket: store.socket.clone(),
+                seed: i as u64 + 1,
+                millis: 2000,
+            })
+        })
         .collect();
     for h in &mut helpers {
         h.expect_line("READY", T);
@@ -162,3 +169,4 @@ pub fn load_many_clients_put_get_and_call_with_every_value_checked() {
         s.used == 0 && s.objects == 0 && s.pinned == 0
     });
 }
+register!(load_many_clients_put_get_and_call_with_every_value_checked);

@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use trove_store::{StoreClient, StoreError};
 
+use crate::harness::register;
+use crate::role::Role;
 use crate::util::{Helper, TestStore, say};
 
 const T: Duration = Duration::from_secs(30);
 
-/// Role `sec-other-uid`: become uid/gid 65534 (nobody), then try to connect.
+/// Role `SecOtherUid`: become uid/gid 65534 (nobody), then try to connect.
 pub fn other_uid_role(socket: &Path) -> Result<(), Box<dyn std::error::Error>> {
     nix::unistd::setgroups(&[])?;
     nix::unistd::setgid(nix::unistd::Gid::from_raw(65534))?;
@@ -23,23 +25,13 @@ pub fn other_uid_role(socket: &Path) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Tests that switch uid are ignored (with the reason as their kind) unless run as root, so
-/// that they are never reported as passes that checked nothing.
-pub fn needs_root(t: libtest_mimic::Trial) -> libtest_mimic::Trial {
-    const ROOT_ONLY: &[&str] = &["security_access::security_another_uid_cannot_connect"];
-    if ROOT_ONLY.contains(&t.name()) && !nix::unistd::geteuid().is_root() {
-        t.with_ignored_flag(true)
-            .with_kind("ignored: needs root to switch uid")
-    } else {
-        t
-    }
-}
-
 pub fn security_another_uid_cannot_connect() {
     let store = TestStore::start("16MiB");
     let dir = store.socket.parent().unwrap().to_path_buf();
     // The directory is 0700: another uid cannot even reach the socket.
-    let mut h = Helper::start("sec-other-uid", &store.socket, "");
+    let mut h = Helper::start(Role::SecOtherUid {
+        socket: store.socket.clone(),
+    });
     let line = h.expect_line("", T);
     assert!(
         line.starts_with("FAILED") && line.contains("ermission denied"),
@@ -49,7 +41,9 @@ pub fn security_another_uid_cannot_connect() {
     // Even with the directory opened up (and the socket), the daemon refuses the peer by uid.
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&store.socket, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let mut h = Helper::start("sec-other-uid", &store.socket, "");
+    let mut h = Helper::start(Role::SecOtherUid {
+        socket: store.socket.clone(),
+    });
     let line = h.expect_line("", T);
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     assert!(
@@ -61,6 +55,7 @@ pub fn security_another_uid_cannot_connect() {
     let c = store.client();
     assert_eq!(c.stats().unwrap().objects, 0);
 }
+register!(root: security_another_uid_cannot_connect);
 
 pub fn security_arena_has_no_name() {
     let store = TestStore::start("16MiB");
@@ -81,6 +76,7 @@ pub fn security_arena_has_no_name() {
     );
     assert!(!maps.contains("/dev/shm"), "{maps}");
 }
+register!(security_arena_has_no_name);
 
 fn stall_ids(n: u64) -> Vec<trove_store::ObjectId> {
     (0..n)
@@ -88,7 +84,7 @@ fn stall_ids(n: u64) -> Vec<trove_store::ObjectId> {
         .collect()
 }
 
-/// Role `sec-stall`: watch `n` ids, then never read the notification ring.
+/// Role `SecStall`: watch `n` ids, then never read the notification ring.
 pub fn stall_role(socket: &Path, n: u64) -> Result<(), Box<dyn std::error::Error>> {
     let c = StoreClient::connect(socket)?;
     c.wait_ready(&stall_ids(n), n as usize, Some(std::time::Instant::now()))?;
@@ -102,7 +98,10 @@ pub fn stall_role(socket: &Path, n: u64) -> Result<(), Box<dyn std::error::Error
 pub fn security_a_client_that_stops_reading_cannot_stall_others() {
     let store = TestStore::start("64MiB");
     let n = 6000; // about three times what the stalled client's ring holds
-    let mut stalled = Helper::start("sec-stall", &store.socket, &n.to_string());
+    let mut stalled = Helper::start(Role::SecStall {
+        socket: store.socket.clone(),
+        n,
+    });
     stalled.expect_line("WATCHING", T);
     let c = store.client();
     // Every seal notifies the stalled client: its ring fills, the rest is kept aside, and the
@@ -123,3 +122,4 @@ pub fn security_a_client_that_stops_reading_cannot_stall_others() {
         c.stats().unwrap().used == 0
     });
 }
+register!(security_a_client_that_stops_reading_cannot_stall_others);

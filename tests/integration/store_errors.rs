@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use trove_store::{DeleteOutcome, ObjectId, StoreError, Timeout};
 
+use crate::harness::register;
+use crate::role::{Role, StoreRole};
 use crate::util::{Helper, TestStore};
 
 pub fn store_double_seal_unknown_ids_and_duplicates() {
@@ -21,12 +23,16 @@ pub fn store_double_seal_unknown_ids_and_duplicates() {
     assert_eq!(c.stats().unwrap().objects, 1);
     assert_eq!(c.get(id, Timeout::Poll).unwrap().as_slice(), b"x");
 }
+register!(store_double_seal_unknown_ids_and_duplicates);
 
 pub fn store_other_clients_object_cannot_be_sealed_or_aborted() {
     let store = TestStore::start("16MiB");
     let c = store.client();
     let id = ObjectId::random();
-    let mut h = Helper::start("create-hold", &store.socket, &format!("{id}:4096"));
+    let mut h = Helper::start(Role::store(
+        &store.socket,
+        StoreRole::CreateHold { id, len: 4096 },
+    ));
     h.expect_line("CREATED", Duration::from_secs(20));
     assert!(matches!(c.abort(id), Err(StoreError::NotOwner(_))));
     assert!(matches!(c.seal(id), Err(StoreError::NotOwner(_))));
@@ -34,6 +40,7 @@ pub fn store_other_clients_object_cannot_be_sealed_or_aborted() {
     assert!(!c.contains(id).unwrap());
     assert_eq!(c.stats().unwrap().objects, 1);
 }
+register!(store_other_clients_object_cannot_be_sealed_or_aborted);
 
 pub fn store_oversize_create_is_store_full_at_once() {
     let store = TestStore::start("16MiB");
@@ -56,3 +63,4 @@ pub fn store_oversize_create_is_store_full_at_once() {
     ));
     assert_eq!(c.stats().unwrap().used, 0);
 }
+register!(store_oversize_create_is_store_full_at_once);

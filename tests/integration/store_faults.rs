@@ -6,6 +6,8 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use trove_store::{ObjectId, StoreClient, StoreError, Timeout};
 
+use crate::harness::register;
+use crate::role::{Role, StoreRole};
 use crate::util::{Helper, TestStore, pattern, wait_until};
 
 const T: Duration = Duration::from_secs(20);
@@ -15,7 +17,7 @@ pub fn store_client_killed_while_pinning_releases_its_pins() {
     let c = store.client();
     let id = ObjectId::random();
     c.put(id, &pattern(5, 3 << 20)).unwrap();
-    let mut h = Helper::start("pin", &store.socket, &id.to_string());
+    let mut h = Helper::start(Role::store(&store.socket, StoreRole::Pin { id }));
     h.expect_line("PINNED", T);
     assert_eq!(c.stats().unwrap().pinned, 3 << 20);
     // Pinned: a 3 MiB create cannot evict it.
@@ -31,12 +33,16 @@ pub fn store_client_killed_while_pinning_releases_its_pins() {
     c.put(ObjectId::random(), &pattern(6, 3 << 20)).unwrap();
     assert!(!c.contains(id).unwrap());
 }
+register!(store_client_killed_while_pinning_releases_its_pins);
 
 pub fn store_client_killed_while_creating_is_aborted() {
     let store = TestStore::start("4MiB");
     let c = store.client();
     let id = ObjectId::random();
-    let mut h = Helper::start("create-hold", &store.socket, &format!("{id}:{}", 3 << 20));
+    let mut h = Helper::start(Role::store(
+        &store.socket,
+        StoreRole::CreateHold { id, len: 3 << 20 },
+    ));
     h.expect_line("CREATED", T);
     assert_eq!(c.stats().unwrap().objects, 1);
     h.kill9();
@@ -50,6 +56,7 @@ pub fn store_client_killed_while_creating_is_aborted() {
         pattern(1, 3 << 20).as_slice()
     );
 }
+register!(store_client_killed_while_creating_is_aborted);
 
 pub fn store_daemon_killed_gives_disconnected_not_a_hang() {
     let store = TestStore::start("16MiB");
@@ -63,11 +70,12 @@ pub fn store_daemon_killed_gives_disconnected_not_a_hang() {
         let r = waiter.get(ObjectId::random(), Timeout::Forever);
         let _ = tx.send(r.err().map(|e| format!("{e:?}")));
     });
-    let mut h = Helper::start(
-        "wait-forever",
+    let mut h = Helper::start(Role::store(
         &store.socket,
-        &ObjectId::random().to_string(),
-    );
+        StoreRole::WaitForever {
+            id: ObjectId::random(),
+        },
+    ));
     h.expect_line("WAITING", T);
     std::thread::sleep(Duration::from_millis(100));
     kill(store.pid(), Signal::SIGKILL).unwrap();
@@ -85,6 +93,7 @@ pub fn store_daemon_killed_gives_disconnected_not_a_hang() {
     // The mapping outlives the daemon: a view taken before stays readable.
     assert_eq!(view.as_slice(), b"still readable");
 }
+register!(store_daemon_killed_gives_disconnected_not_a_hang);
 
 pub fn store_sigterm_removes_the_socket_and_a_second_daemon_is_refused() {
     let mut store = TestStore::start("16MiB");
@@ -107,6 +116,7 @@ pub fn store_sigterm_removes_the_socket_and_a_second_daemon_is_refused() {
     assert!(matches!(c.stats(), Err(StoreError::Disconnected(_))));
     assert!(StoreClient::connect(&store.socket).is_err());
 }
+register!(store_sigterm_removes_the_socket_and_a_second_daemon_is_refused);
 
 pub fn store_socket_directory_is_private() {
     use std::os::unix::fs::PermissionsExt;
@@ -128,3 +138,4 @@ pub fn store_socket_directory_is_private() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be 0700"));
 }
+register!(store_socket_directory_is_private);

@@ -10,6 +10,7 @@ use trove_store::{DeleteOutcome, ObjectId, StoreError, Timeout};
 
 use trove_store::protocol::Request;
 
+use crate::harness::register;
 use crate::util::{TestStore, pattern};
 
 /// Connects raw and reads (discards) the welcome.
@@ -30,7 +31,7 @@ fn frame(body: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Role `fuzz-hostile`: hostile frames on 60 raw connections; prints `SENT n`.
+/// Role `FuzzHostile`: hostile frames on 60 raw connections; prints `SENT n`.
 pub fn hostile_role(socket: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = StdRng::seed_from_u64(0x7A0E);
     let mut sent = 0;
@@ -148,7 +149,9 @@ pub fn store_random_and_truncated_frames_leave_the_daemon_serving() {
     let kept = good.get(keep, Timeout::Poll).unwrap();
     // The hostile connections come from another process: connections the daemon cuts off
     // keep what they created until their process is gone.
-    let mut h = crate::util::Helper::start("fuzz-hostile", &store.socket, "");
+    let mut h = crate::util::Helper::start(crate::role::Role::FuzzHostile {
+        socket: store.socket.clone(),
+    });
     let line = h.expect_line("SENT", Duration::from_secs(60));
     assert!(h.wait(Duration::from_secs(30)).success());
     let sent: u64 = line[5..].parse().unwrap();
@@ -173,6 +176,7 @@ pub fn store_random_and_truncated_frames_leave_the_daemon_serving() {
     assert_eq!((s.objects, s.sealed), (2, 2), "{s:?}");
     assert_eq!(s.pinned, 0);
 }
+register!(store_random_and_truncated_frames_leave_the_daemon_serving);
 
 /// The model of what the store must hold, kept by the stateful fuzz.
 #[derive(Default)]
@@ -409,3 +413,4 @@ pub fn store_stateful_protocol_fuzz() {
         (s.objects, s.used, s.pinned) == (0, 0, 0)
     });
 }
+register!(store_stateful_protocol_fuzz);

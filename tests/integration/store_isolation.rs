@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -13,6 +12,8 @@ use nix::sys::signal::{Signal, kill};
 use trove_store::protocol::Request;
 use trove_store::{DeleteOutcome, ObjectId, ObjectState, StoreClient, StoreError, Timeout};
 
+use crate::harness::register;
+use crate::role::{PinStopMode, Role};
 use crate::util::{Helper, TestStore, pattern, wait_until};
 
 const T: Duration = Duration::from_secs(30);
@@ -66,42 +67,48 @@ fn live_bytes(c: &StoreClient) -> u64 {
 /// `Disconnected`.
 pub fn store_cut_off_client_keeps_its_pins_and_index_while_alive() {
     let store = start_store_env("64MiB", &[("TROVE_STORE_MAX_BACKLOG", "16")]);
-    cut_off_case(&store, "watch", 2048 + 64);
+    cut_off_case(&store, PinStopMode::Watch, 2048 + 64);
 }
+register!(store_cut_off_client_keeps_its_pins_and_index_while_alive);
 
 /// The same for a client stopped while the daemon writes it a reply larger than the socket
 /// buffers: past the client timeout (here 300 ms, 5 s by default) it is cut off, and keeps
 /// what it may read until its process is gone.
 pub fn store_client_stopped_past_the_write_timeout_keeps_its_pins() {
     let store = start_store_env("64MiB", &[("TROVE_STORE_CLIENT_TIMEOUT_MS", "300")]);
-    cut_off_case(&store, "list", 10_000);
+    cut_off_case(&store, PinStopMode::List, 10_000);
 }
+register!(store_client_stopped_past_the_write_timeout_keeps_its_pins);
 
 /// A helper pins an object, is stopped, and is cut off: by notices it does not read
 /// (`watch`: `n` of them overflow its ring and backlog) or by a `List` reply of `n` objects
 /// that the daemon cannot finish writing (`list`).
-fn cut_off_case(store: &TestStore, mode: &str, n: u64) {
+fn cut_off_case(store: &TestStore, mode: PinStopMode, n: u64) {
     let c = store.client();
     let p = ObjectId::random();
     let len = 100_000;
     c.put(p, &pattern(3, len)).unwrap();
-    if mode == "list" {
+    if mode == PinStopMode::List {
         for id in flood_ids(n) {
             c.put(id, &[1u8; 64]).unwrap();
         }
     }
     let go = store.dir.path().join("go");
-    let mut h = Helper::start(
-        "pin-stop",
-        &store.socket,
-        &format!("{mode}:{p}:{len}:3:{n}:{}", go.display()),
-    );
+    let mut h = Helper::start(Role::PinStop {
+        socket: store.socket.clone(),
+        mode: mode.clone(),
+        id: p,
+        len,
+        seed: 3,
+        n,
+        go: go.clone(),
+    });
     let line = h.expect_line("PINNED", T);
     let index: u32 = line.split(' ').nth(1).unwrap().parse().unwrap();
     h.expect_line("WATCHING", T);
     wait_until(T, "two clients", || c.stats().unwrap().clients == 2);
     kill(h.pid(), Signal::SIGSTOP).unwrap();
-    if mode == "watch" {
+    if mode == PinStopMode::Watch {
         // Every seal notifies the stopped helper: its ring fills, then its backlog overflows.
         for id in flood_ids(n) {
             c.put(id, &[1u8; 64]).unwrap();
@@ -141,20 +148,22 @@ fn cut_off_case(store: &TestStore, mode: &str, n: u64) {
     assert_eq!((s.objects, s.used), (0, 0), "{s:?}");
 }
 
-/// Role `pin-stop` (`mode:id:len:seed:n:gofile`): pin an object, then watch `n` ids
-/// (`watch`) or list the store in a loop on another thread (`list`); then (stopped and
-/// resumed by the test) wait for `gofile`, check the view's bytes and try two verbs.
+/// Role `PinStop`: pin object `id`, then watch `n` ids (`Watch`) or list the store in a loop
+/// on another thread (`List`); then (stopped and resumed by the test) wait for the file `go`,
+/// check the view's bytes (`len` bytes of `pattern(seed)`) and try two verbs.
 pub fn pin_stop_role(
     socket: &std::path::Path,
-    arg: &str,
+    mode: PinStopMode,
+    id: ObjectId,
+    len: usize,
+    seed: u64,
+    n: u64,
+    go: &std::path::Path,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let (mode, arg) = arg.split_once(':').ok_or("no mode")?;
-    let p: Vec<&str> = arg.splitn(5, ':').collect();
     let c = StoreClient::connect(socket)?;
-    let view = c.get(p[0].parse()?, Duration::from_secs(20))?;
+    let view = c.get(id, Duration::from_secs(20))?;
     crate::util::say(&format!("PINNED {}", c.client_index()));
-    let n: u64 = p[3].parse()?;
-    if mode == "watch" {
+    if mode == PinStopMode::Watch {
         c.wait_ready(&flood_ids(n), n as usize, Some(std::time::Instant::now()))?;
         c.flush()?;
     } else {
@@ -163,7 +172,6 @@ pub fn pin_stop_role(
         std::thread::spawn(move || while lister.list().is_ok() {});
     }
     crate::util::say("WATCHING");
-    let go = PathBuf::from(p[4]);
     let start = std::time::Instant::now();
     while !go.exists() {
         if start.elapsed() > Duration::from_secs(120) {
@@ -171,14 +179,14 @@ pub fn pin_stop_role(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let want = pattern(p[2].parse()?, p[1].parse()?);
+    let want = pattern(seed, len);
     crate::util::say(if view.as_slice() == want.as_slice() {
         "BYTES OK"
     } else {
         "BYTES BAD"
     });
     // Its next verbs, a lock-free get as much as a round trip, are `Disconnected`.
-    match c.get(p[0].parse()?, Timeout::Poll) {
+    match c.get(id, Timeout::Poll) {
         Ok(_) => crate::util::say("GET Ok"),
         Err(e) => crate::util::say(&format!("GET {e:?}")),
     }
@@ -263,6 +271,7 @@ pub fn store_a_client_that_does_not_read_replies_stalls_nobody() {
     );
     assert_eq!(&*c.get(x, Timeout::Poll).unwrap(), b"wake");
 }
+register!(store_a_client_that_does_not_read_replies_stalls_nobody);
 
 /// A `PutSmall` the daemon rejects (the id exists) is reported to its sender: a get of that
 /// id by the sender is an error, not its own unaccounted bytes; the existing object is
@@ -298,6 +307,7 @@ pub fn store_rejected_small_put_is_an_error() {
     assert_eq!(&*a.get(y, T).unwrap(), b"0123456789");
     b.release(&y);
 }
+register!(store_rejected_small_put_is_an_error);
 
 /// `Hold`s of ids that never exist are bounded per client: past the bound the client gets an
 /// error (it is cut off), and the daemon's memory for it is freed.
@@ -330,6 +340,7 @@ pub fn store_holds_and_watches_of_absent_ids_are_bounded() {
         c.stats().unwrap().clients == 1
     });
 }
+register!(store_holds_and_watches_of_absent_ids_are_bounded);
 
 /// A reference-counted object is deleted only by the client that created it: another
 /// client's delete is refused and changes nothing.
@@ -365,3 +376,4 @@ pub fn store_owned_objects_are_deleted_by_their_owner_only() {
         a.stats().unwrap().objects == 0
     });
 }
+register!(store_owned_objects_are_deleted_by_their_owner_only);

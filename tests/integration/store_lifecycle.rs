@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use trove_store::{DeleteOutcome, ObjectId, StoreError, Timeout};
 
+use crate::harness::register;
+use crate::role::{Role, StoreRole};
 use crate::util::{Helper, TestStore, pattern, wait_until};
 
 const T: Duration = Duration::from_secs(20);
@@ -33,6 +35,7 @@ pub fn store_lru_eviction_order() {
         pattern(0, KIB300).as_slice()
     );
 }
+register!(store_lru_eviction_order);
 
 pub fn store_full_when_everything_is_pinned() {
     let store = TestStore::start("1MiB");
@@ -41,7 +44,7 @@ pub fn store_full_when_everything_is_pinned() {
     let mut pinners = Vec::new();
     for (n, id) in ids.iter().enumerate() {
         c.put(*id, &pattern(n as u64, KIB300)).unwrap();
-        let mut h = Helper::start("pin", &store.socket, &id.to_string());
+        let mut h = Helper::start(Role::store(&store.socket, StoreRole::Pin { id: *id }));
         h.expect_line("PINNED", T);
         pinners.push(h);
     }
@@ -66,13 +69,14 @@ pub fn store_full_when_everything_is_pinned() {
     c.put(ObjectId::random(), &pattern(9, KIB300)).unwrap();
     assert!(!c.contains(ids[1]).unwrap());
 }
+register!(store_full_when_everything_is_pinned);
 
 pub fn store_delete_is_deferred_while_pinned() {
     let store = TestStore::start("16MiB");
     let c = store.client();
     let id = ObjectId::random();
     c.put(id, &pattern(1, 5000)).unwrap();
-    let mut h = Helper::start("pin", &store.socket, &id.to_string());
+    let mut h = Helper::start(Role::store(&store.socket, StoreRole::Pin { id }));
     h.expect_line("PINNED", T);
     let mine = c.get(id, Timeout::Poll).unwrap();
     assert_eq!(c.delete(&[id]).unwrap(), vec![DeleteOutcome::Deferred]);
@@ -90,6 +94,7 @@ pub fn store_delete_is_deferred_while_pinned() {
     wait_until(T, "the deferred delete", || c.stats().unwrap().objects == 0);
     assert_eq!(c.stats().unwrap().used, 0);
 }
+register!(store_delete_is_deferred_while_pinned);
 
 pub fn store_last_unpin_frees_a_deferred_delete() {
     let store = TestStore::start("16MiB");
@@ -102,3 +107,4 @@ pub fn store_last_unpin_frees_a_deferred_delete() {
     drop(v);
     wait_until(T, "the release notice", || c.stats().unwrap().objects == 0);
 }
+register!(store_last_unpin_frees_a_deferred_delete);

@@ -4,6 +4,8 @@ use std::time::{Duration, Instant};
 
 use trove_store::{DeleteOutcome, Event, ObjectId, ObjectState, StoreError, Timeout};
 
+use crate::harness::register;
+use crate::role::{Role, StoreRole};
 use crate::util::{Helper, TestStore, is_timeout, pattern};
 
 const T: Duration = Duration::from_secs(20);
@@ -12,7 +14,15 @@ pub fn store_verbs_across_processes() {
     let store = TestStore::start("64MiB");
     let c = store.client();
     let id = ObjectId::random();
-    let mut h = Helper::start("put", &store.socket, &format!("{id}:100000:7:0"));
+    let mut h = Helper::start(Role::store(
+        &store.socket,
+        StoreRole::Put {
+            id,
+            len: 100000,
+            seed: 7,
+            delay_ms: 0,
+        },
+    ));
     h.expect_line("DONE", T);
     assert!(h.wait(T).success());
 
@@ -29,7 +39,14 @@ pub fn store_verbs_across_processes() {
     assert!(s.used >= 100_000);
     assert!(s.pinned >= 100_000);
     // A second reader process sees the same bytes.
-    let mut r = Helper::start("get-check", &store.socket, &format!("{id}:100000:7"));
+    let mut r = Helper::start(Role::store(
+        &store.socket,
+        StoreRole::GetCheck {
+            id,
+            len: 100000,
+            seed: 7,
+        },
+    ));
     r.expect_line("OK", T);
     assert!(r.wait(T).success());
     drop(view);
@@ -44,13 +61,22 @@ pub fn store_verbs_across_processes() {
     assert_eq!(c.delete(&[id]).unwrap(), vec![DeleteOutcome::NotFound]);
     assert_eq!(c.stats().unwrap().used, 0);
 }
+register!(store_verbs_across_processes);
 
 pub fn store_get_blocks_until_another_process_seals() {
     let store = TestStore::start("64MiB");
     let c = store.client();
     let id = ObjectId::random();
     let start = Instant::now();
-    let _h = Helper::start("put", &store.socket, &format!("{id}:4096:3:300"));
+    let _h = Helper::start(Role::store(
+        &store.socket,
+        StoreRole::Put {
+            id,
+            len: 4096,
+            seed: 3,
+            delay_ms: 300,
+        },
+    ));
     let view = c.get(id, T).unwrap();
     assert!(
         start.elapsed() >= Duration::from_millis(250),
@@ -59,6 +85,7 @@ pub fn store_get_blocks_until_another_process_seals() {
     );
     assert_eq!(view.as_slice(), pattern(3, 4096).as_slice());
 }
+register!(store_get_blocks_until_another_process_seals);
 
 pub fn store_get_timeout_and_poll() {
     let store = TestStore::start("64MiB");
@@ -92,6 +119,7 @@ pub fn store_get_timeout_and_poll() {
     w.seal().unwrap();
     assert_eq!(c.get(id, Timeout::Poll).unwrap().len(), 10);
 }
+register!(store_get_timeout_and_poll);
 
 pub fn store_get_many_returns_what_is_ready() {
     let store = TestStore::start("64MiB");
@@ -100,7 +128,15 @@ pub fn store_get_many_returns_what_is_ready() {
     let b = ObjectId::random();
     let missing = ObjectId::random();
     c.put(a, b"alpha").unwrap();
-    let _h = Helper::start("put", &store.socket, &format!("{b}:64:1:200"));
+    let _h = Helper::start(Role::store(
+        &store.socket,
+        StoreRole::Put {
+            id: b,
+            len: 64,
+            seed: 1,
+            delay_ms: 200,
+        },
+    ));
     let got = c
         .get_many(&[a, b, missing, a], Timeout::After(Duration::from_secs(2)))
         .unwrap();
@@ -114,6 +150,7 @@ pub fn store_get_many_returns_what_is_ready() {
         1
     );
 }
+register!(store_get_many_returns_what_is_ready);
 
 pub fn store_subscribe_sees_seals_and_deletes() {
     let store = TestStore::start("64MiB");
@@ -121,12 +158,21 @@ pub fn store_subscribe_sees_seals_and_deletes() {
     let mut sub = c.subscribe().unwrap();
     assert_eq!(sub.next(Duration::from_millis(50)).unwrap(), None);
     let id = ObjectId::random();
-    let mut h = Helper::start("put", &store.socket, &format!("{id}:777:1:0"));
+    let mut h = Helper::start(Role::store(
+        &store.socket,
+        StoreRole::Put {
+            id,
+            len: 777,
+            seed: 1,
+            delay_ms: 0,
+        },
+    ));
     h.expect_line("DONE", T);
     assert_eq!(sub.next(T).unwrap(), Some(Event::Sealed { id, size: 777 }));
     c.delete(&[id]).unwrap();
     assert_eq!(sub.next(T).unwrap(), Some(Event::Deleted { id }));
 }
+register!(store_subscribe_sees_seals_and_deletes);
 
 pub fn store_evict_verb_and_zero_size_and_abort() {
     let store = TestStore::start("64MiB");
@@ -157,6 +203,7 @@ pub fn store_evict_verb_and_zero_size_and_abort() {
     c.create(explicit, 64).unwrap().abort().unwrap();
     assert_eq!(c.stats().unwrap().objects, 3);
 }
+register!(store_evict_verb_and_zero_size_and_abort);
 
 /// Small owned puts from four threads of one client, racing each other through several slabs
 /// (published out of allocation order, some while the slab is being replaced): every object
@@ -196,3 +243,4 @@ pub fn store_small_puts_from_many_threads_all_land() {
         }
     }
 }
+register!(store_small_puts_from_many_threads_all_land);

@@ -2,7 +2,7 @@
 //! bounded waits.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -11,9 +11,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use trove_store::{StoreClient, StoreError};
 
-pub const ROLE_ENV: &str = "TROVE_TEST_ROLE";
-pub const SOCKET_ENV: &str = "TROVE_TEST_SOCKET";
-pub const ARG_ENV: &str = "TROVE_TEST_ARG";
+use crate::role::{ROLE_ENV, Role};
 
 /// A `troved` started for one test; stopped (SIGTERM, then SIGKILL) and cleaned up on drop.
 pub struct TestStore {
@@ -125,12 +123,13 @@ pub struct Helper {
 }
 
 impl Helper {
-    /// Starts `role` against the store at `socket` with a free-form argument.
-    pub fn start(role: &str, socket: &Path, arg: &str) -> Helper {
+    /// Starts this test binary in `role`: the one place a helper process is started.
+    pub fn start(role: Role) -> Helper {
+        let line = role.encode();
+        // The helper reads back exactly this role.
+        assert_eq!(Role::decode(&line).as_ref(), Ok(&role), "{line}");
         let mut child = Command::new(std::env::current_exe().expect("current_exe"))
-            .env(ROLE_ENV, role)
-            .env(SOCKET_ENV, socket)
-            .env(ARG_ENV, arg)
+            .env(ROLE_ENV, line)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -225,29 +224,48 @@ pub fn wait_until_blocked(pid: Pid, limit: Duration) {
     });
 }
 
-/// Runs the helper role named in the environment, then exits the process.
+/// Runs the helper role encoded in the environment ([`ROLE_ENV`]), then exits the process.
+/// Called first thing in `main`, so the role runs before any thread exists. The one dispatch
+/// of a role to its body, in its area's file.
 pub fn run_helper_if_asked() {
-    let Ok(role) = std::env::var(ROLE_ENV) else {
+    use crate::{
+        client_lifetimes, client_roles, executor_roles, fault_kills, load_clients, roles,
+        security_access, store_fuzz, store_isolation,
+    };
+    let Ok(line) = std::env::var(ROLE_ENV) else {
         return;
     };
-    let socket = PathBuf::from(std::env::var(SOCKET_ENV).expect("socket"));
-    let arg = std::env::var(ARG_ENV).unwrap_or_default();
-    let result = if role == "sec-other-uid" {
-        crate::security_access::other_uid_role(&socket)
-    } else if role == "fault-driver" {
-        crate::fault_kills::driver_role(&socket)
-    } else if role == "load-client" {
-        crate::load_clients::load_role(&socket, &arg)
-    } else if role == "sec-stall" {
-        crate::security_access::stall_role(&socket, arg.parse().unwrap_or(1))
-    } else if role.starts_with("live-") {
-        crate::client_lifetimes::helper_role(&role, &socket, &arg)
-    } else if role.starts_with("exec-") {
-        crate::executor_roles::helper_role(&role, &socket, &arg)
-    } else if role.starts_with("trove-") {
-        crate::client_roles::helper_role(&role, &socket, &arg)
-    } else {
-        crate::roles::helper_role(&role, &socket, &arg)
+    let role = match Role::decode(&line) {
+        Ok(role) => role,
+        Err(e) => {
+            println!("ERROR bad role {line:?}: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = match role {
+        Role::Store { socket, role } => roles::helper_role(role, &socket),
+        Role::PinStop {
+            socket,
+            mode,
+            id,
+            len,
+            seed,
+            n,
+            go,
+        } => store_isolation::pin_stop_role(&socket, mode, id, len, seed, n, &go),
+        Role::FuzzHostile { socket } => store_fuzz::hostile_role(&socket),
+        Role::Trove { socket, role } => client_roles::helper_role(role, &socket),
+        Role::TroveEmbedded { hold } => client_roles::embedded(hold),
+        Role::Lifetimes { scenario } => client_lifetimes::helper_role(scenario),
+        Role::Exec { role } => executor_roles::helper_role(role),
+        Role::SecOtherUid { socket } => security_access::other_uid_role(&socket),
+        Role::SecStall { socket, n } => security_access::stall_role(&socket, n),
+        Role::LoadClient {
+            socket,
+            seed,
+            millis,
+        } => load_clients::load_role(&socket, seed, millis),
+        Role::FaultDriver { socket } => fault_kills::driver_role(&socket),
     };
     let code = match result {
         Ok(()) => 0,
