@@ -1661,6 +1661,15 @@ impl OwnedWriter {
             )));
         }
         let keep = owned.keep;
+        // A one-way publish names the objects it contains: until the daemon has handled it,
+        // they must not lose this process's pins by a local unpin that could overtake it (the
+        // daemon would then see neither pin nor holder, and free them). Their releases go as
+        // `Unhold`s queued behind it, as for an id whose own `Hold` is unhandled.
+        let contained = if self.small {
+            owned.contained.clone()
+        } else {
+            Vec::new()
+        };
         let seq = if self.small {
             c.inner.conn.send(
                 0,
@@ -1684,6 +1693,16 @@ impl OwnedWriter {
             }
             seq
         };
+        if !contained.is_empty() {
+            let mut holds = lock(&c.inner.holds);
+            for id in &contained {
+                if let Some(h) = holds.map.get_mut(id)
+                    && h.local.is_none()
+                {
+                    h.daemon_seq = Some(h.daemon_seq.map_or(seq, |s| s.max(seq)));
+                }
+            }
+        }
         if !keep {
             return Ok(());
         }

@@ -84,6 +84,10 @@ impl Summer {
         sleep(Duration::from_millis(ms));
         Ok(v.get()?.iter().sum())
     }
+    /// Hands its argument back inside its result: the result object then holds the ref.
+    fn echo(&mut self, v: ObjectRef<[f64]>) -> ObjectRef<[f64]> {
+        v
+    }
     fn twice(&mut self, x: u64) -> u64 {
         2 * x
     }
@@ -233,6 +237,15 @@ pub fn helper_role(scenario: Scenario) -> Res {
                 check(s == 10, &format!("task {i}: {s}"))?;
             }
             back_to(&rt, &base, "after refs inside arguments")?;
+            // An argument handed back inside the result: the caller's own reference is gone
+            // when the call has run, the result object's one must take over in time.
+            for i in 0..2000u64 {
+                let v = rt.put_slice(&ones[..(i % 64 + 1) as usize])?;
+                let back = a.call(Summer::echo, (v,))?.get_timeout(T)?.deserialize()?;
+                let got = back.get_timeout(T)?;
+                check(got.len() == (i % 64 + 1) as usize, &format!("echo {i}"))?;
+            }
+            back_to(&rt, &base, "after arguments returned in results")?;
             // Arguments too large for a mailbox slot travel as an object of their own.
             let many: Vec<_> = (0..100u64).map(|k| rt.put(&k)).collect::<Result<_, _>>()?;
             let s = rt
