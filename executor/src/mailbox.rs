@@ -170,8 +170,11 @@ impl Mailbox {
         slot_size: u64,
         type_tag: u64,
     ) -> Result<Mailbox, MailboxError> {
-        if !capacity.is_power_of_two() || capacity > 1 << 20 {
-            return Err(MailboxError::BadParams("capacity: a power of two <= 2^20"));
+        // One slot cannot tell "published for p" from "free for p + 1": at least two.
+        if !capacity.is_power_of_two() || !(2..=1 << 20).contains(&capacity) {
+            return Err(MailboxError::BadParams(
+                "capacity: a power of two in 2..=2^20",
+            ));
         }
         if slot_size < 32 || !slot_size.is_multiple_of(16) || slot_size > 1 << 16 {
             return Err(MailboxError::BadParams(
@@ -223,7 +226,7 @@ impl Mailbox {
         let capacity = h.capacity.load(Ordering::Relaxed);
         let slot_size = h.slot_size.load(Ordering::Relaxed);
         if !capacity.is_power_of_two()
-            || capacity > 1 << 20
+            || !(2..=1 << 20).contains(&capacity)
             || !(32..=1 << 16).contains(&slot_size)
             || !slot_size.is_multiple_of(16)
             || mailbox_bytes(capacity, slot_size) > len
@@ -259,6 +262,13 @@ impl Mailbox {
         let mut pos = index.load(Ordering::Relaxed);
         loop {
             let seq = self.seq(pos).load(Ordering::Acquire);
+            if seq & CLAIMED != 0 {
+                // A consumer still holds the slot from the lap before: full. (As a difference
+                // the claimed word would read as "ahead", and a producer would spin until
+                // the consumer let go: forever, if it died holding it, until the reaper
+                // reclaims it.)
+                return None;
+            }
             let diff = seq.wrapping_sub(pos + ready) as i64;
             if diff == 0 {
                 match index.compare_exchange_weak(pos, pos + 1, Ordering::SeqCst, Ordering::Relaxed)
@@ -364,6 +374,9 @@ impl Mailbox {
     /// freed), then moves `head` on. `None` if the queue is empty.
     fn claim_for_consumer(&self, tag: u32) -> Option<u64> {
         let head = &self.header().head.0;
+        // Retries wait for another consumer's step (a claim, a move of `head`): spin a little
+        // between them (under loom: let the others run).
+        let backoff = Backoff::new();
         let mut pos = head.load(Ordering::Relaxed);
         loop {
             let seq = self.seq(pos).load(Ordering::Acquire);
@@ -377,6 +390,7 @@ impl Mailbox {
                 } else if head.load(Ordering::Relaxed) == pos {
                     return None;
                 }
+                backoff.spin();
                 pos = head.load(Ordering::Relaxed);
                 continue;
             }
@@ -395,6 +409,7 @@ impl Mailbox {
             } else if diff < 0 {
                 return None;
             } else {
+                backoff.spin();
                 pos = head.load(Ordering::Relaxed);
             }
         }
@@ -706,6 +721,17 @@ mod tests {
     fn region(capacity: u64, slot: u64) -> Vec<Region> {
         let n = mailbox_bytes(capacity, slot).div_ceil(64);
         (0..n).map(|_| Region([0; 64])).collect()
+    }
+
+    #[test]
+    fn a_mailbox_needs_two_slots_at_least() {
+        let mut r = region(2, 64);
+        // SAFETY: the Vec is big enough for two slots, 64-aligned, and outlives the calls.
+        let one = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 1, 64, 0) };
+        assert!(matches!(one, Err(MailboxError::BadParams(_))));
+        // SAFETY: as above.
+        let two = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 2, 64, 0) };
+        assert!(two.is_ok());
     }
 
     #[test]

@@ -53,6 +53,8 @@ impl ModelMailbox {
             event: Line(AtomicU32::new(0)),
             sleepers: Line(AtomicU32::new(0)),
             magic: AtomicU64::new(0),
+            program: AtomicU64::new(0),
+            type_tag: AtomicU64::new(0),
             capacity: AtomicU64::new(0),
             slot_size: AtomicU64::new(0),
             dead: AtomicU32::new(0),
@@ -81,10 +83,14 @@ impl ModelMailbox {
         }
         // SAFETY: as above; the region lives as long as the returned value, which every
         // thread of the model holds while it uses the mailbox.
-        let m = unsafe { Mailbox::init(base, capacity, SLOT_SIZE) }.expect("init");
+        let m = unsafe { Mailbox::init(base, capacity, SLOT_SIZE, 0) }.expect("init");
         Arc::new(ModelMailbox { m, _region: region })
     }
 }
+
+/// The claim tags (a consumer's pid in production) of the models' consumers.
+const CONSUMER: u32 = 1;
+const OTHER: u32 = 2;
 
 /// Message `k` of producer `p`: its own bytes and its own length (1..=8).
 fn message(p: u8, k: u8) -> Vec<u8> {
@@ -131,7 +137,11 @@ fn loom_two_producers_one_consumer() {
             .collect();
         let mut got = Vec::new();
         for _ in 0..TRIES {
-            match mb.m.try_pop(|pos, b| (pos, b.to_vec())).expect("pop") {
+            match mb
+                .m
+                .try_pop(CONSUMER, |pos, b| (pos, b.to_vec()))
+                .expect("pop")
+            {
                 Some(x) => got.push(x),
                 None => thread::yield_now(),
             }
@@ -140,7 +150,10 @@ fn loom_two_producers_one_consumer() {
             .into_iter()
             .map(|p| p.join().expect("producer"))
             .collect();
-        while let Some(x) = mb.m.try_pop(|pos, b| (pos, b.to_vec())).expect("pop") {
+        while let Some(x) =
+            mb.m.try_pop(CONSUMER, |pos, b| (pos, b.to_vec()))
+                .expect("pop")
+        {
             got.push(x);
         }
         let total: usize = claimed.iter().map(Vec::len).sum();
@@ -177,10 +190,10 @@ fn loom_one_producer_two_consumers() {
         let mb = ModelMailbox::new(2);
         let consume = {
             let mb = Arc::clone(&mb);
-            move || {
+            move |tag: u32| {
                 let mut got = Vec::new();
                 for _ in 0..TRIES {
-                    match mb.m.try_pop(|pos, b| (pos, b.to_vec())).expect("pop") {
+                    match mb.m.try_pop(tag, |pos, b| (pos, b.to_vec())).expect("pop") {
                         Some(x) => got.push(x),
                         None => thread::yield_now(),
                     }
@@ -196,8 +209,11 @@ fn loom_one_producer_two_consumers() {
                 }
             })
         };
-        let other = thread::spawn(consume.clone());
-        let mine = consume();
+        let other = thread::spawn({
+            let consume = consume.clone();
+            move || consume(OTHER)
+        });
+        let mine = consume(CONSUMER);
         let theirs = other.join().expect("consumer");
         for got in [&mine, &theirs] {
             assert!(
@@ -207,13 +223,17 @@ fn loom_one_producer_two_consumers() {
         }
         let mut all: Vec<(u64, Vec<u8>)> = mine.into_iter().chain(theirs).collect();
         while all.len() < ONE_TO_TWO as usize {
-            match mb.m.try_pop(|pos, b| (pos, b.to_vec())).expect("pop") {
+            match mb
+                .m
+                .try_pop(CONSUMER, |pos, b| (pos, b.to_vec()))
+                .expect("pop")
+            {
                 Some(x) => all.push(x),
                 None => thread::yield_now(),
             }
         }
         producer.join().expect("producer");
-        assert_eq!(mb.m.try_pop(|_, _| ()).expect("pop"), None);
+        assert_eq!(mb.m.try_pop(CONSUMER, |_, _| ()).expect("pop"), None);
         all.sort();
         let expected: Vec<(u64, Vec<u8>)> = (0..ONE_TO_TWO as u8)
             .map(|k| (k as u64, message(0, k)))
@@ -256,7 +276,11 @@ fn loom_full_and_empty_are_reported_right() {
         let mut j = 0;
         while j < 3 {
             let ready = pushed.load(Ordering::SeqCst);
-            match mb.m.try_pop(|pos, b| (pos, b.to_vec())).expect("pop") {
+            match mb
+                .m
+                .try_pop(CONSUMER, |pos, b| (pos, b.to_vec()))
+                .expect("pop")
+            {
                 Some((pos, b)) => {
                     assert_eq!((pos, b), (j, message(0, j as u8)));
                     j += 1;
