@@ -755,8 +755,19 @@ impl Table {
         out: &mut Outbox,
     ) -> Result<()> {
         self.check_sealable(client, id)?;
+        if self.late_report(&id, owned) {
+            self.abort(arena, client, id)?;
+            return Err(StoreError::AlreadyExists(id));
+        }
         self.publish(arena, client, id, Some(owned), out);
         Ok(())
+    }
+
+    /// A failure report (a call's result saying its consumer died) for an id that has been
+    /// published and freed, or lost, already: the real result, or the caller's `ObjectLost`,
+    /// came first. Accepting it would pin an object for a caller that has let go of that id.
+    fn late_report(&self, id: &ObjectId, owned: &Owned) -> bool {
+        owned.error && owned.pin_for.is_some() && self.lost_set.contains(id)
     }
 
     fn check_sealable(&self, client: u32, id: ObjectId) -> Result<()> {
@@ -1048,7 +1059,7 @@ impl Table {
         owned: &Owned,
         out: &mut Outbox,
     ) -> Result<()> {
-        if self.objects.contains_key(&id) {
+        if self.objects.contains_key(&id) || self.late_report(&id, owned) {
             return Err(StoreError::AlreadyExists(id));
         }
         let (slab_off, session) = self
@@ -1570,6 +1581,44 @@ mod tests {
         );
         f.check_used();
         assert_eq!(f.stats().objects, 1);
+    }
+
+    #[test]
+    fn a_late_failure_report_for_a_freed_result_is_refused() {
+        let mut f = Fx::new(Limits::default());
+        let (callee, caller, reaper) = (f.connect(), f.connect(), f.connect());
+        let slab = |f: &mut Fx, c| match f.req(c, Request::Slab { size: 1 << 20 }) {
+            Reply::Slab { offset, .. } => offset,
+            r => panic!("{r:?}"),
+        };
+        let (at, rat) = (slab(&mut f, callee), slab(&mut f, reaper));
+        let result = |error| Owned {
+            error,
+            pin_for: Some((caller, 1)),
+            ..Owned::default()
+        };
+        // The callee's result reaches its caller, who reads it and lets go: freed.
+        let r = ObjectId::random();
+        let put = |id, offset, error| Request::PutSmall {
+            id,
+            offset,
+            size: 19,
+            owned: result(error),
+        };
+        f.one_way(callee, put(r, at, false));
+        assert!(f.arena.directory().has_pin(f.slot(&r), caller));
+        f.one_way(caller, Request::Unhold { id: r });
+        assert_eq!(f.stats().objects, 0);
+        // The reaper, thinking the callee died owing it, reports a failure: refused, nothing
+        // pinned for a caller that has let go.
+        f.one_way(reaper, put(r, rat, true));
+        assert_eq!(f.stats().objects, 0, "a late report was accepted");
+        assert_eq!(f.notices(reaper), vec![(NOTICE_REJECTED, r)]);
+        // A report for a result nobody made yet is the caller's answer: accepted.
+        let q = ObjectId::random();
+        f.one_way(reaper, put(q, rat + 64, true));
+        assert!(f.arena.directory().has_pin(f.slot(&q), caller));
+        f.check_used();
     }
 
     #[test]
