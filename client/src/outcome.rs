@@ -29,7 +29,7 @@ impl<T: Value, E: Display> Outcome for Result<T, E> {
 #[macro_export]
 macro_rules! outcome {
     ($($t:ty),* $(,)?) => {
-        $(impl $crate::outcome::Outcome for $t {
+        $(impl $crate::Outcome for $t {
             type Value = $t;
             fn into_outcome(self) -> ::std::result::Result<$t, ::std::string::String> {
                 Ok(self)
