@@ -8,6 +8,7 @@
 //! # Ok::<(), trove::Error>(())
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
+#![deny(missing_docs)]
 
 mod actor;
 mod calls;

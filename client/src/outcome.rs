@@ -15,6 +15,7 @@ use crate::object_ref::ObjectRef;
 pub trait Outcome {
     /// What the result object holds.
     type Value: Value;
+    /// The value, or the failure's message.
     fn into_outcome(self) -> Result<Self::Value, String>;
 }
 

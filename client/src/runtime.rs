@@ -138,6 +138,7 @@ impl Runtime {
             .and_then(|s| s.pid())
     }
 
+    /// The store's statistics (capacity, used bytes, objects, clients...).
     pub fn stats(&self) -> Result<Stats> {
         Ok(self.sh.client.stats()?)
     }
@@ -191,10 +192,12 @@ impl Runtime {
         })
     }
 
+    /// [`ObjectRef::get`]: waits for the object and returns a zero-copy, validated view.
     pub fn get<T: Stored + ?Sized>(&self, r: &ObjectRef<T>) -> Result<Obj<T>> {
         r.get()
     }
 
+    /// [`ObjectRef::get_timeout`].
     pub fn get_timeout<T: Stored + ?Sized>(
         &self,
         r: &ObjectRef<T>,
@@ -367,6 +370,7 @@ pub struct Builder<T: Plain> {
 }
 
 impl<T: Plain> Builder<T> {
+    /// The id the object will have (known to the store, and to waiters, already).
     pub fn id(&self) -> ObjectId {
         self.writer.id()
     }

@@ -6,18 +6,23 @@ use crate::outcome::Outcome;
 /// A method of actor type `A` taking the argument tuple `Args`: `Type::method` or a closure
 /// without captures, `Fn(&mut A, T1, .., Tn) -> O` for up to six arguments.
 pub trait Method<A, Args>: Copy + Send + 'static {
+    /// What the method returns.
     type Output: Outcome;
+    /// Calls the method on `actor` with the arguments spread out.
     fn invoke(self, actor: &mut A, args: Args) -> Self::Output;
 }
 
 /// A task function taking the argument tuple `Args` (up to six arguments).
 pub trait Function<Args>: Copy + Send + 'static {
+    /// What the task returns.
     type Output: Outcome;
+    /// Calls the function with the arguments spread out.
     fn invoke(self, args: Args) -> Self::Output;
 }
 
 /// An actor constructor: `Type::default`, `Type::new`, or a closure without captures.
 pub trait Constructor<A, Args>: Copy + Send + 'static {
+    /// Builds the actor from the arguments spread out.
     fn construct(self, args: Args) -> A;
 }
 
