@@ -33,6 +33,11 @@ pub(crate) const ARGS_ALIGN: usize = 16;
 /// are read in place.
 pub(crate) const ARGS_PAD: usize = CALL_HEADER.next_multiple_of(ARGS_ALIGN) - CALL_HEADER;
 
+/// The arguments of a `KIND_CALL` message, after their padding.
+pub(crate) fn inline_args<'a>(m: &Message<'a>) -> Option<&'a [u8]> {
+    m.args.get(ARGS_PAD..)
+}
+
 /// What the callee knows about the call it is running: where the result goes, its
 /// completion record, and where the callee notes the results it owes (its own mailbox).
 pub(crate) struct Call<'a> {
@@ -447,7 +452,7 @@ fn run_call(client: &StoreClient, m: &Message, call: &Call, state: *mut u8) -> O
             }
         }
     } else {
-        match m.args.get(ARGS_PAD..) {
+        match inline_args(m) {
             Some(args) => args,
             None => {
                 return failed(client, call, "malformed arguments").unwrap_or_else(|e| {

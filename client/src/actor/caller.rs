@@ -36,23 +36,17 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     // The message buffer is reused from call to call on this thread (a call costs well under
     // a microsecond; an allocation would be a good part of it).
     let mut msg = SCRATCH.with(|s| s.borrow_mut().take()).unwrap_or_default();
-    Message {
+    let header = Message {
         kind: KIND_CALL,
         func,
         result,
         reply_to,
-        args: &[0; callee::ARGS_PAD],
-    }
-    .encode_into(&mut msg);
-    let at = msg.len();
-    msg.resize(mailbox.max_msg_len().max(at), 0);
-    let (inline, mut refs) = codec::collect_refs(|| codec::serialize_into(args, &mut msg[at..]));
+        args: &[],
+    };
+    let (inline, mut refs) = encode_inline(&mut msg, mailbox.max_msg_len(), header, args);
     let mut keep = Kept::default();
     match inline {
-        Ok(len) => {
-            msg.truncate(at + len);
-            owned::share_refs(client, &refs)?;
-        }
+        Ok(()) => owned::share_refs(client, &refs)?,
         // Too large for a slot (or not serialisable: the object path says why).
         Err(_) => {
             let id = ObjectId::random();
@@ -92,6 +86,26 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     Ok(r)
 }
 
+/// Encodes the call `header` (a `KIND_CALL`) with `args` inline into `msg`, in at most `room`
+/// bytes: the header, `ARGS_PAD` zero bytes, then the archive, serialised in place. `Err` if
+/// it does not fit (or cannot be serialised). Returns the refs met too.
+fn encode_inline<Args: Value>(
+    msg: &mut Vec<u8>,
+    room: usize,
+    header: Message,
+    args: &Args,
+) -> (Result<()>, Vec<ObjectId>) {
+    Message {
+        args: &[0; callee::ARGS_PAD],
+        ..header
+    }
+    .encode_into(msg);
+    let at = msg.len();
+    msg.resize(room.max(at), 0);
+    let (written, refs) = codec::collect_refs(|| codec::serialize_into(args, &mut msg[at..]));
+    (written.map(|len| msg.truncate(at + len)), refs)
+}
+
 thread_local! {
     /// [`send_call`]'s message buffer.
     static SCRATCH: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
@@ -110,4 +124,56 @@ where
     let func = callee::task_address::<F, Args>();
     let queue = sh.task_queue()?;
     send_call(sh, queue, None, func, &args, Failure::TaskFailed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rkyv::util::AlignedVec;
+
+    /// Encodes `v` as a call, copies the message as the callee does (into its aligned
+    /// buffer), and reads the arguments back in place; `None` if they did not fit `room`.
+    fn round_trip<T: Value + PartialEq + std::fmt::Debug>(v: &T, room: usize) -> Option<usize> {
+        let mut msg = vec![0xAA; 7];
+        let header = Message {
+            kind: KIND_CALL,
+            func: 42,
+            result: ObjectId([9; 20]),
+            reply_to: (3, 4),
+            args: &[],
+        };
+        let (ok, _) = encode_inline(&mut msg, room, header, v);
+        // Inline exactly when the archive fits the room left after the header and padding.
+        let fits = codec::archived_len(v).unwrap() <= room - CALL_HEADER_PADDED;
+        assert_eq!(ok.is_ok(), fits);
+        if !fits {
+            return None;
+        }
+        assert!(msg.len() <= room);
+        let mut buf = AlignedVec::<{ callee::ARGS_ALIGN }>::new();
+        buf.extend_from_slice(&msg);
+        let m = Message::decode(&buf).expect("a call message");
+        assert_eq!((m.kind, m.func, m.reply_to), (KIND_CALL, 42, (3, 4)));
+        let args = callee::inline_args(&m).expect("padded arguments");
+        assert!((args.as_ptr() as usize).is_multiple_of(callee::ARGS_ALIGN));
+        let archived = codec::access::<T>(m.result, args).expect("read in place");
+        assert_eq!(&codec::deserialize::<T>(m.result, archived).unwrap(), v);
+        Some(args.len())
+    }
+
+    #[test]
+    fn inline_arguments_are_aligned_and_read_in_place() {
+        let room = 240;
+        assert!(round_trip(&(), room).is_some());
+        assert!(round_trip(&(u128::MAX - 7, 3u8), room).is_some());
+        assert!(round_trip(&(1u64, -2i32, 0.5f64, true), room).is_some());
+        // Every length up to the slot's room and past it: inline while it fits, then not.
+        let inline = (0..=room)
+            .filter(|&n| round_trip(&("x".repeat(n), n as u128), room).is_some())
+            .count();
+        assert!(inline > 100 && inline < room, "{inline}");
+        assert!(round_trip(&vec![7u64; 100], room).is_none());
+    }
+
+    const CALL_HEADER_PADDED: usize = trove_executor::message::CALL_HEADER + callee::ARGS_PAD;
 }
