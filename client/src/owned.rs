@@ -1,6 +1,7 @@
 //! Writing an owned (reference-counted) object: the one path every writer of the crate takes
 //! (puts, call arguments passed as an object, call results and failure reports, evicted
-//! inline results, mailboxes, named-actor entries).
+//! inline results, mailboxes, named-actor entries; and, split in two because the user fills
+//! it in between, [`begin`] and [`finish`] for `Runtime::create`).
 //!
 //! Refs inside the content are made shareable first ([`share_refs`]: sharing one may put it
 //! in this client's slab, which must happen before the new object takes its place there,
@@ -9,6 +10,7 @@
 
 use trove_executor::mailbox::{Mailbox, mailbox_bytes};
 use trove_executor::message::{self, Failure};
+use trove_store::client::OwnedWriter;
 use trove_store::protocol::Owned;
 use trove_store::{ObjectId, StoreClient, StoreError};
 
@@ -128,7 +130,7 @@ pub(crate) fn write<C: Content + ?Sized>(
     let (len, refs) = content.measure()?;
     share_refs(client, &refs)?;
     let mut w = if seal.by_daemon {
-        client.create_owned(id, len as u64)?
+        begin(client, id, len)?
     } else {
         client.alloc_owned(id, len as u64)?
     };
@@ -145,6 +147,19 @@ pub(crate) fn write<C: Content + ?Sized>(
         pin_for: seal.pin_for,
     })?;
     Ok((place, met))
+}
+
+/// Starts an owned object of `len` bytes that the caller fills in place before [`finish`]
+/// ([`Runtime::create`](crate::Runtime::create)): created by the daemon, so its id is known
+/// to the store, and to waiters, at once.
+pub(crate) fn begin(client: &StoreClient, id: ObjectId, len: usize) -> Result<OwnedWriter> {
+    Ok(client.create_owned(id, len as u64)?)
+}
+
+/// Seals an object started with [`begin`]; this process keeps one reference.
+pub(crate) fn finish(w: OwnedWriter) -> Result<()> {
+    w.publish(&[])?;
+    Ok(())
 }
 
 /// Leaves a failure report as the call result `result` for the caller `reply_to`. A report

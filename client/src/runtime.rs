@@ -184,7 +184,7 @@ impl Runtime {
                 reason: format!("{len} elements overflow the address space"),
             })?;
         let id = ObjectId::random();
-        let writer = self.sh.client.create_owned(id, bytes as u64)?;
+        let writer = owned::begin(&self.sh.client, id, bytes)?;
         Ok(Builder {
             writer,
             len,
@@ -378,7 +378,7 @@ impl<T: Plain> Builder<T> {
     /// Seals the object: it becomes immutable and visible to every process.
     pub fn seal(self) -> Result<ObjectRef<[T]>> {
         let id = self.writer.id();
-        self.writer.publish(&[])?;
+        owned::finish(self.writer)?;
         Ok(ObjectRef::adopt(id))
     }
 }
