@@ -83,6 +83,7 @@ pub struct Counter {
 }
 
 impl Counter {
+    /// A counter at zero.
     pub fn new() -> Counter {
         Counter::default()
     }
@@ -92,6 +93,7 @@ impl Counter {
         self.len
     }
 
+    /// Whether nothing has been written.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -2,15 +2,20 @@
 
 use trove_store::{ObjectId, StoreError};
 
+/// `Result` with trove's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Everything a trove call can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A create did not fit even after evicting every unpinned object.
     #[error("store full: {requested} bytes requested, capacity {capacity}, {pinned} pinned")]
     StoreFull {
+        /// Bytes asked for.
         requested: u64,
+        /// The store's object space.
         capacity: u64,
+        /// Bytes pinned (not evictable) at the time.
         pinned: u64,
     },
     /// The wait ended before the object(s) were ready.
@@ -19,14 +24,19 @@ pub enum Error {
     /// The bytes are not a valid archive of the requested type (wrong type or corruption).
     #[error("object {id} is not a valid {type_name}: {reason}")]
     Invalid {
+        /// The object.
         id: ObjectId,
+        /// The type it was read as.
         type_name: &'static str,
+        /// What the validator found.
         reason: String,
     },
     /// Serialising a value failed.
     #[error("could not serialise a {type_name}: {reason}")]
     Serialize {
+        /// The type being serialised.
         type_name: &'static str,
+        /// What rkyv said.
         reason: String,
     },
     /// The object does not exist and nobody is creating it.
@@ -45,7 +55,9 @@ pub enum Error {
     /// methods would run on another type's state): nothing was sent.
     #[error("actor {id} is not a {expected}")]
     WrongActorType {
+        /// The actor's mailbox.
         id: ObjectId,
+        /// The actor type asked for.
         expected: &'static str,
     },
     /// An actor started by another program (another executable, sharing the store): the
@@ -64,6 +76,7 @@ pub enum Error {
     /// Any other store error.
     #[error(transparent)]
     Store(StoreError),
+    /// An I/O error while starting or reaching trove's processes.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -8,23 +8,29 @@
 //! # Ok::<(), trove::Error>(())
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
+#![deny(missing_docs)]
 
-pub mod actor;
+mod actor;
+mod calls;
 pub mod codec;
-pub mod error;
-pub mod obj;
-pub mod object_ref;
-pub mod outcome;
+mod config;
+mod context;
+mod error;
+mod get;
+mod obj;
+mod object_ref;
+mod outcome;
+mod owned;
 mod runtime;
 
-pub use actor::{ActorHandle, Constructor, Function, Method};
+pub use actor::{ActorHandle, ArchivedActorHandle, Constructor, Function, Method};
+pub use codec::{Plain, Value};
+pub use config::{Config, DEFAULT_MEMORY};
 pub use error::{Error, Result};
 pub use obj::{Obj, Stored};
-pub use object_ref::ObjectRef;
+pub use object_ref::{ArchivedObjectRef, ObjectRef};
 pub use outcome::Outcome;
-pub use runtime::{
-    Builder, Config, DEFAULT_MEMORY, Runtime, Waited, get_actor, get_actor_in, init, spawn,
-};
+pub use runtime::{Builder, Runtime, Waited, get_actor, get_actor_in, init, spawn};
 pub use trove_store as store;
 pub use trove_store::ObjectId;
 pub use trove_store::Stats;

@@ -7,7 +7,7 @@ use std::ops::Deref;
 use trove_store::{ObjectId, ObjectView};
 
 use crate::codec::{self, Plain, Value};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A type an object can hold, and how its bytes are viewed in place.
 ///
@@ -88,6 +88,7 @@ impl<T: Stored + ?Sized> Obj<T> {
         })
     }
 
+    /// The object's id.
     pub fn id(&self) -> ObjectId {
         self.view.id()
     }
@@ -105,8 +106,8 @@ fn check_failure(view: &ObjectView) -> Result<()> {
     }
     let (kind, msg) = trove_executor::message::decode_failure(view.as_slice());
     Err(match kind {
-        trove_executor::message::Failure::ActorDied => crate::Error::ActorDied(msg),
-        trove_executor::message::Failure::TaskFailed => crate::Error::TaskFailed(msg),
+        trove_executor::message::Failure::ActorDied => Error::ActorDied(msg),
+        trove_executor::message::Failure::TaskFailed => Error::TaskFailed(msg),
     })
 }
 

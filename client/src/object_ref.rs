@@ -56,7 +56,7 @@ impl<T: ?Sized> ObjectRef<T> {
 
     /// Takes a new reference to `id` in this process and wraps it.
     pub(crate) fn new_held(id: ObjectId) -> ObjectRef<T> {
-        crate::runtime::hold(&id);
+        crate::context::hold(&id);
         ObjectRef {
             id,
             _marker: PhantomData,
@@ -72,7 +72,7 @@ impl<T: ?Sized> Clone for ObjectRef<T> {
 
 impl<T: ?Sized> Drop for ObjectRef<T> {
     fn drop(&mut self) {
-        crate::runtime::release(&self.id);
+        crate::context::release(&self.id);
     }
 }
 

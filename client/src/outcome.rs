@@ -15,6 +15,7 @@ use crate::object_ref::ObjectRef;
 pub trait Outcome {
     /// What the result object holds.
     type Value: Value;
+    /// The value, or the failure's message.
     fn into_outcome(self) -> Result<Self::Value, String>;
 }
 
@@ -29,7 +30,7 @@ impl<T: Value, E: Display> Outcome for Result<T, E> {
 #[macro_export]
 macro_rules! outcome {
     ($($t:ty),* $(,)?) => {
-        $(impl $crate::outcome::Outcome for $t {
+        $(impl $crate::Outcome for $t {
             type Value = $t;
             fn into_outcome(self) -> ::std::result::Result<$t, ::std::string::String> {
                 Ok(self)

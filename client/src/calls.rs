@@ -1,0 +1,327 @@
+//! Calls in flight: where each result will be recorded (see [`trove_executor::record`]), and
+//! what each call keeps alive until it has run.
+//!
+//! A small result comes back only through its record, so a call stays here until its record
+//! has been read (the result taken into this process, or found in the store) or the caller
+//! asked for the store.
+//!
+//! Each call also keeps what its arguments refer to (the argument object, and every
+//! `ObjectRef` inside the arguments) until the callee has run it: the callee takes its own
+//! references while it deserialises the arguments, so once the call has run, the caller's
+//! are no longer needed. They are released with the call's entry ([`Kept`]'s drop), keyed by
+//! the call, never by the order calls were made in.
+//!
+//! A call's entry keeps its actor handle alive, and dropping a handle drops its mailbox ref,
+//! which comes back here: so entries are always dropped after the lock is released.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
+use trove_executor::mailbox::{Mailbox, MailboxError};
+use trove_executor::record::{INLINE_MAX, Seen, Took};
+use trove_store::client::Readiness;
+use trove_store::{ObjectId, StoreClient};
+
+/// How long a get polls a completion record before it asks for the result in the store and
+/// waits for the daemon's notification.
+pub(crate) const HINT_SPIN: Duration = Duration::from_micros(200);
+/// How many finished calls a new call harvests.
+const HARVEST_PER_CALL: usize = 4;
+
+/// The calls in flight of this process whose records it still has to read.
+#[derive(Default)]
+pub(crate) struct Calls(Mutex<Inner>);
+
+#[derive(Default)]
+struct Inner {
+    by_id: FxHashMap<ObjectId, Hint>,
+    /// Results in call order, for harvesting finished calls before their records are reused.
+    /// Holds ids already settled too (skipped when met); compacted when those dominate.
+    order: VecDeque<ObjectId>,
+    /// Calls forgotten by id (their result asked for in the store, or dropped) that may
+    /// still be running and keep arguments: kept until they have run (see [`Running`]).
+    running: Vec<Running>,
+}
+
+/// A call's mailbox and position, and what it keeps alive while it runs.
+struct Hint {
+    mailbox: Mailbox,
+    pos: u64,
+    keep: Kept,
+    _keepalive: Option<Arc<dyn Send + Sync>>,
+}
+
+/// A call that may still be running, forgotten by id: its arguments' references are kept
+/// until it has run, and its result is held meanwhile, so that the store tells when the
+/// call is over even if its record never does (a consumer that died mid-call).
+struct Running {
+    result: ObjectId,
+    hint: Hint,
+}
+
+/// References this process holds for a call in flight, released when dropped.
+#[derive(Default)]
+pub(crate) struct Kept {
+    ids: Vec<ObjectId>,
+    /// The connection the references were taken on (none while there are none).
+    client: Option<StoreClient>,
+}
+
+impl Kept {
+    /// Takes a reference to `id`, kept until this is dropped.
+    pub(crate) fn hold(&mut self, client: &StoreClient, id: ObjectId) -> trove_store::Result<()> {
+        client.hold(&id)?;
+        self.adopt(client, id);
+        Ok(())
+    }
+
+    /// Keeps the reference to `id` this process already took.
+    pub(crate) fn adopt(&mut self, client: &StoreClient, id: ObjectId) {
+        self.client.get_or_insert_with(|| client.clone());
+        self.ids.push(id);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        if let Some(client) = &self.client {
+            for id in &self.ids {
+                client.release(id);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Calls {
+    /// Remembers the call whose result is `result`, at `pos` of `mailbox`.
+    pub(crate) fn insert(
+        &self,
+        result: ObjectId,
+        mailbox: Mailbox,
+        pos: u64,
+        keep: Kept,
+        keepalive: Option<Arc<dyn Send + Sync>>,
+    ) {
+        let mut calls = lock(&self.0);
+        calls.by_id.insert(
+            result,
+            Hint {
+                mailbox,
+                pos,
+                keep,
+                _keepalive: keepalive,
+            },
+        );
+        calls.order.push_back(result);
+        // Ids settled out of order stay in `order` until they reach its front: keep it within
+        // a constant factor of the calls in flight (amortised O(1)), so that one long call in
+        // front does not make it grow without bound.
+        if calls.order.len() > 2 * calls.by_id.len() + 1024 {
+            let Inner { by_id, order, .. } = &mut *calls;
+            order.retain(|id| by_id.contains_key(id));
+        }
+    }
+
+    /// Whether the call for `id` is in flight.
+    pub(crate) fn contains(&self, id: &ObjectId) -> bool {
+        lock(&self.0).by_id.contains_key(id)
+    }
+
+    /// Reads a call's completion record: takes an inline result into this process, or learns
+    /// where the stored one is. `true` once the record has nothing more to say.
+    fn look(client: &StoreClient, id: &ObjectId, hint: &Hint) -> bool {
+        let rec = hint.mailbox.record(hint.pos);
+        match rec.seen(hint.pos) {
+            Seen::Pending => false,
+            Seen::Inline => {
+                let mut bytes = [0u8; INLINE_MAX];
+                match rec.take_inline(hint.pos, &mut bytes) {
+                    Took::Value { error, len } => {
+                        client.resolve_local(id, &bytes[..len], error);
+                        true
+                    }
+                    // Evicted to the store meanwhile: the next look says so.
+                    Took::No => false,
+                }
+            }
+            Seen::Stored { offset, len, error } => {
+                client.resolve_pending(id, offset, len, error);
+                true
+            }
+            Seen::Gone => true,
+        }
+    }
+
+    /// Looks at the record of the call for `id`, if one is in flight; forgets it once read.
+    /// `true` if nothing is left to wait for there.
+    pub(crate) fn settle(&self, client: &StoreClient, id: &ObjectId) -> bool {
+        let mut calls = lock(&self.0);
+        let Some(hint) = calls.by_id.get(id) else {
+            return true;
+        };
+        let done = Self::look(client, id, hint);
+        if done {
+            let hint = calls.by_id.remove(id);
+            // Dropping a hint may drop an actor handle, whose mailbox ref comes back here.
+            drop(calls);
+            drop(hint);
+        }
+        done
+    }
+
+    /// Polls the completion record of a call in flight for a short while.
+    pub(crate) fn await_hint(
+        &self,
+        client: &StoreClient,
+        id: &ObjectId,
+        deadline: Option<Instant>,
+    ) -> bool {
+        let until = Instant::now() + HINT_SPIN;
+        let backoff = crossbeam_utils::Backoff::new();
+        loop {
+            if self.settle(client, id) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= until || deadline.is_some_and(|d| now >= d) {
+                return false;
+            }
+            if backoff.is_completed() {
+                std::thread::yield_now();
+            } else {
+                backoff.snooze();
+            }
+        }
+    }
+
+    /// Asks for the result `id` (a call in flight) to be put in the store, so that the
+    /// daemon can notify waiters and other processes can read it; takes it at once if it is
+    /// already inline. A no-op for other ids. The call is forgotten by id; if it may still be
+    /// running and keeps arguments alive, it moves to `running` until it has run.
+    pub(crate) fn force_store(&self, client: &StoreClient, id: &ObjectId) {
+        let mut calls = lock(&self.0);
+        let Some(hint) = calls.by_id.remove(id) else {
+            return;
+        };
+        let rec = hint.mailbox.record(hint.pos);
+        rec.want_store(hint.pos);
+        // The callee stores it from now on, unless it is inline already: then we take it.
+        let mut done = false;
+        while !done {
+            done = Self::look(client, id, &hint);
+            if rec.seen(hint.pos) == Seen::Pending {
+                break;
+            }
+        }
+        if done || hint.keep.is_empty() {
+            // Hints are dropped unlocked (see `settle`).
+            drop(calls);
+            drop(hint);
+            return;
+        }
+        // Held until the call is over (released in `reap_running`): a result this process
+        // no longer refers to could otherwise be freed before we see it.
+        if client.hold(id).is_err() {
+            drop(calls);
+            drop(hint);
+            return;
+        }
+        calls.running.push(Running { result: *id, hint });
+    }
+
+    /// Releases what calls in `running` kept, for those that have run: their record moved
+    /// on, their result is in the store (or lost), or their mailbox is dead.
+    pub(crate) fn reap_running(&self, client: &StoreClient) {
+        let mut calls = lock(&self.0);
+        if calls.running.is_empty() {
+            return;
+        }
+        let mut over = Vec::new();
+        let mut i = 0;
+        while i < calls.running.len() {
+            let r = &calls.running[i];
+            let h = &r.hint;
+            let ran = h.mailbox.is_dead()
+                || h.mailbox.record(h.pos).seen(h.pos) != Seen::Pending
+                || client
+                    .wait_ready(&[r.result], 0, Some(Instant::now()))
+                    .is_ok_and(|s| s[0] != Readiness::Pending);
+            if ran {
+                over.push(calls.running.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        drop(calls);
+        for r in over {
+            // Its arguments first (the hint's `Kept`), then the hold on its result.
+            drop(r.hint);
+            client.release(&r.result);
+        }
+    }
+
+    /// Reads the records of finished calls, oldest first (at most `max`), so that their
+    /// inline results are taken before the callee reuses the records.
+    fn harvest(&self, client: &StoreClient, max: usize) {
+        let mut calls = lock(&self.0);
+        // Dropped unlocked (see `settle`).
+        let mut read = Vec::new();
+        while read.len() < max {
+            let Some(id) = calls.order.front().copied() else {
+                break;
+            };
+            if let Some(hint) = calls.by_id.remove(&id) {
+                if !Self::look(client, &id, &hint) {
+                    calls.by_id.insert(id, hint);
+                    break;
+                }
+                trove_store::client::shrink_if_sparse(&mut calls.by_id);
+                read.push(hint);
+            }
+            calls.order.pop_front();
+        }
+        let running = !calls.running.is_empty();
+        drop(calls);
+        drop(read);
+        if running {
+            self.reap_running(client);
+        }
+    }
+
+    /// Pushes a call message, harvesting finished calls while the mailbox is full.
+    pub(crate) fn push(
+        &self,
+        client: &StoreClient,
+        mailbox: &Mailbox,
+        msg: &[u8],
+    ) -> std::result::Result<u64, MailboxError> {
+        self.harvest(client, HARVEST_PER_CALL);
+        let backoff = crossbeam_utils::Backoff::new();
+        loop {
+            if mailbox.is_dead() {
+                return Err(MailboxError::Dead);
+            }
+            if let Some(pos) = mailbox.try_push(msg)? {
+                return Ok(pos);
+            }
+            // Full: the consumer is draining it. Take finished results meanwhile and yield
+            // (a sleep would outlast the whole queue's work).
+            self.harvest(client, usize::MAX);
+            if backoff.is_completed() {
+                std::thread::yield_now();
+            } else {
+                backoff.snooze();
+            }
+        }
+    }
+}

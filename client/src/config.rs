@@ -1,0 +1,79 @@
+//! [`Config`]: how [`init`](crate::init) sets trove up.
+
+use std::path::PathBuf;
+
+use trove_store::ObjectId;
+
+/// Size of the embedded store when neither [`Config::memory`] nor `TROVE_MEMORY` says.
+pub const DEFAULT_MEMORY: u64 = 1 << 30;
+
+/// How [`init`](crate::init) sets trove up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) store: Option<PathBuf>,
+    pub(crate) memory: u64,
+    pub(crate) prefault: bool,
+    pub(crate) num_cpus: usize,
+    pub(crate) namespace: Option<String>,
+}
+
+impl Default for Config {
+    /// An embedded store of `TROVE_MEMORY` bytes (default 1 GiB), or the running store named
+    /// by `TROVE_STORE`.
+    fn default() -> Config {
+        let memory = std::env::var("TROVE_MEMORY")
+            .ok()
+            .and_then(|s| trove_store::size::parse_size(&s).ok())
+            .unwrap_or(DEFAULT_MEMORY);
+        Config {
+            store: std::env::var_os("TROVE_STORE").map(PathBuf::from),
+            memory,
+            prefault: false,
+            num_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            namespace: None,
+        }
+    }
+}
+
+impl Config {
+    /// Connect to the running `troved` at this socket instead of starting one.
+    pub fn store(mut self, socket: impl Into<PathBuf>) -> Config {
+        self.store = Some(socket.into());
+        self
+    }
+    /// Bytes of object space of the embedded store.
+    pub fn memory(mut self, bytes: u64) -> Config {
+        self.memory = bytes;
+        self
+    }
+    /// Pre-fault the embedded store's memory before `init` returns (else in the background).
+    pub fn prefault(mut self, yes: bool) -> Config {
+        self.prefault = yes;
+        self
+    }
+    /// Number of task workers (the executor's pool).
+    pub fn num_cpus(mut self, n: usize) -> Config {
+        self.num_cpus = n.max(1);
+        self
+    }
+    /// How many task workers `init` will start (set by [`Config::num_cpus`]).
+    pub fn worker_count(&self) -> usize {
+        self.num_cpus
+    }
+    /// The namespace of this driver's named actors (Ray's `namespace`): names are found only
+    /// within it. By default each driver has its own (unique per `init`), so two programs
+    /// sharing a `troved` never see each other's names unless both name one namespace.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Config {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// The namespace set, or one no other driver has: this process's pid and a random id.
+    pub(crate) fn namespace_or_unique(&self) -> String {
+        self.namespace.clone().unwrap_or_else(|| {
+            let r = ObjectId::random();
+            let hex: String = r.0[..8].iter().map(|b| format!("{b:02x}")).collect();
+            format!("driver-{}-{hex}", std::process::id())
+        })
+    }
+}

@@ -1,0 +1,198 @@
+//! The process-global context: this process's store connection, its zygote (in the driver),
+//! its calls in flight, and the task queue. [`init`](crate::init) (or a forked child's entry)
+//! installs it, so that `ObjectRef`s can take and drop references wherever they are (inside
+//! values, in other threads) without carrying a handle.
+
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use trove_executor::mailbox::Mailbox;
+use trove_executor::{EmbeddedStore, Zygote};
+use trove_store::{ObjectId, ObjectView, StoreClient};
+
+use crate::calls::Calls;
+use crate::error::{Error, Result};
+
+/// Mailbox geometry: 1024 slots of 256 bytes (an actor's queue), 4096 for the task queue.
+pub(crate) const MAILBOX_SLOTS: u64 = 1024;
+pub(crate) const TASK_SLOTS: u64 = 4096;
+pub(crate) const SLOT_BYTES: u64 = 256;
+
+/// What this process's trove holds.
+pub(crate) struct Shared {
+    pub(crate) client: StoreClient,
+    pub(crate) embedded: Mutex<Option<EmbeddedStore>>,
+    /// The driver's zygote (none in forked processes).
+    pub(crate) zygote: Option<Zygote>,
+    pub(crate) task_queue_id: ObjectId,
+    task_queue: OnceLock<std::result::Result<Attached, String>>,
+    /// Where this tree's named actors live (see [`Config::namespace`](crate::Config::namespace)).
+    pub(crate) namespace: String,
+    /// Calls in flight whose completion record this process has not read yet.
+    pub(crate) calls: Calls,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        client: StoreClient,
+        zygote: Option<Zygote>,
+        task_queue_id: ObjectId,
+        namespace: String,
+    ) -> Shared {
+        Shared {
+            client,
+            embedded: Mutex::new(None),
+            zygote,
+            task_queue_id,
+            task_queue: OnceLock::new(),
+            namespace,
+            calls: Calls::default(),
+        }
+    }
+
+    /// Looks at the record of the call for `id`, if one is in flight (see [`Calls::settle`]).
+    pub(crate) fn settle(&self, id: &ObjectId) -> bool {
+        self.calls.settle(&self.client, id)
+    }
+
+    /// Asks for the result `id` of a call in flight in the store (see [`Calls::force_store`]).
+    pub(crate) fn force_store(&self, id: &ObjectId) {
+        self.calls.force_store(&self.client, id)
+    }
+
+    /// Before this process drops its last reference to a call's result: settle the record so
+    /// that an inline result is taken (and dropped here) and a pending one goes to the store
+    /// (where the release finds it).
+    fn before_release(&self, id: &ObjectId) {
+        if self.calls.contains(id) && self.client.held_count(id) <= 1 && !self.settle(id) {
+            self.force_store(id);
+        }
+    }
+
+    /// The pool's task queue, mapped in this process.
+    pub(crate) fn task_queue(&self) -> Result<&Mailbox> {
+        match self
+            .task_queue
+            .get_or_init(|| attach(&self.client, self.task_queue_id).map_err(|e| e.to_string()))
+        {
+            Ok(a) => Ok(&a.mailbox),
+            Err(e) => Err(Error::TaskFailed(format!("task queue: {e}"))),
+        }
+    }
+
+    /// The zygote that forks actors and workers (the driver's only).
+    pub(crate) fn zygote(&self) -> Result<&Zygote> {
+        self.zygote.as_ref().ok_or_else(|| {
+            Error::Init(
+                "actors and workers are started by the driver (the process that called init)"
+                    .into(),
+            )
+        })
+    }
+}
+
+/// A mailbox object mapped in this process.
+pub(crate) struct Attached {
+    _view: ObjectView,
+    pub(crate) mailbox: Mailbox,
+}
+
+/// Maps the mailbox object `id` (pinned while the result lives).
+pub(crate) fn attach(client: &StoreClient, id: ObjectId) -> Result<Attached> {
+    let view = client
+        .get(id, Duration::from_secs(30))
+        .map_err(|e| Error::ActorDied(format!("mailbox {id}: {e}")))?;
+    let ptr = view
+        .shared_ptr()
+        .ok_or_else(|| Error::ActorDied(format!("mailbox {id}: not in shared memory")))?;
+    // SAFETY: the pointer comes from the raw shared mapping (writes through it are allowed),
+    // the view pins the mailbox object, and the Mailbox is dropped with it (same struct).
+    let mailbox = unsafe { Mailbox::attach(ptr, view.len()) }
+        .map_err(|e| Error::ActorDied(format!("mailbox {id}: {e}")))?;
+    Ok(Attached {
+        _view: view,
+        mailbox,
+    })
+}
+
+static RUNTIME: RwLock<Option<Arc<Shared>>> = RwLock::new(None);
+
+/// This process's context, if trove is initialised.
+pub(crate) fn current() -> Option<Arc<Shared>> {
+    RUNTIME.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// This process's context, or [`Error::NotInitialized`].
+pub(crate) fn shared() -> Result<Arc<Shared>> {
+    current().ok_or(Error::NotInitialized)
+}
+
+/// Installs `sh` as this process's context, unless one is installed already.
+pub(crate) fn install(sh: &Arc<Shared>) -> Result<()> {
+    let mut g = RUNTIME.write().unwrap_or_else(|p| p.into_inner());
+    if g.is_some() {
+        return Err(Error::Init(
+            "trove is already initialised in this process".into(),
+        ));
+    }
+    *g = Some(sh.clone());
+    Ok(())
+}
+
+/// Installs `sh` as this process's context whatever was there (a forked child joining the
+/// tree).
+pub(crate) fn install_child(sh: &Arc<Shared>) {
+    *RUNTIME.write().unwrap_or_else(|p| p.into_inner()) = Some(sh.clone());
+}
+
+/// Removes `sh` if it is this process's context.
+pub(crate) fn uninstall(sh: &Arc<Shared>) {
+    let mut g = RUNTIME.write().unwrap_or_else(|p| p.into_inner());
+    if g.as_ref().is_some_and(|s| Arc::ptr_eq(s, sh)) {
+        *g = None;
+    }
+}
+
+/// Writes batched one-way frames every millisecond or so, so that a process that drops refs
+/// and then idles still releases them promptly, and every 10 ms releases the arguments of
+/// forgotten calls that have run ([`Calls::reap_running`]). Ends with the context.
+pub(crate) fn start_flusher(sh: &Arc<Shared>) {
+    let weak = Arc::downgrade(sh);
+    if sh.client.set_batching(true).is_err() {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("trove-flusher".into())
+        .spawn(move || {
+            let mut tick = 0u32;
+            while let Some(sh) = weak.upgrade() {
+                tick = tick.wrapping_add(1);
+                if tick.is_multiple_of(10) {
+                    sh.calls.reap_running(&sh.client);
+                }
+                if sh.client.flush().is_err() {
+                    return;
+                }
+                drop(sh);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+}
+
+/// Takes one more reference to `id` in this process (a no-op without a context).
+pub(crate) fn hold(id: &ObjectId) {
+    if let Some(sh) = current() {
+        let _ = sh.client.hold(id);
+    }
+}
+
+/// Drops one reference to `id` in this process.
+pub(crate) fn release(id: &ObjectId) {
+    if let Some(sh) = current() {
+        // Most drops are of results already in this process's memory: nothing to settle.
+        if !sh.client.release_if_local(id) {
+            sh.before_release(id);
+            sh.client.release(id);
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Reading: waiting for an object (a call's completion record first, then the daemon), and
+//! [`ObjectRef::get`] and its variants.
+
+use std::time::{Duration, Instant};
+
+use trove_store::ObjectId;
+use trove_store::client::Readiness;
+
+use crate::codec::Value;
+use crate::context::{self, Shared};
+use crate::error::{Error, Result};
+use crate::obj::{Obj, Stored};
+use crate::object_ref::ObjectRef;
+
+/// Waits for an object to be sealed and pins it.
+pub(crate) fn view(
+    sh: &Shared,
+    id: ObjectId,
+    deadline: Option<Instant>,
+) -> Result<trove_store::ObjectView> {
+    for _ in 0..64 {
+        if let Some(v) = sh.client.try_get(&id) {
+            return Ok(v);
+        }
+        if !sh.calls.await_hint(&sh.client, &id, deadline) {
+            // Still running: have the result stored so the daemon tells us when it is there.
+            sh.force_store(&id);
+        }
+        if let Some(v) = sh.client.try_get(&id) {
+            return Ok(v);
+        }
+        match sh.client.wait_ready(&[id], 1, deadline)?[0] {
+            Readiness::Ready => {}
+            Readiness::Lost => return Err(Error::ObjectLost(id)),
+            Readiness::Pending => return Err(Error::Timeout(id)),
+        }
+    }
+    // Sealed every time we looked, gone every time we pinned: it is being freed.
+    Err(Error::ObjectLost(id))
+}
+
+/// Waits for every ref (until `deadline`) and deserialises owned values, in order.
+pub(crate) fn all_until<T: Value>(
+    sh: &Shared,
+    refs: &[ObjectRef<T>],
+    deadline: Option<Instant>,
+) -> Result<Vec<T>> {
+    refs.iter()
+        .map(|r| {
+            let view = view(sh, r.id(), deadline)?;
+            Obj::<T>::new(view)?.deserialize()
+        })
+        .collect()
+}
+
+impl<T: Stored + ?Sized> ObjectRef<T> {
+    /// Waits for the object and returns a zero-copy, validated view of it.
+    pub fn get(&self) -> Result<Obj<T>> {
+        let sh = context::shared()?;
+        Obj::new(view(&sh, self.id(), None)?)
+    }
+
+    /// [`ObjectRef::get`], giving up with [`Error::Timeout`] after `timeout`.
+    pub fn get_timeout(&self, timeout: Duration) -> Result<Obj<T>> {
+        let sh = context::shared()?;
+        Obj::new(view(&sh, self.id(), Some(Instant::now() + timeout))?)
+    }
+
+    /// [`ObjectRef::get`] without validating the bytes: for trusted hot loops.
+    ///
+    /// # Safety
+    /// The object holds a `T` written by trove (this ref's type is right and nobody corrupted
+    /// the bytes); see [`Stored::view_unchecked`].
+    pub unsafe fn get_unchecked(&self) -> Result<Obj<T>> {
+        let sh = context::shared()?;
+        let view = view(&sh, self.id(), None)?;
+        // SAFETY: forwarded from the caller.
+        unsafe { Obj::new_unchecked(view) }
+    }
+
+    /// Whether the object is sealed now (no waiting).
+    pub fn is_ready(&self) -> bool {
+        context::current().is_some_and(|sh| {
+            sh.settle(&self.id());
+            sh.client
+                .wait_ready(&[self.id()], 0, Some(Instant::now()))
+                .is_ok_and(|s| s[0] == Readiness::Ready)
+        })
+    }
+}
+
+impl<T: Value> ObjectRef<T> {
+    /// Waits for the object and deserialises an owned `T`.
+    pub fn deserialize(&self) -> Result<T> {
+        self.get()?.deserialize()
+    }
+}
