@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use trove_store::protocol::Request;
@@ -112,6 +112,27 @@ fn cut_off_case(store: &TestStore, mode: PinStopMode, n: u64) {
         // Every seal notifies the stopped helper: its ring fills, then its backlog overflows.
         for id in flood_ids(n) {
             c.put(id, &[1u8; 64]).unwrap();
+        }
+    }
+    if mode == PinStopMode::List {
+        // The stop may land between two `List`s (a reply read, the next not sent): then the
+        // daemon has nothing to write to it. Let it run a moment and stop it again, until a
+        // stop lands while a reply is being written (most of its time goes there).
+        let until = Instant::now() + T;
+        while c.stats().unwrap().clients != 1 {
+            assert!(
+                Instant::now() < until,
+                "the stopped helper was never cut off"
+            );
+            let wait = Instant::now() + Duration::from_secs(1);
+            while c.stats().unwrap().clients != 1 && Instant::now() < wait {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if c.stats().unwrap().clients != 1 {
+                kill(h.pid(), Signal::SIGCONT).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+                kill(h.pid(), Signal::SIGSTOP).unwrap();
+            }
         }
     }
     wait_until(T, "the stopped helper to be cut off", || {
