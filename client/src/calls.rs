@@ -43,6 +43,11 @@ struct Inner {
     /// Calls forgotten by id (their result asked for in the store, or dropped) that may
     /// still be running and keep arguments: kept until they have run (see [`Running`]).
     running: Vec<Running>,
+    /// Calls asked for in the store before they had finished, whose result this process has
+    /// not read yet: `true` for a task. If such a result is lost (its consumer died while
+    /// writing it, so no failure report can take its place), a get says how the call failed
+    /// (`ActorDied`, `TaskFailed`) rather than `ObjectLost`.
+    forced: FxHashMap<ObjectId, bool>,
 }
 
 /// A call's mailbox and position, and what it keeps alive while it runs.
@@ -133,8 +138,36 @@ impl Calls {
     }
 
     /// Whether the call for `id` is in flight.
-    pub(crate) fn contains(&self, id: &ObjectId) -> bool {
-        lock(&self.0).by_id.contains_key(id)
+    /// Whether the call for `id` is in flight; if not, and `last` (this process drops its
+    /// last reference to it), forgets what [`Calls::failure_if_lost`] would have said.
+    pub(crate) fn contains_or_forget(&self, id: &ObjectId, last: bool) -> bool {
+        let mut calls = lock(&self.0);
+        if calls.by_id.contains_key(id) {
+            return true;
+        }
+        if last && !calls.forced.is_empty() {
+            calls.forced.remove(id);
+            trove_store::client::shrink_if_sparse(&mut calls.forced);
+        }
+        false
+    }
+
+    /// How a call whose result `id` was lost failed: `Some(true)` for a task, `Some(false)`
+    /// for an actor's call, `None` if `id` is not such a result. Forgets it.
+    pub(crate) fn failure_if_lost(&self, id: &ObjectId) -> Option<bool> {
+        let mut calls = lock(&self.0);
+        if calls.forced.is_empty() {
+            return None;
+        }
+        calls.forced.remove(id)
+    }
+
+    /// The result `id` has been read: it can no longer be lost to its consumer's death.
+    pub(crate) fn read(&self, id: &ObjectId) {
+        let mut calls = lock(&self.0);
+        if !calls.forced.is_empty() {
+            calls.forced.remove(id);
+        }
     }
 
     /// Reads a call's completion record: takes an inline result into this process, or learns
@@ -215,6 +248,8 @@ impl Calls {
         };
         let rec = hint.mailbox.record(hint.pos);
         rec.want_store(hint.pos);
+        // The task queue's mailbox has type tag 0; an actor's names its type.
+        calls.forced.insert(*id, hint.mailbox.type_tag() == 0);
         // The callee stores it from now on, unless it is inline already: then we take it.
         let mut done = false;
         while !done {

@@ -30,8 +30,19 @@ pub(crate) fn view(
             return Ok(v);
         }
         match sh.client.wait_ready(&[id], 1, deadline)?[0] {
-            Readiness::Ready => {}
-            Readiness::Lost => return Err(Error::ObjectLost(id)),
+            Readiness::Ready => sh.calls.read(&id),
+            Readiness::Lost => {
+                // A call's result lost with the process that was writing it: the call failed.
+                return Err(match sh.calls.failure_if_lost(&id) {
+                    Some(true) => Error::TaskFailed(format!(
+                        "the worker running it died while writing its result {id}"
+                    )),
+                    Some(false) => {
+                        Error::ActorDied(format!("the actor died while writing the result {id}"))
+                    }
+                    None => Error::ObjectLost(id),
+                });
+            }
             Readiness::Pending => return Err(Error::Timeout(id)),
         }
     }
