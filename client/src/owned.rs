@@ -135,6 +135,10 @@ pub(crate) fn write<C: Content + ?Sized>(
         client.alloc_owned(id, len as u64)?
     };
     let met = content.write(w.as_mut_slice())?;
+    // A consumer may die here: a large object is then still being created (the daemon loses
+    // it with its creator), a small one was never published.
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("trove::writing");
     let place = (w.offset(), len as u64);
     let contained = match seal.contained {
         Some(ids) => ids,

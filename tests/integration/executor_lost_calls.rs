@@ -25,3 +25,12 @@ pub fn executor_consumer_killed_holding_a_queue_slot_frees_it() {
     eprintln!("exec-lost-call claim_held: {line}");
 }
 register!(executor_consumer_killed_holding_a_queue_slot_frees_it);
+
+/// Dies with a large result created and written but not sealed: the daemon loses it with its
+/// creator, and the caller gets `ActorDied` / `TaskFailed` (it got `ObjectLost`, and a late
+/// failure report stayed pinned for it).
+pub fn executor_consumer_killed_writing_a_large_result_fails_the_call() {
+    let line = run(ExecRole::LostResult);
+    eprintln!("exec-lost-result: {line}");
+}
+register!(executor_consumer_killed_writing_a_large_result_fails_the_call);

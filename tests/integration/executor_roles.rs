@@ -98,6 +98,10 @@ impl Worker {
     fn echo(&mut self, x: u64) -> u64 {
         x
     }
+    /// A result (64 KiB) created through the daemon, not a slab.
+    fn big(&mut self, n: u64) -> Vec<u8> {
+        vec![n as u8; 64 << 10]
+    }
     fn fail_long(&mut self, n: usize) -> Result<u64, String> {
         Err("x".repeat(n))
     }
@@ -218,6 +222,11 @@ fn double(x: u64) -> u64 {
     2 * x
 }
 
+/// A task whose result (64 KiB) is created through the daemon, not a slab.
+fn big_task(n: u64) -> Vec<u8> {
+    vec![n as u8; 64 << 10]
+}
+
 /// Fail points armed through files, so that a test kills one consumer at exactly one window:
 /// `<dir>/<point>` holds `<target> <n>`, and the `n`-th time (counted from arming) a process
 /// that is `target` (a pid, or `child`: any consumer, i.e. any process but the driver and
@@ -228,7 +237,12 @@ struct Kills {
 }
 
 impl Kills {
-    const POINTS: [&str; 3] = ["trove::claimed", "trove::claim_held", "trove::owing"];
+    const POINTS: [&str; 4] = [
+        "trove::claimed",
+        "trove::claim_held",
+        "trove::owing",
+        "trove::writing",
+    ];
 
     fn new() -> Result<Kills, Box<dyn std::error::Error>> {
         use nix::unistd::{getpid, getppid};
@@ -303,7 +317,9 @@ pub fn helper_role(role: ExecRole) -> Res {
     // Before init: the zygote, actors and workers inherit the fail-point callbacks (only
     // roles that kill at fail points have them, and the directory they arm through).
     let kills = match role {
-        ExecRole::LostCall { .. } | ExecRole::DieOwing => Some(Kills::new()?),
+        ExecRole::LostCall { .. } | ExecRole::DieOwing | ExecRole::LostResult => {
+            Some(Kills::new()?)
+        }
         _ => None,
     };
     let kills = || kills.as_ref().ok_or("this role has no fail points");
@@ -652,6 +668,37 @@ pub fn helper_role(role: ExecRole) -> Res {
             drop((texts, echoes, front, w, a, slow, busy));
             store_back_to(&rt, base.objects, base.used, "after the deaths")?;
             say(&format!("OK {died_stored} {died_evicted} {died_tasks}"));
+        }
+        ExecRole::LostResult => {
+            let w = rt.actor(Worker::default)?;
+            check(*w.call(Worker::echo, (1,))?.get_timeout(T)? == 1, "warm up")?;
+            check(
+                rt.spawn(big_task, (1,))?.get_timeout(T)?.len() == 64 << 10,
+                "warm up",
+            )?;
+            let base = rt.stats()?;
+            // The actor dies with its large result created and written, not sealed: the
+            // daemon loses the object with it, and the caller learns the actor died.
+            kills()?.arm("trove::writing", &w.pid().to_string(), 1)?;
+            match w.call(Worker::big, (7,))?.get_timeout(BOUND) {
+                Err(Error::ActorDied(_)) => {}
+                other => return Err(format!("the lost result gave {other:?}").into()),
+            }
+            check(kills()?.hit("trove::writing"), "the actor died writing")?;
+            // A worker, the same: the task failed.
+            kills()?.arm("trove::writing", "child", 1)?;
+            match rt.spawn(big_task, (8,))?.get_timeout(BOUND) {
+                Err(Error::TaskFailed(m)) if m.contains("died") => {}
+                other => return Err(format!("the lost task result gave {other:?}").into()),
+            }
+            check(kills()?.hit("trove::writing"), "the worker died writing")?;
+            // The pool runs on; nothing is left behind (no failure report pinned for us).
+            check(
+                rt.spawn(big_task, (9,))?.get_timeout(T)?[0] == 9,
+                "the pool runs on",
+            )?;
+            store_back_to(&rt, base.objects, base.used, "after the lost results")?;
+            say("OK");
         }
         ExecRole::LostCall { point } => {
             // `point` is the window: a consumer dies there with one call in hand.

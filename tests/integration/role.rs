@@ -266,6 +266,9 @@ roles! {
         DieOwing = "die-owing",
         /// A consumer killed at fail point `point` with one call in hand.
         LostCall { point: String } = "lost-call",
+        /// An actor and a worker killed while writing a large result (fail point
+        /// `trove::writing`): their callers get `ActorDied` / `TaskFailed`.
+        LostResult = "lost-result",
         ActorTypes = "actor-types",
         /// Owns a named actor on the store at `socket`; `READY <namespace>`, then waits for
         /// the file `done`.
