@@ -8,7 +8,7 @@ use trove_store::{ObjectId, StoreClient, StoreError, Timeout};
 
 use crate::harness::register;
 use crate::role::{Role, StoreRole};
-use crate::util::{Helper, TestStore, pattern, wait_until};
+use crate::util::{Helper, TestStore, pattern, wait_until, wait_until_blocked};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -77,7 +77,9 @@ pub fn store_daemon_killed_gives_disconnected_not_a_hang() {
         },
     ));
     h.expect_line("WAITING", T);
-    std::thread::sleep(Duration::from_millis(100));
+    // The helper is parked in its get. (This process's own waiter gets `Disconnected`
+    // whether or not it is parked yet: its connection is up before the thread starts.)
+    wait_until_blocked(h.pid(), T);
     kill(store.pid(), Signal::SIGKILL).unwrap();
     let got = rx
         .recv_timeout(T)
