@@ -3,11 +3,16 @@
 //!
 //! `cargo run --release --example logging [ITERATIONS]` (default 60, one per second).
 
+use anyhow::Context;
+
 #[path = "stories/logging.rs"]
 mod logging;
 
 fn main() -> anyhow::Result<()> {
     let rt = trove::init(trove::Config::default().num_cpus(3))?;
-    let iterations = std::env::args().nth(1).map_or(Ok(60), |a| a.parse())?;
+    let iterations = match std::env::args().nth(1) {
+        Some(a) => a.parse().context("ITERATIONS: a whole number")?,
+        None => 60,
+    };
     logging::run(&rt, iterations, &mut std::io::stdout())
 }
