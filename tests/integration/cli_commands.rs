@@ -166,3 +166,88 @@ pub fn cli_stress_runs_kills_and_prints_its_table() {
     }
 }
 register!(cli_stress_runs_kills_and_prints_its_table);
+
+/// `trove status --objects | head -1`: a reader that closes stdout after one line ends the CLI
+/// quietly (exit status 0, nothing on stderr), not with a panic on the broken pipe. The
+/// listing is made longer than a pipe's buffer, so `trove` is still writing when it closes.
+pub fn cli_closed_stdout_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let store = TestStore::start("16MiB");
+    let c = store.client();
+    // About 75 bytes a line: 2,000 objects are ~150 KB, well over a 64 KiB pipe buffer.
+    for i in 0..2_000u32 {
+        c.put(trove_store::ObjectId::random(), &i.to_le_bytes())
+            .unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trove"))
+        .arg("--store")
+        .arg(&store.socket)
+        .args(["status", "--objects"])
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run trove");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    // The reader is dropped here: the pipe's read end is closed.
+    assert!(first.starts_with("store "), "{first}");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("trove status did not end in 30 s after its reader closed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "exit status {status:?}, stderr:\n{err}");
+    assert!(err.is_empty(), "stderr:\n{err}");
+    drop(c);
+}
+register!(cli_closed_stdout_ends_quietly);
+
+/// An error is one line on stderr, `trove: ` and the error with its causes, exit status 1:
+/// no backtrace even with `RUST_BACKTRACE=1`.
+pub fn cli_error_is_one_line() {
+    let store = TestStore::start("16MiB");
+    let out = Command::new(env!("CARGO_BIN_EXE_trove"))
+        .arg("--store")
+        .arg(&store.socket)
+        .args(["get", &trove_store::ObjectId::random().to_string()])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run trove");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "stderr:\n{err}");
+    assert!(err.starts_with("trove: "), "{err}");
+    assert!(err.contains("not found"), "{err}");
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+    // A missing store: the message and its cause (the socket error) on the one line.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_trove"))
+        .arg("--store")
+        .arg(dir.path().join("none.sock"))
+        .arg("status")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run trove");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "stderr:\n{err}");
+    assert!(err.starts_with("trove: no store at "), "{err}");
+    assert!(err.contains(": "), "{err}");
+}
+register!(cli_error_is_one_line);

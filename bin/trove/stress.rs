@@ -14,7 +14,7 @@
 //! baseline taken after `init`, while the driver, the zygote and the workers all still run.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -832,7 +832,7 @@ struct Totals {
 }
 
 /// Runs the stress program; returns whether it was clean (no hang, wrong value or leak).
-pub fn run(rt: &Runtime, opts: &Options) -> anyhow::Result<bool> {
+pub fn run(rt: &Runtime, opts: &Options, out: &mut dyn Write) -> anyhow::Result<bool> {
     let me = std::process::id() as i32;
     let store_pid = rt.embedded_store_pid();
     let zygotes: Vec<i32> = children(me)
@@ -1128,7 +1128,7 @@ pub fn run(rt: &Runtime, opts: &Options) -> anyhow::Result<bool> {
             break;
         }
     }
-    report(&totals, opts, started.elapsed());
+    report(&totals, opts, started.elapsed(), out)?;
     let t = &totals.tally;
     Ok(t.hangs == 0
         && t.wrong == 0
@@ -1137,7 +1137,12 @@ pub fn run(rt: &Runtime, opts: &Options) -> anyhow::Result<bool> {
         && totals.stray == 0)
 }
 
-fn report(totals: &Totals, opts: &Options, took: Duration) {
+fn report(
+    totals: &Totals,
+    opts: &Options,
+    took: Duration,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     let t = &totals.tally;
     let kills = t.kills_actor + t.kills_worker + t.kills_client;
     if opts.json {
@@ -1147,7 +1152,8 @@ fn report(totals: &Totals, opts: &Options, took: Duration) {
             .chain(&totals.leaked_examples)
             .map(|n| format!("{n:?}"))
             .collect();
-        println!(
+        writeln!(
+            out,
             "{{\"seed\": {}, \"seconds\": {:.1}, \"rounds\": {}, \"kills\": {kills}, \
              \"kills_actor\": {}, \"kills_worker\": {}, \"kills_client\": {}, \"calls\": {}, \
              \"tasks\": {}, \"puts\": {}, \"objects_checked\": {}, \"expected_failures\": {}, \
@@ -1173,20 +1179,23 @@ fn report(totals: &Totals, opts: &Options, took: Duration) {
             totals.last_leak_objects,
             totals.stray,
             notes.join(", ")
-        );
-        return;
+        )?;
+        return out.flush();
     }
-    println!(
+    writeln!(
+        out,
         "trove stress: seed {}, {:.1} s, {} rounds",
         opts.seed,
         took.as_secs_f64(),
         totals.rounds
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "{:<18} {kills} (actors {}, workers {}, clients {})",
         "kills", t.kills_actor, t.kills_worker, t.kills_client
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "{:<18} {} (actor calls {}, tasks {}: driver {}, clients {})",
         "calls",
         t.calls + t.tasks + totals.client_tasks,
@@ -1194,28 +1203,32 @@ fn report(totals: &Totals, opts: &Options, took: Duration) {
         t.tasks + totals.client_tasks,
         t.tasks,
         totals.client_tasks
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "{:<18} {} (driver {}, clients {})",
         "puts",
         t.puts + totals.client_puts,
         t.puts,
         totals.client_puts
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "{:<18} {} (driver {}, clients {})",
         "objects checked",
         t.checked + totals.client_checked,
         t.checked,
         totals.client_checked
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "{:<18} {} (ActorDied / TaskFailed explained by a kill)",
         "expected failures", t.expected_failures
-    );
-    println!("{:<18} {}", "hangs", t.hangs);
-    println!("{:<18} {}", "wrong values", t.wrong);
-    println!(
+    )?;
+    writeln!(out, "{:<18} {}", "hangs", t.hangs)?;
+    writeln!(out, "{:<18} {}", "wrong values", t.wrong)?;
+    writeln!(
+        out,
         "{:<18} {} B, {} objects{}",
         "max live leak",
         totals.max_leak_bytes,
@@ -1225,13 +1238,15 @@ fn report(totals: &Totals, opts: &Options, took: Duration) {
         } else {
             String::new()
         }
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "{:<18} {} B, {} objects",
         "final live leak", totals.last_leak_bytes, totals.last_leak_objects
-    );
-    println!("{:<18} {}", "stray processes", totals.stray);
+    )?;
+    writeln!(out, "{:<18} {}", "stray processes", totals.stray)?;
     for n in t.notes.iter().chain(&totals.leaked_examples) {
-        println!("  {n}");
+        writeln!(out, "  {n}")?;
     }
+    out.flush()
 }

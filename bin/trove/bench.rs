@@ -1,0 +1,277 @@
+//! `trove bench`: the README's figures in one run, a table or JSON lines; memcpy and a local
+//! sum measured beside the figures they are compared to.
+
+use std::hint::black_box;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use trove::ObjectRef;
+
+use crate::stories::{actors, large_objects::Summer};
+
+/// The actor of the call figures: one cheap method.
+#[derive(Default)]
+struct Counter {
+    calls: u64,
+}
+
+impl Counter {
+    fn inc(&mut self) -> u64 {
+        self.calls += 1;
+        self.calls
+    }
+}
+
+struct Report<'a> {
+    out: &'a mut dyn Write,
+    json: bool,
+    rows: Vec<(String, f64, &'static str, Option<String>)>,
+}
+
+impl Report<'_> {
+    fn add(
+        &mut self,
+        name: &str,
+        value: f64,
+        unit: &'static str,
+        baseline: Option<String>,
+    ) -> std::io::Result<()> {
+        if self.json {
+            writeln!(
+                self.out,
+                "{{\"name\": \"{name}\", \"value\": {value}, \"unit\": \"{unit}\"}}"
+            )?;
+            self.out.flush()?;
+        } else {
+            eprint!("\r\x1b[K  measured {name}");
+        }
+        self.rows.push((name.to_string(), value, unit, baseline));
+        Ok(())
+    }
+    fn table(&mut self) -> std::io::Result<()> {
+        if self.json {
+            return Ok(());
+        }
+        eprintln!("\r\x1b[K");
+        writeln!(
+            self.out,
+            "{:<26} {:>14} {:<8} baseline",
+            "figure", "value", "unit"
+        )?;
+        for (name, value, unit, base) in &self.rows {
+            writeln!(
+                self.out,
+                "{name:<26} {value:>14.3} {unit:<8} {}",
+                base.as_deref().unwrap_or("")
+            )?;
+        }
+        self.out.flush()
+    }
+}
+
+fn progress(json: bool, what: &str) {
+    if !json {
+        eprint!("\r\x1b[K  running {what} ...");
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct Small {
+    id: u64,
+    name: String,
+    samples: Vec<u32>,
+}
+
+pub fn run(
+    rt: &trove::Runtime,
+    quick: bool,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let reps = if quick { 3 } else { 7 };
+    let mut r = Report {
+        out,
+        json,
+        rows: Vec::new(),
+    };
+    rt.store().populate()?;
+    const GIB: usize = 1 << 30;
+
+    progress(json, "memcpy 1 GiB");
+    let src = vec![0x5au8; GIB];
+    let mut dst = vec![0u8; GIB];
+    dst.copy_from_slice(&src);
+    let memcpy = median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                dst.copy_from_slice(black_box(&src));
+                black_box(&dst);
+                GIB as f64 / t.elapsed().as_secs_f64() / 1e9
+            })
+            .collect(),
+    );
+    drop(dst);
+    r.add("memcpy_GBps", memcpy, "GB/s", None)?;
+
+    progress(json, "put 1 GiB");
+    let mut puts = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        let o = rt.put_slice(black_box(&src[..]))?;
+        puts.push(GIB as f64 / t.elapsed().as_secs_f64() / 1e9);
+        drop(o);
+    }
+    let put = median(puts);
+    r.add(
+        "put_1GiB_GBps",
+        put,
+        "GB/s",
+        Some(format!("memcpy {memcpy:.2} GB/s")),
+    )?;
+    r.add(
+        "put_1GiB_ratio",
+        put / memcpy,
+        "x",
+        Some("of memcpy".into()),
+    )?;
+
+    progress(json, "get 1 GiB");
+    let big = rt.put_slice(&src[..])?;
+    drop(src);
+    let n = if quick { 20_000 } else { 200_000 };
+    let t = Instant::now();
+    for _ in 0..n {
+        black_box(big.get()?.len());
+    }
+    r.add(
+        "get_1GiB_us",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64,
+        "us",
+        None,
+    )?;
+    drop(big);
+
+    progress(json, "small puts");
+    let n = if quick { 20_000 } else { 200_000 };
+    let values: Vec<Small> = (0..n as u64)
+        .map(|i| Small {
+            id: i,
+            name: format!("sample number {i:>16}"),
+            samples: (0..8).collect(),
+        })
+        .collect();
+    let mut refs = Vec::with_capacity(n);
+    let t = Instant::now();
+    for v in &values {
+        refs.push(rt.put(v)?);
+    }
+    rt.store().stats()?; // until the daemon has handled them all
+    r.add(
+        "small_put_per_s",
+        n as f64 / t.elapsed().as_secs_f64(),
+        "1/s",
+        None,
+    )?;
+
+    progress(json, "small gets");
+    let one = &refs[0];
+    let m = if quick { 200_000 } else { 2_000_000 };
+    let t = Instant::now();
+    for _ in 0..m {
+        black_box(one.get()?.id.to_native());
+    }
+    r.add(
+        "small_get_per_s",
+        m as f64 / t.elapsed().as_secs_f64(),
+        "1/s",
+        None,
+    )?;
+    drop(refs);
+
+    progress(json, "actor calls");
+    let a = rt.actor(Counter::default)?;
+    // Warm-up (untimed), as the criterion benches do: the first calls grow this process's
+    // maps and fault in fresh pages.
+    for _ in 0..2 {
+        let refs: Vec<_> = (0..10_000)
+            .map(|_| a.call(Counter::inc, ()))
+            .collect::<Result<_, _>>()?;
+        refs.last().expect("10,000").get()?;
+    }
+    let n = if quick { 5_000 } else { 50_000 };
+    let t = Instant::now();
+    for _ in 0..n {
+        black_box(*a.call(Counter::inc, ())?.get()?);
+    }
+    r.add(
+        "actor_sync_calls_per_s",
+        n as f64 / t.elapsed().as_secs_f64(),
+        "1/s",
+        None,
+    )?;
+    let batches = if quick { 2 } else { 10 };
+    let t = Instant::now();
+    for _ in 0..batches {
+        let refs: Vec<_> = (0..10_000)
+            .map(|_| a.call(Counter::inc, ()))
+            .collect::<Result<_, _>>()?;
+        black_box(*refs.last().expect("10,000").get()?);
+    }
+    r.add(
+        "actor_async_calls_per_s",
+        (batches * 10_000) as f64 / t.elapsed().as_secs_f64(),
+        "1/s",
+        None,
+    )?;
+
+    progress(json, "sum of 256 MiB");
+    let summer = rt.actor(Summer::new)?;
+    let big: ObjectRef<Vec<f64>> = rt.put(&vec![1.0f64; 32 << 20])?;
+    let mut ratios = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        black_box(big.get()?.iter().map(|x| x.to_native()).sum::<f64>());
+        let local = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        black_box(*summer.call(Summer::sum, (big.clone(),))?.get()?);
+        ratios.push(t.elapsed().as_secs_f64() / local);
+    }
+    r.add(
+        "actor_sum_256MiB_ratio",
+        median(ratios),
+        "x",
+        Some("of a local sum".into()),
+    )?;
+    drop(big);
+    rt.kill(&summer)?;
+    rt.kill(&a)?;
+
+    progress(json, "actor creation");
+    let n = if quick { 5 } else { 20 };
+    let mut total = Duration::ZERO;
+    for _ in 0..n {
+        let t = Instant::now();
+        let h = rt.actor(Counter::default)?;
+        total += t.elapsed();
+        h.call(Counter::inc, ())?.get()?;
+        rt.kill(&h)?;
+    }
+    r.add(
+        "actor_create_ms",
+        total.as_secs_f64() * 1e3 / n as f64,
+        "ms",
+        None,
+    )?;
+
+    progress(json, "seed exercise 4");
+    let s = actors::run(rt, &mut std::io::sink())?;
+    r.add("seed_ex4_s", s, "s", Some("5 s serially".into()))?;
+    r.table()?;
+    Ok(())
+}
