@@ -10,8 +10,9 @@
 //!
 //! References measured in the same run: a memcpy of 1 GiB (to fresh pages, and warm), a local
 //! sum of 256 MiB (in the actor-sum process), a spinning and a futex ping-pong between two
-//! forked processes over a shared page. CPU per 1,000 sync calls adds the driver's and the
-//! actor's utime + stime (`/proc/<pid>/stat`), so spinning shows.
+//! forked processes over a shared page, run right before the call figures judged against them.
+//! CPU per 1,000 sync calls (and per second of idling) adds the driver's and the actor's
+//! utime + stime (`/proc/<pid>/stat`), so spinning shows; the store daemon's is shown apart.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -37,16 +38,18 @@ const CHILD_LIMIT: Duration = Duration::from_secs(120);
 /// The figure groups, in the order they run; each runs in its own fresh process.
 const GROUPS: &[&str] = &[
     "memcpy",
-    "pingpong",
-    "put_fits",
     "put",
+    "put_fits",
     "get_other",
     "actor_sum",
     "create",
+    // The ping-pongs run right before the figures judged against them.
+    "pingpong",
     "sync",
     "sync_oversub",
     "async",
     "one_to_n",
+    "futex_pingpong",
     "round_robin",
     "tasks",
 ];
@@ -153,7 +156,8 @@ fn warm_up(a: &trove::ActorHandle<Worker>) -> anyhow::Result<()> {
 fn child(group: &str, k: &Knobs) -> anyhow::Result<()> {
     match group {
         "memcpy" => memcpy(k),
-        "pingpong" => pingpong(k),
+        "pingpong" => pingpong(k, &[(false, "spin_pingpong"), (true, "futex_pingpong")]),
+        "futex_pingpong" => pingpong(k, &[(true, "futex_pingpong_rr")]),
         _ => {
             // The user's path: init with the default config, first thing.
             let cfg = match group {
@@ -299,8 +303,26 @@ fn sync(rt: &trove::Runtime, k: &Knobs, name: &str) -> anyhow::Result<()> {
     let a = rt.actor(Worker::default)?;
     warm_up(&a)?;
     let actor_pid = a.pid().to_string();
-    let (d0, a0) = (cpu_seconds("self")?, cpu_seconds(&actor_pid)?);
     let store = rt.embedded_store_pid().map(|p| p.to_string());
+    if name == "sync" {
+        // Idle: what driver + actor (and the store) burn while nothing is asked of them.
+        let idle = Duration::from_millis(500);
+        let (d0, a0) = (cpu_seconds("self")?, cpu_seconds(&actor_pid)?);
+        let s0 = store.as_deref().map(cpu_seconds).transpose()?;
+        std::thread::sleep(idle);
+        let (d1, a1) = (cpu_seconds("self")?, cpu_seconds(&actor_pid)?);
+        emit(
+            "idle_cpu_per_s",
+            (d1 - d0 + a1 - a0) * 1e3 / idle.as_secs_f64(),
+        );
+        if let (Some(s0), Some(pid)) = (s0, store.as_deref()) {
+            emit(
+                "idle_store_cpu_per_s",
+                (cpu_seconds(pid)? - s0) * 1e3 / idle.as_secs_f64(),
+            );
+        }
+    }
+    let (d0, a0) = (cpu_seconds("self")?, cpu_seconds(&actor_pid)?);
     let s0 = store.as_deref().map(cpu_seconds).transpose()?;
     let t = Instant::now();
     let mut n = 0u64;
@@ -446,12 +468,12 @@ impl Drop for SharedPage {
 
 /// The reference ping-pongs between two processes (this one has no threads: no trove here).
 /// The spinning one busy-waits on a shared word; the futex one always sleeps in the kernel.
-fn pingpong(k: &Knobs) -> anyhow::Result<()> {
+fn pingpong(k: &Knobs, which: &[(bool, &str)]) -> anyhow::Result<()> {
     use nix::sys::wait::waitpid;
     use nix::unistd::{ForkResult, fork};
     use rustix::thread::futex;
 
-    for futexes in [false, true] {
+    for &(futexes, name) in which {
         let page = SharedPage::new()?;
         let (seq, stop) = (page.word(0), page.word(1));
         let timeout = futex::Timespec {
@@ -518,14 +540,7 @@ fn pingpong(k: &Knobs) -> anyhow::Result<()> {
                 if failed {
                     bail!("the ping-pong partner stopped answering");
                 }
-                emit(
-                    if futexes {
-                        "futex_pingpong"
-                    } else {
-                        "spin_pingpong"
-                    },
-                    per_s,
-                );
+                emit(name, per_s);
             }
         }
     }
@@ -573,13 +588,16 @@ const FIGURES: &[(&str, &str, Goal)] = &[
     ("sync_cpu_per_1k", "ms", Goal::RatioOf("sync_wall_per_1k")),
     ("sync_wall_per_1k", "ms", Goal::Reference),
     ("sync_store_cpu_per_1k", "ms", Goal::None),
+    ("idle_cpu_per_s", "ms/s", Goal::None),
+    ("idle_store_cpu_per_s", "ms/s", Goal::None),
     ("sync_oversub", "1/s", Goal::AtLeast(0.5e6)),
     ("async_get_all", "1/s", Goal::AtLeast(2e6)),
     ("one_to_n_async", "1/s", Goal::AtLeast(1e6)),
+    ("futex_pingpong_rr", "1/s", Goal::Reference),
     (
         "round_robin_8",
         "1/s",
-        Goal::AtLeastOf(0.8, "futex_pingpong"),
+        Goal::AtLeastOf(0.8, "futex_pingpong_rr"),
     ),
     ("task_sync", "1/s", Goal::AtLeast(300e3)),
     ("task_async", "1/s", Goal::AtLeast(1e6)),
