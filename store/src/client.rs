@@ -16,12 +16,11 @@ use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
-use crate::daemon::{NOTICE_LEN, NOTICE_LOST, NOTICE_REJECTED};
 use crate::error::{Result, StoreError};
 use crate::id::ObjectId;
 use crate::protocol::{
-    self, DeleteOutcome, Event, MAX_REPLY, ObjectInfo, Owned, PROTOCOL_VERSION, Reply, Request,
-    Stats,
+    self, DeleteOutcome, Event, MAX_REPLY, NOTICE_LOST, NOTICE_REJECTED, ObjectInfo, Owned,
+    PROTOCOL_VERSION, Reply, Request, Stats, decode_notice,
 };
 use crate::ring::{Consumer, RingError};
 use crate::shm::{Arena, FLAG_ERROR, Lookup, SealedEntry};
@@ -1172,10 +1171,8 @@ impl StoreClient {
         drop(notes);
         let mut got: Vec<(u8, ObjectId)> = Vec::new();
         let mut parse = |m: &[u8]| {
-            if m.len() == NOTICE_LEN
-                && let Ok(id) = <[u8; crate::id::ID_LEN]>::try_from(&m[1..])
-            {
-                got.push((m[0], ObjectId(id)));
+            if let Some(n) = decode_notice(m) {
+                got.push(n);
             }
         };
         let first = consumer.pop_with(Some(slice), &mut parse);
@@ -1251,10 +1248,8 @@ impl StoreClient {
         };
         let mut got: Vec<(u8, ObjectId)> = Vec::new();
         while let Ok(Some(())) = consumer.try_pop_with(|m| {
-            if m.len() == NOTICE_LEN
-                && let Ok(id) = <[u8; crate::id::ID_LEN]>::try_from(&m[1..])
-            {
-                got.push((m[0], ObjectId(id)));
+            if let Some(n) = decode_notice(m) {
+                got.push(n);
             }
         }) {}
         if !got.is_empty() {

@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 
 mod table;
 
+pub use table::Limits;
 use table::{ClientState, Outbox, Table};
-pub use table::{Limits, NOTICE_LEN, NOTICE_LOST, NOTICE_READY, NOTICE_REJECTED};
 
 use crate::error::{Result, StoreError};
 use crate::protocol::{self, MAX_REQUEST, PROTOCOL_VERSION, Reply, Request};
