@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
+use crate::blocks::id::ObjectId;
+use crate::blocks::ring::{Consumer, RingError};
+use crate::blocks::shm::{Arena, FLAG_ERROR, Lookup, SealedEntry};
 use crate::error::{Result, StoreError};
-use crate::id::ObjectId;
 use crate::protocol::{
     self, DeleteOutcome, Event, MAX_REPLY, NOTICE_LOST, NOTICE_REJECTED, ObjectInfo, Owned,
     PROTOCOL_VERSION, Reply, Request, Stats, decode_notice,
 };
-use crate::ring::{Consumer, RingError};
-use crate::shm::{Arena, FLAG_ERROR, Lookup, SealedEntry};
 use crate::sock;
 
 /// How long a get may wait.
@@ -362,7 +362,7 @@ struct Inner {
     arena: Arena,
     /// This client's notification ring: the daemon closes it when the connection ends (a
     /// client it cut off sees that without a round trip).
-    ring: crate::ring::RingRef,
+    ring: crate::blocks::ring::RingRef,
     conn: Conn,
     index: u32,
     /// The pid that connected (a client is never used across a fork).

@@ -9,8 +9,8 @@
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
+use crate::blocks::id::{ID_LEN, ObjectId};
 use crate::error::{Result, StoreError};
-use crate::id::{ID_LEN, ObjectId};
 
 /// Protocol version, checked in the welcome.
 pub const PROTOCOL_VERSION: u32 = 2;

@@ -11,15 +11,15 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use super::Conn;
-use crate::alloc::Allocator;
+use crate::blocks::alloc::Allocator;
+use crate::blocks::id::ObjectId;
+use crate::blocks::ring::{Producer, RingError};
+use crate::blocks::shm::{Arena, FLAG_ERROR, FLAG_REFCOUNTED, MAX_CLIENTS, Removal};
 use crate::error::{Result, StoreError};
-use crate::id::ObjectId;
 use crate::protocol::{
     DeleteOutcome, Event, NOTICE_LEN, NOTICE_LOST, NOTICE_READY, NOTICE_REJECTED, ObjectInfo,
     ObjectState, Owned, Reply, Request, Stats, encode_notice,
 };
-use crate::ring::{Producer, RingError};
-use crate::shm::{Arena, FLAG_ERROR, FLAG_REFCOUNTED, MAX_CLIENTS, Removal};
 
 /// Bounds of a client slab.
 const MIN_SLAB: u64 = 64 << 10;
@@ -1426,8 +1426,8 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     use super::*;
+    use crate::blocks::shm::{Layout, Lookup};
     use crate::protocol::ErrorCode;
-    use crate::shm::{Layout, Lookup};
 
     /// A table over a real (in-process) arena, with clients whose far ends are kept open.
     struct Fx {

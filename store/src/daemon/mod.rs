@@ -26,9 +26,9 @@ mod table;
 pub use table::Limits;
 use table::{ClientState, Outbox, Table};
 
+use crate::blocks::shm::{Arena, Layout, MAX_CLIENTS};
 use crate::error::{Result, StoreError};
 use crate::protocol::{self, MAX_REQUEST, PROTOCOL_VERSION, Reply, Request};
-use crate::shm::{Arena, Layout, MAX_CLIENTS};
 use crate::sock;
 
 /// How the daemon is set up.
@@ -199,7 +199,7 @@ impl Daemon {
             arena.populate(layout.heap_offset, layout.heap_len)?;
             info!(
                 "pre-faulted {} in {:?}",
-                crate::size::format_size(layout.heap_len),
+                crate::blocks::size::format_size(layout.heap_len),
                 t.elapsed()
             );
         }
@@ -229,7 +229,7 @@ impl Daemon {
         info!(
             "store at {}: {} of object space, {} object slots",
             cfg.socket.display(),
-            crate::size::format_size(layout.heap_len),
+            crate::blocks::size::format_size(layout.heap_len),
             layout.dir_slots / 2
         );
         Ok(Daemon {
