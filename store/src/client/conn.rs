@@ -3,7 +3,19 @@
 //! debt hooks that report those numbers (`on_queued`, `on_written`, `stamping`), the
 //! handshake, and `Subscription` (events on a connection of its own).
 
-use super::*;
+use std::collections::HashMap;
+use std::io::{BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{StoreClient, lock, reply_error};
+use crate::blocks::id::ObjectId;
+use crate::error::{Result, StoreError};
+use crate::protocol::{self, Event, MAX_REPLY, PROTOCOL_VERSION, Reply, Request};
+use crate::sock;
 
 pub(super) struct ReadState {
     pub(super) reader: Option<BufReader<UnixStream>>,

@@ -3,7 +3,15 @@
 //! values (a call's small result kept in process memory, `daemon_seq == Some(u64::MAX)`:
 //! `resolve_local`, `release_if_local`, `promote_local`).
 
-use super::*;
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+use super::{StoreClient, lock};
+use crate::blocks::id::ObjectId;
+use crate::blocks::shm::{FLAG_ERROR, Lookup, SealedEntry};
+use crate::error::Result;
+use crate::protocol::{Owned, Request};
 
 /// This process's references to one object: views and counted references alike.
 pub(super) struct Held {

@@ -16,24 +16,16 @@
 //! `protocol` and the building blocks, never `daemon`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rustc_hash::FxHashMap;
-
 use crate::blocks::id::ObjectId;
-use crate::blocks::ring::{Consumer, RingError};
-use crate::blocks::shm::{Arena, FLAG_ERROR, Lookup, SealedEntry};
+use crate::blocks::shm::{Arena, Lookup};
 use crate::error::{Result, StoreError};
-use crate::protocol::{
-    self, DeleteOutcome, Event, MAX_REPLY, NOTICE_LOST, NOTICE_REJECTED, ObjectInfo, Owned,
-    PROTOCOL_VERSION, Reply, Request, Stats, decode_notice,
-};
-use crate::sock;
+use crate::protocol::{self, DeleteOutcome, ObjectInfo, Reply, Request, Stats};
 
 mod conn;
 mod holds;
@@ -41,12 +33,12 @@ mod notices;
 mod writers;
 
 pub use conn::Subscription;
-use conn::*;
-use holds::*;
+use conn::{BATCH_LIMIT, Conn, ReadState, Writer, handshake};
+use holds::Holds;
 pub use holds::{ObjectView, shrink_if_sparse};
+use notices::Notes;
 pub use notices::Readiness;
-use notices::*;
-use writers::*;
+use writers::ClientSlab;
 pub use writers::{ObjectWriter, OwnedWriter, SMALL_OBJECT_MAX};
 
 /// How long a get may wait.

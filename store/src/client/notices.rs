@@ -2,7 +2,16 @@
 //! `protocol::decode_notice`), what it has said (`Notes`: lost ids, rejected puts), and the
 //! waits on it (`wait_ready`).
 
-use super::*;
+use std::collections::{HashSet, VecDeque};
+use std::sync::MutexGuard;
+use std::time::{Duration, Instant};
+
+use super::{StoreClient, lock};
+use crate::blocks::id::ObjectId;
+use crate::blocks::ring::{Consumer, RingError};
+use crate::blocks::shm::Lookup;
+use crate::error::{Result, StoreError};
+use crate::protocol::{self, NOTICE_LOST, NOTICE_REJECTED, Request, decode_notice};
 
 /// What the notification ring has told this process.
 pub(super) struct Notes {

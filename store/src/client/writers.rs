@@ -2,7 +2,13 @@
 //! reference-counted object: bump-allocated in this client's slab when small, `alloc_owned`,
 //! or created by the daemon, `create_owned`; `publish` seals it).
 
-use super::*;
+use std::sync::atomic::Ordering;
+
+use super::holds::Held;
+use super::{StoreClient, lock, reply_error};
+use crate::blocks::id::ObjectId;
+use crate::error::{Result, StoreError};
+use crate::protocol::{self, Owned, Reply, Request};
 
 /// The slab this client bump-allocates small objects from.
 pub(super) struct ClientSlab {
