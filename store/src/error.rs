@@ -1,6 +1,6 @@
 //! The store's typed errors, shared by the daemon (as protocol error codes) and the client.
 
-use crate::id::ObjectId;
+use crate::blocks::id::ObjectId;
 
 /// Everything a store operation can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -6,17 +6,15 @@
 //! See ARCHITECTURE.md for the layout and the invariants.
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod alloc;
+pub mod blocks;
 pub mod client;
 pub mod daemon;
 pub mod error;
-pub mod id;
 pub mod protocol;
-pub mod ring;
-pub mod shm;
-pub mod size;
 mod sock;
-pub mod sync;
+
+// The building blocks keep their old paths (`trove_store::shm`, `trove_store::sync`, ...).
+pub use blocks::{alloc, id, ring, shm, size, sync};
 
 pub use client::{
     ObjectView, ObjectWriter, OwnedWriter, Readiness, StoreClient, Subscription, Timeout,

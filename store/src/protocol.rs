@@ -9,8 +9,8 @@
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
+use crate::blocks::id::{ID_LEN, ObjectId};
 use crate::error::{Result, StoreError};
-use crate::id::{ID_LEN, ObjectId};
 
 /// Protocol version, checked in the welcome.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -811,6 +811,33 @@ impl<'a> Dec<'a> {
     }
 }
 
+/// A notice on a client's notification ring (the daemon pushes, the client pops): kind, then
+/// the id.
+pub const NOTICE_LEN: usize = 1 + ID_LEN;
+/// The object was sealed.
+pub const NOTICE_READY: u8 = 1;
+/// The object was aborted before it was sealed (or its creator died).
+pub const NOTICE_LOST: u8 = 2;
+/// A `PutSmall` of this client was rejected: the object does not exist as it wrote it.
+pub const NOTICE_REJECTED: u8 = 3;
+
+/// The ring message for a notice of `kind` about `id`.
+pub fn encode_notice(kind: u8, id: &ObjectId) -> [u8; NOTICE_LEN] {
+    let mut msg = [0u8; NOTICE_LEN];
+    msg[0] = kind;
+    msg[1..].copy_from_slice(id.as_bytes());
+    msg
+}
+
+/// A notice's kind and id, or `None` if `m` is not a notice (wrong length).
+pub fn decode_notice(m: &[u8]) -> Option<(u8, ObjectId)> {
+    if m.len() != NOTICE_LEN {
+        return None;
+    }
+    let id = <[u8; ID_LEN]>::try_from(&m[1..]).ok()?;
+    Some((m[0], ObjectId(id)))
+}
+
 /// Reads one frame body. `Ok(None)` on a clean end of stream before a frame starts.
 pub fn read_frame(r: &mut impl Read, max: usize) -> Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
@@ -840,6 +867,18 @@ mod tests {
         let f = r.encode(7);
         let (req, back) = Request::decode(&f[4..]).unwrap();
         assert_eq!((req, back), (7, r));
+    }
+
+    #[test]
+    fn notices_round_trip_and_reject_wrong_lengths() {
+        let id = ObjectId::from_parts([3; 12], 9);
+        for kind in [NOTICE_READY, NOTICE_LOST, NOTICE_REJECTED] {
+            let m = encode_notice(kind, &id);
+            assert_eq!(decode_notice(&m), Some((kind, id)));
+            assert_eq!(decode_notice(&m[..NOTICE_LEN - 1]), None);
+        }
+        assert_eq!(decode_notice(&[0u8; NOTICE_LEN + 1]), None);
+        assert_eq!(decode_notice(&[]), None);
     }
 
     #[test]

@@ -11,14 +11,15 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use super::Conn;
-use crate::alloc::Allocator;
+use crate::blocks::alloc::Allocator;
+use crate::blocks::id::ObjectId;
+use crate::blocks::ring::{Producer, RingError};
+use crate::blocks::shm::{Arena, FLAG_ERROR, FLAG_REFCOUNTED, MAX_CLIENTS, Removal};
 use crate::error::{Result, StoreError};
-use crate::id::ObjectId;
 use crate::protocol::{
-    DeleteOutcome, Event, ObjectInfo, ObjectState, Owned, Reply, Request, Stats,
+    DeleteOutcome, Event, NOTICE_LEN, NOTICE_LOST, NOTICE_READY, NOTICE_REJECTED, ObjectInfo,
+    ObjectState, Owned, Reply, Request, Stats, encode_notice,
 };
-use crate::ring::{Producer, RingError};
-use crate::shm::{Arena, FLAG_ERROR, FLAG_REFCOUNTED, MAX_CLIENTS, Removal};
 
 /// Bounds of a client slab.
 const MIN_SLAB: u64 = 64 << 10;
@@ -169,23 +170,12 @@ pub(super) struct ClientState {
     pending: usize,
 }
 
-/// A notification: kind, then the id.
-pub const NOTICE_LEN: usize = 1 + crate::id::ID_LEN;
-/// The object was sealed.
-pub const NOTICE_READY: u8 = 1;
-/// The object was aborted before it was sealed (or its creator died).
-pub const NOTICE_LOST: u8 = 2;
-/// A `PutSmall` of this client was rejected: the object does not exist as it wrote it.
-pub const NOTICE_REJECTED: u8 = 3;
-
 impl ClientState {
     fn notify(&mut self, kind: u8, id: &ObjectId) {
         if !self.connected {
             return;
         }
-        let mut msg = [0u8; NOTICE_LEN];
-        msg[0] = kind;
-        msg[1..].copy_from_slice(id.as_bytes());
+        let msg = encode_notice(kind, id);
         if self.backlog.is_empty() {
             match self.ring.try_push(&msg) {
                 Ok(()) => return,
@@ -1436,8 +1426,8 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     use super::*;
+    use crate::blocks::shm::{Layout, Lookup};
     use crate::protocol::ErrorCode;
-    use crate::shm::{Layout, Lookup};
 
     /// A table over a real (in-process) arena, with clients whose far ends are kept open.
     struct Fx {

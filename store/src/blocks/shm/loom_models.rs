@@ -18,7 +18,7 @@ use std::sync::Arc;
 use loom::thread;
 
 use super::*;
-use crate::sync::explore;
+use crate::blocks::sync::explore;
 
 const CLIENT: u32 = 3;
 const OLD: (u64, u64) = (4096, 100);

@@ -21,14 +21,18 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{debug, info, warn};
 
+mod conn;
+mod prefault;
 mod table;
+mod timer;
 
-use table::{ClientState, Outbox, Table};
-pub use table::{Limits, NOTICE_LEN, NOTICE_LOST, NOTICE_READY, NOTICE_REJECTED};
+use conn::Conn;
+pub use table::Limits;
+use table::{Outbox, Table};
 
+use crate::blocks::shm::{Arena, Layout, MAX_CLIENTS};
 use crate::error::{Result, StoreError};
 use crate::protocol::{self, MAX_REQUEST, PROTOCOL_VERSION, Reply, Request};
-use crate::shm::{Arena, Layout, MAX_CLIENTS};
 use crate::sock;
 
 /// How the daemon is set up.
@@ -42,13 +46,6 @@ pub struct DaemonConfig {
     /// Most live objects; default from [`Layout::default_max_objects`].
     pub max_objects: Option<u64>,
 }
-
-const PREFAULT_CHUNK: u64 = 64 << 20;
-/// How often the timer thread looks whether departed clients' processes are gone.
-const DEPARTED_POLL: Duration = Duration::from_millis(20);
-/// Frames pushed to a client while its own reply is being written wait in a queue this long at
-/// most; beyond it the client (which does not read) is cut off.
-const MAX_PUSH_QUEUE: usize = 4 << 20;
 
 /// A bound, not yet running daemon.
 pub struct Daemon {
@@ -76,87 +73,6 @@ struct Shared {
     listener_fd: std::os::fd::RawFd,
     /// Heap bytes (from the heap start) that the pre-fault thread has populated.
     prefaulted: AtomicU64,
-}
-
-/// The daemon's end of one client connection (its write side).
-pub(crate) struct Conn {
-    stream: UnixStream,
-    out: Mutex<ConnOut>,
-    /// The daemon ended this connection (the client did not close it itself).
-    cut: AtomicBool,
-}
-
-#[derive(Default)]
-struct ConnOut {
-    /// The client's own thread is writing a reply (a blocking write, bounded by the client
-    /// timeout): pushes are queued behind it instead of waiting for it.
-    replying: bool,
-    /// Frames pushed meanwhile, written by the replying thread after its reply.
-    queue: Vec<u8>,
-}
-
-impl Conn {
-    pub(crate) fn new(stream: UnixStream) -> Conn {
-        Conn {
-            stream,
-            out: Mutex::new(ConnOut::default()),
-            cut: AtomicBool::new(false),
-        }
-    }
-
-    /// A reply to this connection's own request, from its own thread: may block (bounded by
-    /// the client timeout), and never while holding a lock that a push takes.
-    fn reply(&self, frame: &[u8]) -> std::io::Result<()> {
-        lock(&self.out).replying = true;
-        let mut r = (&self.stream).write_all(frame);
-        loop {
-            let mut o = lock(&self.out);
-            if o.queue.is_empty() || r.is_err() {
-                o.replying = false;
-                o.queue = Vec::new();
-                return r;
-            }
-            let queued = std::mem::take(&mut o.queue);
-            drop(o);
-            r = (&self.stream).write_all(&queued);
-        }
-    }
-
-    /// A push caused by another client (wake-up, event): never blocks. While this client's
-    /// own reply is being written it is queued behind it (bounded); a client that does not
-    /// read its socket is cut off.
-    pub(crate) fn push(&self, frame: &[u8]) {
-        let mut o = lock(&self.out);
-        if o.replying {
-            if o.queue.len() + frame.len() > MAX_PUSH_QUEUE {
-                drop(o);
-                debug!("cutting off a client that does not read its socket");
-                self.cut_off(None);
-            } else {
-                o.queue.extend_from_slice(frame);
-            }
-            return;
-        }
-        if let Err(e) = sock::send_nonblocking(&self.stream, frame) {
-            drop(o);
-            debug!("cutting off a client that does not read its socket: {e}");
-            self.cut_off(None);
-        }
-    }
-
-    /// Ends the connection for misbehaviour, after `why` (an error frame, sent if it fits
-    /// without blocking). The client's next verb gets `Disconnected`; what its process may
-    /// still read is kept until it is gone (see `Table::depart`).
-    pub(crate) fn cut_off(&self, why: Option<&[u8]>) {
-        self.cut.store(true, Ordering::SeqCst);
-        if let Some(frame) = why {
-            let o = lock(&self.out);
-            if !o.replying {
-                let _ = sock::send_nonblocking(&self.stream, frame);
-            }
-        }
-        let _ = self.stream.shutdown(Shutdown::Both);
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -199,7 +115,7 @@ impl Daemon {
             arena.populate(layout.heap_offset, layout.heap_len)?;
             info!(
                 "pre-faulted {} in {:?}",
-                crate::size::format_size(layout.heap_len),
+                crate::blocks::size::format_size(layout.heap_len),
                 t.elapsed()
             );
         }
@@ -229,7 +145,7 @@ impl Daemon {
         info!(
             "store at {}: {} of object space, {} object slots",
             cfg.socket.display(),
-            crate::size::format_size(layout.heap_len),
+            crate::blocks::size::format_size(layout.heap_len),
             layout.dir_slots / 2
         );
         Ok(Daemon {
@@ -257,12 +173,12 @@ impl Daemon {
         let sh = self.shared.clone();
         let timer = std::thread::Builder::new()
             .name("troved-timer".into())
-            .spawn(move || timer_loop(&sh))?;
+            .spawn(move || timer::timer_loop(&sh))?;
         if self.shared.prefaulted.load(Ordering::Relaxed) < self.shared.arena.layout().heap_len {
             let sh = self.shared.clone();
             std::thread::Builder::new()
                 .name("troved-prefault".into())
-                .spawn(move || prefault_loop(&sh))?;
+                .spawn(move || prefault::prefault_loop(&sh))?;
         }
         for stream in self.listener.incoming() {
             if self.shared.stopping.load(Ordering::SeqCst) {
@@ -393,80 +309,6 @@ fn lock_path(socket: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-fn timer_loop(sh: &Shared) {
-    let mut t = lock(&sh.table);
-    loop {
-        if sh.stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        let now = Instant::now();
-        let mut out = Outbox::default();
-        while let Some(&(when, w)) = t.deadlines.first() {
-            if when > now {
-                break;
-            }
-            t.deadlines.pop_first();
-            t.finish_waiter(w, &mut out);
-        }
-        if !out.0.is_empty() {
-            drop(t);
-            out.flush();
-            t = lock(&sh.table);
-            continue;
-        }
-        // Departed clients whose process is gone now: forget them.
-        let gone: Vec<u32> = t
-            .departed()
-            .filter(|(_, c)| sh.process_gone(c))
-            .map(|(i, _)| i)
-            .collect();
-        for i in &gone {
-            t.remove_client(&sh.arena, *i, &mut out);
-        }
-        if !out.0.is_empty() {
-            drop(t);
-            out.flush();
-            t = lock(&sh.table);
-            continue;
-        }
-        let departed = t.departed().next().is_some();
-        let next = t
-            .deadlines
-            .first()
-            .map(|&(when, _)| when.saturating_duration_since(now));
-        let wait = match (next, departed) {
-            (Some(d), true) => Some(d.min(DEPARTED_POLL)),
-            (None, true) => Some(DEPARTED_POLL),
-            (d, false) => d,
-        };
-        t = match wait {
-            Some(d) => {
-                sh.timer_cv
-                    .wait_timeout(t, d)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
-            }
-            None => sh.timer_cv.wait(t).unwrap_or_else(|p| p.into_inner()),
-        };
-    }
-}
-
-fn prefault_loop(sh: &Shared) {
-    let l = *sh.arena.layout();
-    let t = Instant::now();
-    let mut done = sh.prefaulted.load(Ordering::Relaxed);
-    while done < l.heap_len && !sh.stopping.load(Ordering::Relaxed) {
-        let n = PREFAULT_CHUNK.min(l.heap_len - done);
-        if let Err(e) = sh.arena.populate(l.heap_offset + done, n) {
-            warn!("background pre-fault stopped: {e}");
-            return;
-        }
-        done += n;
-        sh.prefaulted.store(done, Ordering::Release);
-    }
-    debug!("background pre-fault done in {:?}", t.elapsed());
-}
-
 impl Shared {
     fn serve(&self, index: u32, stream: UnixStream, conn: Arc<Conn>) {
         let mut r = BufReader::with_capacity(64 << 10, stream);
@@ -558,37 +400,4 @@ impl Shared {
         }
         out.flush();
     }
-
-    /// Whether a cut-off client's process can no longer read the arena: it has exited (its
-    /// pidfd says so), or it maps the arena memfd nowhere any more. When that cannot be read,
-    /// it is assumed to still map it.
-    fn process_gone(&self, c: &ClientState) -> bool {
-        let Some(fd) = &c.pidfd else {
-            return true;
-        };
-        if pidfd_exited(fd) {
-            return true;
-        }
-        let maps = match fs::read_to_string(format!("/proc/{}/maps", c.pid)) {
-            Ok(m) => m,
-            Err(_) => return false,
-        };
-        let ino = self.arena_ino.to_string();
-        let mapped = maps
-            .lines()
-            .any(|l| l.split_whitespace().nth(4) == Some(ino.as_str()) && l.contains("memfd:"));
-        // Read after the maps: if it exited meanwhile, the pid may name another process.
-        !mapped || pidfd_exited(fd)
-    }
-}
-
-/// Whether the process behind a pidfd has exited (its pidfd polls readable).
-fn pidfd_exited(fd: &std::os::fd::OwnedFd) -> bool {
-    use rustix::event::{PollFd, PollFlags, Timespec};
-    let mut fds = [PollFd::new(fd, PollFlags::IN)];
-    let zero = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
 }

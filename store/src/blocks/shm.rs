@@ -21,10 +21,10 @@ use memmap2::{Advice, MmapOptions, MmapRaw};
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 
+use crate::blocks::id::{ID_LEN, ObjectId};
+use crate::blocks::ring::RingRef;
+use crate::blocks::sync::{AtomicU32, AtomicU64, Backoff, Ordering, fence};
 use crate::error::{Result, StoreError};
-use crate::id::{ID_LEN, ObjectId};
-use crate::ring::RingRef;
-use crate::sync::{AtomicU32, AtomicU64, Backoff, Ordering, fence};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"troveAR1");
 /// Layout version; a client refuses an arena of another version.
@@ -57,7 +57,7 @@ pub const RING_CAPACITY: u32 = 2048;
 pub const RING_SLOT: u32 = 32;
 /// Bytes between two clients' rings.
 pub const RING_STRIDE: u64 =
-    (crate::ring::ring_bytes(RING_CAPACITY, RING_SLOT) as u64).next_multiple_of(4096);
+    (crate::blocks::ring::ring_bytes(RING_CAPACITY, RING_SLOT) as u64).next_multiple_of(4096);
 
 fn word_state(w: u64) -> u8 {
     w as u8
@@ -116,7 +116,7 @@ impl Layout {
             let start = rings_offset(self.dir_offset + self.dir_slots * SLOT_LEN as u64);
             (
                 start + index as u64 * RING_STRIDE,
-                crate::ring::ring_bytes(RING_CAPACITY, RING_SLOT) as u64,
+                crate::blocks::ring::ring_bytes(RING_CAPACITY, RING_SLOT) as u64,
             )
         })
     }

@@ -1,0 +1,524 @@
+//! What this process holds: per-object counts (`Holds`: views and counted references alike),
+//! pins in the directory, releases (`Unhold` frames), the zero-copy `ObjectView`, and *local*
+//! values (a call's small result kept in process memory, `daemon_seq == Some(u64::MAX)`:
+//! `resolve_local`, `release_if_local`, `promote_local`).
+
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+use super::{StoreClient, lock};
+use crate::blocks::id::ObjectId;
+use crate::blocks::shm::{FLAG_ERROR, Lookup, SealedEntry};
+use crate::error::Result;
+use crate::protocol::{Owned, Request};
+
+/// This process's references to one object: views and counted references alike.
+pub(super) struct Held {
+    pub(super) count: u64,
+    /// Where the object is, once this process knows (its own small puts know at once).
+    pub(super) loc: Option<(u64, u64)>,
+    /// The directory slot, once seen sealed there.
+    pub(super) slot: Option<u64>,
+    /// The object reports a failure (`FLAG_ERROR`).
+    pub(super) error: bool,
+    /// The last `Hold`/`PutSmall`/`SealOwned` frame sent for it: until the daemon has handled
+    /// it, this process's pin bit is the daemon's to set, so it must also be the daemon's to
+    /// clear (an `Unhold` queued behind it) rather than a local unpin that could run first.
+    pub(super) daemon_seq: Option<u64>,
+    /// The object's bytes in this process's own memory: a call's small result that came back
+    /// inline and that the store has never seen (see [`StoreClient::resolve_local`]).
+    pub(super) local: Option<Arc<Local>>,
+    /// This process's own small put of it was rejected by the daemon (`NOTICE_REJECTED`):
+    /// `loc` is not an object, and a get is `PutRejected`.
+    pub(super) rejected: bool,
+}
+
+/// A result kept in process memory, 16-byte aligned (what rkyv archives need); small ones
+/// (calls' inline results) live in the same allocation as the count.
+pub(super) struct Local {
+    pub(super) blocks: LocalBlocks,
+    pub(super) len: usize,
+    pub(super) error: bool,
+}
+
+pub(super) enum LocalBlocks {
+    Small([Block; LOCAL_SMALL_BLOCKS]),
+    Large(Box<[Block]>),
+}
+
+/// Values up to this many 16-byte blocks are kept without a second allocation.
+pub(super) const LOCAL_SMALL_BLOCKS: usize = 12;
+
+#[repr(C, align(16))]
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+pub(super) struct Block([u8; 16]);
+
+impl Local {
+    pub(super) fn new(bytes: &[u8], error: bool) -> Local {
+        let n = bytes.len().div_ceil(16);
+        let mut blocks = if n <= LOCAL_SMALL_BLOCKS {
+            LocalBlocks::Small([Block([0; 16]); LOCAL_SMALL_BLOCKS])
+        } else {
+            LocalBlocks::Large(vec![Block([0; 16]); n].into_boxed_slice())
+        };
+        let all: &mut [Block] = match &mut blocks {
+            LocalBlocks::Small(b) => b,
+            LocalBlocks::Large(b) => b,
+        };
+        bytemuck::cast_slice_mut::<Block, u8>(all)[..bytes.len()].copy_from_slice(bytes);
+        Local {
+            blocks,
+            len: bytes.len(),
+            error,
+        }
+    }
+    pub(super) fn bytes(&self) -> &[u8] {
+        let all: &[Block] = match &self.blocks {
+            LocalBlocks::Small(b) => b,
+            LocalBlocks::Large(b) => b,
+        };
+        &bytemuck::cast_slice(all)[..self.len]
+    }
+}
+
+/// Where a view's bytes are.
+pub(super) enum Pinned {
+    Arena { offset: u64, size: u64, error: bool },
+    Local(Arc<Local>),
+}
+
+impl Held {
+    /// One reference, pinned in place by this process (lock-free).
+    pub(super) fn pinned(e: &SealedEntry) -> Held {
+        Held {
+            count: 1,
+            loc: Some((e.offset, e.size)),
+            slot: Some(e.slot),
+            error: e.word & FLAG_ERROR != 0,
+            daemon_seq: None,
+            local: None,
+            rejected: false,
+        }
+    }
+
+    /// No reference yet, managed by the daemon from the frame with sequence number `seq`.
+    pub(super) fn by_daemon(seq: u64) -> Held {
+        Held {
+            count: 0,
+            loc: None,
+            slot: None,
+            error: false,
+            daemon_seq: Some(seq),
+            local: None,
+            rejected: false,
+        }
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Holds {
+    pub(super) map: FxHashMap<ObjectId, Held>,
+    /// Ids whose last reference went by an `Unhold` frame (value: its sequence number). Until
+    /// the daemon has handled it, a new local pin could be undone by it, so new references
+    /// to these ids go through the daemon too.
+    pub(super) unholding: FxHashMap<ObjectId, u64>,
+}
+
+/// Gives memory back once a map that grew large (a burst of objects) is mostly empty: a sparse
+/// table costs a cache miss on every lookup of the calls that follow. Amortised O(1).
+pub fn shrink_if_sparse<K: std::hash::Hash + Eq, V>(map: &mut FxHashMap<K, V>) {
+    if map.capacity() > 1 << 14 && map.len() * 8 < map.capacity() {
+        map.shrink_to(map.len() * 2);
+    }
+}
+
+/// How many in-flight `Unhold`s a client tracks before it syncs with the daemon to forget them.
+pub(super) const UNHOLDING_PRUNE: usize = 4096;
+impl StoreClient {
+    pub(super) fn view(&self, id: ObjectId, offset: u64, size: u64) -> Option<ObjectView> {
+        let ptr = self.inner.arena.ptr(offset, size)?;
+        Some(ObjectView {
+            client: self.clone(),
+            id,
+            offset,
+            ptr,
+            len: size as usize,
+            error: false,
+            _local: None,
+        })
+    }
+
+    /// Pins `id` for a view if that can be done now, without the daemon.
+    pub(super) fn try_view(&self, id: &ObjectId) -> Option<ObjectView> {
+        let (offset, size, error) = match self.try_pin_for_view(id)? {
+            Pinned::Arena {
+                offset,
+                size,
+                error,
+            } => (offset, size, error),
+            Pinned::Local(local) => {
+                let b = local.bytes();
+                return Some(ObjectView {
+                    client: self.clone(),
+                    id: *id,
+                    offset: u64::MAX,
+                    ptr: b.as_ptr(),
+                    len: b.len(),
+                    error: local.error,
+                    _local: Some(local),
+                });
+            }
+        };
+        let mut v = self.view(*id, offset, size);
+        if let Some(v) = &mut v {
+            v.error = error;
+        }
+        v.or_else(|| {
+            self.release(id);
+            None
+        })
+    }
+
+    /// Takes one view reference on `id` if it can be pinned now; returns where it is.
+    pub(super) fn try_pin_for_view(&self, id: &ObjectId) -> Option<Pinned> {
+        let dir = self.inner.arena.directory();
+        let me = self.inner.index;
+        let mut guard = lock(&self.inner.holds);
+        let holds = &mut *guard;
+        let arena = |offset, size, error| {
+            Some(Pinned::Arena {
+                offset,
+                size,
+                error,
+            })
+        };
+        if let Some(h) = holds.map.get_mut(id) {
+            if h.rejected {
+                return None;
+            }
+            if let Some(local) = &h.local {
+                h.count += 1;
+                return Some(Pinned::Local(local.clone()));
+            }
+            if let Some((offset, size)) = h.loc
+                && h.daemon_seq.is_some()
+            {
+                // An owned object: this process's reference keeps it.
+                h.count += 1;
+                return arena(offset, size, h.error);
+            }
+            // Held through the daemon and not seen in place yet.
+            let Lookup::Sealed(e) = dir.lookup(id) else {
+                return None;
+            };
+            if !dir.has_pin(e.slot, me) {
+                // Pin it ourselves: a pending `Hold` will find the bit set; the release goes
+                // through the daemon while that `Hold` is unhandled (see `Held::daemon_seq`).
+                let (ok, tell) = dir.try_pin(&e, me);
+                if tell {
+                    self.tell_release(id);
+                }
+                if !ok {
+                    return None;
+                }
+            }
+            h.count += 1;
+            h.loc = Some((e.offset, e.size));
+            h.slot = Some(e.slot);
+            h.error = e.word & FLAG_ERROR != 0;
+            return arena(e.offset, e.size, h.error);
+        }
+        if holds
+            .unholding
+            .get(id)
+            .is_some_and(|seq| !self.inner.conn.is_synced(*seq))
+        {
+            return None;
+        }
+        holds.unholding.remove(id);
+        for _ in 0..16 {
+            let Lookup::Sealed(e) = dir.lookup(id) else {
+                return None;
+            };
+            let (ok, tell) = dir.try_pin(&e, me);
+            if tell {
+                self.tell_release(id);
+            }
+            if ok {
+                holds.map.insert(*id, Held::pinned(&e));
+                return arena(e.offset, e.size, e.word & FLAG_ERROR != 0);
+            }
+        }
+        None
+    }
+
+    /// Our failed pin raced with a deferred delete, or our last pin of a reference-counted
+    /// object went: the daemon rechecks the object.
+    pub(super) fn tell_release(&self, id: &ObjectId) {
+        let _ = self.inner.conn.send(0, &Request::Release { id: *id });
+    }
+
+    /// Takes a counted reference to `id` in this process without waiting: pinned in place if
+    /// the object is sealed, otherwise through a `Hold` the daemon applies when it is sealed.
+    /// Each `hold` is undone by one [`StoreClient::release`]. An object whose references
+    /// are all gone (and that no live object contains) is freed.
+    pub fn hold(&self, id: &ObjectId) -> Result<()> {
+        let dir = self.inner.arena.directory();
+        let mut holds = lock(&self.inner.holds);
+        if let Some(h) = holds.map.get_mut(id) {
+            h.count += 1;
+            return Ok(());
+        }
+        let unholding = holds
+            .unholding
+            .remove(id)
+            .is_some_and(|seq| !self.inner.conn.is_synced(seq));
+        if !unholding && let Lookup::Sealed(e) = dir.lookup(id) {
+            let (ok, tell) = dir.try_pin(&e, self.inner.index);
+            if tell {
+                self.tell_release(id);
+            }
+            if ok {
+                holds.map.insert(*id, Held::pinned(&e));
+                return Ok(());
+            }
+        }
+        let seq = self.inner.conn.send(0, &Request::Hold { id: *id })?;
+        holds.map.insert(
+            *id,
+            Held {
+                count: 1,
+                ..Held::by_daemon(seq)
+            },
+        );
+        Ok(())
+    }
+
+    /// [`StoreClient::release`] if `id` is a value in this process's memory (see
+    /// [`StoreClient::resolve_local`]); `false` (and nothing done) otherwise.
+    pub fn release_if_local(&self, id: &ObjectId) -> bool {
+        let mut holds = lock(&self.inner.holds);
+        let std::collections::hash_map::Entry::Occupied(mut e) = holds.map.entry(*id) else {
+            return false;
+        };
+        if e.get().local.is_none() {
+            return false;
+        }
+        e.get_mut().count -= 1;
+        if e.get().count == 0 {
+            let gone = e.remove();
+            shrink_if_sparse(&mut holds.map);
+            drop(holds);
+            drop(gone);
+        }
+        true
+    }
+
+    /// Drops one reference taken by [`StoreClient::hold`], a view, or an owned put.
+    pub fn release(&self, id: &ObjectId) {
+        let mut holds = lock(&self.inner.holds);
+        let Some(h) = holds.map.get_mut(id) else {
+            return;
+        };
+        h.count -= 1;
+        if h.count > 0 {
+            return;
+        }
+        let h = holds.map.remove(id).expect("present");
+        shrink_if_sparse(&mut holds.map);
+        if h.local.is_some() {
+            // Only ever in this process's memory: nothing to tell the store.
+            return;
+        }
+        let dir = self.inner.arena.directory();
+        let me = self.inner.index;
+        let daemon_pending = h.daemon_seq.is_some_and(|s| !self.inner.conn.is_synced(s));
+        let slot = h.slot.or_else(|| match dir.lookup(id) {
+            Lookup::Sealed(e) => Some(e.slot),
+            _ => None,
+        });
+        if !daemon_pending
+            && let Some(slot) = slot
+            && dir.has_pin(slot, me)
+        {
+            if dir.unpin(slot, me) {
+                self.tell_release(id);
+            }
+            return;
+        }
+        if let Ok(seq) = self.inner.conn.send(0, &Request::Unhold { id: *id }) {
+            holds.unholding.insert(*id, seq);
+        }
+        if holds.unholding.len() >= UNHOLDING_PRUNE {
+            // One round trip proves every Unhold so far handled; then forget them all.
+            drop(holds);
+            if self.sync().is_ok() {
+                let conn = &self.inner.conn;
+                lock(&self.inner.holds)
+                    .unholding
+                    .retain(|_, seq| !conn.is_synced(*seq));
+            }
+        }
+    }
+
+    /// Takes a reference to `id` that the daemon sets up when the object is sealed by another
+    /// process which names this one in `Owned::pin_for` (a call's result). No frame is sent;
+    /// the release always goes through the daemon.
+    pub fn adopt_pending(&self, id: &ObjectId) {
+        let mut holds = lock(&self.inner.holds);
+        // Never "synced": no frame of ours stands for it, the result's creator names us.
+        let h = holds
+            .map
+            .entry(*id)
+            .or_insert_with(|| Held::by_daemon(u64::MAX));
+        h.count += 1;
+    }
+
+    /// Tells this process where a pending reference's object is, learnt from its creator
+    /// before the daemon has published it (a call's result: the callee wrote it, queued its
+    /// `PutSmall`, then recorded the place). Gets then read it in place at once. Only for ids
+    /// taken with [`StoreClient::adopt_pending`]; the place is bounds-checked when viewed.
+    pub fn resolve_pending(&self, id: &ObjectId, offset: u64, size: u64, error: bool) {
+        if let Some(h) = lock(&self.inner.holds).map.get_mut(id)
+            && h.loc.is_none()
+            && h.daemon_seq == Some(u64::MAX)
+        {
+            h.loc = Some((offset, size));
+            h.error = error;
+        }
+    }
+
+    /// Gives a pending reference (taken with [`StoreClient::adopt_pending`]) its value in this
+    /// process's memory: a call's small result that came back inline, which the store never
+    /// sees. Views of it read the local copy; its last release tells the store nothing.
+    /// Returns `false` (and keeps nothing) if `id` is not such a reference any more.
+    pub fn resolve_local(&self, id: &ObjectId, bytes: &[u8], error: bool) -> bool {
+        let mut holds = lock(&self.inner.holds);
+        match holds.map.get_mut(id) {
+            Some(h) if h.loc.is_none() && h.local.is_none() && h.daemon_seq == Some(u64::MAX) => {
+                h.local = Some(Arc::new(Local::new(bytes, error)));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Puts a local value (see [`StoreClient::resolve_local`]) in the store under its id, so
+    /// that other processes can read it (its ref is escaping into an object or a call). This
+    /// process keeps its references, now to the stored object. A no-op for other ids.
+    pub fn promote_local(&self, id: &ObjectId) -> Result<()> {
+        let local = {
+            let mut holds = lock(&self.inner.holds);
+            match holds.map.get_mut(id) {
+                Some(h) if h.local.is_some() => h.local.take().expect("local"),
+                _ => return Ok(()),
+            }
+        };
+        let put = (|| {
+            let mut w = self.alloc_owned(*id, local.len as u64)?;
+            w.as_mut_slice().copy_from_slice(local.bytes());
+            w.publish_with(Owned {
+                error: local.error,
+                keep: true,
+                ..Owned::default()
+            })
+        })();
+        let mut holds = lock(&self.inner.holds);
+        let Some(h) = holds.map.get_mut(id) else {
+            return put;
+        };
+        match put {
+            // `publish` counted one more reference for the writer: ours were there already.
+            Ok(()) => h.count -= 1,
+            Err(_) => {
+                h.local = Some(local);
+            }
+        }
+        put
+    }
+
+    /// This client's (index, pid) for `Owned::pin_for`.
+    pub fn pin_target(&self) -> (u32, u32) {
+        (self.inner.index, self.inner.pid)
+    }
+
+    /// How many references this process holds on `id` (views included).
+    pub fn held_count(&self, id: &ObjectId) -> u64 {
+        lock(&self.inner.holds).map.get(id).map_or(0, |h| h.count)
+    }
+}
+
+/// A pinned, zero-copy view of a sealed object. The object stays in memory while this lives;
+/// dropping it releases the pin.
+pub struct ObjectView {
+    pub(super) client: StoreClient,
+    pub(super) id: ObjectId,
+    pub(super) offset: u64,
+    pub(super) ptr: *const u8,
+    pub(super) len: usize,
+    pub(super) error: bool,
+    /// Keeps a local value's bytes (see [`StoreClient::resolve_local`]) alive.
+    pub(super) _local: Option<Arc<Local>>,
+}
+
+// SAFETY: a view is a read-only slice of immutable shared memory kept alive by the pin.
+unsafe impl Send for ObjectView {}
+// SAFETY: as above; &ObjectView only hands out shared slices.
+unsafe impl Sync for ObjectView {}
+
+impl ObjectView {
+    pub fn id(&self) -> ObjectId {
+        self.id
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: in bounds (checked when the view was made), sealed (immutable), and pinned
+        // (not freed or reused) for as long as self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    /// The object's bytes as a raw pointer taken from the shared mapping itself (not from a
+    /// shared slice), for objects that are shared-memory structures which several processes
+    /// write through atomics (actor mailboxes): writing through [`ObjectView::as_slice`]'s
+    /// pointer would be undefined behaviour. `None` for a value held in process memory.
+    pub fn shared_ptr(&self) -> Option<*mut u8> {
+        self._local.is_none().then_some(self.ptr as *mut u8)
+    }
+    /// The object's offset in the arena (`u64::MAX` for a value held in process memory).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    /// The object reports a failure (published with `Owned::error`) instead of a value.
+    pub fn is_error(&self) -> bool {
+        self.error
+    }
+}
+
+impl std::ops::Deref for ObjectView {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl Clone for ObjectView {
+    fn clone(&self) -> Self {
+        if let Some(h) = lock(&self.client.inner.holds).map.get_mut(&self.id) {
+            h.count += 1;
+        }
+        ObjectView {
+            client: self.client.clone(),
+            id: self.id,
+            offset: self.offset,
+            ptr: self.ptr,
+            len: self.len,
+            error: self.error,
+            _local: self._local.clone(),
+        }
+    }
+}
+
+impl Drop for ObjectView {
+    fn drop(&mut self) {
+        self.client.release(&self.id);
+    }
+}
