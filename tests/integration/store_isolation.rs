@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -18,33 +17,9 @@ use crate::util::{Helper, TestStore, pattern, wait_until};
 
 const T: Duration = Duration::from_secs(30);
 
-/// A `troved` with extra environment (the daemon's test knobs), cleaned up like any
-/// `TestStore`.
+/// A `troved` with extra environment (the daemon's test knobs).
 pub fn start_store_env(memory: &str, envs: &[(&str, &str)]) -> TestStore {
-    let dir = tempfile::Builder::new()
-        .prefix("trove-test-")
-        .tempdir()
-        .expect("tempdir");
-    let socket = dir.path().join("sock").join("troved.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_troved"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--memory")
-        .arg(memory)
-        .envs(envs.iter().copied())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn troved");
-    let store = TestStore {
-        child: Some(child),
-        dir,
-        socket,
-    };
-    wait_until(Duration::from_secs(20), "troved to listen", || {
-        StoreClient::connect(&store.socket).is_ok()
-    });
-    store
+    TestStore::start_with_env(memory, &[], envs)
 }
 
 /// Ids a stopped helper watches so that the daemon's notices to it pile up.

@@ -26,6 +26,11 @@ impl TestStore {
     }
 
     pub fn start_with(memory: &str, extra: &[&str]) -> TestStore {
+        Self::start_with_env(memory, extra, &[])
+    }
+
+    /// A `troved` with extra arguments and environment (the daemon's test knobs).
+    pub fn start_with_env(memory: &str, extra: &[&str], envs: &[(&str, &str)]) -> TestStore {
         let dir = tempfile::Builder::new()
             .prefix("trove-test-")
             .tempdir()
@@ -37,6 +42,7 @@ impl TestStore {
             .arg("--memory")
             .arg(memory)
             .args(extra)
+            .envs(envs.iter().copied())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()
