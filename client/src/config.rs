@@ -15,6 +15,7 @@ pub struct Config {
     pub(crate) prefault: bool,
     pub(crate) num_cpus: usize,
     pub(crate) namespace: Option<String>,
+    pub(crate) ignore_reinit_error: bool,
 }
 
 impl Default for Config {
@@ -31,6 +32,7 @@ impl Default for Config {
             prefault: false,
             num_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             namespace: None,
+            ignore_reinit_error: false,
         }
     }
 }
@@ -65,6 +67,16 @@ impl Config {
     /// sharing a `troved` never see each other's names unless both name one namespace.
     pub fn namespace(mut self, namespace: impl Into<String>) -> Config {
         self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// Whether a second [`init`](crate::init) in a process that already has a runtime returns
+    /// a handle to that runtime (Ray's `ignore_reinit_error`) instead of failing with
+    /// `Error::Init`. The handle does not own the runtime: dropping it stops nothing,
+    /// and the rest of this config is ignored. In a task or an actor it is a handle to that
+    /// process's runtime (put, get, wait, spawn; actors are started by the driver).
+    pub fn ignore_reinit_error(mut self, yes: bool) -> Config {
+        self.ignore_reinit_error = yes;
         self
     }
 

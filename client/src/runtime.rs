@@ -28,9 +28,19 @@ use crate::owned::{self, Archive, NewMailbox, Seal};
 /// otherwise it connects to the running `troved`. Fails with [`Error::Init`] if trove is already
 /// initialised or the process has other threads.
 pub fn init(cfg: Config) -> Result<Runtime> {
-    if context::current().is_some() {
+    if let Some(sh) = context::current() {
+        if cfg.ignore_reinit_error {
+            return Ok(Runtime {
+                sh,
+                _pool: Vec::new(),
+                named: Mutex::new(HashMap::new()),
+                owner: false,
+            });
+        }
         return Err(Error::Init(
-            "trove is already initialised in this process".into(),
+            "trove is already initialised in this process \
+             (Config::ignore_reinit_error(true) returns the running one)"
+                .into(),
         ));
     }
     trove_executor::ensure_single_threaded().map_err(|e| Error::Init(e.to_string()))?;
@@ -69,6 +79,7 @@ pub fn init(cfg: Config) -> Result<Runtime> {
         sh,
         _pool: pool,
         named: Mutex::new(HashMap::new()),
+        owner: true,
     };
     context::install(&rt.sh)?;
     Ok(rt)
@@ -107,6 +118,9 @@ pub struct Runtime {
     _pool: Vec<ObjectRef<[u8]>>,
     /// The entries of this driver's named actors.
     named: Mutex<HashMap<String, ObjectRef<[u8]>>>,
+    /// Made by the `init` that started the runtime (dropping it stops what that started); a
+    /// handle from a later `init` with [`Config::ignore_reinit_error`] owns nothing.
+    owner: bool,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -346,6 +360,9 @@ impl Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
+        if !self.owner {
+            return;
+        }
         context::uninstall(&self.sh);
         if let Some(z) = &self.sh.zygote {
             z.stop();

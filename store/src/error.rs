@@ -7,7 +7,7 @@ use crate::blocks::id::ObjectId;
 pub enum StoreError {
     /// The object does not fit even after evicting every unpinned object.
     #[error(
-        "store full: {requested} bytes requested, capacity {capacity} bytes, {pinned} bytes pinned or being created"
+        "store full: {requested} bytes requested, capacity {capacity} bytes, {pinned} bytes pinned or being created (a larger store: Config::memory, TROVE_MEMORY or troved --memory)"
     )]
     StoreFull {
         requested: u64,

@@ -17,6 +17,7 @@ mod harness;
 mod role;
 
 mod cli_commands;
+mod client_init;
 mod client_lifetimes;
 mod client_objects;
 mod client_roles;

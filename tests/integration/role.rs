@@ -176,6 +176,9 @@ roles! {
         /// A driver with its own embedded store running one lifetime scenario
         /// (client_lifetimes.rs).
         Lifetimes { scenario: Scenario } = "live-lifetimes",
+        /// `init` twice, with and without `ignore_reinit_error`, in a driver and in a task
+        /// (client_init.rs).
+        Reinit = "reinit",
         /// An executor driver (executor_roles.rs).
         Exec { role: ExecRole } = "exec",
         /// Become uid/gid 65534, then try to connect (security_access.rs).

@@ -235,8 +235,8 @@ pub fn wait_until_blocked(pid: Pid, limit: Duration) {
 /// of a role to its body, in its area's file.
 pub fn run_helper_if_asked() {
     use crate::{
-        client_lifetimes, client_roles, executor_roles, fault_kills, load_clients, roles,
-        security_access, store_fuzz, store_isolation,
+        client_init, client_lifetimes, client_roles, executor_roles, fault_kills, load_clients,
+        roles, security_access, store_fuzz, store_isolation,
     };
     let Ok(line) = std::env::var(ROLE_ENV) else {
         return;
@@ -263,6 +263,7 @@ pub fn run_helper_if_asked() {
         Role::Trove { socket, role } => client_roles::helper_role(role, &socket),
         Role::TroveEmbedded { hold } => client_roles::embedded(hold),
         Role::Lifetimes { scenario } => client_lifetimes::helper_role(scenario),
+        Role::Reinit => client_init::reinit_role(),
         Role::Exec { role } => executor_roles::helper_role(role),
         Role::SecOtherUid { socket } => security_access::other_uid_role(&socket),
         Role::SecStall { socket, n } => security_access::stall_role(&socket, n),

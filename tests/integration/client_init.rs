@@ -1,0 +1,89 @@
+//! `trove::init` a second time: an error by default; with `ignore_reinit_error` a handle to
+//! the running runtime, in the driver and inside a task, that stops nothing when dropped.
+
+use std::time::Duration;
+
+use trove::{Config, Error, ObjectRef};
+
+use crate::harness::register;
+use crate::role::Role;
+use crate::util::{Helper, say};
+
+type Res = Result<(), Box<dyn std::error::Error>>;
+
+const T: Duration = Duration::from_secs(30);
+
+pub fn client_second_init_is_an_error_unless_ignored() {
+    let mut h = Helper::start(Role::Reinit);
+    h.expect_line("OK", Duration::from_secs(60));
+    assert!(h.wait(T).success());
+}
+register!(client_second_init_is_an_error_unless_ignored);
+
+#[derive(Default)]
+pub struct Echo;
+
+impl Echo {
+    fn echo(&mut self, x: u64) -> u64 {
+        x
+    }
+}
+
+/// A task that reaches its process's runtime through `init` and puts an object there.
+fn put_in_task(x: u64) -> trove::Result<ObjectRef<u64>> {
+    let rt = trove::init(Config::default().ignore_reinit_error(true))?;
+    let r = rt.put(&(x * 3))?;
+    // Actors are started by the driver: a typed error here, not a fork from a worker.
+    match rt.actor(Echo::default) {
+        Err(Error::Init(_)) => {}
+        other => panic!("an actor from a task gave {other:?}"),
+    }
+    Ok(r)
+}
+
+fn check(cond: bool, what: &str) -> Res {
+    if cond {
+        Ok(())
+    } else {
+        Err(what.to_string().into())
+    }
+}
+
+pub fn reinit_role() -> Res {
+    let _ = nix::unistd::setsid();
+    let rt = trove::init(Config::default().memory(64 << 20).num_cpus(1))?;
+    let a = rt.actor(Echo::default)?;
+    // By default a second init is refused and changes nothing.
+    match trove::init(Config::default()) {
+        Err(Error::Init(m)) => check(m.contains("ignore_reinit_error"), &m)?,
+        other => return Err(format!("a second init gave {other:?}").into()),
+    }
+    // With the flag: the running runtime. Its objects are the first handle's.
+    let again = trove::init(Config::default().memory(1 << 20).ignore_reinit_error(true))?;
+    let r = again.put(&41u64)?;
+    check(
+        rt.get(&r)?.deserialize()? == 41,
+        "an object put through the second handle",
+    )?;
+    check(
+        again.store().socket_path() == rt.store().socket_path(),
+        "the same store",
+    )?;
+    drop(again);
+    // Dropping it stopped nothing: the actor, the pool and the store all still answer.
+    check(
+        a.call(Echo::echo, (7,))?.get_timeout(T)?.deserialize()? == 7,
+        "the actor after the second handle went",
+    )?;
+    let from_task = rt.spawn(put_in_task, (5,))?.get_timeout(T)?.deserialize()?;
+    check(
+        from_task.get_timeout(T)?.deserialize()? == 15,
+        "an object put in a task",
+    )?;
+    check(
+        rt.get(&r)?.deserialize()? == 41,
+        "the object outlives the handle",
+    )?;
+    say("OK");
+    Ok(())
+}
