@@ -138,14 +138,15 @@ impl Calls {
     }
 
     /// Whether the call for `id` is in flight.
-    /// Whether the call for `id` is in flight; if not, and `last` (this process drops its
-    /// last reference to it), forgets what [`Calls::failure_if_lost`] would have said.
-    pub(crate) fn contains_or_forget(&self, id: &ObjectId, last: bool) -> bool {
+    /// Whether the call for `id` is in flight; if not, and `last()` (this process drops its
+    /// last reference to it), forgets what [`Calls::failure_if_lost`] would have said. `last`
+    /// is asked only then: most releases pay one lock, as before.
+    pub(crate) fn contains_or_forget(&self, id: &ObjectId, last: impl FnOnce() -> bool) -> bool {
         let mut calls = lock(&self.0);
         if calls.by_id.contains_key(id) {
             return true;
         }
-        if last && !calls.forced.is_empty() {
+        if !calls.forced.is_empty() && last() {
             calls.forced.remove(id);
             trove_store::client::shrink_if_sparse(&mut calls.forced);
         }

@@ -64,8 +64,8 @@ impl Shared {
     /// that an inline result is taken (and dropped here) and a pending one goes to the store
     /// (where the release finds it).
     fn before_release(&self, id: &ObjectId) {
-        let last = self.client.held_count(id) <= 1;
-        if self.calls.contains_or_forget(id, last) && last && !self.settle(id) {
+        let last = || self.client.held_count(id) <= 1;
+        if self.calls.contains_or_forget(id, last) && last() && !self.settle(id) {
             self.force_store(id);
         }
     }

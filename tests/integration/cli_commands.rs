@@ -222,32 +222,33 @@ register!(cli_closed_stdout_ends_quietly);
 /// no backtrace even with `RUST_BACKTRACE=1`.
 pub fn cli_error_is_one_line() {
     let store = TestStore::start("16MiB");
-    let out = Command::new(env!("CARGO_BIN_EXE_trove"))
-        .arg("--store")
-        .arg(&store.socket)
-        .args(["get", &trove_store::ObjectId::random().to_string()])
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("run trove");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "stderr:\n{err}");
+    let err = one_line_error(
+        &store.socket,
+        &["get", &trove_store::ObjectId::random().to_string()],
+    );
     assert!(err.starts_with("trove: "), "{err}");
     assert!(err.contains("not found"), "{err}");
     assert!(!err.to_lowercase().contains("backtrace"), "{err}");
     // A missing store: the message and its cause (the socket error) on the one line.
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_trove"))
-        .arg("--store")
-        .arg(dir.path().join("none.sock"))
-        .arg("status")
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("run trove");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "stderr:\n{err}");
+    let err = one_line_error(&dir.path().join("none.sock"), &["status"]);
     assert!(err.starts_with("trove: no store at "), "{err}");
     assert!(err.contains(": "), "{err}");
 }
 register!(cli_error_is_one_line);
+
+/// Runs `trove --store <socket> <args>` with `RUST_BACKTRACE=1`; checks it exits 1 with one
+/// line on stderr, and returns that line.
+fn one_line_error(socket: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_trove"))
+        .arg("--store")
+        .arg(socket)
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run trove");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "stderr:\n{err}");
+    err
+}

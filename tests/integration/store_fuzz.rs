@@ -1,7 +1,6 @@
 //! Random, truncated and hostile frames leave the daemon serving correctly.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -11,19 +10,7 @@ use trove_store::{DeleteOutcome, ObjectId, StoreError, Timeout};
 use trove_store::protocol::Request;
 
 use crate::harness::register;
-use crate::util::{TestStore, pattern};
-
-/// Connects raw and reads (discards) the welcome.
-fn raw_at(socket: &std::path::Path) -> UnixStream {
-    let s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut len = [0u8; 4];
-    (&s).read_exact(&mut len).unwrap();
-    let mut body = vec![0; u32::from_le_bytes(len) as usize];
-    (&s).read_exact(&mut body).unwrap();
-    s
-}
+use crate::util::{TestStore, pattern, raw_connection};
 
 fn frame(body: &[u8]) -> Vec<u8> {
     let mut f = (body.len() as u32).to_le_bytes().to_vec();
@@ -36,7 +23,7 @@ pub fn hostile_role(socket: &std::path::Path) -> Result<(), Box<dyn std::error::
     let mut rng = StdRng::seed_from_u64(0x7A0E);
     let mut sent = 0;
     for conn in 0..60 {
-        let mut s = raw_at(socket);
+        let mut s = raw_connection(socket);
         for _ in 0..50 {
             let kind = rng.random_range(0..8);
             let bytes = match kind {

@@ -3,7 +3,7 @@
 //! is an error, per-client daemon state is bounded, and owned objects are deleted by their
 //! owners only.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use trove_store::{DeleteOutcome, ObjectId, ObjectState, StoreClient, StoreError,
 
 use crate::harness::register;
 use crate::role::{PinStopMode, Role};
-use crate::util::{Helper, TestStore, pattern, wait_until};
+use crate::util::{Helper, TestStore, pattern, raw_connection, wait_until};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -193,18 +193,6 @@ pub fn pin_stop_role(
     Ok(())
 }
 
-/// Connects raw and reads (discards) the welcome.
-fn raw(socket: &std::path::Path) -> UnixStream {
-    let s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut len = [0u8; 4];
-    (&s).read_exact(&mut len).unwrap();
-    let mut body = vec![0; u32::from_le_bytes(len) as usize];
-    (&s).read_exact(&mut body).unwrap();
-    s
-}
-
 /// Bytes waiting to be read on `s` (up to 4 MiB), without consuming them.
 fn queued(s: &UnixStream) -> usize {
     use std::os::fd::AsRawFd;
@@ -228,7 +216,7 @@ pub fn store_a_client_that_does_not_read_replies_stalls_nobody() {
         c.put(ObjectId::from_parts([5; 12], i), b"x").unwrap();
     }
     let x = ObjectId::random();
-    let mut a = raw(&store.socket);
+    let mut a = raw_connection(&store.socket);
     // A wait on `x` that parks, then `List`s it never reads.
     let wait = Request::Wait {
         ids: vec![x],

@@ -284,6 +284,20 @@ pub fn run_helper_if_asked() {
     std::process::exit(code);
 }
 
+/// A raw connection to the daemon at `socket` (bounded reads and writes), its welcome read
+/// and discarded: for sending hand-made frames.
+pub fn raw_connection(socket: &std::path::Path) -> std::os::unix::net::UnixStream {
+    use std::io::Read;
+    let s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut len = [0u8; 4];
+    (&s).read_exact(&mut len).unwrap();
+    let mut body = vec![0; u32::from_le_bytes(len) as usize];
+    (&s).read_exact(&mut body).unwrap();
+    s
+}
+
 /// Prints a line for the parent and flushes it.
 pub fn say(line: &str) {
     use std::io::Write;
