@@ -53,6 +53,11 @@ pub fn reinit_role() -> Res {
     let _ = nix::unistd::setsid();
     let rt = trove::init(Config::default().memory(64 << 20).num_cpus(1))?;
     let a = rt.actor(Echo::default)?;
+    check(
+        a.call(Echo::echo, (1,))?.get_timeout(T)?.deserialize()? == 1,
+        "warm up",
+    )?;
+    let base = rt.stats()?;
     // By default a second init is refused and changes nothing.
     match trove::init(Config::default()) {
         Err(Error::Init(m)) => check(m.contains("ignore_reinit_error"), &m)?,
@@ -83,6 +88,14 @@ pub fn reinit_role() -> Res {
     check(
         rt.get(&r)?.deserialize()? == 41,
         "the object outlives the handle",
+    )?;
+    // Everything put through either handle, in the driver and in the task, goes once its
+    // refs do, while the driver, its pool and its actor all still run.
+    drop((r, from_task));
+    crate::client_lifetimes::back_to(&rt, &base, "after the objects of both handles")?;
+    check(
+        a.call(Echo::echo, (8,))?.get_timeout(T)?.deserialize()? == 8,
+        "the actor at the end",
     )?;
     say("OK");
     Ok(())
