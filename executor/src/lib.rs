@@ -24,6 +24,7 @@ pub const FAIL_POINTS: [&str; 3] = [
     "trove::owing",
 ];
 
+pub mod debts;
 pub mod mailbox;
 pub mod message;
 pub mod process;

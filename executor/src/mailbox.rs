@@ -26,18 +26,16 @@
 //! instructions and the executor treats a mailbox whose owner died as dead anyway.
 //!
 //! The header also holds a `dead` flag (set by whoever learns the consumer died; producers
-//! check it), the consumer's *current* message and its *debts*, so that the process that
-//! reaps a dead consumer can fail the call it was running and every result it had made but
-//! not yet handed over. A debt is a result whose store frame is queued in the consumer's
-//! batch (or is about to be): it is paid when the consumer's store client reports the frame
-//! written ([`Mailbox::written`]), so the reaper fails exactly the debts whose frames never
-//! left the dead process.
+//! check it), the consumer's *current* message and its *debts* (the results it has made but
+//! not yet handed over; [`crate::debts`] owns that protocol), so that the process that reaps
+//! a dead consumer can fail the call it was running and every result it still owed.
 
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 
+use crate::debts::{Book, Debts};
 use crate::record::{RECORD_LEN, Record};
 use crate::sync::{AtomicU32, AtomicU64, Backoff, Ordering, fence, futex};
 
@@ -49,11 +47,6 @@ const SLOT_HEADER: usize = 16;
 const SPIN_BEFORE_PARK: Duration = Duration::from_micros(100);
 /// Bytes of the current-message record in the header.
 pub const CURRENT_LEN: usize = 64;
-/// Debts a consumer can have outstanding (see [`Mailbox::owe`]).
-pub const DEBTS: u64 = 128;
-/// A debt's sequence number while its frame is not even queued yet.
-pub const NOT_QUEUED: u64 = u64::MAX >> 1;
-const EVICTED_BIT: u64 = 1 << 63;
 /// A slot's sequence while a consumer holds it: this bit, the low 31 bits of the position
 /// (so a holder of the same slot a lap before is told apart) and the consumer's tag (its pid).
 pub const CLAIMED: u64 = 1 << 63;
@@ -86,32 +79,9 @@ struct Header {
     current: [AtomicU64; CURRENT_LEN / 8],
     /// The position `current` was popped from.
     current_pos: AtomicU64,
-    /// Sequence number of the consumer's last store frame known written.
-    written: Line<AtomicU64>,
-    /// Debts recorded so far: debt `n` is in `debts[n % DEBTS]`.
-    debts_made: AtomicU64,
-    /// `n + 1` while debt `n` is stamped with the frames the consumer queues (0: none).
-    armed: AtomicU64,
-    /// Per debt: position, result id (3 words), reply-to, and the frame's sequence number
-    /// with [`EVICTED_BIT`].
-    debts: [[AtomicU64; 6]; DEBTS as usize],
+    /// The results the consumer owes (see [`crate::debts`]).
+    debts: Book,
 }
-
-/// A result a consumer owes a caller (see [`Mailbox::owe`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Debt {
-    /// The position of the call (its record is `record(pos)`).
-    pub pos: u64,
-    pub result: [u8; 20],
-    pub reply_to: (u32, u32),
-    /// An inline result the consumer is taking out of its record to store it: owed only if
-    /// the record has moved past `pos` (else its caller has it, or can still take it).
-    pub evicted: bool,
-}
-
-/// All of [`DEBTS`] debts are unpaid: write the queued frames first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DebtsFull;
 
 const HEADER_LEN: usize = size_of::<Header>().next_multiple_of(64);
 
@@ -199,7 +169,7 @@ impl Mailbox {
         h.type_tag.store(type_tag, Ordering::Relaxed);
         h.dead.store(0, Ordering::Relaxed);
         h.current_set.store(0, Ordering::Relaxed);
-        m.forgive();
+        h.debts.reset();
         for i in 0..capacity {
             m.seq(i).store(i, Ordering::Relaxed);
             m.record(i).reset();
@@ -596,117 +566,11 @@ impl Mailbox {
         Some((h.current_pos.load(Ordering::Relaxed), out))
     }
 
-    // ---- debts (consumer side, then the reaper's) ----
-
-    /// Records a debt whose store frame has sequence number `seq` (or [`NOT_QUEUED`]); returns
-    /// its number, for [`Mailbox::set_debt`] and [`Mailbox::arm`]. A debt is paid once
-    /// [`Mailbox::written`] reaches its `seq`; 0 cancels it. Fails when the slot it needs
-    /// still holds an unpaid debt.
-    pub fn owe(&self, d: &Debt, seq: u64) -> Result<u64, DebtsFull> {
-        let h = self.header();
-        let n = h.debts_made.load(Ordering::Relaxed);
-        let old = h.debts[(n % DEBTS) as usize][5].load(Ordering::Relaxed) & !EVICTED_BIT;
-        if old > h.written.0.load(Ordering::Relaxed) {
-            return Err(DebtsFull);
-        }
-        self.set_debt(n, d, seq);
-        h.debts_made.store(n + 1, Ordering::Release);
-        Ok(n)
-    }
-
-    /// Rewrites debt `n` (the consumer's own, from [`Mailbox::owe`]).
-    pub fn set_debt(&self, n: u64, d: &Debt, seq: u64) {
-        let w = &self.header().debts[(n % DEBTS) as usize];
-        // Paid (nothing owed) while the fields change: a consumer that dies half-way leaves
-        // no debt with mixed fields for the reaper to fail.
-        w[5].store(0, Ordering::Release);
-        fence(Ordering::Release);
-        let mut id = [0u8; 24];
-        id[..20].copy_from_slice(&d.result);
-        w[0].store(d.pos, Ordering::Relaxed);
-        for (i, c) in id.chunks(8).enumerate() {
-            w[1 + i].store(
-                u64::from_le_bytes(c.try_into().expect("8 bytes")),
-                Ordering::Relaxed,
-            );
-        }
-        w[4].store(
-            (d.reply_to.0 as u64) << 32 | d.reply_to.1 as u64,
-            Ordering::Relaxed,
-        );
-        let flag = if d.evicted { EVICTED_BIT } else { 0 };
-        w[5].store(seq.min(NOT_QUEUED) | flag, Ordering::Release);
-    }
-
-    /// Sets debt `n`'s frame sequence number (0: cancelled, nothing is owed).
-    pub fn set_debt_seq(&self, n: u64, seq: u64) {
-        let w = &self.header().debts[(n % DEBTS) as usize][5];
-        let flag = w.load(Ordering::Relaxed) & EVICTED_BIT;
-        w.store(seq.min(NOT_QUEUED) | flag, Ordering::Release);
-    }
-
-    /// From now on the frames the consumer queues stamp debt `n` (see [`Mailbox::stamp`]).
-    pub fn arm(&self, n: u64) {
-        self.header().armed.store(n + 1, Ordering::Relaxed);
-    }
-
-    pub fn disarm(&self) {
-        self.header().armed.store(0, Ordering::Relaxed);
-    }
-
-    /// The consumer queued the frame `seq` (its store client's `on_queued`, before the frame
-    /// can be written): the armed debt is paid once that frame is written.
-    pub fn stamp(&self, seq: u64) {
-        let armed = self.header().armed.load(Ordering::Relaxed);
-        if armed != 0 {
-            self.set_debt_seq(armed - 1, seq);
-            crate::fail_point!("trove::owing");
-        }
-    }
-
-    /// The consumer's store client wrote every frame up to `seq`: debts up to it are paid.
-    pub fn written(&self, seq: u64) {
-        self.header().written.0.fetch_max(seq, Ordering::AcqRel);
-    }
-
-    /// A dead consumer's last debts (not cancelled), each with whether it was paid.
-    pub fn debts(&self) -> Vec<(Debt, bool)> {
-        let h = self.header();
-        let written = h.written.0.load(Ordering::Acquire);
-        let made = h.debts_made.load(Ordering::Acquire);
-        let mut out = Vec::new();
-        for n in made.saturating_sub(DEBTS)..made {
-            let w = &h.debts[(n % DEBTS) as usize];
-            let seq_word = w[5].load(Ordering::Acquire);
-            let seq = seq_word & !EVICTED_BIT;
-            if seq == 0 {
-                continue;
-            }
-            let mut id = [0u8; 24];
-            for (i, c) in id.chunks_mut(8).enumerate() {
-                c.copy_from_slice(&w[1 + i].load(Ordering::Relaxed).to_le_bytes());
-            }
-            let r = w[4].load(Ordering::Relaxed);
-            let debt = Debt {
-                pos: w[0].load(Ordering::Relaxed),
-                result: id[..20].try_into().expect("20 bytes"),
-                reply_to: ((r >> 32) as u32, r as u32),
-                evicted: seq_word & EVICTED_BIT != 0,
-            };
-            out.push((debt, seq <= written));
-        }
-        out
-    }
-
-    /// Forgets every debt (the reaper, once it has failed them; a new consumer starts clean).
-    pub fn forgive(&self) {
-        let h = self.header();
-        for d in &h.debts {
-            d[5].store(0, Ordering::Relaxed);
-        }
-        h.debts_made.store(0, Ordering::Relaxed);
-        h.armed.store(0, Ordering::Relaxed);
-        h.written.0.store(0, Ordering::Release);
+    /// The consumer's debts (see [`crate::debts`]).
+    pub fn debts(&self) -> Debts {
+        // SAFETY: the header stays mapped while this mailbox and its copies live, the same
+        // contract `Debts` asks for.
+        unsafe { Debts::new(&self.header().debts) }
     }
 }
 
@@ -885,67 +749,6 @@ mod tests {
         // SAFETY: as above.
         let again = unsafe { Mailbox::attach(r.as_mut_ptr() as *mut u8, r.len() * 64) }.unwrap();
         assert_eq!(again.max_msg_len(), 16);
-    }
-
-    #[test]
-    fn debts_are_paid_by_written_frames_and_the_ring_refuses_unpaid_slots() {
-        let mut r = region(2, 32);
-        // SAFETY: as above.
-        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 2, 32, 0) }.unwrap();
-        let debt = |i: u64, evicted| Debt {
-            pos: i,
-            result: [i as u8; 20],
-            reply_to: (i as u32, 7),
-            evicted,
-        };
-        let unpaid = |m: &Mailbox| -> Vec<Debt> {
-            m.debts()
-                .into_iter()
-                .filter(|(_, paid)| !paid)
-                .map(|(d, _)| d)
-                .collect()
-        };
-        assert_eq!(m.debts(), vec![]);
-        for i in 1..=DEBTS {
-            m.owe(&debt(i, false), i).unwrap();
-        }
-        // Every slot holds an unpaid debt.
-        assert_eq!(m.owe(&debt(0, false), 1), Err(DebtsFull));
-        m.written(DEBTS - 2);
-        assert_eq!(unpaid(&m), vec![debt(DEBTS - 1, false), debt(DEBTS, false)]);
-        assert_eq!(
-            m.debts().len(),
-            DEBTS as usize,
-            "paid ones are still listed"
-        );
-        // Slots of paid debts are reused; a debt waits for the frame that stamps it.
-        let n = m.owe(&debt(500, true), NOT_QUEUED).unwrap();
-        m.written(DEBTS);
-        assert_eq!(unpaid(&m), vec![debt(500, true)]);
-        m.stamp(DEBTS + 1);
-        assert_eq!(unpaid(&m), vec![debt(500, true)], "not armed: no stamp");
-        m.arm(n);
-        m.stamp(DEBTS + 1);
-        m.disarm();
-        m.stamp(DEBTS + 7);
-        m.written(DEBTS + 1);
-        assert_eq!(unpaid(&m), vec![]);
-        assert!(m.debts().contains(&(debt(500, true), true)));
-        m.set_debt_seq(n, 0);
-        assert!(!m.debts().iter().any(|(d, _)| d.pos == 500), "cancelled");
-        m.set_debt(n, &debt(600, false), DEBTS + 5);
-        assert_eq!(unpaid(&m), vec![debt(600, false)]);
-        m.written(DEBTS + 5);
-        assert_eq!(unpaid(&m), vec![]);
-        m.owe(&debt(700, false), DEBTS + 9).unwrap();
-        m.forgive();
-        assert_eq!(m.debts(), vec![]);
-        m.owe(&debt(800, false), 3).unwrap();
-        assert_eq!(
-            unpaid(&m),
-            vec![debt(800, false)],
-            "a new consumer counts from 1"
-        );
     }
 }
 

@@ -359,13 +359,12 @@ fn reap(client: &StoreClient, children: &mut HashMap<i32, Child>, me: Pid) {
                 child.queue.record(pos).abandon(pos);
             }
         });
-        // Results it made and handed to its store client (paid: the frame left it).
-        let debts = child.mailbox.debts();
+        // Results it made and was handing to its store client (see `crate::debts`).
+        let debts = child.mailbox.debts().unsettled();
         // The call it was running, unless its result is in its record already or owed.
         if let Some((pos, rec)) = child.mailbox.current() {
             let (at, delivered) = child.queue.record(pos).status();
-            let owed = Message::decode(&rec)
-                .is_some_and(|m| debts.iter().any(|(d, _)| d.result == m.result.0));
+            let owed = Message::decode(&rec).is_some_and(|m| debts.owes(&m.result));
             let in_record = at == pos && delivered;
             if !in_record && !owed {
                 fail(&rec, failure);
@@ -373,20 +372,12 @@ fn reap(client: &StoreClient, children: &mut HashMap<i32, Child>, me: Pid) {
             }
         }
         child.mailbox.clear_current();
-        for (d, paid) in debts {
-            let record = child.queue.record(d.pos);
-            // An inline result it was taking out of its record is owed only if it took it
-            // (the record moved on); otherwise its caller has it or still can take it.
-            if d.evicted && record.status().0 <= d.pos {
-                continue;
-            }
-            if !paid {
+        debts.settle(
+            |pos| child.queue.record(pos),
+            |d| {
                 let _ = report_failure(client, ObjectId(d.result), d.reply_to, failure, &why);
-            }
-            // Its caller finds the result (or the failure) in the store.
-            record.abandon(d.pos);
-        }
-        child.mailbox.forgive();
+            },
+        );
         if child.req.respawn {
             let _ = client.flush();
             if let Ok(new) = fork_child(&child.req, me) {

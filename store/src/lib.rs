@@ -17,7 +17,8 @@ mod sock;
 pub use blocks::{alloc, id, ring, shm, size, sync};
 
 pub use client::{
-    ObjectView, ObjectWriter, OwnedWriter, Readiness, StoreClient, Subscription, Timeout,
+    FrameObserver, ObjectView, ObjectWriter, OwnedWriter, Readiness, StoreClient, Subscription,
+    Timeout,
 };
 pub use daemon::{Daemon, DaemonConfig, ShutdownHandle};
 pub use error::{Result, StoreError};

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use trove_executor::mailbox::{Debt, Mailbox, MailboxError, NOT_QUEUED};
+use trove_executor::debts::{Debt, Ledger};
+use trove_executor::mailbox::{Mailbox, MailboxError};
 use trove_executor::message::{CALL_HEADER, Failure, KIND_CALL_BY_OBJECT, KIND_STOP, Message};
 use trove_executor::record::{Claim, INLINE_MAX, InlineResult, Record};
 use trove_store::{ObjectId, StoreClient};
@@ -39,60 +40,16 @@ pub(crate) fn inline_args<'a>(m: &Message<'a>) -> Option<&'a [u8]> {
 }
 
 /// What the callee knows about the call it is running: where the result goes, its
-/// completion record, and where the callee notes the results it owes (its own mailbox).
+/// completion record, and where the callee notes the results it owes.
 pub(crate) struct Call<'a> {
     pub(crate) result: ObjectId,
     pub(crate) reply_to: (u32, u32),
     pub(crate) pos: u64,
     pub(crate) record: &'a Record,
-    pub(crate) debts: &'a Mailbox,
+    pub(crate) ledger: &'a Ledger,
 }
 
 impl Call<'_> {
-    /// Notes that the result of `d` is owed until the store frame `seq` is written (see
-    /// [`trove_executor::mailbox`]); `None` if that cannot be noted (the store is gone).
-    fn owe(&self, client: &StoreClient, d: &Debt, seq: u64) -> Option<u64> {
-        match self.debts.owe(d, seq) {
-            Ok(n) => Some(n),
-            // Every slot is unpaid: writing the queued frames pays them.
-            Err(_) => client
-                .flush()
-                .ok()
-                .and_then(|_| self.debts.owe(d, seq).ok()),
-        }
-    }
-
-    /// Runs `put`, which stores the result of debt `n` (noted before, so that there is no
-    /// moment when the result is neither owed nor in the store): the frames it queues stamp
-    /// the debt, which is paid once they are written. A failed put cancels the debt.
-    fn pay_with<R, E>(
-        &self,
-        client: &StoreClient,
-        n: Option<u64>,
-        put: impl FnOnce() -> std::result::Result<R, E>,
-    ) -> std::result::Result<R, E> {
-        if let Some(n) = n {
-            self.debts.arm(n);
-        }
-        let r = client.stamping(put);
-        self.debts.disarm();
-        if let (Some(n), Err(_)) = (n, &r) {
-            self.debts.set_debt_seq(n, 0);
-        }
-        r
-    }
-
-    /// Notes the debt `d`, then [`Call::pay_with`].
-    fn put_owed<R, E>(
-        &self,
-        client: &StoreClient,
-        d: &Debt,
-        put: impl FnOnce() -> std::result::Result<R, E>,
-    ) -> std::result::Result<R, E> {
-        let n = self.owe(client, d, NOT_QUEUED);
-        self.pay_with(client, n, put)
-    }
-
     /// This call's own result, as a debt.
     fn debt(&self) -> Debt {
         Debt {
@@ -140,7 +97,7 @@ fn run_and_report<Args: Value, O: Outcome>(
     let done = match outcome {
         Ok(v) => match small_value(&v, &mut small.0) {
             Ok(Some(len)) => finish(client, call, Finish::Bytes(&small.0[..len], false)),
-            Ok(None) => match call.put_owed(client, &call.debt(), || {
+            Ok(None) => match call.ledger.put_owed(client, &call.debt(), || {
                 owned::write(
                     client,
                     call.result,
@@ -180,7 +137,7 @@ fn failed(client: &StoreClient, call: &Call, msg: &str) -> Result<Option<Deferre
     if report.len() <= INLINE_MAX {
         return finish(client, call, Finish::Bytes(&report, true));
     }
-    let report = call.put_owed(client, &call.debt(), || {
+    let report = call.ledger.put_owed(client, &call.debt(), || {
         owned::report_failure(client, call.result, call.reply_to, Failure::TaskFailed, msg)
     })?;
     match report {
@@ -200,7 +157,7 @@ enum Finish<'a> {
 /// Completes a call: records the result inline in its completion record when it is small and
 /// the record is free, else makes sure it is in the store (its place recorded after the
 /// frames are written: the returned [`Deferred`]). A result that goes to the store is owed
-/// (noted in `call.debts`) from before its frame is queued until it is written.
+/// (noted in `call.ledger`) from before its frame is queued until it is written.
 fn finish(client: &StoreClient, call: &Call, what: Finish) -> Result<Option<Deferred>> {
     let rec = call.record;
     // An earlier caller's untaken inline result becomes ours to store when we take the record:
@@ -215,8 +172,8 @@ fn finish(client: &StoreClient, call: &Call, what: Finish) -> Result<Option<Defe
     let claim = rec.claim_with(call.pos, |ev| {
         let d = evicted_debt(ev);
         match evict_debt {
-            Some(n) => call.debts.set_debt(n, &d, NOT_QUEUED),
-            None => evict_debt = call.owe(client, &d, NOT_QUEUED),
+            Some(n) => call.ledger.renote(n, &d),
+            None => evict_debt = call.ledger.owe(client, &d),
         }
     });
     let claimed = match claim {
@@ -224,7 +181,7 @@ fn finish(client: &StoreClient, call: &Call, what: Finish) -> Result<Option<Defe
             match evicted {
                 Some(ev) => {
                     let id = ObjectId(ev.result);
-                    let stored = call.pay_with(client, evict_debt, || {
+                    let stored = call.ledger.pay_with(evict_debt, || {
                         owned::write(
                             client,
                             id,
@@ -235,7 +192,7 @@ fn finish(client: &StoreClient, call: &Call, what: Finish) -> Result<Option<Defe
                     if let Err(e) = stored {
                         tracing::warn!("evicting result {id}: {e}");
                         let msg = format!("result lost: {e}");
-                        let _ = call.put_owed(client, &evicted_debt(&ev), || {
+                        let _ = call.ledger.put_owed(client, &evicted_debt(&ev), || {
                             owned::report_failure(
                                 client,
                                 id,
@@ -249,7 +206,7 @@ fn finish(client: &StoreClient, call: &Call, what: Finish) -> Result<Option<Defe
                 // The caller took it first: nothing is owed.
                 None => {
                     if let Some(n) = evict_debt {
-                        call.debts.set_debt_seq(n, 0);
+                        call.ledger.cancel(n);
                     }
                 }
             }
@@ -257,7 +214,7 @@ fn finish(client: &StoreClient, call: &Call, what: Finish) -> Result<Option<Defe
         }
         Claim::Unavailable => {
             if let Some(n) = evict_debt {
-                call.debts.set_debt_seq(n, 0);
+                call.ledger.cancel(n);
             }
             false
         }
@@ -271,7 +228,7 @@ fn finish(client: &StoreClient, call: &Call, what: Finish) -> Result<Option<Defe
                 return Ok(None);
             }
             // The record is EVICTING (the caller asked for the store) or not ours.
-            match call.put_owed(client, &call.debt(), || {
+            match call.ledger.put_owed(client, &call.debt(), || {
                 owned::write(
                     client,
                     call.result,
@@ -357,13 +314,11 @@ pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state:
     let mut buf = rkyv::util::AlignedVec::<ARGS_ALIGN>::with_capacity(SLOT_BYTES as usize);
     // Results whose frames are queued but not yet written: recorded once they are.
     let mut done: Vec<Deferred> = Vec::new();
-    // Each store frame queued while a debt is armed stamps it; each write pays the debts up
-    // to it.
-    let debts = *own;
+    // Where it notes the results it owes while it stores them; its store client stamps and
+    // pays them (see `trove_executor::debts`).
+    let ledger = own.debts().open(client);
     // This consumer's tag in the queue slots it holds (see `Mailbox::try_pop`).
     let tag = std::process::id();
-    client.on_queued(move |seq| debts.stamp(seq));
-    client.on_written(move |seq| debts.written(seq));
     let record_done = |done: &mut Vec<Deferred>| {
         for (pos, offset, len, error) in done.drain(..) {
             queue.record(pos).finish_stored(pos, offset, len, error);
@@ -416,7 +371,7 @@ pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state:
             reply_to: m.reply_to,
             pos,
             record: queue.record(pos),
-            debts: own,
+            ledger: &ledger,
         };
         let deferred = run_call(client, &m, &call, state);
         if let Some(d) = deferred {

@@ -61,10 +61,7 @@ impl ModelMailbox {
             current_set: AtomicU32::new(0),
             current: std::array::from_fn(|_| AtomicU64::new(0)),
             current_pos: AtomicU64::new(0),
-            written: Line(AtomicU64::new(0)),
-            debts_made: AtomicU64::new(0),
-            armed: AtomicU64::new(0),
-            debts: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            debts: crate::debts::Book::new(),
         };
         // SAFETY: the region is `mailbox_bytes` long and 64-byte aligned, nothing references
         // it yet, and each write below puts an atomic where the mailbox code will find one:

@@ -1,7 +1,7 @@
 //! The connection: request/reply with ids over the Unix socket (any thread may read replies
 //! for the others), one-way frames batched and numbered (`frames_sent`, `sync_through`), the
-//! debt hooks that report those numbers (`on_queued`, `on_written`, `stamping`), the
-//! handshake, and `Subscription` (events on a connection of its own).
+//! [`FrameObserver`] told those numbers as frames are queued and written, the handshake, and
+//! `Subscription` (events on a connection of its own).
 
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
@@ -49,17 +49,22 @@ pub(super) struct Writer {
     pub(super) batching: bool,
     /// Sequence number of the last frame in `batch`.
     pub(super) last: u64,
-    /// Told the sequence number of the last frame written, after each write.
-    pub(super) on_written: Option<Box<dyn Fn(u64) + Send>>,
-    /// Told the sequence number of each frame that publishes an object (`PutSmall`,
-    /// `SealOwned`) queued by a thread inside [`StoreClient::stamping`], before it can be
-    /// written.
-    pub(super) on_queued: Option<Box<dyn Fn(u64) + Send>>,
+    /// Told the numbers of frames publishing objects as they are queued, and of the last
+    /// frame written after each write (see [`StoreClient::observe_frames`]).
+    pub(super) observer: Option<Box<dyn FrameObserver>>,
 }
 
-thread_local! {
-    /// Whether this thread is inside [`StoreClient::stamping`].
-    static STAMPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// Told the sequence numbers of a client's frames (numbered from 1 in the order they are
+/// queued) as they are queued and written: what a process needs to know which of its frames
+/// are already in the daemon's hands should it die. Called under the client's writer lock,
+/// so each call must be quick and must not use the client.
+pub trait FrameObserver: Send {
+    /// The calling thread has just queued frame `seq`, which publishes an object (a small
+    /// put or an owned seal); it cannot be written before this returns.
+    fn publishing(&self, seq: u64);
+    /// Every frame up to `seq` has been written to the socket: the daemon handles them even
+    /// if this process dies now.
+    fn written(&self, seq: u64);
 }
 
 /// A batch this large is written at once.
@@ -73,8 +78,8 @@ impl Writer {
         let r = self.stream.write_all(&self.batch);
         self.batch.clear();
         r.map_err(|e| StoreError::Disconnected(format!("write to the store failed: {e}")))?;
-        if let Some(f) = &self.on_written {
-            f(self.last);
+        if let Some(o) = &self.observer {
+            o.written(self.last);
         }
         Ok(())
     }
@@ -89,11 +94,10 @@ impl Conn {
         w.batch.extend_from_slice(&frame);
         let seq = self.sent.fetch_add(1, Ordering::AcqRel) + 1;
         w.last = seq;
-        if let Some(f) = &w.on_queued
-            && STAMPING.get()
+        if let Some(o) = &w.observer
             && matches!(r, Request::PutSmall { .. } | Request::SealOwned { .. })
         {
-            f(seq);
+            o.publishing(seq);
         }
         if req != 0 || !w.batching || w.batch.len() >= BATCH_LIMIT {
             w.flush()?;
@@ -225,33 +229,10 @@ impl StoreClient {
         self.inner.conn.flush()
     }
 
-    /// Calls `f` with the sequence number of the last frame written to the socket after each
-    /// write (frames are numbered from 1 in the order they are queued): every frame up to it is in the daemon's hands from then on, even if this process
-    /// dies. Called with the writer's lock held: `f` must be quick and must not use this
-    /// client. Replaces an earlier `f`.
-    pub fn on_written(&self, f: impl Fn(u64) + Send + 'static) {
-        lock(&self.inner.conn.writer).on_written = Some(Box::new(f));
-    }
-
-    /// Calls `f` with the sequence number of each frame publishing an owned object (a small
-    /// put or an owned seal) that a thread inside [`StoreClient::stamping`] queues, right
-    /// after queuing it and before it can be written (under the writer's lock: `f` must be
-    /// quick and must not use this client). Replaces an earlier `f`.
-    pub fn on_queued(&self, f: impl Fn(u64) + Send + 'static) {
-        lock(&self.inner.conn.writer).on_queued = Some(Box::new(f));
-    }
-
-    /// Runs `body`, reporting each frame this thread queues meanwhile to the
-    /// [`StoreClient::on_queued`] callback.
-    pub fn stamping<R>(&self, body: impl FnOnce() -> R) -> R {
-        struct Restore(bool);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                STAMPING.set(self.0);
-            }
-        }
-        let _restore = Restore(STAMPING.replace(true));
-        body()
+    /// From now on tells `observer` the numbers of the frames this client queues and writes
+    /// (see [`FrameObserver`]). Replaces an earlier observer.
+    pub fn observe_frames(&self, observer: impl FrameObserver + 'static) {
+        lock(&self.inner.conn.writer).observer = Some(Box::new(observer));
     }
 
     /// `Disconnected` if the daemon has gone (its end of the socket is closed).

@@ -32,8 +32,8 @@ mod holds;
 mod notices;
 mod writers;
 
-pub use conn::Subscription;
 use conn::{BATCH_LIMIT, Conn, ReadState, Writer, handshake};
+pub use conn::{FrameObserver, Subscription};
 use holds::Holds;
 pub use holds::{ObjectView, shrink_if_sparse};
 use notices::Notes;
@@ -124,8 +124,7 @@ impl StoreClient {
                         batch: Vec::with_capacity(BATCH_LIMIT),
                         batching: false,
                         last: 0,
-                        on_written: None,
-                        on_queued: None,
+                        observer: None,
                     }),
                     read: Mutex::new(ReadState {
                         reader: Some(reader),
