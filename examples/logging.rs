@@ -3,6 +3,8 @@
 //!
 //! `cargo run --release --example logging [ITERATIONS]` (default 60, one per second).
 
+use std::time::Duration;
+
 use anyhow::Context;
 
 #[path = "stories/logging.rs"]
@@ -14,5 +16,11 @@ fn main() -> anyhow::Result<()> {
         Some(a) => a.parse().context("ITERATIONS: a whole number")?,
         None => 60,
     };
-    logging::run(&rt, iterations, &mut std::io::stdout())
+    logging::run(
+        &rt,
+        iterations,
+        Duration::from_millis(1200),
+        &mut std::io::stdout(),
+    )?;
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! examples' code (`examples/stories/`, included by `main.rs`): one copy of each.
 
 use std::io::Write;
+use std::time::Duration;
 
 use crate::stories::{actors, large_objects, logging};
 
@@ -17,7 +18,7 @@ pub fn run(rt: &trove::Runtime, out: &mut dyn Write) -> anyhow::Result<()> {
         out,
         "2. A logging actor shared by three tasks; the driver reads the logs as they grow"
     )?;
-    logging::run(rt, 5, out)?;
+    logging::run(rt, 5, Duration::from_millis(1200), out)?;
     writeln!(out)?;
 
     writeln!(

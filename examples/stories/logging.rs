@@ -37,17 +37,25 @@ pub fn run_experiment(
 }
 
 /// Runs the story (three tasks of `iterations` lines each), writing what the driver reads to
-/// `out` while the tasks run. Needs three task workers to run the tasks at once.
-pub fn run(rt: &trove::Runtime, iterations: u32, out: &mut dyn Write) -> anyhow::Result<()> {
+/// `out` every `poll` while the tasks run; returns the number of lines each of those reads
+/// saw. Needs three task workers to run the tasks at once.
+pub fn run(
+    rt: &trove::Runtime,
+    iterations: u32,
+    poll: Duration,
+    out: &mut dyn Write,
+) -> anyhow::Result<Vec<usize>> {
     let logger = rt.actor(LoggingActor::default)?;
     let tasks = (0..3)
         .map(|i| rt.spawn(run_experiment, (i, iterations, logger.clone())))
         .collect::<Result<Vec<_>, _>>()?;
     let start = Instant::now();
+    let mut seen = Vec::new();
     while !tasks.iter().all(|t| t.is_ready()) {
-        sleep(Duration::from_millis(1200));
+        sleep(poll);
         let logs = logger.call(LoggingActor::get_logs, ())?.deserialize()?;
         let lines: usize = logs.values().map(Vec::len).sum();
+        seen.push(lines);
         let last: Vec<&str> = logs
             .values()
             .filter_map(|v| v.last().map(String::as_str))
@@ -68,5 +76,5 @@ pub fn run(rt: &trove::Runtime, iterations: u32, out: &mut dyn Write) -> anyhow:
         bail!("{lines} log lines, expected {}", 3 * iterations);
     }
     writeln!(out, "  done: {lines} lines")?;
-    Ok(())
+    Ok(seen)
 }

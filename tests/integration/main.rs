@@ -16,6 +16,12 @@
 mod harness;
 mod role;
 
+// Two stories of DESIGN.md, the examples' own code (`examples/stories/`), run by the seed tests.
+#[path = "../../examples/stories/actors.rs"]
+mod story_actors;
+#[path = "../../examples/stories/logging.rs"]
+mod story_logging;
+
 mod cli_commands;
 mod client_init;
 mod client_lifetimes;
