@@ -92,7 +92,7 @@ pub fn reinit_role() -> Res {
     // Everything put through either handle, in the driver and in the task, goes once its
     // refs do, while the driver, its pool and its actor all still run.
     drop((r, from_task));
-    crate::client_lifetimes::back_to(&rt, &base, "after the objects of both handles")?;
+    crate::util::store_back_to(&rt, &base, "after the objects of both handles")?;
     check(
         a.call(Echo::echo, (8,))?.get_timeout(T)?.deserialize()? == 8,
         "the actor at the end",

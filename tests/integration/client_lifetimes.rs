@@ -5,13 +5,13 @@
 //! that a process held.
 
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use trove::{ActorHandle, Config, ObjectRef};
 
 use crate::harness::register;
 use crate::role::{Role, Scenario};
-use crate::util::{Helper, say};
+use crate::util::{Helper, say, store_back_to};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
@@ -124,37 +124,6 @@ fn check(cond: bool, what: &str) -> Res {
     }
 }
 
-/// Waits (bounded) until the store is back at `base` (objects and used bytes) while this
-/// program's processes all run; the error lists what is left.
-pub fn back_to(rt: &trove::Runtime, base: &trove_store::Stats, what: &str) -> Res {
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = rt.stats()?;
-        if st.objects == base.objects && st.used == base.used {
-            return Ok(());
-        }
-        if Instant::now() > until {
-            let list: Vec<String> = rt
-                .store()
-                .list()?
-                .iter()
-                .take(20)
-                .map(|o| format!("{} ({} bytes, {} pins)", o.id, o.size, o.pins))
-                .collect();
-            return Err(format!(
-                "{what}: store at {} objects / {} bytes, baseline {} / {}: {}",
-                st.objects,
-                st.used,
-                base.objects,
-                base.used,
-                list.join(", ")
-            )
-            .into());
-        }
-        sleep(Duration::from_millis(10));
-    }
-}
-
 /// Bytes of at most `n` chunks above the baseline, with room for small objects.
 fn at_most_chunks(rt: &trove::Runtime, base: &trove_store::Stats, n: u64, what: &str) -> Res {
     let st = rt.stats()?;
@@ -196,7 +165,7 @@ pub fn helper_role(scenario: Scenario) -> Res {
                 a.call(Summer::count, ())?.get_timeout(T)?.deserialize()? == 1000,
                 "the actor ran 1,000 sums",
             )?;
-            back_to(&rt, &base, "after 1,000 calls")?;
+            store_back_to(&rt, &base, "after 1,000 calls")?;
             // The same through the pool.
             for i in 0..100u64 {
                 let chunk = rt.put_slice(&ones)?;
@@ -209,7 +178,7 @@ pub fn helper_role(scenario: Scenario) -> Res {
                     at_most_chunks(&rt, &base, 4, &format!("after {} tasks", i + 1))?;
                 }
             }
-            back_to(&rt, &base, "after 100 tasks")?;
+            store_back_to(&rt, &base, "after 100 tasks")?;
         }
         Scenario::RefsInside => {
             let ones = vec![1.0f64; 1024];
@@ -236,7 +205,7 @@ pub fn helper_role(scenario: Scenario) -> Res {
                     .deserialize()?;
                 check(s == 10, &format!("task {i}: {s}"))?;
             }
-            back_to(&rt, &base, "after refs inside arguments")?;
+            store_back_to(&rt, &base, "after refs inside arguments")?;
             // An argument handed back inside the result: the caller's own reference is gone
             // when the call has run, the result object's one must take over in time.
             for i in 0..2000u64 {
@@ -245,7 +214,7 @@ pub fn helper_role(scenario: Scenario) -> Res {
                 let got = back.get_timeout(T)?;
                 check(got.len() == (i % 64 + 1) as usize, &format!("echo {i}"))?;
             }
-            back_to(&rt, &base, "after arguments returned in results")?;
+            store_back_to(&rt, &base, "after arguments returned in results")?;
             // Arguments too large for a mailbox slot travel as an object of their own.
             let many: Vec<_> = (0..100u64).map(|k| rt.put(&k)).collect::<Result<_, _>>()?;
             let s = rt
@@ -253,7 +222,7 @@ pub fn helper_role(scenario: Scenario) -> Res {
                 .get_timeout(T)?
                 .deserialize()?;
             check(s == 4950, &format!("100 refs: {s}"))?;
-            back_to(&rt, &base, "after an argument object")?;
+            store_back_to(&rt, &base, "after an argument object")?;
         }
         Scenario::DroppedResults => {
             let ones = vec![1.0f64; 1024];
@@ -282,7 +251,7 @@ pub fn helper_role(scenario: Scenario) -> Res {
             drop(held);
             // Every call has run once these answer (one caller, in order).
             b.call(Summer::twice, (1,))?.get_timeout(T)?;
-            back_to(&rt, &base, "after dropped and unread results")?;
+            store_back_to(&rt, &base, "after dropped and unread results")?;
         }
         Scenario::Chained => {
             for i in 0..200u64 {
@@ -303,7 +272,7 @@ pub fn helper_role(scenario: Scenario) -> Res {
             }
             a.call(Summer::twice, (1,))?.get_timeout(T)?;
             b.call(Summer::twice, (1,))?.get_timeout(T)?;
-            back_to(&rt, &base, "after chained calls")?;
+            store_back_to(&rt, &base, "after chained calls")?;
         }
         Scenario::Nested => {
             let ones = vec![1.0f64; 4096];
@@ -321,7 +290,7 @@ pub fn helper_role(scenario: Scenario) -> Res {
                     .deserialize()?;
                 check(s == 4096.0, &format!("task {i}: {s}"))?;
             }
-            back_to(&rt, &base, "after nested calls")?;
+            store_back_to(&rt, &base, "after nested calls")?;
         }
     }
     // The actors are still alive: the check above ran with every process running.

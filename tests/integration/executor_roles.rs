@@ -10,7 +10,7 @@ use trove::{ActorHandle, Config, Error, ObjectRef};
 use crate::role::ExecRole;
 use crate::story_actors::{self, Foo};
 use crate::story_logging;
-use crate::util::say;
+use crate::util::{say, store_back_to};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
@@ -103,40 +103,6 @@ fn sum_refs(v: ObjectRef<Vec<ObjectRef<u64>>>) -> trove::Result<u64> {
         sum += r.to_ref().get()?.to_native();
     }
     Ok(sum)
-}
-
-/// Waits (bounded) until the store holds `objects` objects and `used` bytes again.
-fn store_back_to(rt: &trove::Runtime, objects: u64, used: u64, what: &str) -> Res {
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = rt.stats()?;
-        if st.objects == objects && st.used == used {
-            return Ok(());
-        }
-        if Instant::now() > until {
-            let list: Vec<String> = rt
-                .store()
-                .list()?
-                .iter()
-                .map(|o| {
-                    // Small ones (results, failure reports) with their bytes.
-                    let bytes = match rt.store().get(o.id, Duration::from_millis(10)) {
-                        Ok(v) if v.len() <= 256 => format!(" {:?}", String::from_utf8_lossy(&v)),
-                        _ => String::new(),
-                    };
-                    format!("{} ({} bytes, {} pins){bytes}", o.id, o.size, o.pins)
-                })
-                .collect();
-            return Err(format!(
-                "{what}: store at {} objects / {} bytes, not {objects} / {used}: {}",
-                st.objects,
-                st.used,
-                list.join(", ")
-            )
-            .into());
-        }
-        sleep(Duration::from_millis(10));
-    }
 }
 
 fn second_hop(h: ActorHandle<Worker>, x: u64) -> trove::Result<u64> {
@@ -464,7 +430,7 @@ pub fn helper_role(role: ExecRole) -> Res {
                 check(r.get_timeout(T)?.to_native() == i as u64, "reused records")?;
             }
             drop(refs);
-            store_back_to(&rt, base.objects, base.used, "after record reuse")?;
+            store_back_to(&rt, &base, "after record reuse")?;
             // Refs escaping into an object: one already read (local), one still running.
             let done = w.call(Worker::echo, (40,))?;
             check(done.get_timeout(T)?.to_native() == 40, "done")?;
@@ -507,7 +473,7 @@ pub fn helper_role(role: ExecRole) -> Res {
                 Err(Error::TaskFailed(m)) => check(m == "x".repeat(1000), "long failure")?,
                 other => return Err(format!("long failure gave {other:?}").into()),
             }
-            store_back_to(&rt, base.objects, base.used, "at the end")?;
+            store_back_to(&rt, &base, "at the end")?;
             say("OK");
         }
         ExecRole::DieOwing => {
@@ -589,7 +555,7 @@ pub fn helper_role(role: ExecRole) -> Res {
             check(died_tasks >= 1, "a worker died owing a task's result")?;
             rt.kill(&slow)?;
             drop((texts, echoes, front, w, a, slow, busy));
-            store_back_to(&rt, base.objects, base.used, "after the deaths")?;
+            store_back_to(&rt, &base, "after the deaths")?;
             say(&format!("OK {died_stored} {died_evicted} {died_tasks}"));
         }
         ExecRole::LostResult => {
@@ -620,7 +586,7 @@ pub fn helper_role(role: ExecRole) -> Res {
                 rt.spawn(big_task, (9,))?.get_timeout(T)?[0] == 9,
                 "the pool runs on",
             )?;
-            store_back_to(&rt, base.objects, base.used, "after the lost results")?;
+            store_back_to(&rt, &base, "after the lost results")?;
             say("OK");
         }
         ExecRole::LostCall { point } => {
@@ -677,7 +643,7 @@ pub fn helper_role(role: ExecRole) -> Res {
                 "the pool after the death",
             )?;
             drop((lost_call, lost_task, refs));
-            store_back_to(&rt, base.objects, base.used, "after the lost calls")?;
+            store_back_to(&rt, &base, "after the lost calls")?;
             say(&format!(
                 "OK {} {}",
                 took.as_millis(),

@@ -322,3 +322,46 @@ pub fn pattern(n: u64, len: usize) -> Vec<u8> {
 pub fn is_timeout(e: &StoreError) -> bool {
     matches!(e, StoreError::Timeout(_))
 }
+
+/// Waits (bounded) until the store is back at `base` (objects and used bytes) while the
+/// program's processes all run (a check after they exit proves nothing: disconnect frees
+/// everything); the error lists what is left, small objects with their bytes.
+pub fn store_back_to(
+    rt: &trove::Runtime,
+    base: &trove_store::Stats,
+    what: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = rt.stats()?;
+        if st.objects == base.objects && st.used == base.used {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            let list: Vec<String> = rt
+                .store()
+                .list()?
+                .iter()
+                .take(20)
+                .map(|o| {
+                    // Small ones (results, failure reports) with their bytes.
+                    let bytes = match rt.store().get(o.id, Duration::from_millis(10)) {
+                        Ok(v) if v.len() <= 256 => format!(" {:?}", String::from_utf8_lossy(&v)),
+                        _ => String::new(),
+                    };
+                    format!("{} ({} bytes, {} pins){bytes}", o.id, o.size, o.pins)
+                })
+                .collect();
+            return Err(format!(
+                "{what}: store at {} objects / {} bytes, baseline {} / {}: {}",
+                st.objects,
+                st.used,
+                base.objects,
+                base.used,
+                list.join(", ")
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
