@@ -236,6 +236,52 @@ pub struct Arena {
     map: MmapRaw,
     fd: OwnedFd,
     layout: Layout,
+    /// Which chunks of this process's mapping have their page tables filled.
+    populated: Populated,
+}
+
+/// The granule of [`Arena::populate_once`]: one bit per 2 MiB of the mapping.
+const POPULATE_CHUNK: u64 = 2 << 20;
+
+/// One bit per [`POPULATE_CHUNK`] of a mapping: set once this process has filled the page
+/// tables of that chunk. Process-local (plain `std` atomics, not shared memory), and valid
+/// only in the process that mapped the arena: a forked child starts with empty page tables
+/// for a shared mapping, so it does not trust its parent's bits.
+struct Populated {
+    pid: u32,
+    bits: Box<[std::sync::atomic::AtomicU64]>,
+}
+
+impl Populated {
+    fn new(total_len: u64) -> Populated {
+        let chunks = total_len.div_ceil(POPULATE_CHUNK);
+        Populated {
+            pid: std::process::id(),
+            bits: (0..chunks.div_ceil(64))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    fn is_set(&self, chunk: u64) -> bool {
+        let w = &self.bits[(chunk / 64) as usize];
+        w.load(std::sync::atomic::Ordering::Relaxed) & 1 << (chunk % 64) != 0
+    }
+
+    /// Whether every chunk in `first..=last` is set: a word at a time.
+    fn all_set(&self, first: u64, last: u64) -> bool {
+        (first / 64..=last / 64).all(|w| {
+            let lo = if w == first / 64 { first % 64 } else { 0 };
+            let hi = if w == last / 64 { last % 64 } else { 63 };
+            let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+            self.bits[w as usize].load(std::sync::atomic::Ordering::Relaxed) & mask == mask
+        })
+    }
+
+    fn set(&self, chunk: u64) {
+        let w = &self.bits[(chunk / 64) as usize];
+        w.fetch_or(1 << (chunk % 64), std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 // SAFETY: the mapping is plain shared memory; every access to shared fields goes through
@@ -263,7 +309,12 @@ impl Arena {
         let map = MmapOptions::new()
             .len(layout.total_len as usize)
             .map_raw(&fd)?;
-        let arena = Arena { map, fd, layout };
+        let arena = Arena {
+            map,
+            fd,
+            layout,
+            populated: Populated::new(layout.total_len),
+        };
         let h = arena.header();
         h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
         h.max_clients.store(MAX_CLIENTS, Ordering::Relaxed);
@@ -311,7 +362,12 @@ impl Arena {
             heap_len: h.heap_len.load(Ordering::Relaxed),
         };
         layout.validate(file_len)?;
-        Ok(Arena { map, fd, layout })
+        Ok(Arena {
+            map,
+            fd,
+            layout,
+            populated: Populated::new(layout.total_len),
+        })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -414,6 +470,45 @@ impl Arena {
             offset as usize,
             (end - offset) as usize,
         )
+    }
+}
+
+impl Arena {
+    /// Fills this process's page tables for the 2 MiB chunks that `[offset, offset+len)`
+    /// touches and that this process has not filled before (MADV_POPULATE_WRITE, whole
+    /// chunks; allocates the memfd's pages where the daemon has not yet). One system call
+    /// instead of a page fault per 4 KiB on the first touch of a large object, and nothing
+    /// (a bit test per chunk) once done: populating an already mapped range still walks its
+    /// page tables, a good part of a copy's cost. Safe while others use the range (no byte
+    /// changes).
+    pub fn populate_once(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.saturating_add(len).min(self.layout.total_len);
+        if offset >= end {
+            return Ok(());
+        }
+        if self.populated.pid != std::process::id() {
+            // A forked copy of another process's arena: its bits say nothing of ours.
+            return self.populate(offset, end - offset);
+        }
+        let (first, last) = (offset / POPULATE_CHUNK, (end - 1) / POPULATE_CHUNK);
+        if self.populated.all_set(first, last) {
+            return Ok(());
+        }
+        let mut chunk = first;
+        while chunk <= last {
+            if self.populated.is_set(chunk) {
+                chunk += 1;
+                continue;
+            }
+            // A run of chunks not done yet: one call.
+            let run = chunk;
+            while chunk <= last && !self.populated.is_set(chunk) {
+                chunk += 1;
+            }
+            self.populate(run * POPULATE_CHUNK, (chunk - run) * POPULATE_CHUNK)?;
+            (run..chunk).for_each(|c| self.populated.set(c));
+        }
+        Ok(())
     }
 }
 
@@ -716,6 +811,43 @@ mod tests {
 
     fn arena() -> Arena {
         Arena::create(Layout::new(1 << 20, 64).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn populated_chunks_are_tested_across_words() {
+        let p = Populated::new(200 * POPULATE_CHUNK);
+        (60..70).for_each(|c| p.set(c));
+        assert!(p.all_set(60, 69) && p.all_set(63, 64) && p.all_set(65, 65));
+        assert!(!p.all_set(59, 69) && !p.all_set(60, 70) && !p.all_set(0, 199));
+        (0..200).for_each(|c| p.set(c));
+        assert!(p.all_set(0, 199) && p.all_set(127, 128));
+    }
+
+    #[test]
+    fn populate_once_fills_whole_chunks_once_and_changes_no_byte() {
+        let a = Arena::create(Layout::new(8 << 20, 64).unwrap()).unwrap();
+        let l = *a.layout();
+        let p = a.ptr(l.heap_offset, 4096).unwrap();
+        // SAFETY: 4096 bytes inside the heap, nobody else uses this test's arena.
+        unsafe { std::ptr::write_bytes(p, 0xab, 4096) };
+        let b = Arena::attach(a.fd().try_clone_to_owned().unwrap()).unwrap();
+        let first = l.heap_offset / POPULATE_CHUNK;
+        assert!(!b.populated.is_set(first));
+        // 1 byte past a chunk boundary: two chunks.
+        b.populate_once(l.heap_offset, POPULATE_CHUNK + 1).unwrap();
+        assert!(b.populated.is_set(first) && b.populated.is_set(first + 1));
+        assert!(!b.populated.is_set(first + 2), "only the chunks touched");
+        assert!(b.populated.all_set(first, first + 1) && !b.populated.all_set(first, first + 2));
+        assert!(!a.populated.is_set(first), "per mapping");
+        let q = b.ptr(l.heap_offset, 4096).unwrap();
+        // SAFETY: in bounds; written above, read only here.
+        let got = unsafe { std::slice::from_raw_parts(q, 4096) };
+        assert!(got.iter().all(|&x| x == 0xab), "no byte changed");
+        // Already done: nothing to do; past the end: clipped.
+        b.populate_once(l.heap_offset, 4096).unwrap();
+        b.populate_once(l.total_len - 1, 1 << 40).unwrap();
+        b.populate_once(l.total_len, 10).unwrap();
+        assert!(b.populated.is_set((l.total_len - 1) / POPULATE_CHUNK));
     }
 
     #[test]
