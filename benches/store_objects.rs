@@ -39,6 +39,7 @@ impl Store {
             memory: 3 << 30,
             prefault: true,
             max_objects: None,
+            hugepages: false,
         };
         let daemon = Daemon::bind(&cfg).expect("bind daemon");
         let shutdown = daemon.shutdown_handle();

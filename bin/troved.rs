@@ -24,13 +24,28 @@ struct Args {
     /// Most live objects (default: one per 8 KiB of memory, 16 Ki to 1 Mi).
     #[arg(long)]
     max_objects: Option<u64>,
+    /// Back the arena with huge pages: the huge page pool if it has room (`vm.nr_hugepages`),
+    /// else transparent huge pages if shared memory may use them; an error if neither.
+    #[arg(long)]
+    hugepages: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
     trove_store::size::parse_size(s)
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors print as one line with their causes (no backtrace), and the status is 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("troved: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -51,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         memory: args.memory,
         prefault: args.prefault,
         max_objects: args.max_objects,
+        hugepages: args.hugepages,
     };
     let daemon = Daemon::bind(&cfg)
         .with_context(|| format!("starting the store at {}", cfg.socket.display()))?;

@@ -13,6 +13,7 @@ pub struct Config {
     pub(crate) store: Option<PathBuf>,
     pub(crate) memory: u64,
     pub(crate) prefault: bool,
+    pub(crate) hugepages: bool,
     pub(crate) num_cpus: usize,
     pub(crate) namespace: Option<String>,
     pub(crate) ignore_reinit_error: bool,
@@ -30,6 +31,7 @@ impl Default for Config {
             store: std::env::var_os("TROVE_STORE").map(PathBuf::from),
             memory,
             prefault: false,
+            hugepages: std::env::var_os("TROVE_HUGEPAGES").is_some_and(|v| v == "1"),
             num_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             namespace: None,
             ignore_reinit_error: false,
@@ -51,6 +53,16 @@ impl Config {
     /// Pre-fault the embedded store's memory before `init` returns (else in the background).
     pub fn prefault(mut self, yes: bool) -> Config {
         self.prefault = yes;
+        self
+    }
+    /// Back the embedded store with huge pages (default: `TROVE_HUGEPAGES=1`): the huge page
+    /// pool if it has room (`vm.nr_hugepages`), else transparent huge pages if shared memory
+    /// may use them (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` set to `advise`).
+    /// A 2 MiB page takes one fault where 4 KiB pages take 512, so a fresh process's first
+    /// touch of a large object costs far less. `init` fails with `Error::Init` saying how to
+    /// get them if the machine has neither.
+    pub fn hugepages(mut self, yes: bool) -> Config {
+        self.hugepages = yes;
         self
     }
     /// Number of task workers (the executor's pool).

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use trove_executor::{EmbeddedStore, ProcessError, Zygote};
+use trove_executor::{EmbeddedConfig, EmbeddedStore, ProcessError, Zygote};
 use trove_store::client::Readiness;
 use trove_store::{ObjectId, Stats, StoreClient, StoreError};
 
@@ -47,7 +47,12 @@ pub fn init(cfg: Config) -> Result<Runtime> {
     let (socket, embedded) = match &cfg.store {
         Some(s) => (s.clone(), None),
         None => {
-            let store = EmbeddedStore::start(cfg.memory, cfg.prefault).map_err(|e| match e {
+            let store = EmbeddedStore::start(EmbeddedConfig {
+                memory: cfg.memory,
+                prefault: cfg.prefault,
+                hugepages: cfg.hugepages,
+            })
+            .map_err(|e| match e {
                 ProcessError::Io(io) => Error::Io(io),
                 other => Error::Init(other.to_string()),
             })?;

@@ -33,5 +33,7 @@ mod sync;
 pub mod zygote;
 
 pub use mailbox::{Mailbox, MailboxError, mailbox_bytes};
-pub use process::{EmbeddedStore, ProcessError, ensure_single_threaded, thread_count};
+pub use process::{
+    EmbeddedConfig, EmbeddedStore, ProcessError, ensure_single_threaded, thread_count,
+};
 pub use zygote::{Entry, SpawnRequest, Zygote};

@@ -56,22 +56,34 @@ pub struct EmbeddedStore {
     socket: PathBuf,
 }
 
+/// How the embedded store is set up (each as in [`DaemonConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddedConfig {
+    /// Bytes of object space.
+    pub memory: u64,
+    /// Pre-fault the whole arena before it serves.
+    pub prefault: bool,
+    /// Back the arena with huge pages (an error if the machine has none).
+    pub hugepages: bool,
+}
+
 /// How long the embedded store may take to start or to stop before it is killed.
 const START_LIMIT: Duration = Duration::from_secs(30);
 const STOP_LIMIT: Duration = Duration::from_secs(5);
 
 impl EmbeddedStore {
-    /// Forks a daemon serving `memory` bytes. The caller must be single-threaded.
-    pub fn start(memory: u64, prefault: bool) -> Result<EmbeddedStore, ProcessError> {
+    /// Forks a daemon set up as `store` says. The caller must be single-threaded.
+    pub fn start(store: EmbeddedConfig) -> Result<EmbeddedStore, ProcessError> {
         ensure_single_threaded()?;
         let dir = tempfile::Builder::new().prefix("trove-").tempdir()?.keep();
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let socket = dir.join("store.sock");
         let cfg = DaemonConfig {
             socket: socket.clone(),
-            memory,
-            prefault,
+            memory: store.memory,
+            prefault: store.prefault,
             max_objects: None,
+            hugepages: store.hugepages,
         };
         let (rd, wr) = nix::unistd::pipe()?;
         let parent = getpid();

@@ -53,6 +53,9 @@ pub enum StoreError {
     Refused(String),
     #[error("another store is already running at {0}")]
     AlreadyRunning(String),
+    /// Huge pages were asked for and this machine offers none for the arena.
+    #[error("no huge pages for the arena: {0}")]
+    NoHugePages(String),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -108,3 +108,65 @@ pub fn store_last_unpin_frees_a_deferred_delete() {
     wait_until(T, "the release notice", || c.stats().unwrap().objects == 0);
 }
 register!(store_last_unpin_frees_a_deferred_delete);
+
+/// `troved --hugepages` backs the arena with huge pages when the machine has them (the pool,
+/// else transparent ones), and otherwise refuses to start with a message that says how to
+/// get them: which of the two a machine gives depends on its settings, so both are checked.
+pub fn store_hugepages_are_used_or_refused_saying_how_to_get_them() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::Builder::new()
+        .prefix("trove-test-")
+        .tempdir()
+        .unwrap();
+    let socket = dir.path().join("sock").join("troved.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_troved"))
+        .args(["--memory", "16MiB", "--hugepages", "--socket"])
+        .arg(&socket)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut exited = None;
+    wait_until(T, "troved to listen or exit", || {
+        exited = child.try_wait().unwrap();
+        exited.is_some() || trove_store::StoreClient::connect(&socket).is_ok()
+    });
+    match exited {
+        Some(status) => {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            assert!(!status.success());
+            for says in ["no huge pages", "vm.nr_hugepages", "shmem_enabled"] {
+                assert!(err.contains(says), "{says:?} not in {err}");
+            }
+        }
+        None => {
+            let a = trove_store::StoreClient::connect(&socket).unwrap();
+            let b = trove_store::StoreClient::connect(&socket).unwrap();
+            assert_ne!(a.arena().pages(), trove_store::shm::Pages::Base);
+            assert_eq!(
+                a.arena().layout().total_len % trove_store::shm::HUGE_PAGE,
+                0
+            );
+            let id = ObjectId::random();
+            a.put(id, &pattern(7, 4 << 20)).unwrap();
+            assert_eq!(
+                b.get(id, Timeout::Poll).unwrap().as_slice(),
+                pattern(7, 4 << 20)
+            );
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            crate::util::wait_child(&mut child, T);
+        }
+    }
+}
+register!(store_hugepages_are_used_or_refused_saying_how_to_get_them);

@@ -28,7 +28,7 @@ use crate::error::{Result, StoreError};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"troveAR1");
 /// Layout version; a client refuses an arena of another version.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Client indices are bits in a slot's pin mask: at most this many clients at once.
 pub const MAX_CLIENTS: u32 = 128;
 const HEADER_LEN: u64 = 4096;
@@ -164,6 +164,78 @@ struct Header {
     dir_slots: AtomicU64,
     heap_offset: AtomicU64,
     heap_len: AtomicU64,
+    /// The arena's [`Pages`] (its `as u32`): every mapping follows it.
+    pages: AtomicU32,
+}
+
+/// What backs an arena's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pages {
+    /// Base pages (4 KiB): a page fault per 4 KiB on first touch in each process.
+    #[default]
+    Base = 0,
+    /// Pages of the huge page pool (`MFD_HUGETLB`): reserved by the administrator
+    /// (`vm.nr_hugepages`), never swapped.
+    HugeTlb = 1,
+    /// Transparent huge pages for shared memory: each mapping asks for them
+    /// (`MADV_HUGEPAGE`), which the kernel honours when
+    /// `/sys/kernel/mm/transparent_hugepage/shmem_enabled` is `advise`, `within_size` or
+    /// `always`.
+    Transparent = 2,
+}
+
+/// The size of a huge page.
+pub const HUGE_PAGE: u64 = 2 << 20;
+
+impl Pages {
+    fn from_u32(v: u32) -> Option<Pages> {
+        [Pages::Base, Pages::HugeTlb, Pages::Transparent]
+            .into_iter()
+            .find(|p| *p as u32 == v)
+    }
+
+    /// The huge pages this machine offers for an arena of `total_len` bytes: the huge page
+    /// pool if it has that many 2 MiB pages free, else transparent huge pages if shared
+    /// memory may use them; else an error that says how to get either.
+    pub fn huge_for(total_len: u64) -> Result<Pages> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().split(' ').next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        let free = field("HugePages_Free:");
+        if field("Hugepagesize:") * 1024 == HUGE_PAGE && free * HUGE_PAGE >= total_len {
+            return Ok(Pages::HugeTlb);
+        }
+        // The mode in brackets, e.g. "always within_size advise [never] deny force"; a
+        // per-size setting (newer kernels) of "inherit" defers to it.
+        let mode = |path: &str| -> Option<String> {
+            let s = std::fs::read_to_string(path).ok()?;
+            let start = s.find('[')?;
+            let end = s[start..].find(']')?;
+            Some(s[start + 1..start + end].to_string())
+        };
+        let thp = "/sys/kernel/mm/transparent_hugepage";
+        let top = mode(&format!("{thp}/shmem_enabled"));
+        let sized = mode(&format!("{thp}/hugepages-2048kB/shmem_enabled"));
+        let usable = |m: &str| matches!(m, "always" | "within_size" | "advise" | "force");
+        let thp_ok = match sized.as_deref() {
+            Some("inherit") | None => top.as_deref().is_some_and(usable),
+            Some(m) => usable(m),
+        };
+        if thp_ok {
+            return Ok(Pages::Transparent);
+        }
+        Err(StoreError::NoHugePages(format!(
+            "{free} free in the huge page pool ({} needed; reserve them with `sysctl \
+             vm.nr_hugepages=N`), and shared memory may not use transparent huge pages \
+             ({thp}/shmem_enabled is {}; `advise` allows them)",
+            total_len.div_ceil(HUGE_PAGE),
+            top.as_deref().unwrap_or("absent"),
+        )))
+    }
 }
 
 const SLOT_LEN: usize = 128;
@@ -293,10 +365,21 @@ unsafe impl Sync for Arena {}
 impl Arena {
     /// Creates the memfd (sealed against shrinking and growing), maps it and writes the header.
     pub fn create(layout: Layout) -> Result<Arena> {
-        let fd = memfd_create(
-            "trove-arena",
-            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-        )?;
+        Arena::create_with(layout, Pages::Base)
+    }
+
+    /// [`Arena::create`] backed by `pages`. With huge pages the heap grows to end on a huge
+    /// page boundary.
+    pub fn create_with(mut layout: Layout, pages: Pages) -> Result<Arena> {
+        let mut flags = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
+        if pages != Pages::Base {
+            layout.heap_len = layout.total_len.next_multiple_of(HUGE_PAGE) - layout.heap_offset;
+            layout.total_len = layout.heap_offset + layout.heap_len;
+        }
+        if pages == Pages::HugeTlb {
+            flags |= MFdFlags::MFD_HUGETLB;
+        }
+        let fd = memfd_create("trove-arena", flags)?;
         let file = File::from(fd);
         file.set_len(layout.total_len)?;
         let fd = OwnedFd::from(file);
@@ -309,6 +392,7 @@ impl Arena {
         let map = MmapOptions::new()
             .len(layout.total_len as usize)
             .map_raw(&fd)?;
+        advise_pages(&map, pages)?;
         let arena = Arena {
             map,
             fd,
@@ -323,6 +407,7 @@ impl Arena {
         h.dir_slots.store(layout.dir_slots, Ordering::Relaxed);
         h.heap_offset.store(layout.heap_offset, Ordering::Relaxed);
         h.heap_len.store(layout.heap_len, Ordering::Relaxed);
+        h.pages.store(pages as u32, Ordering::Relaxed);
         h.magic.store(MAGIC, Ordering::Release);
         Ok(arena)
     }
@@ -362,12 +447,20 @@ impl Arena {
             heap_len: h.heap_len.load(Ordering::Relaxed),
         };
         layout.validate(file_len)?;
+        let pages = Pages::from_u32(h.pages.load(Ordering::Relaxed))
+            .ok_or_else(|| StoreError::Protocol("arena header: unknown page kind".into()))?;
+        advise_pages(&map, pages)?;
         Ok(Arena {
             map,
             fd,
             layout,
             populated: Populated::new(layout.total_len),
         })
+    }
+
+    /// What backs this arena's memory.
+    pub fn pages(&self) -> Pages {
+        Pages::from_u32(self.header().pages.load(Ordering::Relaxed)).unwrap_or_default()
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -461,7 +554,13 @@ impl Arena {
     /// (MADV_POPULATE_WRITE): allocates the memfd's pages if needed and fills the page tables,
     /// without changing any byte. Safe to run while others use the range.
     pub fn populate(&self, offset: u64, len: u64) -> io::Result<()> {
-        let end = offset.saturating_add(len).min(self.layout.total_len);
+        let mut end = offset.saturating_add(len).min(self.layout.total_len);
+        let mut offset = offset;
+        if self.pages() != Pages::Base {
+            // Whole huge pages (the arena's length is a multiple of one).
+            offset -= offset % HUGE_PAGE;
+            end = end.next_multiple_of(HUGE_PAGE).min(self.layout.total_len);
+        }
         if offset >= end {
             return Ok(());
         }
@@ -471,6 +570,14 @@ impl Arena {
             (end - offset) as usize,
         )
     }
+}
+
+/// Asks for transparent huge pages on a mapping of an arena that uses them.
+fn advise_pages(map: &MmapRaw, pages: Pages) -> io::Result<()> {
+    if pages == Pages::Transparent {
+        map.advise(Advice::HugePage)?;
+    }
+    Ok(())
 }
 
 impl Arena {

@@ -30,7 +30,7 @@ use conn::Conn;
 pub use table::Limits;
 use table::{Outbox, Table};
 
-use crate::blocks::shm::{Arena, Layout, MAX_CLIENTS};
+use crate::blocks::shm::{Arena, Layout, MAX_CLIENTS, Pages};
 use crate::error::{Result, StoreError};
 use crate::protocol::{self, MAX_REQUEST, PROTOCOL_VERSION, Reply, Request};
 use crate::sock;
@@ -45,6 +45,9 @@ pub struct DaemonConfig {
     pub prefault: bool,
     /// Most live objects; default from [`Layout::default_max_objects`].
     pub max_objects: Option<u64>,
+    /// Back the arena with huge pages (the pool, else transparent ones); `NoHugePages` if
+    /// the machine offers neither.
+    pub hugepages: bool,
 }
 
 /// A bound, not yet running daemon.
@@ -109,7 +112,16 @@ impl Daemon {
             .max_objects
             .unwrap_or_else(|| Layout::default_max_objects(cfg.memory));
         let layout = Layout::new(cfg.memory, max_objects)?;
-        let arena = Arena::create(layout)?;
+        let pages = if cfg.hugepages {
+            Pages::huge_for(layout.total_len)?
+        } else {
+            Pages::Base
+        };
+        let arena = Arena::create_with(layout, pages)?;
+        if pages != Pages::Base {
+            info!("arena backed by huge pages ({pages:?})");
+        }
+        let layout = *arena.layout();
         if cfg.prefault {
             let t = Instant::now();
             arena.populate(layout.heap_offset, layout.heap_len)?;
