@@ -613,7 +613,8 @@ fn run_group(group: &str, quick: bool) -> anyhow::Result<Vec<(String, f64)>> {
         cmd.env(QUICK_ENV, "1");
     }
     match group {
-        // The plain default (1 GiB unless TROVE_MEMORY says): does a 1 GiB object fit?
+        // The plain default (`trove::default_memory()` unless TROVE_MEMORY says): does a 1 GiB
+        // object fit?
         "put_fits" => {
             cmd.env_remove("TROVE_MEMORY");
         }

@@ -15,9 +15,10 @@ struct Args {
     /// Default: $XDG_RUNTIME_DIR/trove/troved.sock or /tmp/trove-$UID/troved.sock.
     #[arg(long, env = "TROVE_STORE")]
     socket: Option<PathBuf>,
-    /// Object space, e.g. 512MiB, 4GiB.
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
-    memory: u64,
+    /// Object space, e.g. 512MiB, 4GiB. Default: 30% of the machine's memory, capped by what
+    /// /dev/shm has free, at least 64 MiB (committed as objects use it).
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
     /// Pre-fault the whole arena at start-up instead of in the background.
     #[arg(long)]
     prefault: bool,
@@ -63,7 +64,7 @@ fn run() -> anyhow::Result<()> {
     signals.thread_block().context("blocking signals")?;
     let cfg = DaemonConfig {
         socket: args.socket.unwrap_or_else(trove_store::default_socket_path),
-        memory: args.memory,
+        memory: args.memory.unwrap_or_else(DaemonConfig::default_memory),
         prefault: args.prefault,
         max_objects: args.max_objects,
         hugepages: args.hugepages,

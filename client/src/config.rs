@@ -4,8 +4,12 @@ use std::path::PathBuf;
 
 use trove_store::ObjectId;
 
-/// Size of the embedded store when neither [`Config::memory`] nor `TROVE_MEMORY` says.
-pub const DEFAULT_MEMORY: u64 = 1 << 30;
+/// Bytes of object space of the embedded store when neither [`Config::memory`] nor
+/// `TROVE_MEMORY` says: 30% of the machine's memory, capped by what `/dev/shm` has free, at
+/// least 64 MiB (Ray's rule). Memory is committed as objects use it, not up front.
+pub fn default_memory() -> u64 {
+    trove_store::DaemonConfig::default_memory()
+}
 
 /// How [`init`](crate::init) sets trove up.
 #[derive(Debug, Clone)]
@@ -20,13 +24,13 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// An embedded store of `TROVE_MEMORY` bytes (default 1 GiB), or the running store named
-    /// by `TROVE_STORE`.
+    /// An embedded store of `TROVE_MEMORY` bytes (default: [`default_memory`]), or the running
+    /// store named by `TROVE_STORE`.
     fn default() -> Config {
         let memory = std::env::var("TROVE_MEMORY")
             .ok()
             .and_then(|s| trove_store::size::parse_size(&s).ok())
-            .unwrap_or(DEFAULT_MEMORY);
+            .unwrap_or_else(default_memory);
         Config {
             store: std::env::var_os("TROVE_STORE").map(PathBuf::from),
             memory,

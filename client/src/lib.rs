@@ -25,7 +25,7 @@ mod runtime;
 
 pub use actor::{ActorHandle, ArchivedActorHandle, Constructor, Function, Method};
 pub use codec::{Plain, Value};
-pub use config::{Config, DEFAULT_MEMORY};
+pub use config::{Config, default_memory};
 pub use error::{Error, Result};
 pub use obj::{Obj, Stored};
 pub use object_ref::{ArchivedObjectRef, ObjectRef};

@@ -20,6 +20,74 @@ pub fn client_second_init_is_an_error_unless_ignored() {
 }
 register!(client_second_init_is_an_error_unless_ignored);
 
+pub fn client_default_store_is_sized_by_memory_and_holds_1_gib() {
+    let mut h = Helper::start(Role::DefaultStore);
+    h.expect_line("OK", Duration::from_secs(120));
+    assert!(h.wait(T).success());
+}
+register!(client_default_store_is_sized_by_memory_and_holds_1_gib);
+
+/// A task in another process reads a few bytes of a large object.
+fn sample(r: ObjectRef<[u8]>, at: Vec<u64>) -> trove::Result<Vec<u8>> {
+    let v = r.get()?;
+    Ok(at.iter().map(|&i| v[i as usize]).collect())
+}
+
+pub fn default_store_role() -> Res {
+    let _ = nix::unistd::setsid();
+    // SAFETY: single-threaded (before init, which checks it); nobody reads the environment
+    // concurrently.
+    unsafe {
+        std::env::remove_var("TROVE_MEMORY");
+        std::env::remove_var("TROVE_STORE");
+    }
+    let rt = trove::init(Config::default().num_cpus(1))?;
+    let base = rt.stats()?;
+    let want = trove::default_memory();
+    check(
+        base.capacity == want,
+        &format!("capacity {} for a default of {want}", base.capacity),
+    )?;
+    // Ray's rule, 30% of the machine's memory (or /dev/shm's free space if less).
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or("no MemTotal")?;
+    check(
+        want <= total_kib * 1024 / 10 * 3 && want >= 64 << 20,
+        &format!("default {want} for {total_kib} KiB of memory"),
+    )?;
+    const GIB: usize = 1 << 30;
+    if want < (GIB as u64) + (64 << 20) {
+        // A machine this small gets a store too small for 1 GiB by the rule itself.
+        say(&format!(
+            "a store of {want} bytes by default: no room for 1 GiB"
+        ));
+        say("OK");
+        return Ok(());
+    }
+    let mut b = rt.create::<u8>(GIB)?;
+    for (i, page) in b.chunks_mut(4096).enumerate() {
+        page[0] = i as u8;
+    }
+    let r = b.seal()?;
+    let at = vec![0, 4096 * 7, (GIB - 4096) as u64];
+    let got = rt
+        .spawn(sample, (r.clone(), at))?
+        .get_timeout(T)?
+        .deserialize()?;
+    check(
+        got == [0, 7, ((GIB / 4096 - 1) % 256) as u8],
+        &format!("read back {got:?}"),
+    )?;
+    drop(r);
+    crate::util::store_back_to(&rt, &base, "after the 1 GiB object")?;
+    say("OK");
+    Ok(())
+}
+
 #[derive(Default)]
 pub struct Echo;
 

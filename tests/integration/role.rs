@@ -179,6 +179,9 @@ roles! {
         /// `init` twice, with and without `ignore_reinit_error`, in a driver and in a task
         /// (client_init.rs).
         Reinit = "reinit",
+        /// `Config::default()` with `TROVE_MEMORY` unset: the store's size by Ray's rule, and
+        /// a 1 GiB object in it (client_init.rs).
+        DefaultStore = "default-store",
         /// An executor driver (executor_roles.rs).
         Exec { role: ExecRole } = "exec",
         /// Become uid/gid 65534, then try to connect (security_access.rs).

@@ -264,6 +264,7 @@ pub fn run_helper_if_asked() {
         Role::TroveEmbedded { hold } => client_roles::embedded(hold),
         Role::Lifetimes { scenario } => client_lifetimes::helper_role(scenario),
         Role::Reinit => client_init::reinit_role(),
+        Role::DefaultStore => client_init::default_store_role(),
         Role::Exec { role } => executor_roles::helper_role(role),
         Role::SecOtherUid { socket } => security_access::other_uid_role(&socket),
         Role::SecStall { socket, n } => security_access::stall_role(&socket, n),

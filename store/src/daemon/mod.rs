@@ -50,6 +50,31 @@ pub struct DaemonConfig {
     pub hugepages: bool,
 }
 
+impl DaemonConfig {
+    /// The object space a store gets when nobody says (Ray's rule): 30% of the machine's
+    /// memory, capped by what `/dev/shm` has free when it is mounted (the limit a container
+    /// puts on shared memory), at least 64 MiB, in whole MiB. Memory is committed as objects
+    /// use it, not up front (see the pre-fault thread).
+    pub fn default_memory() -> u64 {
+        const FLOOR: u64 = 64 << 20;
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                let kib = m.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+                kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+            })
+            .map_or(1 << 30, |kib| kib * 1024);
+        let mut bytes = total / 10 * 3;
+        if let Ok(fs) = nix::sys::statvfs::statvfs("/dev/shm") {
+            // The field types differ between targets (u64 here).
+            #[allow(clippy::unnecessary_cast)]
+            let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+            bytes = bytes.min(free);
+        }
+        (bytes.max(FLOOR) >> 20) << 20
+    }
+}
+
 /// A bound, not yet running daemon.
 pub struct Daemon {
     shared: Arc<Shared>,
@@ -76,6 +101,10 @@ struct Shared {
     listener_fd: std::os::fd::RawFd,
     /// Heap bytes (from the heap start) that the pre-fault thread has populated.
     prefaulted: AtomicU64,
+    /// Heap bytes the pre-fault thread is to populate (see `prefault`), and its wake-up.
+    prefault_wanted: AtomicU64,
+    prefault_mx: Mutex<()>,
+    prefault_cv: Condvar,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -146,6 +175,9 @@ impl Daemon {
         let listener_fd = listener.as_raw_fd();
         let shared = Arc::new(Shared {
             prefaulted: AtomicU64::new(if cfg.prefault { layout.heap_len } else { 0 }),
+            prefault_wanted: AtomicU64::new(prefault::PREFAULT_AHEAD),
+            prefault_mx: Mutex::new(()),
+            prefault_cv: Condvar::new(),
             arena,
             table,
             arena_ino,
@@ -312,6 +344,8 @@ impl ShutdownHandle {
         let _ =
             nix::sys::socket::shutdown(self.shared.listener_fd, nix::sys::socket::Shutdown::Both);
         self.shared.timer_cv.notify_all();
+        let _g = lock(&self.shared.prefault_mx);
+        self.shared.prefault_cv.notify_all();
     }
 }
 
@@ -381,6 +415,7 @@ impl Shared {
             if off + len > done {
                 let _ = self.arena.populate(off, len);
             }
+            self.prefault_ahead_of(off + len - l.heap_offset);
         }
         h.reply
     }
