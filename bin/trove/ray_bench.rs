@@ -9,12 +9,16 @@
 //! actors trove actors (both reach the runtime with `Config::ignore_reinit_error`). Ray's
 //! `timeit` is followed too: about a second of warm-up, then 4 rounds of at least 2 s (calls
 //! in steps of a tenth of the warm-up's count), each round's rate times the multiplier, printed
-//! as mean and standard deviation. Ray sleeps 10 s before each line; this does not.
+//! as mean and standard deviation. Ray sleeps 10 s before each line; this waits once, before
+//! the first, for the store's background pre-fault to end.
 //!
 //! The store is started as a user's `Config::default()` starts it (no pre-faulting; the
 //! warm-up touches what the line needs, as Ray's does). A line trove cannot express is printed
 //! as "n/a" with the reason, never approximated. Beside each line: the figure Ray's
 //! microbenchmark gave on the 2-core VM of issue 16, and this run's ratio to it.
+//!
+//! As in Ray, `TESTS_TO_RUN=pattern` runs only the lines whose name contains `pattern`, and
+//! `TESTS_TO_SKIP=pattern` skips those that do (the others are not printed).
 //!
 //! `--quick` is a smoke run, not a measurement: one warm-up call and 2 rounds of 50 ms, and
 //! the lines whose multiplier counts the work (multi client put gigabytes, multi client tasks
@@ -173,9 +177,18 @@ struct Lines<'r, 'o> {
     report: &'r mut Report<'o>,
     json: bool,
     timing: Timing,
+    /// Ray's `TESTS_TO_RUN` and `TESTS_TO_SKIP` (empty: no filter).
+    run_only: String,
+    skip: String,
 }
 
 impl Lines<'_, '_> {
+    /// Whether the line `name` is to run (Ray's filters).
+    fn wanted(&self, name: &str) -> bool {
+        (self.run_only.is_empty() || name.contains(&self.run_only))
+            && (self.skip.is_empty() || !name.contains(&self.skip))
+    }
+
     /// Ray's `timeit(name, fn, multiplier)`: the line's rate is `multiplier` per call of `f`.
     fn timeit(
         &mut self,
@@ -184,6 +197,9 @@ impl Lines<'_, '_> {
         multiplier: f64,
         mut f: impl FnMut() -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
+        if !self.wanted(name) {
+            return Ok(());
+        }
         progress(self.json, name);
         let mut call = || f().with_context(|| format!("\"{name}\""));
         let start = Instant::now();
@@ -229,6 +245,9 @@ impl Lines<'_, '_> {
 
     /// A line trove cannot express: "n/a" and the reason.
     fn na(&mut self, name: &str, reason: &str) -> anyhow::Result<()> {
+        if !self.wanted(name) {
+            return Ok(());
+        }
         let unit = if name.contains("gigabytes") {
             GBPS
         } else {
@@ -282,12 +301,17 @@ pub fn run(rt: &Runtime, quick: bool, json: bool, out: &mut dyn Write) -> anyhow
         report: &mut report,
         json,
         timing,
+        run_only: std::env::var("TESTS_TO_RUN").unwrap_or_default(),
+        skip: std::env::var("TESTS_TO_SKIP").unwrap_or_default(),
     };
     // The share of Ray's work the work-counting lines do per call (see the module's doc).
     let scale = if quick { 10 } else { 1 };
     // Ray's `multiprocessing.cpu_count() // 2` (at least one).
     let n_cpu = (std::thread::available_parallelism().map_or(2, |n| n.get()) / 2).max(1);
 
+    if !quick {
+        settle(rt, json);
+    }
     let value = rt.put(&0u64)?;
     l.timeit(
         "single client get calls (Plasma Store)",
@@ -521,6 +545,31 @@ pub fn run(rt: &Runtime, quick: bool, json: bool, out: &mut dyn Write) -> anyhow
         }
     ))?;
     Ok(())
+}
+
+/// Ray sleeps 10 s before each line "to avoid noisy neighbours"; this waits, once, for the
+/// embedded store's background pre-fault of its arena to finish (its thread, `troved-prefault`,
+/// to end; at most 60 s), so that the first lines do not share the cores with it. A store
+/// given by `--store` is not looked at.
+fn settle(rt: &Runtime, json: bool) {
+    let Some(pid) = rt.embedded_store_pid() else {
+        return;
+    };
+    progress(json, "waiting for the store's background pre-fault");
+    let prefaulting = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "troved-prefault")
+            })
+    };
+    let start = Instant::now();
+    while prefaulting() && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn kill_all<A: 'static>(rt: &Runtime, actors: &[ActorHandle<A>]) -> trove::Result<()> {

@@ -318,6 +318,8 @@ pub fn cli_bench_ray_prints_every_ray_line() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_trove"))
         .args(["bench", "--ray", "--quick"])
         .env_remove("TROVE_STORE")
+        .env_remove("TESTS_TO_RUN")
+        .env_remove("TESTS_TO_SKIP")
         .env("RUST_BACKTRACE", "0")
         .process_group(0)
         .stdin(std::process::Stdio::null())
