@@ -347,7 +347,9 @@ pub fn run(rt: &Runtime, quick: bool, json: bool, out: &mut dyn Write) -> anyhow
         },
     )?;
 
-    // np.zeros(100 * 1024 * 1024, dtype=np.int64): calloc'd, as numpy's is.
+    // np.zeros(100 * 1024 * 1024, dtype=np.int64): calloc'd and never written, as numpy's
+    // is, so on both sides the copy reads the kernel's shared zero page (cache-hot) and the
+    // figure is the write side's bandwidth (`trove bench`'s put_1GiB reads a written source).
     let arr = vec![0i64; 100 << 20];
     l.timeit("single client put gigabytes", GBPS, 8.0 * 0.1, || {
         black_box(rt.put_slice(&arr)?);
