@@ -22,54 +22,154 @@ impl Counter {
     }
 }
 
-struct Report<'a> {
+/// The figures of one run: printed as they are measured (JSON lines), or as a table at the
+/// end. Shared by `bench` and `bench --ray` (`ray_bench.rs`).
+pub(crate) struct Report<'a> {
     out: &'a mut dyn Write,
     json: bool,
-    rows: Vec<(String, f64, &'static str, Option<String>)>,
+    /// The titles of the table's first and last columns.
+    titles: (&'static str, String),
+    rows: Vec<Row>,
 }
 
-impl Report<'_> {
-    fn add(
+struct Row {
+    name: String,
+    /// `None`: the figure cannot be measured (n/a); `note` says why.
+    value: Option<f64>,
+    unit: &'static str,
+    note: String,
+}
+
+impl<'a> Report<'a> {
+    pub(crate) fn new(
+        out: &'a mut dyn Write,
+        json: bool,
+        titles: (&'static str, impl Into<String>),
+    ) -> Report<'a> {
+        Report {
+            out,
+            json,
+            titles: (titles.0, titles.1.into()),
+            rows: Vec::new(),
+        }
+    }
+
+    pub(crate) fn add(
         &mut self,
         name: &str,
         value: f64,
         unit: &'static str,
         baseline: Option<String>,
     ) -> std::io::Result<()> {
+        self.add_row(name, Some(value), unit, baseline.unwrap_or_default(), &[])
+    }
+
+    /// A row: `value` `None` is "n/a" and `note` the reason (JSON: `"value": null` and
+    /// `"reason"`); `extra` are more numeric fields of the JSON line (not of the table, where
+    /// `note` says what it needs to).
+    pub(crate) fn add_row(
+        &mut self,
+        name: &str,
+        value: Option<f64>,
+        unit: &'static str,
+        note: String,
+        extra: &[(&str, f64)],
+    ) -> std::io::Result<()> {
         if self.json {
-            writeln!(
-                self.out,
-                "{{\"name\": \"{name}\", \"value\": {value}, \"unit\": \"{unit}\"}}"
-            )?;
+            let mut line = format!(
+                "{{\"name\": {}, \"value\": {}, \"unit\": {}",
+                json_str(name),
+                json_num(value),
+                json_str(unit)
+            );
+            for (k, v) in extra {
+                line += &format!(", {}: {}", json_str(k), json_num(Some(*v)));
+            }
+            if value.is_none() {
+                line += &format!(", \"reason\": {}", json_str(&note));
+            }
+            writeln!(self.out, "{line}}}")?;
             self.out.flush()?;
         } else {
             eprint!("\r\x1b[K  measured {name}");
         }
-        self.rows.push((name.to_string(), value, unit, baseline));
+        self.rows.push(Row {
+            name: name.to_string(),
+            value,
+            unit,
+            note,
+        });
         Ok(())
     }
-    fn table(&mut self) -> std::io::Result<()> {
+
+    pub(crate) fn table(&mut self) -> std::io::Result<()> {
         if self.json {
             return Ok(());
         }
         eprintln!("\r\x1b[K");
+        let w = self
+            .rows
+            .iter()
+            .map(|r| r.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(26);
+        let u = self
+            .rows
+            .iter()
+            .map(|r| r.unit.len())
+            .max()
+            .unwrap_or(0)
+            .max(8);
+        let (first, last) = (self.titles.0, &self.titles.1);
         writeln!(
             self.out,
-            "{:<26} {:>14} {:<8} baseline",
-            "figure", "value", "unit"
+            "{first:<w$} {:>14} {:<u$} {last}",
+            "value", "unit"
         )?;
-        for (name, value, unit, base) in &self.rows {
-            writeln!(
-                self.out,
-                "{name:<26} {value:>14.3} {unit:<8} {}",
-                base.as_deref().unwrap_or("")
-            )?;
+        for Row {
+            name,
+            value,
+            unit,
+            note,
+        } in &self.rows
+        {
+            let value = value.map_or_else(|| "n/a".to_string(), |v| format!("{v:.3}"));
+            writeln!(self.out, "{name:<w$} {value:>14} {unit:<u$} {note}")?;
         }
         self.out.flush()
     }
+
+    /// A line under the table (nothing in JSON mode).
+    pub(crate) fn footnote(&mut self, text: &str) -> std::io::Result<()> {
+        if !self.json {
+            writeln!(self.out, "{text}")?;
+        }
+        Ok(())
+    }
 }
 
-fn progress(json: bool, what: &str) {
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o += "\\\"",
+            '\\' => o += "\\\\",
+            c if (c as u32) < 0x20 => o += &format!("\\u{:04x}", c as u32),
+            c => o.push(c),
+        }
+    }
+    o + "\""
+}
+
+fn json_num(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v.is_finite() => v.to_string(),
+        _ => "null".into(),
+    }
+}
+
+pub(crate) fn progress(json: bool, what: &str) {
     if !json {
         eprint!("\r\x1b[K  running {what} ...");
     }
@@ -94,11 +194,7 @@ pub fn run(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let reps = if quick { 3 } else { 7 };
-    let mut r = Report {
-        out,
-        json,
-        rows: Vec::new(),
-    };
+    let mut r = Report::new(out, json, ("figure", "baseline"));
     rt.store().populate()?;
     const GIB: usize = 1 << 30;
 

@@ -4,6 +4,7 @@
 //! - `cli`: the arguments and the dispatch to the subcommands;
 //! - `demo`: the stories of DESIGN.md, the same code as the examples (`examples/stories/`);
 //! - `bench`: the README's figures;
+//! - `ray_bench`: `bench --ray`, the lines of Ray's `ray microbenchmark` under Ray's names;
 //! - `status`: `status`, `put` and `get` against a running store;
 //! - `stress`: the mixed workload under seeded kills.
 //!
@@ -15,6 +16,7 @@
 mod bench;
 mod cli;
 mod demo;
+mod ray_bench;
 mod status;
 #[path = "../../examples/stories/mod.rs"]
 mod stories;

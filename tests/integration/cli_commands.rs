@@ -252,3 +252,155 @@ fn one_line_error(socket: &std::path::Path, args: &[&str]) -> String {
     assert_eq!(err.lines().count(), 1, "stderr:\n{err}");
     err
 }
+
+/// Ray's `ray microbenchmark` lines (python/ray/_private/ray_perf.py and its Ray Client
+/// part), in Ray's order, and whether trove expresses each (`false`: printed as n/a).
+const RAY_LINES: &[(&str, bool)] = &[
+    ("single client get calls (Plasma Store)", true),
+    ("single client put calls (Plasma Store)", true),
+    ("multi client put calls (Plasma Store)", true),
+    ("single client put gigabytes", true),
+    ("single client tasks and get batch", true),
+    ("multi client put gigabytes", true),
+    ("single client get object containing 10k refs", true),
+    (
+        "single client object out-of-scope callback registration",
+        false,
+    ),
+    ("object out-of-scope callback fire 1k batch", false),
+    ("single client wait 1k refs", true),
+    ("single client tasks sync", true),
+    ("single client tasks async", true),
+    ("multi client tasks async", true),
+    ("1:1 actor calls sync", true),
+    ("1:1 actor calls async", true),
+    ("1:1 actor calls concurrent", false),
+    ("1:n actor calls async", true),
+    ("n:n actor calls async", true),
+    ("n:n actor calls with arg async", true),
+    ("1:1 async-actor calls sync", false),
+    ("1:1 async-actor calls async", false),
+    ("1:1 async-actor calls with args async", false),
+    ("1:n async-actor calls async", false),
+    ("n:n async-actor calls async", false),
+    ("placement group create/removal", false),
+    ("client: get calls", false),
+    ("client: put calls", false),
+    ("client: remote put calls", false),
+    ("client: 1:1 actor calls sync", false),
+    ("client: 1:1 actor calls async", false),
+    ("client: 1:1 actor calls concurrent", false),
+];
+
+/// The lines issue 16 gives Ray's figure for: printed with that figure and the ratio.
+const RAY_REFERENCED: &[&str] = &[
+    "single client get calls (Plasma Store)",
+    "single client put calls (Plasma Store)",
+    "single client put gigabytes",
+    "single client tasks sync",
+    "single client tasks async",
+    "1:1 actor calls sync",
+    "1:1 actor calls async",
+    "1:n actor calls async",
+    "n:n actor calls async",
+];
+
+/// `trove bench --ray --quick`: every line of Ray's microbenchmark is printed under Ray's
+/// name, in Ray's order, with Ray's unit: a positive rate and its spread for the lines trove
+/// expresses (Ray's figure and the ratio beside those issue 16 gives), "n/a" and a reason for
+/// the others; it exits 0 within a bound and leaves no process behind. (Behaviour, not speed.)
+pub fn cli_bench_ray_prints_every_ray_line() {
+    use std::os::unix::process::CommandExt;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trove"))
+        .args(["bench", "--ray", "--quick"])
+        .env_remove("TROVE_STORE")
+        .env_remove("TESTS_TO_RUN")
+        .env_remove("TESTS_TO_SKIP")
+        .env("RUST_BACKTRACE", "0")
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .expect("run trove bench --ray");
+    let pgid = child.id() as i32;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(-pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = std::fs::read_to_string(&out_path).unwrap();
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    let status = status.unwrap_or_else(|| panic!("trove bench --ray did not end in 300 s\n{err}"));
+    assert!(status.success(), "exit status {status:?}\n{out}\n{err}");
+
+    let mut at = 0;
+    for (name, expressed) in RAY_LINES {
+        // Each line once, after the one before it (Ray's order).
+        let (i, line) = out
+            .lines()
+            .enumerate()
+            .find(|(_, l)| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with("  "))
+            })
+            .unwrap_or_else(|| panic!("no {name:?} line:\n{out}"));
+        assert!(i > at, "{name:?} out of Ray's order:\n{out}");
+        at = i;
+        let rest = line[name.len()..].trim_start();
+        let (value, rest) = rest.split_once(' ').unwrap();
+        let unit = if name.contains("gigabytes") {
+            "GB/s"
+        } else {
+            "per second"
+        };
+        let note = rest
+            .trim_start()
+            .strip_prefix(unit)
+            .unwrap_or_else(|| panic!("not in {unit:?}: {line}"))
+            .trim();
+        if *expressed {
+            let v: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("no number: {line}"));
+            assert!(v.is_finite() && v > 0.0, "{line}");
+            assert!(note.starts_with("± "), "no spread: {line}");
+            if RAY_REFERENCED.contains(name) {
+                // The spread, Ray's figure, then "<ratio> x".
+                let ratio = note.strip_suffix(" x").unwrap_or_else(|| panic!("{line}"));
+                let ratio: f64 = ratio.rsplit(' ').next().unwrap().parse().unwrap();
+                assert!(ratio > 0.0, "{line}");
+            } else {
+                assert!(!note.ends_with(" x"), "a ratio to no figure: {line}");
+            }
+        } else {
+            assert_eq!(value, "n/a", "{line}");
+            assert!(note.len() > 10, "n/a without a reason: {line}");
+        }
+    }
+    // Nothing of its tree is left.
+    let start = Instant::now();
+    while !group_members(pgid).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "processes left: {:?}",
+            group_members(pgid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+register!(cli_bench_ray_prints_every_ray_line);
