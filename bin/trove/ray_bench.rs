@@ -550,14 +550,15 @@ pub fn run(rt: &Runtime, quick: bool, json: bool, out: &mut dyn Write) -> anyhow
 }
 
 /// Ray sleeps 10 s before each line "to avoid noisy neighbours"; this waits, once, for the
-/// embedded store's background pre-fault of its arena to finish (its thread, `troved-prefault`,
-/// to end; at most 60 s), so that the first lines do not share the cores with it. A store
-/// given by `--store` is not looked at.
+/// embedded store's background pre-fault (its thread, `troved-prefault`) to be done with its
+/// head start and asleep (at most 60 s), so that the first lines do not share the cores with
+/// it. A store given by `--store` is not looked at.
 fn settle(rt: &Runtime, json: bool) {
     let Some(pid) = rt.embedded_store_pid() else {
         return;
     };
     progress(json, "waiting for the store's background pre-fault");
+    // Running (or in the kernel populating pages): not asleep, not gone.
     let prefaulting = || {
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .into_iter()
@@ -566,6 +567,11 @@ fn settle(rt: &Runtime, json: bool) {
             .any(|t| {
                 std::fs::read_to_string(t.path().join("comm"))
                     .is_ok_and(|c| c.trim() == "troved-prefault")
+                    && std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                        s.rsplit_once(')')
+                            .and_then(|(_, rest)| rest.split_whitespace().next())
+                            .is_some_and(|state| matches!(state, "R" | "D"))
+                    })
             })
     };
     let start = Instant::now();
