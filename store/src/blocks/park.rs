@@ -72,6 +72,10 @@ use rustix::io::Errno;
 
 use crate::blocks::sync::{AtomicU32, Ordering, fence};
 
+/// `FUTEX_WAKE`'s count for "every sleeper". The kernel reads the count as an `int`: `u32::MAX`
+/// would be -1 there, which wakes exactly one.
+const WAKE_ALL: u32 = i32::MAX as u32;
+
 /// How a wait ended other than by returning to re-check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ParkError {
@@ -172,7 +176,7 @@ impl Park {
 
     /// As [`Park::notify_one`], waking every sleeper.
     pub fn notify_all(&self) {
-        self.notify(u32::MAX);
+        self.notify(WAKE_ALL);
     }
 
     fn notify(&self, n: u32) {
@@ -355,11 +359,18 @@ mod tests {
                 assert!(start.elapsed() < Duration::from_secs(10), "never parked");
                 thread::sleep(Duration::from_millis(1));
             }
+            let notified = Instant::now();
             done.store(true, Ordering::Release);
             p.notify_all();
             for w in waiters {
                 w.join().unwrap();
             }
+            // All three woken by the one notification, not only the first.
+            assert!(
+                notified.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                notified.elapsed()
+            );
         });
         assert_eq!(p.waiters(), 0);
     }
