@@ -260,9 +260,9 @@ impl RegionHeader {
         Ok(g)
     }
 
-    /// Test hooks: the raw words, to corrupt them.
-    #[cfg(test)]
-    pub(crate) fn words(&self) -> (&AtomicU64, [&AtomicU32; 3]) {
+    /// The raw words (magic; version, capacity, slot size), for tests that corrupt them.
+    #[doc(hidden)]
+    pub fn words(&self) -> (&AtomicU64, [&AtomicU32; 3]) {
         (
             &self.magic,
             [&self.version, &self.capacity, &self.slot_size],
