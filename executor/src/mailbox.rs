@@ -15,10 +15,25 @@
 //! the slot ([`Mailbox::reclaim`]), fails the message in it (unless the consumer had noted it
 //! as current) and frees it, so no call is lost and no slot stays blocked.
 //!
-//! Consumers park on a futex: a consumer increments `sleepers`, fences, re-checks the queue,
-//! and waits on `event` with the value it read before; a producer, after publishing, fences and,
-//! if `sleepers` is non-zero, bumps `event` and wakes one. Either the consumer's re-check sees
-//! the message or the producer sees the sleeper (both sides SeqCst), so no wake-up is lost.
+//! Consumers park on the header's [`Park`] (an eventcount on a shared futex; the protocol and
+//! why no wake-up is lost are in [`trove_store::blocks::park`]): a consumer that found the
+//! queue empty (after a spin) waits while it is still empty and not dead; a producer, after
+//! publishing, notifies one waiter, and [`Mailbox::set_dead`] notifies all of them. A notifier
+//! makes no syscall unless a consumer announced a wait.
+//!
+//! Layout (the header is `HEADER_LEN` bytes; slots and records follow):
+//!
+//! ```text
+//! 0    head u64                                                     64 bytes
+//! 64   tail u64                                                     64 bytes
+//! 128  park (blocks::park): event u32, waiters u32                  64 bytes
+//! 192  region header (blocks::region): magic u64 "TROVEMBX", version u32, capacity u32,
+//!      slot_size u32, reserved u32                                  24 bytes
+//! 216  program u64, type_tag u64, dead u32, current_set u32, current [u64; 8], current_pos u64
+//!      then (64-aligned) the consumer's debts (see below)
+//! HEADER_LEN                 slot i: [seq u64][len u32][pad][payload], slot_size bytes
+//! records_offset(..)         record i (crate::record), RECORD_LEN bytes
+//! ```
 //!
 //! The region holds no pointers and everything read from it is checked (message lengths), so
 //! a corrupt or hostile peer cannot make an access leave the region. A producer that dies
@@ -33,14 +48,26 @@
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
-use rustix::io::Errno;
+use trove_store::blocks::park::{Park, ParkError};
+use trove_store::blocks::region::{Geometry, Kind, RegionError, RegionHeader};
 
 use crate::debts::{Book, Debts};
 use crate::record::{RECORD_LEN, Record};
-use crate::sync::{AtomicU32, AtomicU64, Backoff, Ordering, fence, futex};
+use crate::sync::{AtomicU32, AtomicU64, Backoff, Ordering};
 
-const MAGIC: u64 = 0x5452_4f56_454d_4258; // "TROVEMBX"
-const SHARED: futex::Flags = futex::Flags::empty();
+/// What a mailbox region is (see [`trove_store::blocks::region`]). One slot cannot tell
+/// "published for p" from "free for p + 1": at least two.
+const KIND: Kind = Kind {
+    name: "mailbox",
+    magic: 0x5452_4f56_454d_4258, // "TROVEMBX"
+    version: 1,
+    align: 64,
+    header_len: HEADER_LEN,
+    capacity: (2, 1 << 20),
+    slot_size: (32, 1 << 16),
+    slot_align: 16,
+    bytes: |g| Some(mailbox_bytes(g.capacity, g.slot_size)),
+};
 /// Bytes of a slot's header: sequence (8) and length (4), padded to 16.
 const SLOT_HEADER: usize = 16;
 /// How long a consumer spins (yielding) on an empty queue before it parks.
@@ -63,11 +90,10 @@ struct Line<T>(T);
 struct Header {
     head: Line<AtomicU64>,
     tail: Line<AtomicU64>,
-    event: Line<AtomicU32>,
-    sleepers: Line<AtomicU32>,
-    magic: AtomicU64,
-    capacity: AtomicU64,
-    slot_size: AtomicU64,
+    /// Consumers park here while the queue is empty.
+    park: Line<Park>,
+    /// Magic, layout version, capacity and slot size.
+    region: RegionHeader,
     /// The creator's program identity ([`crate::process::program_id`]): function addresses
     /// in messages mean something only to consumers of the same program.
     program: AtomicU64,
@@ -84,6 +110,12 @@ struct Header {
 }
 
 const HEADER_LEN: usize = size_of::<Header>().next_multiple_of(64);
+#[cfg(not(loom))]
+const _: () = assert!(
+    std::mem::offset_of!(Header, park) == 128
+        && std::mem::offset_of!(Header, region) == 192
+        && std::mem::offset_of!(Header, program) == 216
+);
 
 /// Errors of mailbox operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -97,7 +129,7 @@ pub enum MailboxError {
     #[error("mailbox corrupt: {0}")]
     Corrupt(&'static str),
     #[error("bad mailbox parameters: {0}")]
-    BadParams(&'static str),
+    BadParams(RegionError),
 }
 
 /// Where the completion records start: after the slots, 64-byte aligned.
@@ -140,18 +172,14 @@ impl Mailbox {
         slot_size: u64,
         type_tag: u64,
     ) -> Result<Mailbox, MailboxError> {
-        // One slot cannot tell "published for p" from "free for p + 1": at least two.
-        if !capacity.is_power_of_two() || !(2..=1 << 20).contains(&capacity) {
-            return Err(MailboxError::BadParams(
-                "capacity: a power of two in 2..=2^20",
-            ));
-        }
-        if slot_size < 32 || !slot_size.is_multiple_of(16) || slot_size > 1 << 16 {
-            return Err(MailboxError::BadParams(
-                "slot size: a multiple of 16 in 32..=65536",
-            ));
-        }
-        let base = NonNull::new(region).ok_or(MailboxError::BadParams("null region"))?;
+        let geometry = Geometry {
+            capacity,
+            slot_size,
+        };
+        let len = KIND.check(geometry).map_err(MailboxError::BadParams)?;
+        let base = KIND
+            .check_region(region, len)
+            .map_err(MailboxError::BadParams)?;
         let m = Mailbox {
             base,
             capacity,
@@ -160,10 +188,7 @@ impl Mailbox {
         let h = m.header();
         h.head.0.store(0, Ordering::Relaxed);
         h.tail.0.store(0, Ordering::Relaxed);
-        h.event.0.store(0, Ordering::Relaxed);
-        h.sleepers.0.store(0, Ordering::Relaxed);
-        h.capacity.store(capacity, Ordering::Relaxed);
-        h.slot_size.store(slot_size, Ordering::Relaxed);
+        h.park.0.reset();
         h.program
             .store(crate::process::program_id(), Ordering::Relaxed);
         h.type_tag.store(type_tag, Ordering::Relaxed);
@@ -174,7 +199,8 @@ impl Mailbox {
             m.seq(i).store(i, Ordering::Relaxed);
             m.record(i).reset();
         }
-        h.magic.store(MAGIC, Ordering::Release);
+        // Published last: an `attach` that sees the magic (Acquire) sees everything above.
+        h.region.publish(&KIND, geometry);
         Ok(m)
     }
 
@@ -184,29 +210,20 @@ impl Mailbox {
     /// `region` is valid for reads and writes of `len` bytes, 64-byte aligned, and stays
     /// mapped while any `Mailbox` to it lives.
     pub unsafe fn attach(region: *mut u8, len: usize) -> Result<Mailbox, MailboxError> {
-        if len < HEADER_LEN || !(region as usize).is_multiple_of(64) {
-            return Err(MailboxError::Corrupt("region too small or misaligned"));
-        }
-        let base = NonNull::new(region).ok_or(MailboxError::BadParams("null region"))?;
+        let base = KIND.check_region(region, len).map_err(|e| match e {
+            RegionError::Null => MailboxError::BadParams(e),
+            _ => MailboxError::Corrupt(e.reason()),
+        })?;
         // SAFETY: the region holds at least a header, aligned, and the header is only atomics.
-        let h = unsafe { &*(region as *const Header) };
-        if h.magic.load(Ordering::Acquire) != MAGIC {
-            return Err(MailboxError::Corrupt("bad magic"));
-        }
-        let capacity = h.capacity.load(Ordering::Relaxed);
-        let slot_size = h.slot_size.load(Ordering::Relaxed);
-        if !capacity.is_power_of_two()
-            || !(2..=1 << 20).contains(&capacity)
-            || !(32..=1 << 16).contains(&slot_size)
-            || !slot_size.is_multiple_of(16)
-            || mailbox_bytes(capacity, slot_size) > len
-        {
-            return Err(MailboxError::Corrupt("bad capacity or slot size"));
-        }
+        let h = unsafe { base.cast::<Header>().as_ref() };
+        let g = h
+            .region
+            .read(&KIND, len)
+            .map_err(|e| MailboxError::Corrupt(e.reason()))?;
         Ok(Mailbox {
             base,
-            capacity,
-            slot_size,
+            capacity: g.capacity,
+            slot_size: g.slot_size,
         })
     }
 
@@ -288,8 +305,7 @@ impl Mailbox {
     pub fn set_dead(&self) {
         let h = self.header();
         h.dead.store(1, Ordering::SeqCst);
-        h.event.0.fetch_add(1, Ordering::SeqCst);
-        let _ = futex::wake(&h.event.0, SHARED, u32::MAX);
+        h.park.0.notify_all();
     }
 
     /// Pushes a message without waiting: its position, or `Ok(None)` if the queue is full.
@@ -309,11 +325,7 @@ impl Mailbox {
         self.len_word(pos)
             .store(msg.len() as u32, Ordering::Relaxed);
         self.seq(pos).store(pos + 1, Ordering::Release);
-        fence(Ordering::SeqCst);
-        if h.sleepers.0.load(Ordering::SeqCst) != 0 {
-            h.event.0.fetch_add(1, Ordering::SeqCst);
-            let _ = futex::wake(&h.event.0, SHARED, 1);
-        }
+        h.park.0.notify_one();
         Ok(Some(pos))
     }
 
@@ -487,25 +499,15 @@ impl Mailbox {
                 }
                 continue;
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(MailboxError::Timeout);
+            match h
+                .park
+                .0
+                .wait(Some(deadline), || self.is_empty() && !self.is_dead())
+            {
+                Ok(()) => {}
+                Err(ParkError::Timeout) => return Err(MailboxError::Timeout),
+                Err(ParkError::Futex(_)) => std::thread::sleep(Duration::from_micros(100)),
             }
-            let ev = h.event.0.load(Ordering::SeqCst);
-            h.sleepers.0.fetch_add(1, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
-            if self.is_empty() && !self.is_dead() {
-                let left = deadline - now;
-                let ts = futex::Timespec {
-                    tv_sec: left.as_secs() as i64,
-                    tv_nsec: left.subsec_nanos() as i64,
-                };
-                match futex::wait(&h.event.0, SHARED, ev, Some(&ts)) {
-                    Ok(()) | Err(Errno::AGAIN | Errno::INTR | Errno::TIMEDOUT) => {}
-                    Err(_) => std::thread::sleep(Duration::from_micros(100)),
-                }
-            }
-            h.sleepers.0.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -749,6 +751,139 @@ mod tests {
         // SAFETY: as above.
         let again = unsafe { Mailbox::attach(r.as_mut_ptr() as *mut u8, r.len() * 64) }.unwrap();
         assert_eq!(again.max_msg_len(), 16);
+    }
+
+    #[test]
+    fn attach_validates_the_region_header() {
+        let mut r = region(4, 64);
+        let len = r.len() * 64;
+        let base = r.as_mut_ptr() as *mut u8;
+        // SAFETY: the Vec is big enough, 64-aligned, and outlives `m` and every attach below.
+        let m = unsafe { Mailbox::init(base, 4, 64, 0) }.unwrap();
+        // SAFETY: as above, for every length passed.
+        let attach = |len| unsafe { Mailbox::attach(base, len) };
+        let again = attach(len).unwrap();
+        assert_eq!((again.capacity, again.slot_size), (4, 64));
+        assert!(matches!(attach(len - 64), Err(MailboxError::Corrupt(_))));
+        assert!(matches!(attach(100), Err(MailboxError::Corrupt(_))));
+        // SAFETY: never dereferenced: the alignment is checked first.
+        let misaligned = unsafe { Mailbox::attach(base.wrapping_add(16), len - 64) };
+        assert!(matches!(misaligned, Err(MailboxError::Corrupt(_))));
+        // SAFETY: null is refused before any access.
+        let null = unsafe { Mailbox::attach(std::ptr::null_mut(), len) };
+        assert_eq!(
+            null.unwrap_err(),
+            MailboxError::BadParams(RegionError::Null)
+        );
+        let (magic, [version, capacity, slot_size]) = m.header().region.words();
+        let good = magic.swap(0x5452_4e31, Ordering::Relaxed); // a ring's magic
+        assert!(matches!(attach(len), Err(MailboxError::Corrupt(_))));
+        magic.store(good, Ordering::Relaxed);
+        for (word, bad) in [
+            (version, 2),
+            (capacity, 1),
+            (capacity, 3),
+            (capacity, 1 << 21),
+            (capacity, 64),
+            (slot_size, 40),
+            (slot_size, 1 << 17),
+        ] {
+            let good = word.swap(bad, Ordering::Relaxed);
+            assert!(
+                matches!(attach(len), Err(MailboxError::Corrupt(_))),
+                "{bad}"
+            );
+            word.store(good, Ordering::Relaxed);
+        }
+        assert!(attach(len).is_ok());
+        // A mailbox is not a ring, and a ring is not a mailbox: their magics differ.
+        // SAFETY: the region is valid for `len` bytes.
+        let ring = unsafe { trove_store::ring::RingRef::attach(base, len) };
+        assert!(matches!(
+            ring,
+            Err(trove_store::ring::RingError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn init_rejects_bad_geometry_and_regions() {
+        let mut r = region(4, 64);
+        let base = r.as_mut_ptr() as *mut u8;
+        for (capacity, slot_size) in [
+            (0, 64),
+            (3, 64),
+            (1 << 21, 64),
+            (4, 16),
+            (4, 40),
+            (4, 1 << 17),
+        ] {
+            // SAFETY: validation fails before the region is touched.
+            let m = unsafe { Mailbox::init(base, capacity, slot_size, 0) };
+            assert!(
+                matches!(m, Err(MailboxError::BadParams(_))),
+                "{capacity} {slot_size}"
+            );
+        }
+        // SAFETY: never dereferenced: the alignment is checked first.
+        let m = unsafe { Mailbox::init(base.wrapping_add(16), 4, 64, 0) };
+        assert!(matches!(
+            m,
+            Err(MailboxError::BadParams(RegionError::Misaligned { .. }))
+        ));
+    }
+
+    /// Waits (bounded) until a consumer has announced a wait on the mailbox's futex.
+    fn wait_for_sleeper(m: &Mailbox) {
+        let start = Instant::now();
+        while m.header().park.0.waiters() == 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "consumer never parked"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_parked_consumer_is_woken_by_a_push_and_by_death() {
+        let mut r = region(4, 64);
+        // SAFETY: as above; the threads are joined before `r` drops.
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 4, 64, 0) }.unwrap();
+        std::thread::scope(|s| {
+            let consumer = s.spawn(|| {
+                let got = m.pop(1, Duration::from_secs(30), |p, b| (p, b.to_vec()));
+                (got, Instant::now())
+            });
+            wait_for_sleeper(&m);
+            let pushed = Instant::now();
+            assert_eq!(m.try_push(b"hi").unwrap(), Some(0));
+            let (got, woken) = consumer.join().unwrap();
+            assert_eq!(got, Ok((0, b"hi".to_vec())));
+            assert!(woken.duration_since(pushed) < Duration::from_secs(5));
+        });
+        std::thread::scope(|s| {
+            let consumers: Vec<_> = (0..2)
+                .map(|c| s.spawn(move || m.pop(c, Duration::from_secs(30), |_, _| ())))
+                .collect();
+            let start = Instant::now();
+            while m.header().park.0.waiters() < 2 {
+                assert!(start.elapsed() < Duration::from_secs(10), "never parked");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let dead = Instant::now();
+            m.set_dead();
+            for c in consumers {
+                assert_eq!(c.join().unwrap(), Err(MailboxError::Dead));
+            }
+            // Every parked consumer is woken, not only one (the others would sleep until
+            // their deadline).
+            assert!(
+                dead.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                dead.elapsed()
+            );
+        });
+        assert_eq!(m.header().park.0.waiters(), 0);
     }
 }
 

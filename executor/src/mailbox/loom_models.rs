@@ -11,7 +11,8 @@
 //! empty answer is only given when the queue was full or empty. The payload is copied as
 //! plain bytes, which loom does not track, so each message also has its own length: the
 //! length word is an atomic that loom does track, and reading a stale one would show.
-//! The parking in `pop` (sleepers/event futex) is not modelled here.
+//! The parking in `pop` is `trove_store::blocks::park`'s, modelled there (`park::loom_models`:
+//! no lost wake-up with one or two waiters, `notify_one` and `notify_all`).
 
 use std::sync::Arc;
 
@@ -50,13 +51,10 @@ impl ModelMailbox {
         let header = Header {
             head: Line(AtomicU64::new(0)),
             tail: Line(AtomicU64::new(0)),
-            event: Line(AtomicU32::new(0)),
-            sleepers: Line(AtomicU32::new(0)),
-            magic: AtomicU64::new(0),
+            park: Line(Park::new()),
+            region: RegionHeader::new(),
             program: AtomicU64::new(0),
             type_tag: AtomicU64::new(0),
-            capacity: AtomicU64::new(0),
-            slot_size: AtomicU64::new(0),
             dead: AtomicU32::new(0),
             current_set: AtomicU32::new(0),
             current: std::array::from_fn(|_| AtomicU64::new(0)),

@@ -5,6 +5,9 @@
 //! - `shm`: the arena (memfd, `Layout`, mapping, pre-faulting) and the lock-free
 //!   `Directory` with its pin protocol.
 //! - `ring`: a single-producer single-consumer ring in shared memory with futex parking.
+//! - `region`: the magic, layout version and geometry words every such structure's header
+//!   holds (the ring's, the executor's mailboxes'), validated in one place.
+//! - `park`: the futex parking protocol (an eventcount) the ring and the mailboxes share.
 //! - `alloc`: the heap allocator (best fit, 64-byte granules, coalescing).
 //! - `id`: `ObjectId`.
 //! - `size`: `512MiB`/`4GiB` parsing and printing.
@@ -14,6 +17,8 @@
 
 pub mod alloc;
 pub mod id;
+pub mod park;
+pub mod region;
 pub mod ring;
 pub mod shm;
 pub mod size;

@@ -8,7 +8,12 @@
 //! ```text
 //! 0    head  (next slot to read; written by the consumer)   128 bytes
 //! 128  tail  (next slot to write; written by the producer)  128 bytes
-//! 256  magic, capacity, slot_size, closed, consumer_waiting, producer_waiting, notify
+//! 256  region header (blocks::region): magic u64 "TRN1", version u32, capacity u32,
+//!      slot_size u32, reserved u32                          24 bytes
+//! 280  closed u32, notify u32
+//! 288  consumer's Park (blocks::park): event u32, waiters u32
+//! 296  producer's Park: event u32, waiters u32
+//! 304  (unused up to 320)
 //! 320  slot 0: [len: u32][payload: len bytes, len <= slot_size - 4][unused]
 //! ```
 //!
@@ -17,30 +22,14 @@
 //!
 //! # Blocking and wake-ups
 //!
-//! A side that has to wait spins briefly (crossbeam [`Backoff`]), then parks on a *shared*
-//! (not process-private) futex: the consumer on `consumer_waiting`, the producer on
-//! `producer_waiting`. The other side issues a `FUTEX_WAKE` only when it sees the flag set, so
-//! the common path (peer busy or spinning) makes no syscall.
-//!
-//! No lost wake-ups (Dekker-style argument; the consumer side shown, the producer side and
-//! `close`/`wake_consumer` are symmetric):
-//!
-//! ```text
-//! consumer (parking)                      producer (publishing)
-//! W: consumer_waiting = 1                 T: tail = t + 1 (Release)
-//! F: fence(SeqCst)                        G: fence(SeqCst)
-//! R: still empty? (load tail)             L: consumer_waiting != 0 ? swap(0) and FUTEX_WAKE
-//!    then FUTEX_WAIT(consumer_waiting, 1)
-//! ```
-//!
-//! The two SeqCst fences are totally ordered. If `G` precedes `F`, `R` observes `T` and the
-//! consumer does not sleep. If `F` precedes `G`, `L` observes `W` (or a later store to the
-//! flag: either our own earlier swap to 0, which already woke that park, or the consumer's
-//! own reset after it stopped waiting), so the producer clears the flag and wakes. Because the
-//! waker sets the word to 0 *before* `FUTEX_WAKE`, and the kernel compares the word and
-//! queues the waiter atomically with respect to wakes, a wake that races ahead of the
-//! `FUTEX_WAIT` makes it return `EAGAIN` instead of sleeping. Spurious returns are harmless:
-//! the waiter always re-checks the ring.
+//! A side that has to wait spins briefly (crossbeam [`Backoff`]), then parks on its own
+//! [`Park`] (a shared futex; the protocol and why no wake-up is lost are in
+//! [`crate::blocks::park`]): the consumer while the ring is empty, the producer while it is
+//! full. The other side, after moving `tail` (a push) or `head` (a pop), calls `notify_one`
+//! on the waiting side's `Park`, which issues a `FUTEX_WAKE` only when a wait was announced,
+//! so the common path (peer busy or spinning) makes no syscall. `close` and `wake_consumer`
+//! change their word first and notify the same way. Each side has at most one waiter (one
+//! producer, one consumer).
 //!
 //! Message data is ordered by Release stores of `tail` (producer, after writing a slot) and
 //! `head` (consumer, after reading one), each read with Acquire by the other side.
@@ -53,12 +42,14 @@
 //! are masked with the locally cached capacity, so no access can leave the region.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering, fence};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::Backoff;
 use rustix::io::Errno;
-use rustix::thread::futex;
+
+use crate::blocks::park::{Park, ParkError};
+use crate::blocks::region::{Geometry, Kind, RegionError, RegionHeader};
 
 /// Alignment of every slot, and the granularity of `slot_size`.
 pub const MSG_ALIGN: usize = 8;
@@ -71,9 +62,23 @@ pub const RING_ALIGN: usize = 64;
 /// Largest supported capacity (keeps `tail - head` unambiguous with `u32` counters).
 pub const MAX_CAPACITY: u32 = 1 << 31;
 
-const MAGIC: u32 = 0x5452_4e31; // "TRN1"
-/// Futex flags: no `FUTEX_PRIVATE_FLAG`, the word is shared between processes.
-const SHARED: futex::Flags = futex::Flags::empty();
+/// What a ring region is (see [`crate::blocks::region`]).
+const KIND: Kind = Kind {
+    name: "ring",
+    magic: 0x5452_4e31, // "TRN1"
+    version: 1,
+    align: RING_ALIGN,
+    header_len: HEADER_SIZE,
+    capacity: (1, MAX_CAPACITY as u64),
+    slot_size: (8, u32::MAX as u64),
+    slot_align: MSG_ALIGN as u64,
+    bytes: |g| {
+        (g.capacity as usize)
+            .checked_mul(g.slot_size as usize)?
+            .checked_add(HEADER_SIZE + RING_ALIGN - 1)
+            .map(|n| n / RING_ALIGN * RING_ALIGN)
+    },
+};
 
 /// Errors of ring operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -94,7 +99,7 @@ pub enum RingError {
     #[error("ring corrupt: {0}")]
     Corrupt(&'static str),
     #[error("bad ring parameters: {0}")]
-    BadParams(&'static str),
+    BadParams(RegionError),
     #[error("futex wait failed: {0}")]
     Futex(Errno),
 }
@@ -114,18 +119,25 @@ struct Padded {
 struct Header {
     head: Padded,
     tail: Padded,
-    magic: AtomicU32,
-    capacity: AtomicU32,
-    slot_size: AtomicU32,
+    region: RegionHeader,
     closed: AtomicU32,
-    consumer_waiting: AtomicU32,
-    producer_waiting: AtomicU32,
     /// Set by [`wake_consumer`]; consumed by the consumer as [`RingError::Notified`].
     notify: AtomicU32,
+    /// The consumer parks here (empty ring).
+    consumer_park: Park,
+    /// The producer parks here (full ring).
+    producer_park: Park,
 }
 
 const _: () = assert!(size_of::<Padded>() == 128);
+#[cfg(not(loom))]
 const _: () = assert!(size_of::<Header>() == 320 && align_of::<Header>() == RING_ALIGN);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::offset_of!(Header, region) == 256);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::offset_of!(Header, consumer_park) == 288);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::offset_of!(Header, producer_park) == 296);
 
 /// Bytes a ring of `capacity` slots (a power of two) of `slot_size` bytes (a multiple of
 /// [`MSG_ALIGN`], at least 8) needs, rounded up to 64.
@@ -134,21 +146,15 @@ pub const fn ring_bytes(capacity: u32, slot_size: u32) -> usize {
 }
 
 fn check_params(capacity: u32, slot_size: u32) -> Result<usize, RingError> {
-    if !capacity.is_power_of_two() || capacity > MAX_CAPACITY {
-        return Err(RingError::BadParams(
-            "capacity must be a power of two <= 2^31",
-        ));
+    KIND.check(geometry(capacity, slot_size))
+        .map_err(RingError::BadParams)
+}
+
+fn geometry(capacity: u32, slot_size: u32) -> Geometry {
+    Geometry {
+        capacity: capacity.into(),
+        slot_size: slot_size.into(),
     }
-    if slot_size < 8 || !(slot_size as usize).is_multiple_of(MSG_ALIGN) {
-        return Err(RingError::BadParams(
-            "slot_size must be a multiple of 8, >= 8",
-        ));
-    }
-    (capacity as usize)
-        .checked_mul(slot_size as usize)
-        .and_then(|n| n.checked_add(HEADER_SIZE + RING_ALIGN - 1))
-        .map(|n| n / RING_ALIGN * RING_ALIGN)
-        .ok_or(RingError::BadParams("ring size overflows usize"))
 }
 
 /// A view of a ring in this process's mapping. Cheap to copy; `Send + Sync`.
@@ -181,23 +187,16 @@ impl RingRef {
         capacity: u32,
         slot_size: u32,
     ) -> Result<RingRef, RingError> {
-        check_params(capacity, slot_size)?;
-        let ring = Self::view(region, capacity, slot_size)?;
+        let len = check_params(capacity, slot_size)?;
+        let ring = Self::view(region, capacity, slot_size, len)?;
         let h = ring.header();
-        for (field, value) in [
-            (&h.head.value, 0),
-            (&h.tail.value, 0),
-            (&h.capacity, capacity),
-            (&h.slot_size, slot_size),
-            (&h.closed, 0),
-            (&h.consumer_waiting, 0),
-            (&h.producer_waiting, 0),
-            (&h.notify, 0),
-        ] {
-            field.store(value, Ordering::Relaxed);
+        for field in [&h.head.value, &h.tail.value, &h.closed, &h.notify] {
+            field.store(0, Ordering::Relaxed);
         }
+        h.consumer_park.reset();
+        h.producer_park.reset();
         // Published last: an `attach` that sees the magic (Acquire) sees the fields above.
-        h.magic.store(MAGIC, Ordering::Release);
+        h.region.publish(&KIND, geometry(capacity, slot_size));
         Ok(ring)
     }
 
@@ -209,29 +208,26 @@ impl RingRef {
     /// `region` is valid for reads and writes of `region_len` bytes and stays mapped while
     /// any `RingRef` to it lives.
     pub unsafe fn attach(region: *mut u8, region_len: usize) -> Result<RingRef, RingError> {
-        if region_len < HEADER_SIZE {
-            return Err(RingError::BadParams("region smaller than the ring header"));
-        }
-        let probe = Self::view(region, 1, 8)?;
-        let h = probe.header();
-        if h.magic.load(Ordering::Acquire) != MAGIC {
-            return Err(RingError::Corrupt("bad magic"));
-        }
-        let capacity = h.capacity.load(Ordering::Relaxed);
-        let slot_size = h.slot_size.load(Ordering::Relaxed);
-        let needed = check_params(capacity, slot_size)
-            .map_err(|_| RingError::Corrupt("bad capacity or slot_size in header"))?;
-        if needed > region_len {
-            return Err(RingError::Corrupt("ring larger than its region"));
-        }
-        Self::view(region, capacity, slot_size)
+        let probe = Self::view(region, 1, 8, region_len)?;
+        let g = probe
+            .header()
+            .region
+            .read(&KIND, region_len)
+            .map_err(|e| RingError::Corrupt(e.reason()))?;
+        // In range: `read` checked the geometry against KIND, whose bounds fit a u32.
+        Self::view(region, g.capacity as u32, g.slot_size as u32, region_len)
     }
 
-    fn view(region: *mut u8, capacity: u32, slot_size: u32) -> Result<RingRef, RingError> {
-        let ptr = NonNull::new(region).ok_or(RingError::BadParams("null region"))?;
-        if !ptr.as_ptr().addr().is_multiple_of(RING_ALIGN) {
-            return Err(RingError::BadParams("region not 64-byte aligned"));
-        }
+    /// A view of `region` (checked: not null, aligned, at least a header of `len` bytes).
+    fn view(
+        region: *mut u8,
+        capacity: u32,
+        slot_size: u32,
+        len: usize,
+    ) -> Result<RingRef, RingError> {
+        let ptr = KIND
+            .check_region(region, len)
+            .map_err(RingError::BadParams)?;
         Ok(RingRef {
             ptr,
             capacity,
@@ -305,8 +301,8 @@ impl RingRef {
     pub fn close(&self) {
         let h = self.header();
         h.closed.store(1, Ordering::Release);
-        wake_if_waiting(&h.consumer_waiting);
-        wake_if_waiting(&h.producer_waiting);
+        h.consumer_park.notify_one();
+        h.producer_park.notify_one();
     }
 
     /// Makes the consumer's current or next wait on an empty ring return
@@ -315,7 +311,7 @@ impl RingRef {
     pub fn wake_consumer(&self) {
         let h = self.header();
         h.notify.store(1, Ordering::Release);
-        wake_if_waiting(&h.consumer_waiting);
+        h.consumer_park.notify_one();
     }
 }
 
@@ -324,46 +320,16 @@ pub fn wake_consumer(ring: &RingRef) {
     ring.wake_consumer();
 }
 
-/// The waker half of the parking protocol: a SeqCst fence after the caller's state change,
-/// then a wake only if the peer announced it is (about to be) parked.
-fn wake_if_waiting(flag: &AtomicU32) {
-    fence(Ordering::SeqCst);
-    // The flag is cleared before FUTEX_WAKE so a racing FUTEX_WAIT(flag, 1) returns EAGAIN.
-    if flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::SeqCst) != 0 {
-        // Cannot fail for a valid address; a missed wake would only cost the waiter a timeout.
-        let _ = futex::wake(flag, SHARED, 1);
-    }
-}
-
-/// The waiter half: announce, fence, re-check `blocked`, sleep. Returns to let the caller
-/// re-check; `Err(Timeout)` once `deadline` has passed.
+/// Parks on `park` while `blocked` (see [`Park::wait`]).
 fn park(
-    flag: &AtomicU32,
+    park: &Park,
     deadline: Option<Instant>,
     blocked: impl FnOnce() -> bool,
 ) -> Result<(), RingError> {
-    let timeout = match deadline {
-        None => None,
-        Some(deadline) => {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(RingError::Timeout);
-            }
-            futex::Timespec::try_from(left).ok()
-        }
-    };
-    flag.store(1, Ordering::Relaxed);
-    fence(Ordering::SeqCst);
-    let result = if blocked() {
-        match futex::wait(flag, SHARED, 1, timeout.as_ref()) {
-            Ok(()) | Err(Errno::AGAIN | Errno::INTR | Errno::TIMEDOUT) => Ok(()),
-            Err(e) => Err(RingError::Futex(e)),
-        }
-    } else {
-        Ok(())
-    };
-    flag.store(0, Ordering::Relaxed);
-    result
+    park.wait(deadline, blocked).map_err(|e| match e {
+        ParkError::Timeout => RingError::Timeout,
+        ParkError::Futex(e) => RingError::Futex(e),
+    })
 }
 
 fn deadline_after(timeout: Option<Duration>) -> Option<Instant> {
@@ -414,7 +380,7 @@ impl Producer {
         self.tail = self.tail.wrapping_add(1);
         // Release: the slot contents are visible to a consumer that Acquire-loads this tail.
         h.tail.value.store(self.tail, Ordering::Release);
-        wake_if_waiting(&h.consumer_waiting);
+        h.consumer_park.notify_one();
         Ok(())
     }
 
@@ -434,7 +400,7 @@ impl Producer {
             }
             let h = self.ring.header();
             let full_head = self.tail.wrapping_sub(self.ring.capacity);
-            park(&h.producer_waiting, deadline, || {
+            park(&h.producer_park, deadline, || {
                 h.head.value.load(Ordering::Acquire) == full_head
                     && h.closed.load(Ordering::Relaxed) == 0
             })?;
@@ -539,7 +505,7 @@ impl Consumer {
                 continue;
             }
             let head = self.head;
-            park(&h.consumer_waiting, deadline, || {
+            park(&h.consumer_park, deadline, || {
                 h.tail.value.load(Ordering::Acquire) == head
                     && h.closed.load(Ordering::Relaxed) == 0
                     && h.notify.load(Ordering::Relaxed) == 0
@@ -584,7 +550,7 @@ impl Consumer {
         self.head = self.head.wrapping_add(1);
         // Release: our reads of the slot happen before the producer's reuse of it.
         h.head.value.store(self.head, Ordering::Release);
-        wake_if_waiting(&h.producer_waiting);
+        h.producer_park.notify_one();
     }
 }
 
@@ -640,9 +606,9 @@ mod tests {
         m
     }
 
-    fn wait_for(flag: &AtomicU32) {
+    fn wait_for(park: &Park) {
         let start = Instant::now();
-        while flag.load(Ordering::SeqCst) == 0 {
+        while park.waiters() == 0 {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "peer never parked"
@@ -817,14 +783,18 @@ mod tests {
         };
         assert!(matches!(attach(len - 64), Err(RingError::Corrupt(_))));
         assert!(matches!(attach(100), Err(RingError::BadParams(_))));
-        let h = ring.header();
-        let corruptions: [(&AtomicU32, u32); 6] = [
-            (&h.magic, 0xdead_beef),
-            (&h.capacity, 3),
-            (&h.capacity, 1 << 20),
-            (&h.capacity, 0),
-            (&h.slot_size, 12),
-            (&h.slot_size, u32::MAX - 7),
+        let (magic, [version, capacity, slot_size]) = ring.header().region.words();
+        let good = magic.swap(0xdead_beef, Ordering::Relaxed);
+        assert!(matches!(attach(len), Err(RingError::Corrupt(_))), "magic");
+        magic.store(good, Ordering::Relaxed);
+        // The region header's words are the sync shim's atomics (std's here, loom's under loom).
+        let corruptions = [
+            (version, 2),
+            (capacity, 3),
+            (capacity, 1 << 20),
+            (capacity, 0),
+            (slot_size, 12),
+            (slot_size, u32::MAX - 7),
         ];
         for (field, bad) in corruptions {
             let good = field.swap(bad, Ordering::Relaxed);
@@ -866,7 +836,7 @@ mod tests {
                 (buf[..n].to_vec(), Instant::now())
             });
             thread::sleep(Duration::from_millis(50));
-            wait_for(&ring.header().consumer_waiting);
+            wait_for(&ring.header().consumer_park);
             let pushed = Instant::now();
             ring.producer().try_push(b"hello").unwrap();
             let (msg, received) = consumer.join().unwrap();
@@ -891,7 +861,7 @@ mod tests {
                 (r, Instant::now())
             });
             thread::sleep(Duration::from_millis(50));
-            wait_for(&ring.header().producer_waiting);
+            wait_for(&ring.header().producer_park);
             let mut c = ring.consumer();
             let popped = Instant::now();
             assert_eq!(c.try_pop(&mut [0; 4]), Ok(Some(1)));
@@ -920,7 +890,7 @@ mod tests {
             assert!(elapsed >= Duration::from_millis(ms), "{elapsed:?}");
             assert!(elapsed < Duration::from_millis(ms + 1000), "{elapsed:?}");
         }
-        assert_eq!(ring.header().consumer_waiting.load(Ordering::SeqCst), 0);
+        assert_eq!(ring.header().consumer_park.waiters(), 0);
     }
 
     #[test]
@@ -946,7 +916,7 @@ mod tests {
         let (_region, ring) = new_ring(4, 8);
         thread::scope(|s| {
             let consumer = s.spawn(|| ring.consumer().pop(&mut [0; 4], LONG));
-            wait_for(&ring.header().consumer_waiting);
+            wait_for(&ring.header().consumer_park);
             ring.producer().close();
             assert_eq!(consumer.join().unwrap(), Err(RingError::Closed));
         });
@@ -958,7 +928,7 @@ mod tests {
                 p.try_push(&[1]).unwrap();
                 p.push(&[2], LONG)
             });
-            wait_for(&ring.header().producer_waiting);
+            wait_for(&ring.header().producer_park);
             ring.close();
             assert_eq!(producer.join().unwrap(), Err(RingError::Closed));
         });
@@ -972,7 +942,7 @@ mod tests {
                 let r = ring.consumer().pop(&mut [0; 4], LONG);
                 (r, Instant::now())
             });
-            wait_for(&ring.header().consumer_waiting);
+            wait_for(&ring.header().consumer_park);
             let woken = Instant::now();
             wake_consumer(&ring);
             let (r, returned) = consumer.join().unwrap();

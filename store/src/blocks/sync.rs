@@ -7,7 +7,10 @@
 //! the C11 model allows. Under loom a spin-wait must yield to loom, so `Backoff` does that.
 //!
 //! Only the modules whose structures are shared between processes and modelled use this
-//! (`shm`'s directory slots here; the executor's mailboxes and completion records).
+//! (`shm`'s directory slots, `park`'s eventcount and `region`'s header words here; the
+//! executor's mailboxes and completion records). The futex has no stand-in here: `park` is
+//! its only user, and under loom it waits on a loom mutex and condition variable instead (see
+//! `blocks::park`).
 
 #[cfg(not(loom))]
 pub use crossbeam_utils::Backoff;
@@ -23,9 +26,9 @@ pub use model::{AtomicU32, AtomicU64};
 ///
 /// Loom treats a `SeqCst` load, store or read-modify-write as `AcqRel` (its README lists this
 /// as unsupported: it gives false alarms), but models `fence(SeqCst)` fully. The Dekker
-/// handshakes here (pin bit vs. state word, `want` vs. record state, sleepers vs. event) are
-/// pairs of `SeqCst` accesses, which C11 (and x86 and ARMv8) do order. So under loom a
-/// `SeqCst` store is followed by `fence(SeqCst)`, a `SeqCst` load preceded by one, and a
+/// handshakes here (pin bit vs. state word, `want` vs. record state; a `Park`'s use explicit
+/// fences) are pairs of `SeqCst` accesses, which C11 (and x86 and ARMv8) do order. So under
+/// loom a `SeqCst` store is followed by `fence(SeqCst)`, a `SeqCst` load preceded by one, and a
 /// `SeqCst` read-modify-write has one on each side. That is slightly stronger than C11 for a
 /// `Relaxed` access next to a `SeqCst` one (the fence orders it too), so the models check the
 /// `SeqCst` pairs and the release/acquire chains, not `Relaxed` neighbours of `SeqCst`
