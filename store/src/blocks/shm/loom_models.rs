@@ -57,7 +57,12 @@ impl Arena {
             // and nothing references it yet; a loom Slot fits in SLOT_LEN (asserted above).
             unsafe { (map.as_mut_ptr().add(at) as *mut Slot).write(Slot::for_model()) };
         }
-        Arena { map, fd, layout }
+        Arena {
+            map,
+            fd,
+            layout,
+            populated: Populated::new(layout.total_len),
+        }
     }
 }
 
