@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::num::NonZeroUsize;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -665,23 +665,29 @@ fn fmt_value(v: f64) -> String {
     }
 }
 
-fn main() {
-    if let Ok(group) = std::env::var(FIGURE_ENV) {
-        let quick = std::env::var_os(QUICK_ENV).is_some();
-        let k = Knobs {
-            quick,
-            reps: if quick { 3 } else { 7 },
-            span: Duration::from_millis(if quick { 300 } else { 2_000 }),
-        };
-        if let Err(e) = child(&group, &k) {
-            eprintln!("user_paths: figure group {group}: {e:#}");
-            std::process::exit(1);
-        }
+/// In a figure group's process (the program re-executed with `TROVE_USER_PATH_FIGURE`):
+/// measures the group, prints its `@ name value` lines and exits. Otherwise returns at once.
+/// Call it first thing in `main`, before any thread (the group calls `trove::init`).
+pub fn run_group_if_asked() {
+    let Ok(group) = std::env::var(FIGURE_ENV) else {
         return;
+    };
+    let quick = std::env::var_os(QUICK_ENV).is_some();
+    let k = Knobs {
+        quick,
+        reps: if quick { 3 } else { 7 },
+        span: Duration::from_millis(if quick { 300 } else { 2_000 }),
+    };
+    if let Err(e) = child(&group, &k) {
+        eprintln!("user_paths: figure group {group}: {e:#}");
+        std::process::exit(1);
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let json = args.iter().any(|a| a == "--json");
-    let quick = args.iter().any(|a| a == "--quick");
+    std::process::exit(0);
+}
+
+/// Runs every figure group, each in a fresh process of this program, and writes one line per
+/// figure to `out` (`name value unit (goal, ratio, met)`, or JSON objects with `json`).
+pub fn run(quick: bool, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut got: BTreeMap<String, f64> = BTreeMap::new();
     let mut failed = Vec::new();
@@ -733,13 +739,14 @@ fn main() {
             let s = |o: Option<String>| o.map_or("null".into(), |s| format!("\"{s}\""));
             let n = |o: Option<f64>| o.map_or("null".into(), |x| format!("{x}"));
             let b = |o: Option<bool>| o.map_or("null".into(), |x| x.to_string());
-            println!(
+            writeln!(
+                out,
                 "{{\"name\": \"{name}\", \"value\": {v}, \"unit\": \"{unit}\", \"goal\": {}, \
                  \"ratio\": {}, \"met\": {}}}",
                 s(goal_text),
                 n(ratio),
                 b(met)
-            );
+            )?;
         } else {
             let mut extra = Vec::new();
             if let Some(g) = goal_text {
@@ -756,7 +763,7 @@ fn main() {
             } else {
                 format!("({})", extra.join(", "))
             };
-            println!("{name:<24} {:>12} {unit:<5} {extra}", fmt_value(v));
+            writeln!(out, "{name:<24} {:>12} {unit:<5} {extra}", fmt_value(v))?;
         }
     }
     if !json {
@@ -772,6 +779,20 @@ fn main() {
         );
     }
     if !failed.is_empty() {
+        bail!("figure groups failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// `cargo bench --bench user_paths [-- --quick] [-- --json]` (`trove bench` runs the same).
+#[allow(dead_code)] // In the `trove` binary, which includes this file, `trove bench` calls `run`.
+fn main() {
+    run_group_if_asked();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let json = args.iter().any(|a| a == "--json");
+    let quick = args.iter().any(|a| a == "--quick");
+    if let Err(e) = run(quick, json, &mut std::io::stdout().lock()) {
+        eprintln!("user_paths: {e:#}");
         std::process::exit(1);
     }
 }
