@@ -8,7 +8,7 @@
 //!
 //! Here: `StoreClient` and the verbs (connect, create, seal, put, get, delete, list, ...).
 //! `conn`: the connection, request/reply, frame batching and numbering, the debt hooks.
-//! `holds`: per-object counts, pins, releases, `ObjectView`, local values. `writers`:
+//! `holds`: per-object counts, pins, releases, pending adoptions, `ObjectView`. `writers`:
 //! `ObjectWriter`, `OwnedWriter` and the client's slab. `notices`: the notification ring and
 //! `wait_ready`.
 //!

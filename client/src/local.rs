@@ -1,0 +1,214 @@
+//! Local values: a call's small result that came back inline in its completion record (see
+//! [`trove_executor::record`]) and that the store has never seen, kept in this process's memory
+//! under the result's id, with the count of this process's references to it.
+//!
+//! The store client counts a call's result as a *pending adoption* from the moment the call is
+//! sent (`StoreClient::adopt_pending`). When the caller takes the value out of the record
+//! ([`Locals::take`]), the count moves here (`StoreClient::abandon_pending`), and references
+//! are counted here from then on: a clone or a drop takes this table's lock only, and the last
+//! drop tells nobody. If a ref escapes into an object or a call, the value is put in the store
+//! under the same id first ([`Locals::promote`]) and the count moves back to the store client.
+//!
+//! Every reference of this process to an id is counted in exactly one of the two places. Both
+//! moves happen under this table's lock, so a thread that finds an id in neither (it was
+//! moving) finds it here once it has the lock: see [`Shared::hold`](crate::context::Shared)
+//! and `Shared::release`, which try here, then the store client, then here again.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rustc_hash::FxHashMap;
+use trove_store::protocol::Owned;
+use trove_store::{ObjectId, StoreClient};
+
+use crate::error::Result;
+
+/// A value kept in process memory, 16-byte aligned (what rkyv archives need); small ones
+/// (calls' inline results) live in the same allocation as the `Arc`'s counts.
+pub(crate) struct Local {
+    blocks: Blocks,
+    len: usize,
+    error: bool,
+}
+
+enum Blocks {
+    Small([Block; SMALL_BLOCKS]),
+    Large(Box<[Block]>),
+}
+
+/// Values up to this many 16-byte blocks are kept without a second allocation.
+const SMALL_BLOCKS: usize = 12;
+
+#[repr(C, align(16))]
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+struct Block([u8; 16]);
+
+impl Local {
+    /// A copy of `bytes`; `error`: they are a failure report, not a value.
+    pub(crate) fn new(bytes: &[u8], error: bool) -> Local {
+        let n = bytes.len().div_ceil(16);
+        let mut blocks = if n <= SMALL_BLOCKS {
+            Blocks::Small([Block([0; 16]); SMALL_BLOCKS])
+        } else {
+            Blocks::Large(vec![Block([0; 16]); n].into_boxed_slice())
+        };
+        let all: &mut [Block] = match &mut blocks {
+            Blocks::Small(b) => b,
+            Blocks::Large(b) => b,
+        };
+        bytemuck::cast_slice_mut::<Block, u8>(all)[..bytes.len()].copy_from_slice(bytes);
+        Local {
+            blocks,
+            len: bytes.len(),
+            error,
+        }
+    }
+
+    /// The value's bytes, 16-byte aligned.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        let all: &[Block] = match &self.blocks {
+            Blocks::Small(b) => b,
+            Blocks::Large(b) => b,
+        };
+        &bytemuck::cast_slice(all)[..self.len]
+    }
+
+    /// The value is a failure report.
+    pub(crate) fn is_error(&self) -> bool {
+        self.error
+    }
+}
+
+/// One local value and this process's references to it.
+struct Entry {
+    count: u64,
+    value: Arc<Local>,
+}
+
+/// This process's local values, by id.
+#[derive(Default)]
+pub(crate) struct Locals {
+    /// How many values the table holds: the hot paths skip the lock while it is none. Raised
+    /// before a count leaves the store client (in [`Locals::take`]), so a thread that then
+    /// misses the id in the store client (whose lock orders the two) sees it non-zero.
+    len: AtomicUsize,
+    map: Mutex<FxHashMap<ObjectId, Entry>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Locals {
+    fn is_empty(&self) -> bool {
+        self.len.load(Ordering::Acquire) == 0
+    }
+
+    /// Keeps `bytes` as the value of the call result `id`, which this process adopted as
+    /// pending in the store client: its references move here. `false` (and nothing kept) if
+    /// `id` is not a pending adoption any more (no reference is left).
+    pub(crate) fn take(
+        &self,
+        client: &StoreClient,
+        id: &ObjectId,
+        bytes: &[u8],
+        error: bool,
+    ) -> bool {
+        let value = Arc::new(Local::new(bytes, error));
+        let mut map = lock(&self.map);
+        self.len.fetch_add(1, Ordering::AcqRel);
+        let count = client.abandon_pending(id);
+        if count == 0 {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        map.insert(*id, Entry { count, value });
+        true
+    }
+
+    /// Takes one more reference to `id` if it is a local value; `false` otherwise.
+    pub(crate) fn hold(&self, id: &ObjectId) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        match lock(&self.map).get_mut(id) {
+            Some(e) => {
+                e.count += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops one reference to `id` if it is a local value (the last one forgets the value);
+    /// `false` otherwise.
+    pub(crate) fn release(&self, id: &ObjectId) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let mut map = lock(&self.map);
+        let Some(e) = map.get_mut(id) else {
+            return false;
+        };
+        e.count -= 1;
+        if e.count == 0 {
+            let gone = map.remove(id);
+            self.len.fetch_sub(1, Ordering::AcqRel);
+            trove_store::client::shrink_if_sparse(&mut map);
+            drop(map);
+            drop(gone);
+        }
+        true
+    }
+
+    /// The value of `id`, if it is a local value.
+    pub(crate) fn get(&self, id: &ObjectId) -> Option<Arc<Local>> {
+        if self.is_empty() {
+            return None;
+        }
+        lock(&self.map).get(id).map(|e| e.value.clone())
+    }
+
+    /// Which of `ids` are local values.
+    pub(crate) fn which(&self, ids: &[ObjectId]) -> Vec<bool> {
+        if self.is_empty() {
+            return vec![false; ids.len()];
+        }
+        let map = lock(&self.map);
+        ids.iter().map(|id| map.contains_key(id)).collect()
+    }
+
+    /// Puts the local value `id` in the store under its id, so that other processes can read
+    /// it (its ref is escaping into an object or a call); this process's references move to
+    /// the store client, as references to the stored object. A no-op for other ids.
+    ///
+    /// The object is written under the table's lock, so exactly one thread promotes a value
+    /// and nobody counts a reference to it meanwhile. A value is at most a record's inline
+    /// bytes, so this is a bump allocation in this client's slab and a queued frame (a round
+    /// trip only when the slab is full).
+    pub(crate) fn promote(&self, client: &StoreClient, id: &ObjectId) -> Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let mut map = lock(&self.map);
+        let Some(e) = map.get(id) else {
+            return Ok(());
+        };
+        let mut w = client.alloc_owned(*id, e.value.len as u64)?;
+        w.as_mut_slice().copy_from_slice(e.value.bytes());
+        w.publish_with(Owned {
+            error: e.value.error,
+            keep: true,
+            ..Owned::default()
+        })?;
+        // `publish_with` counted one reference (`keep`); the others follow it.
+        let e = map.remove(id).expect("present");
+        self.len.fetch_sub(1, Ordering::AcqRel);
+        for _ in 1..e.count {
+            let held = client.hold_if_held(id);
+            debug_assert!(held, "the published object is held");
+        }
+        drop(map);
+        Ok(())
+    }
+}
