@@ -212,3 +212,203 @@ impl Locals {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+
+    use trove_store::client::Readiness;
+    use trove_store::{Daemon, DaemonConfig, ShutdownHandle, Stats};
+
+    use super::*;
+    use crate::context::Shared;
+
+    /// A store daemon on a thread of this process, stopped on drop.
+    struct TestDaemon {
+        _dir: tempfile::TempDir,
+        socket: std::path::PathBuf,
+        stop: ShutdownHandle,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl TestDaemon {
+        fn start() -> TestDaemon {
+            let dir = tempfile::tempdir().unwrap();
+            // A directory of its own, created private (0700) by the daemon.
+            let socket = dir.path().join("store").join("sock");
+            let daemon = Daemon::bind(&DaemonConfig {
+                socket: socket.clone(),
+                memory: 64 << 20,
+                prefault: false,
+                max_objects: None,
+            })
+            .unwrap();
+            let stop = daemon.shutdown_handle();
+            let thread = std::thread::spawn(move || daemon.run().unwrap());
+            TestDaemon {
+                _dir: dir,
+                socket,
+                stop,
+                thread: Some(thread),
+            }
+        }
+        fn connect(&self) -> StoreClient {
+            StoreClient::connect(Path::new(&self.socket)).unwrap()
+        }
+    }
+
+    impl Drop for TestDaemon {
+        fn drop(&mut self) {
+            self.stop.shutdown();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Waits (bounded) until the store's objects and used bytes are `base`'s again.
+    fn back_to(c: &StoreClient, base: &Stats) {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            c.flush().unwrap();
+            let s = c.stats().unwrap();
+            if (s.objects, s.used) == (base.objects, base.used) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "store at {} objects / {} bytes, not {} / {}",
+                s.objects,
+                s.used,
+                base.objects,
+                base.used
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn shared(c: &StoreClient) -> Shared {
+        Shared::new(c.clone(), None, ObjectId::random(), "test".into())
+    }
+
+    #[test]
+    fn values_are_aligned_and_kept_whole() {
+        for len in [0, 1, 15, 16, 17, 191, 192, 193, 1000] {
+            let bytes: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let l = Local::new(&bytes, len % 2 == 0);
+            assert_eq!(l.bytes(), &bytes[..]);
+            assert!((l.bytes().as_ptr() as usize).is_multiple_of(16));
+            assert_eq!(l.is_error(), len % 2 == 0);
+        }
+    }
+
+    #[test]
+    fn a_local_value_is_counted_here_then_promoted_readable_elsewhere_and_freed() {
+        let d = TestDaemon::start();
+        let (a, b) = (d.connect(), d.connect());
+        let base = a.stats().unwrap();
+        let sh = shared(&a);
+        let id = ObjectId::random();
+        let bytes = b"a call's small result, 16-byte aligned here";
+        // Two references taken while the call ran; the value comes back inline.
+        a.adopt_pending(&id);
+        sh.hold(&id);
+        assert_eq!(a.held_count(&id), 2);
+        assert!(sh.locals.take(&a, &id, bytes, false));
+        assert_eq!(a.held_count(&id), 0, "the store client forgot it");
+        assert!(!sh.locals.take(&a, &id, bytes, false), "taken once only");
+        sh.hold(&id);
+        let v = sh.locals.get(&id).expect("local");
+        assert_eq!(v.bytes(), bytes);
+        assert_eq!(sh.wait_ready(&[id], 1, None).unwrap(), [Readiness::Ready]);
+        sh.release(&id);
+        // Never in the store.
+        a.flush().unwrap();
+        let s = a.stats().unwrap();
+        assert_eq!((s.objects, s.used), (base.objects, base.used));
+        // Its ref escapes: the value goes to the store under its id, with both references.
+        sh.locals.promote(&a, &id).unwrap();
+        assert!(sh.locals.get(&id).is_none());
+        assert_eq!(a.held_count(&id), 2);
+        a.flush().unwrap();
+        let other = b.get(id, Duration::from_secs(10)).unwrap();
+        assert_eq!(&other[..], bytes);
+        assert!((other.as_ptr() as usize).is_multiple_of(16));
+        drop(other);
+        // The local copy read before still reads right.
+        assert_eq!(v.bytes(), bytes);
+        sh.release(&id);
+        sh.release(&id);
+        assert_eq!(a.held_count(&id), 0);
+        // Freed with both processes still connected.
+        back_to(&a, &base);
+        drop(b);
+    }
+
+    #[test]
+    fn a_local_values_last_release_tells_the_store_nothing() {
+        let d = TestDaemon::start();
+        let a = d.connect();
+        let base = a.stats().unwrap();
+        let sh = shared(&a);
+        let ids: Vec<ObjectId> = (0..100).map(|_| ObjectId::random()).collect();
+        for id in &ids {
+            a.adopt_pending(id);
+            assert!(sh.locals.take(&a, id, &[7; 100], true));
+        }
+        assert!(sh.locals.get(&ids[0]).unwrap().is_error());
+        for id in &ids {
+            sh.release(id);
+            assert!(sh.locals.get(id).is_none());
+        }
+        assert!(sh.locals.is_empty());
+        assert_eq!(sh.locals.which(&ids), vec![false; ids.len()]);
+        back_to(&a, &base);
+    }
+
+    /// Threads clone and drop a call result's refs while it moves from the store client into
+    /// the local values and back (promoted): no reference is lost or counted twice.
+    #[test]
+    fn references_moving_between_the_store_client_and_the_local_values_are_never_lost() {
+        let d = TestDaemon::start();
+        let a = d.connect();
+        let base = a.stats().unwrap();
+        let sh = shared(&a);
+        for round in 0..200u32 {
+            let id = ObjectId::random();
+            a.adopt_pending(&id);
+            let stop = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        while !stop.load(Ordering::Relaxed) {
+                            sh.hold(&id);
+                            std::hint::spin_loop();
+                            sh.release(&id);
+                        }
+                    });
+                }
+                for _ in 0..(round % 7) * 20 {
+                    std::hint::spin_loop();
+                }
+                assert!(sh.locals.take(&a, &id, &round.to_le_bytes(), false));
+                if round % 2 == 0 {
+                    std::thread::yield_now();
+                    sh.locals.promote(&a, &id).unwrap();
+                }
+                std::thread::yield_now();
+                stop.store(true, Ordering::Relaxed);
+            });
+            // Only the first reference is left, wherever it is.
+            let (here, there) = (sh.locals.get(&id).is_some(), a.held_count(&id));
+            assert_eq!((here, there), (round % 2 == 1, (round % 2 == 0) as u64));
+            sh.release(&id);
+            assert!(sh.locals.get(&id).is_none());
+            assert_eq!(a.held_count(&id), 0);
+        }
+        assert!(sh.locals.is_empty());
+        back_to(&a, &base);
+    }
+}

@@ -400,3 +400,83 @@ impl Drop for ObjectView {
         self.client.release(&self.id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::daemon::{Daemon, DaemonConfig};
+    use crate::protocol::Owned;
+
+    use super::*;
+
+    #[test]
+    fn a_pending_adoption_is_abandoned_without_a_frame_and_only_while_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("store").join("sock");
+        let daemon = Daemon::bind(&DaemonConfig {
+            socket: socket.clone(),
+            memory: 16 << 20,
+            prefault: false,
+            max_objects: None,
+        })
+        .unwrap();
+        let stop = daemon.shutdown_handle();
+        let thread = std::thread::spawn(move || daemon.run().unwrap());
+        let (a, b) = (
+            StoreClient::connect(&socket).unwrap(),
+            StoreClient::connect(&socket).unwrap(),
+        );
+        let base = a.stats().unwrap();
+        let sent = a.frames_sent();
+
+        // Two references to an object nobody will create: forgotten, nothing sent.
+        let never = ObjectId::random();
+        a.adopt_pending(&never);
+        assert!(a.hold_if_held(&never));
+        assert_eq!(a.held_count(&never), 2);
+        assert_eq!(a.abandon_pending(&never), 2);
+        assert_eq!(a.held_count(&never), 0);
+        assert_eq!(a.abandon_pending(&never), 0);
+        assert!(!a.hold_if_held(&never));
+        assert!(!a.release(&never));
+        assert_eq!(
+            a.frames_sent(),
+            sent,
+            "no frame stands for a pending adoption"
+        );
+
+        // One whose place its creator told: an object now, not abandoned; released as one.
+        let made = ObjectId::random();
+        a.adopt_pending(&made);
+        let mut w = b.alloc_owned(made, 8).unwrap();
+        w.as_mut_slice().copy_from_slice(b"objected");
+        let place = w.offset();
+        w.publish_with(Owned {
+            pin_for: Some(a.pin_target()),
+            ..Owned::default()
+        })
+        .unwrap();
+        b.flush().unwrap();
+        a.resolve_pending(&made, place, 8, false);
+        assert_eq!(a.abandon_pending(&made), 0);
+        assert_eq!(
+            &a.get(made, Duration::from_secs(10)).unwrap()[..],
+            b"objected"
+        );
+        assert!(a.release(&made));
+        assert_eq!(a.held_count(&made), 0);
+        a.sync().unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while a.stats().unwrap().objects != base.objects {
+            assert!(
+                std::time::Instant::now() < until,
+                "the object was not freed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop((a, b));
+        stop.shutdown();
+        thread.join().unwrap();
+    }
+}
