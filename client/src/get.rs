@@ -1,4 +1,5 @@
-//! Reading: waiting for an object (a call's completion record first, then the daemon), and
+//! Reading: waiting for an object (a call's completion record first, then the daemon; a call's
+//! small result is read in this process's memory, see [`crate::local`]), and
 //! [`ObjectRef::get`] and its variants.
 
 use std::time::{Duration, Instant};
