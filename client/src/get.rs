@@ -2,6 +2,7 @@
 //! small result is read in this process's memory, see [`crate::local`]), and
 //! [`ObjectRef::get`] and its variants.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use trove_store::ObjectId;
@@ -10,19 +11,23 @@ use trove_store::client::Readiness;
 use crate::codec::Value;
 use crate::context::{self, Shared};
 use crate::error::{Error, Result};
-use crate::obj::{Obj, Stored, View};
+use crate::obj::{LocalView, Obj, Stored, View};
 use crate::object_ref::ObjectRef;
 
 /// A view of `id` if it can be had now: a local value, or a store object pinned in place.
-fn try_view(sh: &Shared, id: &ObjectId) -> Option<View> {
-    if let Some(v) = sh.locals.get(id) {
-        return Some(View::Local(*id, v));
+fn try_view(sh: &Arc<Shared>, id: &ObjectId) -> Option<View> {
+    if let Some(value) = sh.locals.view(id) {
+        return Some(View::Local(LocalView {
+            sh: sh.clone(),
+            id: *id,
+            value,
+        }));
     }
     sh.client.try_get(id).map(View::Store)
 }
 
 /// Waits for an object (a call's result in its record first, then the daemon) and pins it.
-pub(crate) fn view(sh: &Shared, id: ObjectId, deadline: Option<Instant>) -> Result<View> {
+pub(crate) fn view(sh: &Arc<Shared>, id: ObjectId, deadline: Option<Instant>) -> Result<View> {
     for _ in 0..64 {
         if let Some(v) = try_view(sh, &id) {
             return Ok(v);
@@ -57,7 +62,7 @@ pub(crate) fn view(sh: &Shared, id: ObjectId, deadline: Option<Instant>) -> Resu
 
 /// Waits for every ref (until `deadline`) and deserialises owned values, in order.
 pub(crate) fn all_until<T: Value>(
-    sh: &Shared,
+    sh: &Arc<Shared>,
     refs: &[ObjectRef<T>],
     deadline: Option<Instant>,
 ) -> Result<Vec<T>> {

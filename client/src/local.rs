@@ -161,12 +161,16 @@ impl Locals {
         true
     }
 
-    /// The value of `id`, if it is a local value.
-    pub(crate) fn get(&self, id: &ObjectId) -> Option<Arc<Local>> {
+    /// Takes one more reference to `id` for a view of it and returns its value, if it is a
+    /// local value (the view's reference is dropped like any other, see `Shared::release`).
+    pub(crate) fn view(&self, id: &ObjectId) -> Option<Arc<Local>> {
         if self.is_empty() {
             return None;
         }
-        lock(&self.map).get(id).map(|e| e.value.clone())
+        lock(&self.map).get_mut(id).map(|e| {
+            e.count += 1;
+            e.value.clone()
+        })
     }
 
     /// Which of `ids` are local values.
@@ -320,8 +324,10 @@ mod tests {
         assert_eq!(a.held_count(&id), 0, "the store client forgot it");
         assert!(!sh.locals.take(&a, &id, bytes, false), "taken once only");
         sh.hold(&id);
-        let v = sh.locals.get(&id).expect("local");
+        // A view takes a reference of its own.
+        let v = sh.locals.view(&id).expect("local");
         assert_eq!(v.bytes(), bytes);
+        sh.release(&id);
         assert_eq!(sh.wait_ready(&[id], 1, None).unwrap(), [Readiness::Ready]);
         sh.release(&id);
         // Never in the store.
@@ -330,7 +336,7 @@ mod tests {
         assert_eq!((s.objects, s.used), (base.objects, base.used));
         // Its ref escapes: the value goes to the store under its id, with both references.
         sh.locals.promote(&a, &id).unwrap();
-        assert!(sh.locals.get(&id).is_none());
+        assert_eq!(sh.locals.which(&[id]), [false]);
         assert_eq!(a.held_count(&id), 2);
         a.flush().unwrap();
         let other = b.get(id, Duration::from_secs(10)).unwrap();
@@ -358,10 +364,11 @@ mod tests {
             a.adopt_pending(id);
             assert!(sh.locals.take(&a, id, &[7; 100], true));
         }
-        assert!(sh.locals.get(&ids[0]).unwrap().is_error());
+        assert!(sh.locals.view(&ids[0]).unwrap().is_error());
+        sh.release(&ids[0]);
         for id in &ids {
             sh.release(id);
-            assert!(sh.locals.get(id).is_none());
+            assert_eq!(sh.locals.which(&[*id]), [false]);
         }
         assert!(sh.locals.is_empty());
         assert_eq!(sh.locals.which(&ids), vec![false; ids.len()]);
@@ -402,10 +409,10 @@ mod tests {
                 stop.store(true, Ordering::Relaxed);
             });
             // Only the first reference is left, wherever it is.
-            let (here, there) = (sh.locals.get(&id).is_some(), a.held_count(&id));
+            let (here, there) = (sh.locals.which(&[id])[0], a.held_count(&id));
             assert_eq!((here, there), (round % 2 == 1, (round % 2 == 0) as u64));
             sh.release(&id);
-            assert!(sh.locals.get(&id).is_none());
+            assert_eq!(sh.locals.which(&[id]), [false]);
             assert_eq!(a.held_count(&id), 0);
         }
         assert!(sh.locals.is_empty());

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use trove_store::{ObjectId, ObjectView};
 
 use crate::codec::{self, Plain, Value};
+use crate::context::Shared;
 use crate::error::{Error, Result};
 use crate::local::Local;
 
@@ -52,32 +53,59 @@ impl<T: Plain> Stored for [T] {
 }
 
 /// What an [`Obj`] reads: a store object pinned in place, or a local value (a call's small
-/// result in this process's memory, see [`crate::local`]), kept alive by the view.
+/// result in this process's memory, see [`crate::local`]). Either way the view holds one
+/// reference to the object, as an `ObjectRef` does.
 #[derive(Clone)]
 pub(crate) enum View {
     Store(ObjectView),
-    Local(ObjectId, Arc<Local>),
+    Local(LocalView),
+}
+
+/// A view of a local value: its bytes (kept by the `Arc` even if the value is promoted to the
+/// store meanwhile) and one reference to it, taken by [`Locals::view`](crate::local::Locals)
+/// and dropped through the context as an `ObjectRef`'s is.
+pub(crate) struct LocalView {
+    pub(crate) sh: Arc<Shared>,
+    pub(crate) id: ObjectId,
+    pub(crate) value: Arc<Local>,
+}
+
+impl Clone for LocalView {
+    fn clone(&self) -> Self {
+        self.sh.hold(&self.id);
+        LocalView {
+            sh: self.sh.clone(),
+            id: self.id,
+            value: self.value.clone(),
+        }
+    }
+}
+
+impl Drop for LocalView {
+    fn drop(&mut self) {
+        self.sh.release(&self.id);
+    }
 }
 
 impl View {
     fn id(&self) -> ObjectId {
         match self {
             View::Store(v) => v.id(),
-            View::Local(id, _) => *id,
+            View::Local(l) => l.id,
         }
     }
 
     fn bytes(&self) -> &[u8] {
         match self {
             View::Store(v) => v.as_slice(),
-            View::Local(_, l) => l.bytes(),
+            View::Local(l) => l.value.bytes(),
         }
     }
 
     fn is_error(&self) -> bool {
         match self {
             View::Store(v) => v.is_error(),
-            View::Local(_, l) => l.is_error(),
+            View::Local(l) => l.value.is_error(),
         }
     }
 }
