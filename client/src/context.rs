@@ -66,9 +66,10 @@ impl Shared {
     }
 
     /// Takes one more reference to `id` in this process: a local value's count, or the store
-    /// client's. Between the two looks here, a call's result may move into the local values
-    /// (the store client then no longer holds it): the second look here finds it, since both
-    /// moves are made under the local values' lock.
+    /// client's. While a thread looks, a call's result may move into the local values (the
+    /// store client then no longer holds it), and from there back to the store client
+    /// (promoted), each at most once and under the local values' lock: so the looks go here,
+    /// there, here, there, and the last one takes a new reference if none was found.
     pub(crate) fn hold(&self, id: &ObjectId) {
         if self.locals.hold(id) || self.client.hold_if_held(id) || self.locals.hold(id) {
             return;
@@ -77,15 +78,14 @@ impl Shared {
     }
 
     /// Drops one reference to `id` in this process. A local value's costs one lock; for the
-    /// others, see [`Shared::before_release`]. If the store client holds no reference, the
-    /// result moved into the local values meanwhile (as in [`Shared::hold`]).
+    /// others, see [`Shared::before_release`]. The looks go as in [`Shared::hold`].
     pub(crate) fn release(&self, id: &ObjectId) {
         if self.locals.release(id) {
             return;
         }
         self.before_release(id);
-        if !self.client.release(id) {
-            self.locals.release(id);
+        if !self.client.release(id) && !self.locals.release(id) {
+            self.client.release(id);
         }
     }
 

@@ -9,10 +9,13 @@
 //! drop tells nobody. If a ref escapes into an object or a call, the value is put in the store
 //! under the same id first ([`Locals::promote`]) and the count moves back to the store client.
 //!
-//! Every reference of this process to an id is counted in exactly one of the two places. Both
-//! moves happen under this table's lock, so a thread that finds an id in neither (it was
-//! moving) finds it here once it has the lock: see [`Shared::hold`](crate::context::Shared)
-//! and `Shared::release`, which try here, then the store client, then here again.
+//! Every reference of this process to an id is counted in exactly one of the two places. Each
+//! move happens at most once per id (in, then perhaps back out: a promoted value is a store
+//! object for good), under this table's lock, and a thread that misses the id in one place
+//! after the move into the other sees it there (this table's per-bucket counts are raised
+//! before the store client forgets the id). So `Shared::hold` and `Shared::release` (in
+//! `context.rs`) look here, in the store client, here, and in the store client again: a
+//! reference is never lost, nor counted in the wrong place.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -86,13 +89,32 @@ struct Entry {
 }
 
 /// This process's local values, by id.
-#[derive(Default)]
 pub(crate) struct Locals {
-    /// How many values the table holds: the hot paths skip the lock while it is none. Raised
-    /// before a count leaves the store client (in [`Locals::take`]), so a thread that then
-    /// misses the id in the store client (whose lock orders the two) sees it non-zero.
-    len: AtomicUsize,
+    /// How many values the table holds, by a byte of their id ([`bucket`]): the hot paths
+    /// skip the lock when the id's bucket is empty, so a process whose local values are few
+    /// seldom pays it for store objects. Raised before a count leaves the store client (in
+    /// [`Locals::take`]), so a thread that then misses the id in the store client (whose lock
+    /// orders the two) sees it non-zero.
+    held: [AtomicUsize; BUCKETS],
     map: Mutex<FxHashMap<ObjectId, Entry>>,
+}
+
+const BUCKETS: usize = 64;
+
+/// The bucket of `id`: the low byte of the counter in an id from `ObjectId::random` (calls'
+/// result ids are such), so a process's recent ids spread over all of them. Any byte would be
+/// correct; a poor one only makes the lock-free miss rarer.
+fn bucket(id: &ObjectId) -> usize {
+    usize::from(id.0[12]) % BUCKETS
+}
+
+impl Default for Locals {
+    fn default() -> Locals {
+        Locals {
+            held: std::array::from_fn(|_| AtomicUsize::new(0)),
+            map: Mutex::default(),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -100,8 +122,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Locals {
+    /// Surely not a local value: its bucket is empty (no lock taken).
+    fn surely_not(&self, id: &ObjectId) -> bool {
+        self.held[bucket(id)].load(Ordering::Acquire) == 0
+    }
+
+    #[cfg(test)]
     fn is_empty(&self) -> bool {
-        self.len.load(Ordering::Acquire) == 0
+        self.held.iter().all(|n| n.load(Ordering::Acquire) == 0)
     }
 
     /// Keeps `bytes` as the value of the call result `id`, which this process adopted as
@@ -116,10 +144,10 @@ impl Locals {
     ) -> bool {
         let value = Arc::new(Local::new(bytes, error));
         let mut map = lock(&self.map);
-        self.len.fetch_add(1, Ordering::AcqRel);
+        self.held[bucket(id)].fetch_add(1, Ordering::AcqRel);
         let count = client.abandon_pending(id);
         if count == 0 {
-            self.len.fetch_sub(1, Ordering::AcqRel);
+            self.held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
             return false;
         }
         map.insert(*id, Entry { count, value });
@@ -128,7 +156,7 @@ impl Locals {
 
     /// Takes one more reference to `id` if it is a local value; `false` otherwise.
     pub(crate) fn hold(&self, id: &ObjectId) -> bool {
-        if self.is_empty() {
+        if self.surely_not(id) {
             return false;
         }
         match lock(&self.map).get_mut(id) {
@@ -143,7 +171,7 @@ impl Locals {
     /// Drops one reference to `id` if it is a local value (the last one forgets the value);
     /// `false` otherwise.
     pub(crate) fn release(&self, id: &ObjectId) -> bool {
-        if self.is_empty() {
+        if self.surely_not(id) {
             return false;
         }
         let mut map = lock(&self.map);
@@ -153,7 +181,7 @@ impl Locals {
         e.count -= 1;
         if e.count == 0 {
             let gone = map.remove(id);
-            self.len.fetch_sub(1, Ordering::AcqRel);
+            self.held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
             trove_store::client::shrink_if_sparse(&mut map);
             drop(map);
             drop(gone);
@@ -164,7 +192,7 @@ impl Locals {
     /// Takes one more reference to `id` for a view of it and returns its value, if it is a
     /// local value (the view's reference is dropped like any other, see `Shared::release`).
     pub(crate) fn view(&self, id: &ObjectId) -> Option<Arc<Local>> {
-        if self.is_empty() {
+        if self.surely_not(id) {
             return None;
         }
         lock(&self.map).get_mut(id).map(|e| {
@@ -175,7 +203,7 @@ impl Locals {
 
     /// Which of `ids` are local values.
     pub(crate) fn which(&self, ids: &[ObjectId]) -> Vec<bool> {
-        if self.is_empty() {
+        if ids.iter().all(|id| self.surely_not(id)) {
             return vec![false; ids.len()];
         }
         let map = lock(&self.map);
@@ -191,7 +219,7 @@ impl Locals {
     /// bytes, so this is a bump allocation in this client's slab and a queued frame (a round
     /// trip only when the slab is full).
     pub(crate) fn promote(&self, client: &StoreClient, id: &ObjectId) -> Result<()> {
-        if self.is_empty() {
+        if self.surely_not(id) {
             return Ok(());
         }
         let mut map = lock(&self.map);
@@ -207,7 +235,7 @@ impl Locals {
         })?;
         // `publish_with` counted one reference (`keep`); the others follow it.
         let e = map.remove(id).expect("present");
-        self.len.fetch_sub(1, Ordering::AcqRel);
+        self.held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
         for _ in 1..e.count {
             let held = client.hold_if_held(id);
             debug_assert!(held, "the published object is held");
@@ -220,7 +248,6 @@ impl Locals {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-    use std::sync::atomic::AtomicBool;
     use std::time::{Duration, Instant};
 
     use trove_store::client::Readiness;
@@ -375,45 +402,57 @@ mod tests {
         back_to(&a, &base);
     }
 
-    /// Threads clone and drop a call result's refs while it moves from the store client into
-    /// the local values and back (promoted): no reference is lost or counted twice.
+    /// Threads clone and drop call results' refs while each moves from the store client into
+    /// the local values and, for some, back (promoted): no reference is lost or counted twice.
     #[test]
     fn references_moving_between_the_store_client_and_the_local_values_are_never_lost() {
         let d = TestDaemon::start();
         let a = d.connect();
         let base = a.stats().unwrap();
         let sh = shared(&a);
-        for round in 0..200u32 {
-            let id = ObjectId::random();
-            a.adopt_pending(&id);
-            let stop = AtomicBool::new(false);
+        const IDS: usize = 500;
+        for round in 0..8 {
+            let ids: Vec<ObjectId> = (0..IDS).map(|_| ObjectId::random()).collect();
+            for id in &ids {
+                a.adopt_pending(id);
+            }
+            // The id being moved now: the threads hammer it.
+            let next = AtomicUsize::new(0);
             std::thread::scope(|s| {
                 for _ in 0..2 {
                     s.spawn(|| {
-                        while !stop.load(Ordering::Relaxed) {
-                            sh.hold(&id);
+                        loop {
+                            let i = next.load(Ordering::Acquire);
+                            let Some(id) = ids.get(i) else {
+                                return;
+                            };
+                            sh.hold(id);
                             std::hint::spin_loop();
-                            sh.release(&id);
+                            sh.release(id);
                         }
                     });
                 }
-                for _ in 0..(round % 7) * 20 {
-                    std::hint::spin_loop();
+                for (i, id) in ids.iter().enumerate() {
+                    next.store(i, Ordering::Release);
+                    for _ in 0..(i % 13) * 10 {
+                        std::hint::spin_loop();
+                    }
+                    assert!(sh.locals.take(&a, id, &[round; 100], false));
+                    if i % 4 == 0 {
+                        sh.locals.promote(&a, id).unwrap();
+                    }
                 }
-                assert!(sh.locals.take(&a, &id, &round.to_le_bytes(), false));
-                if round % 2 == 0 {
-                    std::thread::yield_now();
-                    sh.locals.promote(&a, &id).unwrap();
-                }
-                std::thread::yield_now();
-                stop.store(true, Ordering::Relaxed);
+                next.store(IDS, Ordering::Release);
             });
-            // Only the first reference is left, wherever it is.
-            let (here, there) = (sh.locals.which(&[id])[0], a.held_count(&id));
-            assert_eq!((here, there), (round % 2 == 1, (round % 2 == 0) as u64));
-            sh.release(&id);
-            assert_eq!(sh.locals.which(&[id]), [false]);
-            assert_eq!(a.held_count(&id), 0);
+            // Only the first reference to each is left, wherever it is.
+            for (i, id) in ids.iter().enumerate() {
+                let promoted = i % 4 == 0;
+                let (here, there) = (sh.locals.which(&[*id])[0], a.held_count(id));
+                assert_eq!((here, there), (!promoted, promoted as u64), "id {i}");
+                sh.release(id);
+                assert_eq!(sh.locals.which(&[*id]), [false]);
+                assert_eq!(a.held_count(id), 0);
+            }
         }
         assert!(sh.locals.is_empty());
         back_to(&a, &base);
