@@ -104,6 +104,7 @@ const BUCKETS: usize = 64;
 /// The bucket of `id`: the low byte of the counter in an id from `ObjectId::random` (calls'
 /// result ids are such), so a process's recent ids spread over all of them. Any byte would be
 /// correct; a poor one only makes the lock-free miss rarer.
+#[inline]
 fn bucket(id: &ObjectId) -> usize {
     usize::from(id.0[12]) % BUCKETS
 }
@@ -123,6 +124,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Locals {
     /// Surely not a local value: its bucket is empty (no lock taken).
+    #[inline]
     fn surely_not(&self, id: &ObjectId) -> bool {
         self.held[bucket(id)].load(Ordering::Acquire) == 0
     }
@@ -155,6 +157,7 @@ impl Locals {
     }
 
     /// Takes one more reference to `id` if it is a local value; `false` otherwise.
+    #[inline]
     pub(crate) fn hold(&self, id: &ObjectId) -> bool {
         if self.surely_not(id) {
             return false;
@@ -170,6 +173,7 @@ impl Locals {
 
     /// Drops one reference to `id` if it is a local value (the last one forgets the value);
     /// `false` otherwise.
+    #[inline]
     pub(crate) fn release(&self, id: &ObjectId) -> bool {
         if self.surely_not(id) {
             return false;
@@ -191,6 +195,7 @@ impl Locals {
 
     /// Takes one more reference to `id` for a view of it and returns its value, if it is a
     /// local value (the view's reference is dropped like any other, see `Shared::release`).
+    #[inline]
     pub(crate) fn view(&self, id: &ObjectId) -> Option<Arc<Local>> {
         if self.surely_not(id) {
             return None;

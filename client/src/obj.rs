@@ -88,6 +88,7 @@ impl Drop for LocalView {
 }
 
 impl View {
+    #[inline]
     fn id(&self) -> ObjectId {
         match self {
             View::Store(v) => v.id(),
@@ -95,6 +96,7 @@ impl View {
         }
     }
 
+    #[inline]
     fn bytes(&self) -> &[u8] {
         match self {
             View::Store(v) => v.as_slice(),
@@ -102,6 +104,7 @@ impl View {
         }
     }
 
+    #[inline]
     fn is_error(&self) -> bool {
         match self {
             View::Store(v) => v.is_error(),
