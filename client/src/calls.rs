@@ -24,6 +24,8 @@ use trove_executor::record::{INLINE_MAX, Seen, Took};
 use trove_store::client::Readiness;
 use trove_store::{ObjectId, StoreClient};
 
+use crate::local::Locals;
+
 /// How long a get polls a completion record before it asks for the result in the store and
 /// waits for the daemon's notification.
 pub(crate) const HINT_SPIN: Duration = Duration::from_micros(200);
@@ -171,9 +173,10 @@ impl Calls {
         }
     }
 
-    /// Reads a call's completion record: takes an inline result into this process, or learns
-    /// where the stored one is. `true` once the record has nothing more to say.
-    fn look(client: &StoreClient, id: &ObjectId, hint: &Hint) -> bool {
+    /// Reads a call's completion record: takes an inline result into this process's local
+    /// values, or tells the store client where the stored one is. `true` once the record has
+    /// nothing more to say.
+    fn look(client: &StoreClient, locals: &Locals, id: &ObjectId, hint: &Hint) -> bool {
         let rec = hint.mailbox.record(hint.pos);
         match rec.seen(hint.pos) {
             Seen::Pending => false,
@@ -181,7 +184,7 @@ impl Calls {
                 let mut bytes = [0u8; INLINE_MAX];
                 match rec.take_inline(hint.pos, &mut bytes) {
                     Took::Value { error, len } => {
-                        client.resolve_local(id, &bytes[..len], error);
+                        locals.take(client, id, &bytes[..len], error);
                         true
                     }
                     // Evicted to the store meanwhile: the next look says so.
@@ -198,12 +201,12 @@ impl Calls {
 
     /// Looks at the record of the call for `id`, if one is in flight; forgets it once read.
     /// `true` if nothing is left to wait for there.
-    pub(crate) fn settle(&self, client: &StoreClient, id: &ObjectId) -> bool {
+    pub(crate) fn settle(&self, client: &StoreClient, locals: &Locals, id: &ObjectId) -> bool {
         let mut calls = lock(&self.0);
         let Some(hint) = calls.by_id.get(id) else {
             return true;
         };
-        let done = Self::look(client, id, hint);
+        let done = Self::look(client, locals, id, hint);
         if done {
             let hint = calls.by_id.remove(id);
             // Dropping a hint may drop an actor handle, whose mailbox ref comes back here.
@@ -217,13 +220,14 @@ impl Calls {
     pub(crate) fn await_hint(
         &self,
         client: &StoreClient,
+        locals: &Locals,
         id: &ObjectId,
         deadline: Option<Instant>,
     ) -> bool {
         let until = Instant::now() + HINT_SPIN;
         let backoff = crossbeam_utils::Backoff::new();
         loop {
-            if self.settle(client, id) {
+            if self.settle(client, locals, id) {
                 return true;
             }
             let now = Instant::now();
@@ -242,7 +246,7 @@ impl Calls {
     /// daemon can notify waiters and other processes can read it; takes it at once if it is
     /// already inline. A no-op for other ids. The call is forgotten by id; if it may still be
     /// running and keeps arguments alive, it moves to `running` until it has run.
-    pub(crate) fn force_store(&self, client: &StoreClient, id: &ObjectId) {
+    pub(crate) fn force_store(&self, client: &StoreClient, locals: &Locals, id: &ObjectId) {
         let mut calls = lock(&self.0);
         let Some(hint) = calls.by_id.remove(id) else {
             return;
@@ -254,7 +258,7 @@ impl Calls {
         // The callee stores it from now on, unless it is inline already: then we take it.
         let mut done = false;
         while !done {
-            done = Self::look(client, id, &hint);
+            done = Self::look(client, locals, id, &hint);
             if rec.seen(hint.pos) == Seen::Pending {
                 break;
             }
@@ -308,7 +312,7 @@ impl Calls {
 
     /// Reads the records of finished calls, oldest first (at most `max`), so that their
     /// inline results are taken before the callee reuses the records.
-    fn harvest(&self, client: &StoreClient, max: usize) {
+    fn harvest(&self, client: &StoreClient, locals: &Locals, max: usize) {
         let mut calls = lock(&self.0);
         // Dropped unlocked (see `settle`).
         let mut read = Vec::new();
@@ -317,7 +321,7 @@ impl Calls {
                 break;
             };
             if let Some(hint) = calls.by_id.remove(&id) {
-                if !Self::look(client, &id, &hint) {
+                if !Self::look(client, locals, &id, &hint) {
                     calls.by_id.insert(id, hint);
                     break;
                 }
@@ -338,10 +342,11 @@ impl Calls {
     pub(crate) fn push(
         &self,
         client: &StoreClient,
+        locals: &Locals,
         mailbox: &Mailbox,
         msg: &[u8],
     ) -> std::result::Result<u64, MailboxError> {
-        self.harvest(client, HARVEST_PER_CALL);
+        self.harvest(client, locals, HARVEST_PER_CALL);
         let backoff = crossbeam_utils::Backoff::new();
         loop {
             if mailbox.is_dead() {
@@ -352,7 +357,7 @@ impl Calls {
             }
             // Full: the consumer is draining it. Take finished results meanwhile and yield
             // (a sleep would outlast the whole queue's work).
-            self.harvest(client, usize::MAX);
+            self.harvest(client, locals, usize::MAX);
             if backoff.is_completed() {
                 std::thread::yield_now();
             } else {

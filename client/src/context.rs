@@ -1,17 +1,19 @@
 //! The process-global context: this process's store connection, its zygote (in the driver),
-//! its calls in flight, and the task queue. [`init`](crate::init) (or a forked child's entry)
-//! installs it, so that `ObjectRef`s can take and drop references wherever they are (inside
-//! values, in other threads) without carrying a handle.
+//! its calls in flight, its local values, and the task queue. [`init`](crate::init) (or a
+//! forked child's entry) installs it, so that `ObjectRef`s can take and drop references
+//! wherever they are (inside values, in other threads) without carrying a handle.
 
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use trove_executor::mailbox::Mailbox;
 use trove_executor::{EmbeddedStore, Zygote};
+use trove_store::client::Readiness;
 use trove_store::{ObjectId, ObjectView, StoreClient};
 
 use crate::calls::Calls;
 use crate::error::{Error, Result};
+use crate::local::Locals;
 
 /// Mailbox geometry: 1024 slots of 256 bytes (an actor's queue), 4096 for the task queue.
 pub(crate) const MAILBOX_SLOTS: u64 = 1024;
@@ -30,6 +32,8 @@ pub(crate) struct Shared {
     pub(crate) namespace: String,
     /// Calls in flight whose completion record this process has not read yet.
     pub(crate) calls: Calls,
+    /// Calls' small results kept in this process's memory, and the references to them.
+    pub(crate) locals: Locals,
 }
 
 impl Shared {
@@ -47,17 +51,73 @@ impl Shared {
             task_queue: OnceLock::new(),
             namespace,
             calls: Calls::default(),
+            locals: Locals::default(),
         }
     }
 
     /// Looks at the record of the call for `id`, if one is in flight (see [`Calls::settle`]).
     pub(crate) fn settle(&self, id: &ObjectId) -> bool {
-        self.calls.settle(&self.client, id)
+        self.calls.settle(&self.client, &self.locals, id)
     }
 
     /// Asks for the result `id` of a call in flight in the store (see [`Calls::force_store`]).
     pub(crate) fn force_store(&self, id: &ObjectId) {
-        self.calls.force_store(&self.client, id)
+        self.calls.force_store(&self.client, &self.locals, id)
+    }
+
+    /// Takes one more reference to `id` in this process: a local value's count, or the store
+    /// client's. While a thread looks, a call's result may move into the local values (the
+    /// store client then no longer holds it), and from there back to the store client
+    /// (promoted), each at most once and under the local values' lock: so the looks go here,
+    /// there, here, there, and the last one takes a new reference if none was found.
+    pub(crate) fn hold(&self, id: &ObjectId) {
+        if self.locals.hold(id) || self.client.hold_if_held(id) || self.locals.hold(id) {
+            return;
+        }
+        let _ = self.client.hold(id);
+    }
+
+    /// Drops one reference to `id` in this process. A local value's costs one lock; for the
+    /// others, see [`Shared::before_release`]. The looks go as in [`Shared::hold`].
+    pub(crate) fn release(&self, id: &ObjectId) {
+        if self.locals.release(id) {
+            return;
+        }
+        self.before_release(id);
+        if !self.client.release(id) && !self.locals.release(id) {
+            self.client.release(id);
+        }
+    }
+
+    /// [`StoreClient::wait_ready`] for ids that may be local values (ready).
+    pub(crate) fn wait_ready(
+        &self,
+        ids: &[ObjectId],
+        num_ready: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Readiness>> {
+        let local = self.locals.which(ids);
+        let here = local.iter().filter(|l| **l).count();
+        if here == 0 {
+            return Ok(self.client.wait_ready(ids, num_ready, deadline)?);
+        }
+        let rest: Vec<ObjectId> = ids
+            .iter()
+            .zip(&local)
+            .filter(|(_, l)| !**l)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut states = self
+            .client
+            .wait_ready(&rest, num_ready.saturating_sub(here), deadline)?
+            .into_iter();
+        Ok(local
+            .iter()
+            .map(|l| match l {
+                true => Readiness::Ready,
+                false => states.next().unwrap_or(Readiness::Pending),
+            })
+            .collect())
     }
 
     /// Before this process drops its last reference to a call's result: settle the record so
@@ -183,17 +243,13 @@ pub(crate) fn start_flusher(sh: &Arc<Shared>) {
 /// Takes one more reference to `id` in this process (a no-op without a context).
 pub(crate) fn hold(id: &ObjectId) {
     if let Some(sh) = current() {
-        let _ = sh.client.hold(id);
+        sh.hold(id);
     }
 }
 
 /// Drops one reference to `id` in this process.
 pub(crate) fn release(id: &ObjectId) {
     if let Some(sh) = current() {
-        // Most drops are of results already in this process's memory: nothing to settle.
-        if !sh.client.release_if_local(id) {
-            sh.before_release(id);
-            sh.client.release(id);
-        }
+        sh.release(id);
     }
 }

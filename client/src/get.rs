@@ -1,6 +1,8 @@
-//! Reading: waiting for an object (a call's completion record first, then the daemon), and
+//! Reading: waiting for an object (a call's completion record first, then the daemon; a call's
+//! small result is read in this process's memory, see [`crate::local`]), and
 //! [`ObjectRef::get`] and its variants.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use trove_store::ObjectId;
@@ -9,24 +11,32 @@ use trove_store::client::Readiness;
 use crate::codec::Value;
 use crate::context::{self, Shared};
 use crate::error::{Error, Result};
-use crate::obj::{Obj, Stored};
+use crate::obj::{LocalView, Obj, Stored, View};
 use crate::object_ref::ObjectRef;
 
-/// Waits for an object to be sealed and pins it.
-pub(crate) fn view(
-    sh: &Shared,
-    id: ObjectId,
-    deadline: Option<Instant>,
-) -> Result<trove_store::ObjectView> {
+/// A view of `id` if it can be had now: a local value, or a store object pinned in place.
+fn try_view(sh: &Arc<Shared>, id: &ObjectId) -> Option<View> {
+    if let Some(value) = sh.locals.view(id) {
+        return Some(View::Local(LocalView {
+            sh: sh.clone(),
+            id: *id,
+            value,
+        }));
+    }
+    sh.client.try_get(id).map(View::Store)
+}
+
+/// Waits for an object (a call's result in its record first, then the daemon) and pins it.
+pub(crate) fn view(sh: &Arc<Shared>, id: ObjectId, deadline: Option<Instant>) -> Result<View> {
     for _ in 0..64 {
-        if let Some(v) = sh.client.try_get(&id) {
+        if let Some(v) = try_view(sh, &id) {
             return Ok(v);
         }
-        if !sh.calls.await_hint(&sh.client, &id, deadline) {
+        if !sh.calls.await_hint(&sh.client, &sh.locals, &id, deadline) {
             // Still running: have the result stored so the daemon tells us when it is there.
             sh.force_store(&id);
         }
-        if let Some(v) = sh.client.try_get(&id) {
+        if let Some(v) = try_view(sh, &id) {
             return Ok(v);
         }
         match sh.client.wait_ready(&[id], 1, deadline)?[0] {
@@ -52,7 +62,7 @@ pub(crate) fn view(
 
 /// Waits for every ref (until `deadline`) and deserialises owned values, in order.
 pub(crate) fn all_until<T: Value>(
-    sh: &Shared,
+    sh: &Arc<Shared>,
     refs: &[ObjectRef<T>],
     deadline: Option<Instant>,
 ) -> Result<Vec<T>> {
@@ -93,8 +103,7 @@ impl<T: Stored + ?Sized> ObjectRef<T> {
     pub fn is_ready(&self) -> bool {
         context::current().is_some_and(|sh| {
             sh.settle(&self.id());
-            sh.client
-                .wait_ready(&[self.id()], 0, Some(Instant::now()))
+            sh.wait_ready(&[self.id()], 0, Some(Instant::now()))
                 .is_ok_and(|s| s[0] == Readiness::Ready)
         })
     }

@@ -17,6 +17,7 @@ mod config;
 mod context;
 mod error;
 mod get;
+mod local;
 mod obj;
 mod object_ref;
 mod outcome;

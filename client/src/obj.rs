@@ -3,11 +3,14 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Deref;
+use std::sync::Arc;
 
 use trove_store::{ObjectId, ObjectView};
 
 use crate::codec::{self, Plain, Value};
+use crate::context::Shared;
 use crate::error::{Error, Result};
+use crate::local::Local;
 
 /// A type an object can hold, and how its bytes are viewed in place.
 ///
@@ -49,10 +52,72 @@ impl<T: Plain> Stored for [T] {
     }
 }
 
+/// What an [`Obj`] reads: a store object pinned in place, or a local value (a call's small
+/// result in this process's memory, see [`crate::local`]). Either way the view holds one
+/// reference to the object, as an `ObjectRef` does.
+#[derive(Clone)]
+pub(crate) enum View {
+    Store(ObjectView),
+    Local(LocalView),
+}
+
+/// A view of a local value: its bytes (kept by the `Arc` even if the value is promoted to the
+/// store meanwhile) and one reference to it, taken by [`Locals::view`](crate::local::Locals)
+/// and dropped through the context as an `ObjectRef`'s is.
+pub(crate) struct LocalView {
+    pub(crate) sh: Arc<Shared>,
+    pub(crate) id: ObjectId,
+    pub(crate) value: Arc<Local>,
+}
+
+impl Clone for LocalView {
+    fn clone(&self) -> Self {
+        self.sh.hold(&self.id);
+        LocalView {
+            sh: self.sh.clone(),
+            id: self.id,
+            value: self.value.clone(),
+        }
+    }
+}
+
+impl Drop for LocalView {
+    fn drop(&mut self) {
+        self.sh.release(&self.id);
+    }
+}
+
+impl View {
+    #[inline]
+    fn id(&self) -> ObjectId {
+        match self {
+            View::Store(v) => v.id(),
+            View::Local(l) => l.id,
+        }
+    }
+
+    #[inline]
+    fn bytes(&self) -> &[u8] {
+        match self {
+            View::Store(v) => v.as_slice(),
+            View::Local(l) => l.value.bytes(),
+        }
+    }
+
+    #[inline]
+    fn is_error(&self) -> bool {
+        match self {
+            View::Store(v) => v.is_error(),
+            View::Local(l) => l.value.is_error(),
+        }
+    }
+}
+
 /// A zero-copy view of a stored `T`: derefs to `T::Archived` (or to `[T]` for plain slices).
-/// The object is pinned in memory while this lives; it reads the shared pages in place.
+/// The object is pinned in memory while this lives; it reads the shared pages in place (a
+/// call's small result, which came back inline, is read in this process's memory).
 pub struct Obj<T: Stored + ?Sized> {
-    view: ObjectView,
+    view: View,
     target: *const T::Target,
     _marker: PhantomData<fn() -> Box<T>>,
 }
@@ -65,9 +130,9 @@ unsafe impl<T: Stored + ?Sized> Sync for Obj<T> where T::Target: Sync {}
 
 impl<T: Stored + ?Sized> Obj<T> {
     /// Validates the view's bytes as a `T`.
-    pub(crate) fn new(view: ObjectView) -> Result<Obj<T>> {
+    pub(crate) fn new(view: View) -> Result<Obj<T>> {
         check_failure(&view)?;
-        let target: *const T::Target = T::view(view.id(), view.as_slice())?;
+        let target: *const T::Target = T::view(view.id(), view.bytes())?;
         Ok(Obj {
             view,
             target,
@@ -77,10 +142,10 @@ impl<T: Stored + ?Sized> Obj<T> {
 
     /// # Safety
     /// See [`Stored::view_unchecked`].
-    pub(crate) unsafe fn new_unchecked(view: ObjectView) -> Result<Obj<T>> {
+    pub(crate) unsafe fn new_unchecked(view: View) -> Result<Obj<T>> {
         check_failure(&view)?;
         // SAFETY: forwarded from the caller.
-        let target: *const T::Target = unsafe { T::view_unchecked(view.as_slice()) };
+        let target: *const T::Target = unsafe { T::view_unchecked(view.bytes()) };
         Ok(Obj {
             view,
             target,
@@ -95,16 +160,16 @@ impl<T: Stored + ?Sized> Obj<T> {
 
     /// The object's raw bytes.
     pub fn bytes(&self) -> &[u8] {
-        self.view.as_slice()
+        self.view.bytes()
     }
 }
 
 /// A call's result that reports a failure instead of a value.
-fn check_failure(view: &ObjectView) -> Result<()> {
+fn check_failure(view: &View) -> Result<()> {
     if !view.is_error() {
         return Ok(());
     }
-    let (kind, msg) = trove_executor::message::decode_failure(view.as_slice());
+    let (kind, msg) = trove_executor::message::decode_failure(view.bytes());
     Err(match kind {
         trove_executor::message::Failure::ActorDied => Error::ActorDied(msg),
         trove_executor::message::Failure::TaskFailed => Error::TaskFailed(msg),
@@ -122,7 +187,8 @@ impl<T: Stored + ?Sized> Deref for Obj<T> {
     type Target = T::Target;
     fn deref(&self) -> &T::Target {
         // SAFETY: `target` points into the view's bytes, which stay mapped, sealed and pinned
-        // for as long as `self.view` lives; it was produced by `Stored::view` from them.
+        // (a local value's: immutable, in the `Arc` the view keeps) for as long as `self.view`
+        // lives; it was produced by `Stored::view` from them.
         unsafe { &*self.target }
     }
 }

@@ -190,12 +190,13 @@ pub(crate) fn share_refs(client: &StoreClient, refs: &[ObjectId]) -> Result<()> 
     if refs.is_empty() {
         return Ok(());
     }
-    let sh = context::current();
+    let Some(sh) = context::current() else {
+        // Without a context there are no calls in flight and no local values.
+        return Ok(());
+    };
     for id in refs {
-        if let Some(sh) = &sh {
-            sh.force_store(id);
-        }
-        client.promote_local(id)?;
+        sh.force_store(id);
+        sh.locals.promote(client, id)?;
     }
     Ok(())
 }

@@ -263,13 +263,13 @@ impl Runtime {
                 }
             }
             let now = Some(Instant::now());
-            let states = self.sh.client.wait_ready(&ids, num_ready, now)?;
+            let states = self.sh.wait_ready(&ids, num_ready, now)?;
             let ready = states.iter().filter(|s| **s != Readiness::Pending).count();
             if ready >= num_ready.min(ids.len()) {
                 break states;
             }
             if !spinning {
-                break self.sh.client.wait_ready(&ids, num_ready, deadline)?;
+                break self.sh.wait_ready(&ids, num_ready, deadline)?;
             }
             std::thread::yield_now();
         };

@@ -71,7 +71,7 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     }
     client.adopt_pending(&result);
     let r = ObjectRef::adopt(result);
-    let pushed = sh.calls.push(client, mailbox, &msg);
+    let pushed = sh.calls.push(client, &sh.locals, mailbox, &msg);
     SCRATCH.with(|s| *s.borrow_mut() = Some(msg));
     match pushed {
         Ok(pos) if !mailbox.is_dead() => sh.calls.insert(result, *mailbox, pos, keep, keepalive),

@@ -1,9 +1,13 @@
 //! What this process holds: per-object counts (`Holds`: views and counted references alike),
-//! pins in the directory, releases (`Unhold` frames), the zero-copy `ObjectView`, and *local*
-//! values (a call's small result kept in process memory, `daemon_seq == Some(u64::MAX)`:
-//! `resolve_local`, `release_if_local`, `promote_local`).
-
-use std::sync::Arc;
+//! pins in the directory, releases (`Unhold` frames), and the zero-copy `ObjectView`.
+//!
+//! A reference may be taken before its object exists: a *pending adoption*
+//! (`adopt_pending`, `daemon_seq == Some(PENDING_ADOPTION)`), an object another process will
+//! create naming this one in `Owned::pin_for`. Its creator may tell where it is before the
+//! daemon has published it (`resolve_pending`); if it will never be created (its creator kept
+//! it elsewhere), `abandon_pending` forgets it without a frame: no frame of ours stands for it.
+//! Only store objects are known here: whatever a user of this client keeps outside the store
+//! is its own to count.
 
 use rustc_hash::FxHashMap;
 
@@ -11,7 +15,7 @@ use super::{StoreClient, lock};
 use crate::blocks::id::ObjectId;
 use crate::blocks::shm::{FLAG_ERROR, Lookup, SealedEntry};
 use crate::error::Result;
-use crate::protocol::{Owned, Request};
+use crate::protocol::Request;
 
 /// This process's references to one object: views and counted references alike.
 pub(super) struct Held {
@@ -25,68 +29,16 @@ pub(super) struct Held {
     /// The last `Hold`/`PutSmall`/`SealOwned` frame sent for it: until the daemon has handled
     /// it, this process's pin bit is the daemon's to set, so it must also be the daemon's to
     /// clear (an `Unhold` queued behind it) rather than a local unpin that could run first.
+    /// `Some(PENDING_ADOPTION)` for a pending adoption (see [`StoreClient::adopt_pending`]).
     pub(super) daemon_seq: Option<u64>,
-    /// The object's bytes in this process's own memory: a call's small result that came back
-    /// inline and that the store has never seen (see [`StoreClient::resolve_local`]).
-    pub(super) local: Option<Arc<Local>>,
     /// This process's own small put of it was rejected by the daemon (`NOTICE_REJECTED`):
     /// `loc` is not an object, and a get is `PutRejected`.
     pub(super) rejected: bool,
 }
 
-/// A result kept in process memory, 16-byte aligned (what rkyv archives need); small ones
-/// (calls' inline results) live in the same allocation as the count.
-pub(super) struct Local {
-    pub(super) blocks: LocalBlocks,
-    pub(super) len: usize,
-    pub(super) error: bool,
-}
-
-pub(super) enum LocalBlocks {
-    Small([Block; LOCAL_SMALL_BLOCKS]),
-    Large(Box<[Block]>),
-}
-
-/// Values up to this many 16-byte blocks are kept without a second allocation.
-pub(super) const LOCAL_SMALL_BLOCKS: usize = 12;
-
-#[repr(C, align(16))]
-#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
-pub(super) struct Block([u8; 16]);
-
-impl Local {
-    pub(super) fn new(bytes: &[u8], error: bool) -> Local {
-        let n = bytes.len().div_ceil(16);
-        let mut blocks = if n <= LOCAL_SMALL_BLOCKS {
-            LocalBlocks::Small([Block([0; 16]); LOCAL_SMALL_BLOCKS])
-        } else {
-            LocalBlocks::Large(vec![Block([0; 16]); n].into_boxed_slice())
-        };
-        let all: &mut [Block] = match &mut blocks {
-            LocalBlocks::Small(b) => b,
-            LocalBlocks::Large(b) => b,
-        };
-        bytemuck::cast_slice_mut::<Block, u8>(all)[..bytes.len()].copy_from_slice(bytes);
-        Local {
-            blocks,
-            len: bytes.len(),
-            error,
-        }
-    }
-    pub(super) fn bytes(&self) -> &[u8] {
-        let all: &[Block] = match &self.blocks {
-            LocalBlocks::Small(b) => b,
-            LocalBlocks::Large(b) => b,
-        };
-        &bytemuck::cast_slice(all)[..self.len]
-    }
-}
-
-/// Where a view's bytes are.
-pub(super) enum Pinned {
-    Arena { offset: u64, size: u64, error: bool },
-    Local(Arc<Local>),
-}
+/// The `daemon_seq` of a pending adoption: never synced, since no frame of this process stands
+/// for it (the object's creator names this process).
+pub(super) const PENDING_ADOPTION: u64 = u64::MAX;
 
 impl Held {
     /// One reference, pinned in place by this process (lock-free).
@@ -97,7 +49,6 @@ impl Held {
             slot: Some(e.slot),
             error: e.word & FLAG_ERROR != 0,
             daemon_seq: None,
-            local: None,
             rejected: false,
         }
     }
@@ -110,7 +61,6 @@ impl Held {
             slot: None,
             error: false,
             daemon_seq: Some(seq),
-            local: None,
             rejected: false,
         }
     }
@@ -145,31 +95,12 @@ impl StoreClient {
             ptr,
             len: size as usize,
             error: false,
-            _local: None,
         })
     }
 
     /// Pins `id` for a view if that can be done now, without the daemon.
     pub(super) fn try_view(&self, id: &ObjectId) -> Option<ObjectView> {
-        let (offset, size, error) = match self.try_pin_for_view(id)? {
-            Pinned::Arena {
-                offset,
-                size,
-                error,
-            } => (offset, size, error),
-            Pinned::Local(local) => {
-                let b = local.bytes();
-                return Some(ObjectView {
-                    client: self.clone(),
-                    id: *id,
-                    offset: u64::MAX,
-                    ptr: b.as_ptr(),
-                    len: b.len(),
-                    error: local.error,
-                    _local: Some(local),
-                });
-            }
-        };
+        let (offset, size, error) = self.try_pin_for_view(id)?;
         let mut v = self.view(*id, offset, size);
         if let Some(v) = &mut v {
             v.error = error;
@@ -180,26 +111,17 @@ impl StoreClient {
         })
     }
 
-    /// Takes one view reference on `id` if it can be pinned now; returns where it is.
-    pub(super) fn try_pin_for_view(&self, id: &ObjectId) -> Option<Pinned> {
+    /// Takes one view reference on `id` if it can be pinned now; returns where it is:
+    /// (offset, size, reports a failure).
+    pub(super) fn try_pin_for_view(&self, id: &ObjectId) -> Option<(u64, u64, bool)> {
         let dir = self.inner.arena.directory();
         let me = self.inner.index;
         let mut guard = lock(&self.inner.holds);
         let holds = &mut *guard;
-        let arena = |offset, size, error| {
-            Some(Pinned::Arena {
-                offset,
-                size,
-                error,
-            })
-        };
+        let arena = |offset, size, error| Some((offset, size, error));
         if let Some(h) = holds.map.get_mut(id) {
             if h.rejected {
                 return None;
-            }
-            if let Some(local) = &h.local {
-                h.count += 1;
-                return Some(Pinned::Local(local.clone()));
             }
             if let Some((offset, size)) = h.loc
                 && h.daemon_seq.is_some()
@@ -295,42 +217,31 @@ impl StoreClient {
         Ok(())
     }
 
-    /// [`StoreClient::release`] if `id` is a value in this process's memory (see
-    /// [`StoreClient::resolve_local`]); `false` (and nothing done) otherwise.
-    pub fn release_if_local(&self, id: &ObjectId) -> bool {
-        let mut holds = lock(&self.inner.holds);
-        let std::collections::hash_map::Entry::Occupied(mut e) = holds.map.entry(*id) else {
-            return false;
-        };
-        if e.get().local.is_none() {
-            return false;
+    /// Takes one more reference to `id` if this process holds one already (a count, no frame);
+    /// `false`, and nothing done, otherwise.
+    pub fn hold_if_held(&self, id: &ObjectId) -> bool {
+        match lock(&self.inner.holds).map.get_mut(id) {
+            Some(h) => {
+                h.count += 1;
+                true
+            }
+            None => false,
         }
-        e.get_mut().count -= 1;
-        if e.get().count == 0 {
-            let gone = e.remove();
-            shrink_if_sparse(&mut holds.map);
-            drop(holds);
-            drop(gone);
-        }
-        true
     }
 
-    /// Drops one reference taken by [`StoreClient::hold`], a view, or an owned put.
-    pub fn release(&self, id: &ObjectId) {
+    /// Drops one reference taken by [`StoreClient::hold`], a view, an owned put or a pending
+    /// adoption. Returns `false` (and does nothing) if this process holds no reference to `id`.
+    pub fn release(&self, id: &ObjectId) -> bool {
         let mut holds = lock(&self.inner.holds);
         let Some(h) = holds.map.get_mut(id) else {
-            return;
+            return false;
         };
         h.count -= 1;
         if h.count > 0 {
-            return;
+            return true;
         }
         let h = holds.map.remove(id).expect("present");
         shrink_if_sparse(&mut holds.map);
-        if h.local.is_some() {
-            // Only ever in this process's memory: nothing to tell the store.
-            return;
-        }
         let dir = self.inner.arena.directory();
         let me = self.inner.index;
         let daemon_pending = h.daemon_seq.is_some_and(|s| !self.inner.conn.is_synced(s));
@@ -345,7 +256,7 @@ impl StoreClient {
             if dir.unpin(slot, me) {
                 self.tell_release(id);
             }
-            return;
+            return true;
         }
         if let Ok(seq) = self.inner.conn.send(0, &Request::Unhold { id: *id }) {
             holds.unholding.insert(*id, seq);
@@ -360,6 +271,7 @@ impl StoreClient {
                     .retain(|_, seq| !conn.is_synced(*seq));
             }
         }
+        true
     }
 
     /// Takes a reference to `id` that the daemon sets up when the object is sealed by another
@@ -371,7 +283,7 @@ impl StoreClient {
         let h = holds
             .map
             .entry(*id)
-            .or_insert_with(|| Held::by_daemon(u64::MAX));
+            .or_insert_with(|| Held::by_daemon(PENDING_ADOPTION));
         h.count += 1;
     }
 
@@ -382,60 +294,29 @@ impl StoreClient {
     pub fn resolve_pending(&self, id: &ObjectId, offset: u64, size: u64, error: bool) {
         if let Some(h) = lock(&self.inner.holds).map.get_mut(id)
             && h.loc.is_none()
-            && h.daemon_seq == Some(u64::MAX)
+            && h.daemon_seq == Some(PENDING_ADOPTION)
         {
             h.loc = Some((offset, size));
             h.error = error;
         }
     }
 
-    /// Gives a pending reference (taken with [`StoreClient::adopt_pending`]) its value in this
-    /// process's memory: a call's small result that came back inline, which the store never
-    /// sees. Views of it read the local copy; its last release tells the store nothing.
-    /// Returns `false` (and keeps nothing) if `id` is not such a reference any more.
-    pub fn resolve_local(&self, id: &ObjectId, bytes: &[u8], error: bool) -> bool {
+    /// Forgets a pending adoption (taken with [`StoreClient::adopt_pending`]) whose object
+    /// will never be created: its creator kept it outside the store. No frame of ours stands
+    /// for it and the daemon has set no pin of ours, so nothing is sent. Returns how many
+    /// references this process had to it (now its caller's to count), or 0, and nothing done,
+    /// if `id` is not a pending adoption (not held, or its place is known already).
+    pub fn abandon_pending(&self, id: &ObjectId) -> u64 {
         let mut holds = lock(&self.inner.holds);
-        match holds.map.get_mut(id) {
-            Some(h) if h.loc.is_none() && h.local.is_none() && h.daemon_seq == Some(u64::MAX) => {
-                h.local = Some(Arc::new(Local::new(bytes, error)));
-                true
+        match holds.map.get(id) {
+            Some(h) if h.loc.is_none() && h.daemon_seq == Some(PENDING_ADOPTION) => {
+                let count = h.count;
+                holds.map.remove(id);
+                shrink_if_sparse(&mut holds.map);
+                count
             }
-            _ => false,
+            _ => 0,
         }
-    }
-
-    /// Puts a local value (see [`StoreClient::resolve_local`]) in the store under its id, so
-    /// that other processes can read it (its ref is escaping into an object or a call). This
-    /// process keeps its references, now to the stored object. A no-op for other ids.
-    pub fn promote_local(&self, id: &ObjectId) -> Result<()> {
-        let local = {
-            let mut holds = lock(&self.inner.holds);
-            match holds.map.get_mut(id) {
-                Some(h) if h.local.is_some() => h.local.take().expect("local"),
-                _ => return Ok(()),
-            }
-        };
-        let put = (|| {
-            let mut w = self.alloc_owned(*id, local.len as u64)?;
-            w.as_mut_slice().copy_from_slice(local.bytes());
-            w.publish_with(Owned {
-                error: local.error,
-                keep: true,
-                ..Owned::default()
-            })
-        })();
-        let mut holds = lock(&self.inner.holds);
-        let Some(h) = holds.map.get_mut(id) else {
-            return put;
-        };
-        match put {
-            // `publish` counted one more reference for the writer: ours were there already.
-            Ok(()) => h.count -= 1,
-            Err(_) => {
-                h.local = Some(local);
-            }
-        }
-        put
     }
 
     /// This client's (index, pid) for `Owned::pin_for`.
@@ -458,8 +339,6 @@ pub struct ObjectView {
     pub(super) ptr: *const u8,
     pub(super) len: usize,
     pub(super) error: bool,
-    /// Keeps a local value's bytes (see [`StoreClient::resolve_local`]) alive.
-    pub(super) _local: Option<Arc<Local>>,
 }
 
 // SAFETY: a view is a read-only slice of immutable shared memory kept alive by the pin.
@@ -479,11 +358,11 @@ impl ObjectView {
     /// The object's bytes as a raw pointer taken from the shared mapping itself (not from a
     /// shared slice), for objects that are shared-memory structures which several processes
     /// write through atomics (actor mailboxes): writing through [`ObjectView::as_slice`]'s
-    /// pointer would be undefined behaviour. `None` for a value held in process memory.
+    /// pointer would be undefined behaviour. Every view is of the arena: always `Some`.
     pub fn shared_ptr(&self) -> Option<*mut u8> {
-        self._local.is_none().then_some(self.ptr as *mut u8)
+        Some(self.ptr as *mut u8)
     }
-    /// The object's offset in the arena (`u64::MAX` for a value held in process memory).
+    /// The object's offset in the arena.
     pub fn offset(&self) -> u64 {
         self.offset
     }
@@ -512,7 +391,6 @@ impl Clone for ObjectView {
             ptr: self.ptr,
             len: self.len,
             error: self.error,
-            _local: self._local.clone(),
         }
     }
 }
@@ -520,5 +398,85 @@ impl Clone for ObjectView {
 impl Drop for ObjectView {
     fn drop(&mut self) {
         self.client.release(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::daemon::{Daemon, DaemonConfig};
+    use crate::protocol::Owned;
+
+    use super::*;
+
+    #[test]
+    fn a_pending_adoption_is_abandoned_without_a_frame_and_only_while_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("store").join("sock");
+        let daemon = Daemon::bind(&DaemonConfig {
+            socket: socket.clone(),
+            memory: 16 << 20,
+            prefault: false,
+            max_objects: None,
+        })
+        .unwrap();
+        let stop = daemon.shutdown_handle();
+        let thread = std::thread::spawn(move || daemon.run().unwrap());
+        let (a, b) = (
+            StoreClient::connect(&socket).unwrap(),
+            StoreClient::connect(&socket).unwrap(),
+        );
+        let base = a.stats().unwrap();
+        let sent = a.frames_sent();
+
+        // Two references to an object nobody will create: forgotten, nothing sent.
+        let never = ObjectId::random();
+        a.adopt_pending(&never);
+        assert!(a.hold_if_held(&never));
+        assert_eq!(a.held_count(&never), 2);
+        assert_eq!(a.abandon_pending(&never), 2);
+        assert_eq!(a.held_count(&never), 0);
+        assert_eq!(a.abandon_pending(&never), 0);
+        assert!(!a.hold_if_held(&never));
+        assert!(!a.release(&never));
+        assert_eq!(
+            a.frames_sent(),
+            sent,
+            "no frame stands for a pending adoption"
+        );
+
+        // One whose place its creator told: an object now, not abandoned; released as one.
+        let made = ObjectId::random();
+        a.adopt_pending(&made);
+        let mut w = b.alloc_owned(made, 8).unwrap();
+        w.as_mut_slice().copy_from_slice(b"objected");
+        let place = w.offset();
+        w.publish_with(Owned {
+            pin_for: Some(a.pin_target()),
+            ..Owned::default()
+        })
+        .unwrap();
+        b.flush().unwrap();
+        a.resolve_pending(&made, place, 8, false);
+        assert_eq!(a.abandon_pending(&made), 0);
+        assert_eq!(
+            &a.get(made, Duration::from_secs(10)).unwrap()[..],
+            b"objected"
+        );
+        assert!(a.release(&made));
+        assert_eq!(a.held_count(&made), 0);
+        a.sync().unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while a.stats().unwrap().objects != base.objects {
+            assert!(
+                std::time::Instant::now() < until,
+                "the object was not freed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop((a, b));
+        stop.shutdown();
+        thread.join().unwrap();
     }
 }

@@ -8,9 +8,14 @@
 //!
 //! Here: `StoreClient` and the verbs (connect, create, seal, put, get, delete, list, ...).
 //! `conn`: the connection, request/reply, frame batching and numbering, the debt hooks.
-//! `holds`: per-object counts, pins, releases, `ObjectView`, local values. `writers`:
+//! `holds`: per-object counts, pins, releases, pending adoptions, `ObjectView`. `writers`:
 //! `ObjectWriter`, `OwnedWriter` and the client's slab. `notices`: the notification ring and
 //! `wait_ready`.
+//!
+//! The client knows only store objects: a reference it counts is to an object in the store,
+//! or to one another process will create for it (a pending adoption). What a user of the
+//! client keeps outside the store is that user's to count (`abandon_pending` hands such a
+//! reference over).
 //!
 //! Architecture invariant: the client knows nothing of the daemon but the protocol (it imports
 //! `protocol` and the building blocks, never `daemon`).

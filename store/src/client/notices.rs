@@ -113,7 +113,7 @@ impl StoreClient {
             .map(|id| {
                 match holds.map.get(id) {
                     Some(h) if h.rejected => return Readiness::Lost,
-                    Some(h) if h.loc.is_some() || h.local.is_some() => return Readiness::Ready,
+                    Some(h) if h.loc.is_some() => return Readiness::Ready,
                     _ => {}
                 }
                 match dir.lookup(id) {
@@ -203,7 +203,6 @@ impl StoreClient {
                 tracing::warn!("the store rejected this process's put of {id}");
                 if let Some(h) = holds.map.get_mut(&id)
                     && h.loc.is_some()
-                    && h.local.is_none()
                 {
                     h.rejected = true;
                 }

@@ -256,9 +256,7 @@ impl OwnedWriter {
         if !contained.is_empty() {
             let mut holds = lock(&c.inner.holds);
             for id in &contained {
-                if let Some(h) = holds.map.get_mut(id)
-                    && h.local.is_none()
-                {
+                if let Some(h) = holds.map.get_mut(id) {
                     h.daemon_seq = Some(h.daemon_seq.map_or(seq, |s| s.max(seq)));
                 }
             }

@@ -1,0 +1,465 @@
+//! Local values: a call's small result that came back inline in its completion record (see
+//! [`trove_executor::record`]) and that the store has never seen, kept in this process's memory
+//! under the result's id, with the count of this process's references to it.
+//!
+//! The store client counts a call's result as a *pending adoption* from the moment the call is
+//! sent (`StoreClient::adopt_pending`). When the caller takes the value out of the record
+//! ([`Locals::take`]), the count moves here (`StoreClient::abandon_pending`), and references
+//! are counted here from then on: a clone or a drop takes this table's lock only, and the last
+//! drop tells nobody. If a ref escapes into an object or a call, the value is put in the store
+//! under the same id first ([`Locals::promote`]) and the count moves back to the store client.
+//!
+//! Every reference of this process to an id is counted in exactly one of the two places. Each
+//! move happens at most once per id (in, then perhaps back out: a promoted value is a store
+//! object for good), under this table's lock, and a thread that misses the id in one place
+//! after the move into the other sees it there (this table's per-bucket counts are raised
+//! before the store client forgets the id). So `Shared::hold` and `Shared::release` (in
+//! `context.rs`) look here, in the store client, here, and in the store client again: a
+//! reference is never lost, nor counted in the wrong place.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rustc_hash::FxHashMap;
+use trove_store::protocol::Owned;
+use trove_store::{ObjectId, StoreClient};
+
+use crate::error::Result;
+
+/// A value kept in process memory, 16-byte aligned (what rkyv archives need); small ones
+/// (calls' inline results) live in the same allocation as the `Arc`'s counts.
+pub(crate) struct Local {
+    blocks: Blocks,
+    len: usize,
+    error: bool,
+}
+
+enum Blocks {
+    Small([Block; SMALL_BLOCKS]),
+    Large(Box<[Block]>),
+}
+
+/// Values up to this many 16-byte blocks are kept without a second allocation.
+const SMALL_BLOCKS: usize = 12;
+
+#[repr(C, align(16))]
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+struct Block([u8; 16]);
+
+impl Local {
+    /// A copy of `bytes`; `error`: they are a failure report, not a value.
+    pub(crate) fn new(bytes: &[u8], error: bool) -> Local {
+        let n = bytes.len().div_ceil(16);
+        let mut blocks = if n <= SMALL_BLOCKS {
+            Blocks::Small([Block([0; 16]); SMALL_BLOCKS])
+        } else {
+            Blocks::Large(vec![Block([0; 16]); n].into_boxed_slice())
+        };
+        let all: &mut [Block] = match &mut blocks {
+            Blocks::Small(b) => b,
+            Blocks::Large(b) => b,
+        };
+        bytemuck::cast_slice_mut::<Block, u8>(all)[..bytes.len()].copy_from_slice(bytes);
+        Local {
+            blocks,
+            len: bytes.len(),
+            error,
+        }
+    }
+
+    /// The value's bytes, 16-byte aligned.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        let all: &[Block] = match &self.blocks {
+            Blocks::Small(b) => b,
+            Blocks::Large(b) => b,
+        };
+        &bytemuck::cast_slice(all)[..self.len]
+    }
+
+    /// The value is a failure report.
+    pub(crate) fn is_error(&self) -> bool {
+        self.error
+    }
+}
+
+/// One local value and this process's references to it.
+struct Entry {
+    count: u64,
+    value: Arc<Local>,
+}
+
+/// This process's local values, by id.
+pub(crate) struct Locals {
+    /// How many values the table holds, by a byte of their id ([`bucket`]): the hot paths
+    /// skip the lock when the id's bucket is empty, so a process whose local values are few
+    /// seldom pays it for store objects. Raised before a count leaves the store client (in
+    /// [`Locals::take`]), so a thread that then misses the id in the store client (whose lock
+    /// orders the two) sees it non-zero.
+    held: [AtomicUsize; BUCKETS],
+    map: Mutex<FxHashMap<ObjectId, Entry>>,
+}
+
+const BUCKETS: usize = 64;
+
+/// The bucket of `id`: the low byte of the counter in an id from `ObjectId::random` (calls'
+/// result ids are such), so a process's recent ids spread over all of them. Any byte would be
+/// correct; a poor one only makes the lock-free miss rarer.
+#[inline]
+fn bucket(id: &ObjectId) -> usize {
+    usize::from(id.0[12]) % BUCKETS
+}
+
+impl Default for Locals {
+    fn default() -> Locals {
+        Locals {
+            held: std::array::from_fn(|_| AtomicUsize::new(0)),
+            map: Mutex::default(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Locals {
+    /// Surely not a local value: its bucket is empty (no lock taken).
+    #[inline]
+    fn surely_not(&self, id: &ObjectId) -> bool {
+        self.held[bucket(id)].load(Ordering::Acquire) == 0
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.held.iter().all(|n| n.load(Ordering::Acquire) == 0)
+    }
+
+    /// Keeps `bytes` as the value of the call result `id`, which this process adopted as
+    /// pending in the store client: its references move here. `false` (and nothing kept) if
+    /// `id` is not a pending adoption any more (no reference is left).
+    pub(crate) fn take(
+        &self,
+        client: &StoreClient,
+        id: &ObjectId,
+        bytes: &[u8],
+        error: bool,
+    ) -> bool {
+        let value = Arc::new(Local::new(bytes, error));
+        let mut map = lock(&self.map);
+        self.held[bucket(id)].fetch_add(1, Ordering::AcqRel);
+        let count = client.abandon_pending(id);
+        if count == 0 {
+            self.held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        map.insert(*id, Entry { count, value });
+        true
+    }
+
+    /// Takes one more reference to `id` if it is a local value; `false` otherwise.
+    #[inline]
+    pub(crate) fn hold(&self, id: &ObjectId) -> bool {
+        if self.surely_not(id) {
+            return false;
+        }
+        match lock(&self.map).get_mut(id) {
+            Some(e) => {
+                e.count += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops one reference to `id` if it is a local value (the last one forgets the value);
+    /// `false` otherwise.
+    #[inline]
+    pub(crate) fn release(&self, id: &ObjectId) -> bool {
+        if self.surely_not(id) {
+            return false;
+        }
+        let mut map = lock(&self.map);
+        let Some(e) = map.get_mut(id) else {
+            return false;
+        };
+        e.count -= 1;
+        if e.count == 0 {
+            let gone = map.remove(id);
+            self.held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
+            trove_store::client::shrink_if_sparse(&mut map);
+            drop(map);
+            drop(gone);
+        }
+        true
+    }
+
+    /// Takes one more reference to `id` for a view of it and returns its value, if it is a
+    /// local value (the view's reference is dropped like any other, see `Shared::release`).
+    #[inline]
+    pub(crate) fn view(&self, id: &ObjectId) -> Option<Arc<Local>> {
+        if self.surely_not(id) {
+            return None;
+        }
+        lock(&self.map).get_mut(id).map(|e| {
+            e.count += 1;
+            e.value.clone()
+        })
+    }
+
+    /// Which of `ids` are local values.
+    pub(crate) fn which(&self, ids: &[ObjectId]) -> Vec<bool> {
+        if ids.iter().all(|id| self.surely_not(id)) {
+            return vec![false; ids.len()];
+        }
+        let map = lock(&self.map);
+        ids.iter().map(|id| map.contains_key(id)).collect()
+    }
+
+    /// Puts the local value `id` in the store under its id, so that other processes can read
+    /// it (its ref is escaping into an object or a call); this process's references move to
+    /// the store client, as references to the stored object. A no-op for other ids.
+    ///
+    /// The object is written under the table's lock, so exactly one thread promotes a value
+    /// and nobody counts a reference to it meanwhile. A value is at most a record's inline
+    /// bytes, so this is a bump allocation in this client's slab and a queued frame (a round
+    /// trip only when the slab is full).
+    pub(crate) fn promote(&self, client: &StoreClient, id: &ObjectId) -> Result<()> {
+        if self.surely_not(id) {
+            return Ok(());
+        }
+        let mut map = lock(&self.map);
+        let Some(e) = map.get(id) else {
+            return Ok(());
+        };
+        let mut w = client.alloc_owned(*id, e.value.len as u64)?;
+        w.as_mut_slice().copy_from_slice(e.value.bytes());
+        w.publish_with(Owned {
+            error: e.value.error,
+            keep: true,
+            ..Owned::default()
+        })?;
+        // `publish_with` counted one reference (`keep`); the others follow it.
+        let e = map.remove(id).expect("present");
+        self.held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
+        for _ in 1..e.count {
+            let held = client.hold_if_held(id);
+            debug_assert!(held, "the published object is held");
+        }
+        drop(map);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use trove_store::client::Readiness;
+    use trove_store::{Daemon, DaemonConfig, ShutdownHandle, Stats};
+
+    use super::*;
+    use crate::context::Shared;
+
+    /// A store daemon on a thread of this process, stopped on drop.
+    struct TestDaemon {
+        _dir: tempfile::TempDir,
+        socket: std::path::PathBuf,
+        stop: ShutdownHandle,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl TestDaemon {
+        fn start() -> TestDaemon {
+            let dir = tempfile::tempdir().unwrap();
+            // A directory of its own, created private (0700) by the daemon.
+            let socket = dir.path().join("store").join("sock");
+            let daemon = Daemon::bind(&DaemonConfig {
+                socket: socket.clone(),
+                memory: 64 << 20,
+                prefault: false,
+                max_objects: None,
+            })
+            .unwrap();
+            let stop = daemon.shutdown_handle();
+            let thread = std::thread::spawn(move || daemon.run().unwrap());
+            TestDaemon {
+                _dir: dir,
+                socket,
+                stop,
+                thread: Some(thread),
+            }
+        }
+        fn connect(&self) -> StoreClient {
+            StoreClient::connect(Path::new(&self.socket)).unwrap()
+        }
+    }
+
+    impl Drop for TestDaemon {
+        fn drop(&mut self) {
+            self.stop.shutdown();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Waits (bounded) until the store's objects and used bytes are `base`'s again.
+    fn back_to(c: &StoreClient, base: &Stats) {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            c.flush().unwrap();
+            let s = c.stats().unwrap();
+            if (s.objects, s.used) == (base.objects, base.used) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "store at {} objects / {} bytes, not {} / {}",
+                s.objects,
+                s.used,
+                base.objects,
+                base.used
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn shared(c: &StoreClient) -> Shared {
+        Shared::new(c.clone(), None, ObjectId::random(), "test".into())
+    }
+
+    #[test]
+    fn values_are_aligned_and_kept_whole() {
+        for len in [0, 1, 15, 16, 17, 191, 192, 193, 1000] {
+            let bytes: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let l = Local::new(&bytes, len % 2 == 0);
+            assert_eq!(l.bytes(), &bytes[..]);
+            assert!((l.bytes().as_ptr() as usize).is_multiple_of(16));
+            assert_eq!(l.is_error(), len % 2 == 0);
+        }
+    }
+
+    #[test]
+    fn a_local_value_is_counted_here_then_promoted_readable_elsewhere_and_freed() {
+        let d = TestDaemon::start();
+        let (a, b) = (d.connect(), d.connect());
+        let base = a.stats().unwrap();
+        let sh = shared(&a);
+        let id = ObjectId::random();
+        let bytes = b"a call's small result, 16-byte aligned here";
+        // Two references taken while the call ran; the value comes back inline.
+        a.adopt_pending(&id);
+        sh.hold(&id);
+        assert_eq!(a.held_count(&id), 2);
+        assert!(sh.locals.take(&a, &id, bytes, false));
+        assert_eq!(a.held_count(&id), 0, "the store client forgot it");
+        assert!(!sh.locals.take(&a, &id, bytes, false), "taken once only");
+        sh.hold(&id);
+        // A view takes a reference of its own.
+        let v = sh.locals.view(&id).expect("local");
+        assert_eq!(v.bytes(), bytes);
+        sh.release(&id);
+        assert_eq!(sh.wait_ready(&[id], 1, None).unwrap(), [Readiness::Ready]);
+        sh.release(&id);
+        // Never in the store.
+        a.flush().unwrap();
+        let s = a.stats().unwrap();
+        assert_eq!((s.objects, s.used), (base.objects, base.used));
+        // Its ref escapes: the value goes to the store under its id, with both references.
+        sh.locals.promote(&a, &id).unwrap();
+        assert_eq!(sh.locals.which(&[id]), [false]);
+        assert_eq!(a.held_count(&id), 2);
+        a.flush().unwrap();
+        let other = b.get(id, Duration::from_secs(10)).unwrap();
+        assert_eq!(&other[..], bytes);
+        assert!((other.as_ptr() as usize).is_multiple_of(16));
+        drop(other);
+        // The local copy read before still reads right.
+        assert_eq!(v.bytes(), bytes);
+        sh.release(&id);
+        sh.release(&id);
+        assert_eq!(a.held_count(&id), 0);
+        // Freed with both processes still connected.
+        back_to(&a, &base);
+        drop(b);
+    }
+
+    #[test]
+    fn a_local_values_last_release_tells_the_store_nothing() {
+        let d = TestDaemon::start();
+        let a = d.connect();
+        let base = a.stats().unwrap();
+        let sh = shared(&a);
+        let ids: Vec<ObjectId> = (0..100).map(|_| ObjectId::random()).collect();
+        for id in &ids {
+            a.adopt_pending(id);
+            assert!(sh.locals.take(&a, id, &[7; 100], true));
+        }
+        assert!(sh.locals.view(&ids[0]).unwrap().is_error());
+        sh.release(&ids[0]);
+        for id in &ids {
+            sh.release(id);
+            assert_eq!(sh.locals.which(&[*id]), [false]);
+        }
+        assert!(sh.locals.is_empty());
+        assert_eq!(sh.locals.which(&ids), vec![false; ids.len()]);
+        back_to(&a, &base);
+    }
+
+    /// Threads clone and drop call results' refs while each moves from the store client into
+    /// the local values and, for some, back (promoted): no reference is lost or counted twice.
+    #[test]
+    fn references_moving_between_the_store_client_and_the_local_values_are_never_lost() {
+        let d = TestDaemon::start();
+        let a = d.connect();
+        let base = a.stats().unwrap();
+        let sh = shared(&a);
+        const IDS: usize = 500;
+        for round in 0..8 {
+            let ids: Vec<ObjectId> = (0..IDS).map(|_| ObjectId::random()).collect();
+            for id in &ids {
+                a.adopt_pending(id);
+            }
+            // The id being moved now: the threads hammer it.
+            let next = AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        loop {
+                            let i = next.load(Ordering::Acquire);
+                            let Some(id) = ids.get(i) else {
+                                return;
+                            };
+                            sh.hold(id);
+                            std::hint::spin_loop();
+                            sh.release(id);
+                        }
+                    });
+                }
+                for (i, id) in ids.iter().enumerate() {
+                    next.store(i, Ordering::Release);
+                    for _ in 0..(i % 13) * 10 {
+                        std::hint::spin_loop();
+                    }
+                    assert!(sh.locals.take(&a, id, &[round; 100], false));
+                    if i % 4 == 0 {
+                        sh.locals.promote(&a, id).unwrap();
+                    }
+                }
+                next.store(IDS, Ordering::Release);
+            });
+            // Only the first reference to each is left, wherever it is.
+            for (i, id) in ids.iter().enumerate() {
+                let promoted = i % 4 == 0;
+                let (here, there) = (sh.locals.which(&[*id])[0], a.held_count(id));
+                assert_eq!((here, there), (!promoted, promoted as u64), "id {i}");
+                sh.release(id);
+                assert_eq!(sh.locals.which(&[*id]), [false]);
+                assert_eq!(a.held_count(id), 0);
+            }
+        }
+        assert!(sh.locals.is_empty());
+        back_to(&a, &base);
+    }
+}
