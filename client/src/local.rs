@@ -279,6 +279,7 @@ mod tests {
                 memory: 64 << 20,
                 prefault: false,
                 max_objects: None,
+                hugepages: false,
             })
             .unwrap();
             let stop = daemon.shutdown_handle();

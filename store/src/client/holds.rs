@@ -419,6 +419,7 @@ mod tests {
             memory: 16 << 20,
             prefault: false,
             max_objects: None,
+            hugepages: false,
         })
         .unwrap();
         let stop = daemon.shutdown_handle();
