@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use rustc_hash::FxHashMap;
 use trove_executor::mailbox::{Mailbox, MailboxError};
 use trove_executor::record::{INLINE_MAX, Seen, Took};
-use trove_store::client::Readiness;
+use trove_store::Readiness;
 use trove_store::{ObjectId, StoreClient};
 
 use crate::local::Locals;
@@ -150,7 +150,7 @@ impl Calls {
         }
         if !calls.forced.is_empty() && last() {
             calls.forced.remove(id);
-            trove_store::client::shrink_if_sparse(&mut calls.forced);
+            trove_store::shrink_if_sparse(&mut calls.forced);
         }
         false
     }
@@ -325,7 +325,7 @@ impl Calls {
                     calls.by_id.insert(id, hint);
                     break;
                 }
-                trove_store::client::shrink_if_sparse(&mut calls.by_id);
+                trove_store::shrink_if_sparse(&mut calls.by_id);
                 read.push(hint);
             }
             calls.order.pop_front();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use trove_executor::mailbox::Mailbox;
 use trove_executor::{EmbeddedStore, Zygote};
-use trove_store::client::Readiness;
+use trove_store::Readiness;
 use trove_store::{ObjectId, ObjectView, StoreClient};
 
 use crate::calls::Calls;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use trove_store::ObjectId;
-use trove_store::client::Readiness;
+use trove_store::Readiness;
 
 use crate::codec::Value;
 use crate::context::{self, Shared};

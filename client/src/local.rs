@@ -186,7 +186,7 @@ impl Locals {
         if e.count == 0 {
             let gone = map.remove(id);
             self.held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
-            trove_store::client::shrink_if_sparse(&mut map);
+            trove_store::shrink_if_sparse(&mut map);
             drop(map);
             drop(gone);
         }
@@ -255,7 +255,7 @@ mod tests {
     use std::path::Path;
     use std::time::{Duration, Instant};
 
-    use trove_store::client::Readiness;
+    use trove_store::Readiness;
     use trove_store::{Daemon, DaemonConfig, ShutdownHandle, Stats};
 
     use super::*;

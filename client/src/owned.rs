@@ -10,7 +10,7 @@
 
 use trove_executor::mailbox::{Mailbox, mailbox_bytes};
 use trove_executor::message::{self, Failure};
-use trove_store::client::OwnedWriter;
+use trove_store::OwnedWriter;
 use trove_store::protocol::Owned;
 use trove_store::{ObjectId, StoreClient, StoreError};
 

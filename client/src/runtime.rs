@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use trove_executor::{EmbeddedConfig, EmbeddedStore, ProcessError, Zygote};
-use trove_store::client::Readiness;
+use trove_store::Readiness;
 use trove_store::{ObjectId, Stats, StoreClient, StoreError};
 
 use crate::actor::{self, ActorHandle, Constructor, Function, entry};
@@ -386,7 +386,7 @@ impl Drop for Runtime {
 
 /// An object being written in place ([`Runtime::create`]): derefs to `[T]`.
 pub struct Builder<T: Plain> {
-    writer: trove_store::client::OwnedWriter,
+    writer: trove_store::OwnedWriter,
     len: usize,
     _marker: std::marker::PhantomData<T>,
 }

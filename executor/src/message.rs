@@ -1,7 +1,7 @@
 //! The bytes that travel in mailboxes, and the failure reports left in the store for calls
 //! that did not produce a value.
 
-use trove_store::client::OwnedWriter;
+use trove_store::OwnedWriter;
 use trove_store::protocol::Owned;
 use trove_store::{ObjectId, StoreClient, StoreError};
 

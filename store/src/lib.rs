@@ -7,20 +7,21 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod blocks;
-pub mod client;
-pub mod daemon;
-pub mod error;
+mod client;
+mod daemon;
+mod error;
 pub mod protocol;
 mod sock;
 
 // The building blocks keep their old paths (`trove_store::shm`, `trove_store::sync`, ...).
 pub use blocks::{alloc, id, ring, shm, size, sync};
 
+// The API: the two ends and their types (the modules themselves are private).
 pub use client::{
-    FrameObserver, ObjectView, ObjectWriter, OwnedWriter, Readiness, StoreClient, Subscription,
-    Timeout,
+    FrameObserver, ObjectView, ObjectWriter, OwnedWriter, POPULATE_MIN, Readiness,
+    SMALL_OBJECT_MAX, StoreClient, Subscription, Timeout, shrink_if_sparse,
 };
-pub use daemon::{Daemon, DaemonConfig, ShutdownHandle};
+pub use daemon::{Daemon, DaemonConfig, Limits, ShutdownHandle};
 pub use error::{Result, StoreError};
 pub use id::ObjectId;
 pub use protocol::{DeleteOutcome, Event, ObjectInfo, ObjectState, Stats};
