@@ -35,11 +35,8 @@ impl Store {
             .tempdir()
             .expect("tempdir");
         let cfg = DaemonConfig {
-            socket: dir.path().join("sock").join("troved.sock"),
-            memory: 3 << 30,
             prefault: true,
-            max_objects: None,
-            hugepages: false,
+            ..DaemonConfig::new(dir.path().join("sock").join("troved.sock"), 3 << 30)
         };
         let daemon = Daemon::bind(&cfg).expect("bind daemon");
         let shutdown = daemon.shutdown_handle();

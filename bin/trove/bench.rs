@@ -8,19 +8,7 @@ use std::time::{Duration, Instant};
 use trove::ObjectRef;
 
 use crate::stories::{actors, large_objects::Summer};
-
-/// The actor of the call figures: one cheap method.
-#[derive(Default)]
-struct Counter {
-    calls: u64,
-}
-
-impl Counter {
-    fn inc(&mut self) -> u64 {
-        self.calls += 1;
-        self.calls
-    }
-}
+use crate::user_paths::Worker;
 
 /// The figures of one run: printed as they are measured (JSON lines), or as a table at the
 /// end. Shared by `bench` and `bench --ray` (`ray_bench.rs`).
@@ -291,19 +279,19 @@ pub fn run(
     drop(refs);
 
     progress(json, "actor calls");
-    let a = rt.actor(Counter::default)?;
+    let a = rt.actor(Worker::default)?;
     // Warm-up (untimed), as the criterion benches do: the first calls grow this process's
     // maps and fault in fresh pages.
     for _ in 0..2 {
         let refs: Vec<_> = (0..10_000)
-            .map(|_| a.call(Counter::inc, ()))
+            .map(|_| a.call(Worker::inc, ()))
             .collect::<Result<_, _>>()?;
         refs.last().expect("10,000").get()?;
     }
     let n = if quick { 5_000 } else { 50_000 };
     let t = Instant::now();
     for _ in 0..n {
-        black_box(*a.call(Counter::inc, ())?.get()?);
+        black_box(*a.call(Worker::inc, ())?.get()?);
     }
     r.add(
         "actor_sync_calls_per_s",
@@ -315,7 +303,7 @@ pub fn run(
     let t = Instant::now();
     for _ in 0..batches {
         let refs: Vec<_> = (0..10_000)
-            .map(|_| a.call(Counter::inc, ()))
+            .map(|_| a.call(Worker::inc, ()))
             .collect::<Result<_, _>>()?;
         black_box(*refs.last().expect("10,000").get()?);
     }
@@ -353,9 +341,9 @@ pub fn run(
     let mut total = Duration::ZERO;
     for _ in 0..n {
         let t = Instant::now();
-        let h = rt.actor(Counter::default)?;
+        let h = rt.actor(Worker::default)?;
         total += t.elapsed();
-        h.call(Counter::inc, ())?.get()?;
+        h.call(Worker::inc, ())?.get()?;
         rt.kill(&h)?;
     }
     r.add(

@@ -274,14 +274,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             // A directory of its own, created private (0700) by the daemon.
             let socket = dir.path().join("store").join("sock");
-            let daemon = Daemon::bind(&DaemonConfig {
-                socket: socket.clone(),
-                memory: 64 << 20,
-                prefault: false,
-                max_objects: None,
-                hugepages: false,
-            })
-            .unwrap();
+            let daemon = Daemon::bind(&DaemonConfig::new(socket.clone(), 64 << 20)).unwrap();
             let stop = daemon.shutdown_handle();
             let thread = std::thread::spawn(move || daemon.run().unwrap());
             TestDaemon {

@@ -414,14 +414,7 @@ mod tests {
     fn a_pending_adoption_is_abandoned_without_a_frame_and_only_while_pending() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("store").join("sock");
-        let daemon = Daemon::bind(&DaemonConfig {
-            socket: socket.clone(),
-            memory: 16 << 20,
-            prefault: false,
-            max_objects: None,
-            hugepages: false,
-        })
-        .unwrap();
+        let daemon = Daemon::bind(&DaemonConfig::new(socket.clone(), 16 << 20)).unwrap();
         let stop = daemon.shutdown_handle();
         let thread = std::thread::spawn(move || daemon.run().unwrap());
         let (a, b) = (

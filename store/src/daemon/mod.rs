@@ -51,6 +51,18 @@ pub struct DaemonConfig {
 }
 
 impl DaemonConfig {
+    /// A daemon at `socket` with `memory` bytes of object space; the rest as by default (no
+    /// pre-fault, the default directory size, base pages).
+    pub fn new(socket: impl Into<PathBuf>, memory: u64) -> DaemonConfig {
+        DaemonConfig {
+            socket: socket.into(),
+            memory,
+            prefault: false,
+            max_objects: None,
+            hugepages: false,
+        }
+    }
+
     /// The object space a store gets when nobody says (Ray's rule): 30% of the machine's
     /// memory, capped by what `/dev/shm` has free when it is mounted (the limit a container
     /// puts on shared memory), at least 64 MiB, in whole MiB. Memory is committed as objects
