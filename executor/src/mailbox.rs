@@ -17,7 +17,7 @@
 //!
 //! Consumers park on the header's [`Park`] (an eventcount on a shared futex; the protocol and
 //! why no wake-up is lost are in [`trove_store::blocks::park`]): a consumer that found the
-//! queue empty (after a spin) waits while it is still empty and not dead; a producer, after
+//! queue empty (after the spin [`trove_store::blocks::spin`] allows) waits while it is still empty and not dead; a producer, after
 //! publishing, notifies one waiter, and [`Mailbox::set_dead`] notifies all of them. A notifier
 //! makes no syscall unless a consumer announced a wait.
 //!
@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 
 use trove_store::blocks::park::{Park, ParkError};
 use trove_store::blocks::region::{Geometry, Kind, RegionError, RegionHeader};
+use trove_store::blocks::spin::{Site, Spin};
 
 use crate::debts::{Book, Debts};
 use crate::record::{RECORD_LEN, Record};
@@ -70,8 +71,9 @@ const KIND: Kind = Kind {
 };
 /// Bytes of a slot's header: sequence (8) and length (4), padded to 16.
 const SLOT_HEADER: usize = 16;
-/// How long a consumer spins (yielding) on an empty queue before it parks.
-const SPIN_BEFORE_PARK: Duration = Duration::from_micros(100);
+/// The spin policy's site for a consumer on an empty queue (see
+/// [`trove_store::blocks::spin`]): it spins at most this long before it parks.
+static POP_WAIT: Site = Site::new(Duration::from_micros(100));
 /// Bytes of the current-message record in the header.
 pub const CURRENT_LEN: usize = 64;
 /// A slot's sequence while a consumer holds it: this bit, the low 31 bits of the position
@@ -479,24 +481,20 @@ impl Mailbox {
             return Ok(r);
         }
         let deadline = Instant::now() + timeout;
-        let spin_until = Instant::now() + SPIN_BEFORE_PARK.min(timeout);
-        let backoff = Backoff::new();
+        let mut spin = Spin::new(&POP_WAIT);
         let h = self.header();
         loop {
             if let Some(r) = self.try_pop(tag, &mut f)? {
+                spin.done();
                 return Ok(r);
             }
             if self.is_dead() {
                 return Err(MailboxError::Dead);
             }
-            // Spin (yielding) for a while before parking: a futex wake-up costs tens of
-            // microseconds on a virtual machine, more than a typical call.
-            if Instant::now() < spin_until {
-                if backoff.is_completed() {
-                    std::thread::yield_now();
-                } else {
-                    backoff.snooze();
-                }
+            // Spin for a while before parking, as the policy allows (a futex wake-up costs
+            // tens of microseconds on a virtual machine, more than a typical call, but a
+            // spinner that takes the core its producer needs costs more).
+            if Instant::now() < deadline && spin.spin() {
                 continue;
             }
             match h
