@@ -6,24 +6,28 @@
 //! a caller polling a completion record, both ends of a ring, a wait for an object) asks a
 //! [`Spin`] here instead of keeping a constant of its own. Two things decide:
 //!
-//! - **Permits, machine-wide.** Past a short *grace* ([`GRACE`], spin hints only: the peer is
-//!   usually a few hundred nanoseconds from answering), a spinner must hold a permit. There
-//!   are as many as cores (`TROVE_SPINNERS` overrides), so trove's spinners never outnumber
-//!   the cores, and a spinner that finds none parks at once. (`cores - 1`, which would
-//!   always leave a core to a thread with work, measured 1.3-4x slower for 1:1 sync calls
-//!   and tasks on 2 cores: caller and callee hand over the one permit on every call.)
-//!   The permits are [`Permits`]: lease words in the arena header, shared by every process
-//!   that maps the arena (a process without an arena uses a process-local set). A permit is
-//!   a *lease* (CLOCK_MONOTONIC nanoseconds, the same clock in every process) that expires a
-//!   little after the longest spin allowed, so a spinner killed mid-spin holds its permit for
-//!   at most [`LEASE_SLACK`] more: nothing leaks, and no count needs repairing.
+//! - **Permits, machine-wide.** Past a short *grace* ([`GRACE`]: the peer is usually a few
+//!   microseconds from answering), a spinner must hold a permit. There are as many as cores
+//!   (`TROVE_SPINNERS` overrides), so trove's spinners never outnumber the cores, and a
+//!   spinner that finds none parks at once. (`cores - 1`, which would always leave a core to
+//!   a thread with work, measured 1.3-4x slower for 1:1 sync calls and tasks on 2 cores:
+//!   caller and callee hand the one permit over on every call.) The permits are [`Permits`]:
+//!   lease words in the arena header, shared by every process that maps the arena (a process
+//!   without an arena uses a process-local set). A permit is a *lease* (CLOCK_MONOTONIC
+//!   nanoseconds, the same clock in every process) that expires a little after the longest
+//!   spin allowed, so a spinner killed mid-spin holds its permit for at most [`LEASE_SLACK`]
+//!   more: nothing leaks, and no count needs repairing.
 //! - **A budget learned per wait site** ([`Site`], process-local): a wait that ended while
 //!   spinning raises the budget to twice its latency, or lets it decay slowly (1/64 a wait)
-//!   towards that, so the budget follows the longest recent latencies; a wait that had to
-//!   park cuts it by an eighth (halving it let one noisy moment collapse the budget of a
-//!   caller whose peer answers within microseconds). A wait whose condition held at once (it never spun) teaches nothing. Every
-//!   [`PROBE_EVERY`]-th wait spins up to the site's maximum, so a budget that collapsed while
-//!   the machine was busy grows back once spinning pays again.
+//!   towards that, so the budget follows the longest recent latencies. A wait that parked
+//!   and still ended within half the site's maximum raises it the same way (a longer spin
+//!   would have caught it); one that lasted longer cuts it by a sixteenth, so a site whose
+//!   waits are long (an actor called in turn with seven others, an idle worker) stops
+//!   spinning after a few dozen waits, while one slow moment does not collapse the budget
+//!   of a caller whose peer answers in microseconds. A site may have a floor (a caller whose
+//!   alternative is a round of the daemon's notices). A wait whose condition held at once
+//!   (it never spun) teaches nothing. Every [`PROBE_EVERY`]-th wait spins up to the site's
+//!   maximum, so a collapsed budget grows back once spinning pays again.
 //!
 //! Parking itself is [`crate::blocks::park`]'s (no lost wake-ups); this module only decides
 //! when to stop looking and park.
@@ -43,7 +47,7 @@ use std::time::Duration;
 
 use crossbeam_utils::Backoff;
 
-/// Spinning without a permit, at the start of every wait: spin hints only (no yield).
+/// Spinning without a permit, at the start of every wait (spin hints, then yields).
 pub const GRACE: Duration = Duration::from_micros(10);
 /// How long past the longest spin a permit stays taken if its holder dies.
 pub const LEASE_SLACK: Duration = Duration::from_millis(1);
@@ -207,6 +211,8 @@ pub struct Site {
     budget: AtomicU32,
     /// The most a wait of this site spins, in nanoseconds.
     max: u32,
+    /// The least budget, in nanoseconds: for a site whose park costs far more than a spin.
+    floor: u32,
     /// Waits started, for the probes.
     waits: AtomicU32,
 }
@@ -214,10 +220,18 @@ pub struct Site {
 impl Site {
     /// A site that spins at most `max` (starting there).
     pub const fn new(max: Duration) -> Site {
+        Site::with_floor(max, Duration::ZERO)
+    }
+
+    /// A site that spins at most `max` and, with a permit, at least `floor`: for a wait whose
+    /// alternative to spinning costs far more than a futex wake (a round of the daemon's
+    /// notices).
+    pub const fn with_floor(max: Duration, floor: Duration) -> Site {
         let max = max.as_nanos() as u32;
         Site {
             budget: AtomicU32::new(max),
             max,
+            floor: floor.as_nanos() as u32,
             waits: AtomicU32::new(0),
         }
     }
@@ -231,13 +245,16 @@ impl Site {
     /// after parking.
     pub fn learn(&self, elapsed: Duration, parked: bool) {
         let b = self.budget.load(Ordering::Relaxed);
-        let new = if parked {
-            b - b.div_ceil(8)
+        let twice = (2 * elapsed.as_nanos()).min(self.max as u128) as u32;
+        let new = if !parked {
+            (b - b / 64).max(twice)
+        } else if twice < self.max {
+            // Parked, yet over within half the maximum: a longer spin would have caught it.
+            b.max(twice)
         } else {
-            let want = (2 * elapsed.as_nanos()).min(self.max as u128) as u32;
-            (b - b / 64).max(want)
+            b - b.div_ceil(16)
         };
-        self.budget.store(new, Ordering::Relaxed);
+        self.budget.store(new.max(self.floor), Ordering::Relaxed);
     }
 
     /// How long the next wait may spin (with a permit): the budget, or the maximum for a
@@ -263,6 +280,8 @@ pub struct Spin<'a> {
     spun: bool,
     /// Where the permits are, if not this process's (tests).
     from: Option<&'static Permits>,
+    /// Under loom: the one step of spinning was taken.
+    loom_spun: bool,
 }
 
 /// How many threads of this process are spinning now (tests and diagnostics).
@@ -280,6 +299,7 @@ impl<'a> Spin<'a> {
             parked: false,
             spun: false,
             from: None,
+            loom_spun: false,
         }
     }
 
@@ -291,16 +311,23 @@ impl<'a> Spin<'a> {
             return false;
         }
         if cfg!(loom) {
-            // Models explore the parking protocol, not timing.
+            // Models explore the protocols, not timing: one step of spinning (a yield to
+            // loom), then park.
+            if self.permit.is_none() && !self.loom_spun {
+                self.loom_spun = true;
+                crate::blocks::sync::Backoff::new().snooze();
+                return true;
+            }
             return self.stop();
         }
         let now = now_ns();
         let elapsed = now.saturating_sub(self.start);
-        if elapsed < GRACE.as_nanos() as u64 {
-            self.backoff.spin();
+        let grace = GRACE.as_nanos() as u64;
+        if elapsed < grace {
+            self.backoff.snooze();
             return true;
         }
-        if elapsed >= self.limit.max(GRACE.as_nanos() as u64) {
+        if elapsed >= self.limit.max(grace) {
             return self.stop();
         }
         if self.permit.is_none() {
@@ -395,15 +422,14 @@ mod tests {
     fn the_budget_follows_the_waits() {
         let s = Site::new(Duration::from_micros(100));
         assert_eq!(s.budget(), Duration::from_micros(100));
-        // Waits that end by parking cut it by an eighth.
+        // Waits that parked and lasted long cut it by a sixteenth each.
         s.learn(Duration::from_micros(500), true);
-        assert_eq!(s.budget(), Duration::from_micros(87_500) / 1000);
-        for _ in 0..5 {
+        assert_eq!(s.budget(), Duration::from_nanos(100_000 - 6_250));
+        for _ in 0..100 {
             s.learn(Duration::from_micros(500), true);
         }
-        assert!(s.budget() < Duration::from_micros(50));
-        s.budget.store(25_000, Ordering::Relaxed);
-        // A wait that ended while spinning at 20 us: about twice that.
+        assert!(s.budget() < Duration::from_micros(1));
+        // A wait that ended while spinning at 20 us: twice that.
         s.learn(Duration::from_micros(20), false);
         assert_eq!(s.budget(), Duration::from_micros(40));
         // Shorter ones decay it slowly towards twice theirs, never below.
@@ -413,15 +439,24 @@ mod tests {
             s.learn(Duration::from_micros(1), false);
         }
         assert_eq!(s.budget(), Duration::from_micros(2));
+        // A wait that parked but ended soon (30 us): a spin of 60 us would have caught it.
+        s.learn(Duration::from_micros(30), true);
+        assert_eq!(s.budget(), Duration::from_micros(60));
         // Never above the maximum.
         s.learn(Duration::from_millis(1), false);
         assert_eq!(s.budget(), Duration::from_micros(100));
+        // A floor holds against long waits.
+        let f = Site::with_floor(Duration::from_micros(200), Duration::from_micros(50));
+        for _ in 0..200 {
+            f.learn(Duration::from_millis(1), true);
+        }
+        assert_eq!(f.budget(), Duration::from_micros(50));
     }
 
     #[test]
     fn probes_spin_to_the_maximum_when_the_budget_collapsed() {
         let s = Site::new(Duration::from_micros(100));
-        for _ in 0..200 {
+        for _ in 0..400 {
             s.learn(Duration::from_millis(1), true);
         }
         assert_eq!(s.budget(), Duration::ZERO);
@@ -436,7 +471,7 @@ mod tests {
     #[test]
     fn a_wait_with_no_budget_parks_after_the_grace() {
         let s = Site::new(Duration::from_micros(100));
-        for _ in 0..200 {
+        for _ in 0..400 {
             s.learn(Duration::from_millis(1), true);
         }
         // Not a probe.
@@ -452,7 +487,8 @@ mod tests {
         assert!(steps > 0, "spun during the grace");
         assert!(!spin.spin(), "stays parked");
         spin.done();
-        assert_eq!(s.budget(), Duration::ZERO);
+        // It "parked" and was over soon after: a longer spin would have caught it.
+        assert!(s.budget() > Duration::ZERO);
     }
 
     #[test]
