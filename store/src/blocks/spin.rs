@@ -478,17 +478,15 @@ mod tests {
         s.waits.store(0, Ordering::Relaxed);
         let start = std::time::Instant::now();
         let mut spin = Spin::new(&s);
-        let mut steps = 0u64;
+        // It spins through the grace (unless descheduled through all of it), then stops.
         while spin.spin() {
-            steps += 1;
             assert!(start.elapsed() < Duration::from_secs(5), "never stopped");
         }
         assert!(spin.parked());
-        assert!(steps > 0, "spun during the grace");
         assert!(!spin.spin(), "stays parked");
+        // (What it learns depends on how long it took: see `the_budget_follows_the_waits`.)
         spin.done();
-        // It "parked" and was over soon after: a longer spin would have caught it.
-        assert!(s.budget() > Duration::ZERO);
+        assert!(s.budget() <= Duration::from_micros(100));
     }
 
     #[test]
@@ -496,7 +494,7 @@ mod tests {
         static PERMITS: Permits = Permits {
             leases: [const { Lease(AtomicU64::new(0)) }; MAX_PERMITS],
         };
-        let s = Site::new(Duration::from_millis(50));
+        let s = Site::new(Duration::from_secs(1));
         let now = now_ns();
         let far = now + 10_000_000_000;
         // Every permit is held (by someone else, for a while): past its grace, a spinner
@@ -511,7 +509,7 @@ mod tests {
             assert!(start.elapsed() < Duration::from_secs(5), "never stopped");
         }
         assert!(
-            start.elapsed() < Duration::from_millis(50),
+            start.elapsed() < Duration::from_secs(1),
             "parked before its budget"
         );
         drop(spin);
@@ -523,10 +521,14 @@ mod tests {
         let mut spin = Spin::new(&s);
         spin.from = Some(&PERMITS);
         let start = std::time::Instant::now();
-        while start.elapsed() < Duration::from_micros(20) {
-            assert!(spin.spin());
+        while spin.permit.is_none() {
+            assert!(spin.spin(), "stopped with a permit free, within its budget");
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "never took a permit"
+            );
         }
-        assert!(spin.permit.is_some());
+        assert!(spin.spin(), "spins on, holding it");
         assert_eq!(PERMITS.held(now_ns()), 1);
         spin.done();
         assert_eq!(PERMITS.held(now_ns()), 0);
