@@ -16,17 +16,19 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 use trove_executor::mailbox::{Mailbox, MailboxError};
-use trove_executor::record::{CALLER_WAIT, INLINE_MAX, Seen, Took};
+use trove_executor::record::{INLINE_MAX, Seen, Took};
 use trove_store::Readiness;
-use trove_store::blocks::spin::Spin;
 use trove_store::{ObjectId, StoreClient};
 
 use crate::local::Locals;
 
+/// How long a get polls a completion record before it asks for the result in the store and
+/// waits for the daemon's notification.
+pub(crate) const HINT_SPIN: Duration = Duration::from_micros(200);
 /// How many finished calls a new call harvests.
 const HARVEST_PER_CALL: usize = 4;
 
@@ -222,16 +224,20 @@ impl Calls {
         id: &ObjectId,
         deadline: Option<Instant>,
     ) -> bool {
-        // As long as the spin policy allows (`trove_store::blocks::spin`).
-        let mut spin = Spin::new(&CALLER_WAIT);
+        let until = Instant::now() + HINT_SPIN;
+        let backoff = crossbeam_utils::Backoff::new();
         loop {
             if self.settle(client, locals, id) {
-                spin.done();
                 return true;
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) || !spin.spin() {
-                spin.done();
+            let now = Instant::now();
+            if now >= until || deadline.is_some_and(|d| now >= d) {
                 return false;
+            }
+            if backoff.is_completed() {
+                std::thread::yield_now();
+            } else {
+                backoff.snooze();
             }
         }
     }

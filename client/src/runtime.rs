@@ -5,13 +5,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use trove_executor::record::CALLER_WAIT;
 use trove_executor::{EmbeddedConfig, EmbeddedStore, ProcessError, Zygote};
 use trove_store::Readiness;
-use trove_store::blocks::spin::Spin;
 use trove_store::{ObjectId, Stats, StoreClient, StoreError};
 
 use crate::actor::{self, ActorHandle, Constructor, Function, entry};
+use crate::calls::HINT_SPIN;
 use crate::codec::{self, Plain, Value};
 use crate::config::Config;
 use crate::context::{self, MAILBOX_SLOTS, SLOT_BYTES, Shared, TASK_SLOTS};
@@ -252,12 +251,12 @@ impl Runtime {
     ) -> Result<Waited<T>> {
         let ids: Vec<ObjectId> = refs.iter().map(|r| r.id()).collect();
         let deadline = timeout.map(|t| Instant::now() + t);
-        // Calls in flight answer in their records first; past the spin the policy allows
-        // (`trove_store::blocks::spin`), the rest are asked for in the store and waited for
-        // through the daemon.
-        let mut spin = Spin::new(&CALLER_WAIT);
-        let mut spinning = deadline.is_none_or(|d| Instant::now() < d);
+        let spin_until = Instant::now() + HINT_SPIN;
         let states = loop {
+            // Calls in flight answer in their records first; past a short spin, the rest are
+            // asked for in the store and waited for through the daemon.
+            let spinning =
+                Instant::now() < spin_until && deadline.is_none_or(|d| Instant::now() < d);
             for id in &ids {
                 if !self.sh.settle(id) && !spinning {
                     self.sh.force_store(id);
@@ -267,14 +266,12 @@ impl Runtime {
             let states = self.sh.wait_ready(&ids, num_ready, now)?;
             let ready = states.iter().filter(|s| **s != Readiness::Pending).count();
             if ready >= num_ready.min(ids.len()) {
-                spin.done();
                 break states;
             }
             if !spinning {
-                spin.done();
                 break self.sh.wait_ready(&ids, num_ready, deadline)?;
             }
-            spinning = deadline.is_none_or(|d| Instant::now() < d) && spin.spin();
+            std::thread::yield_now();
         };
         let (mut ready, mut pending) = (Vec::new(), Vec::new());
         for (r, s) in refs.iter().zip(states) {

@@ -17,17 +17,16 @@
 //!
 //! Consumers park on the header's [`Park`] (an eventcount on a shared futex; the protocol and
 //! why no wake-up is lost are in [`trove_store::blocks::park`]): a consumer that found the
-//! queue empty (after the spin [`trove_store::blocks::spin`] allows) waits while it is still empty and not dead; a producer, after
-//! publishing, notifies one waiter unless a consumer is spinning (the header counts them;
-//! see [`Mailbox::wake_consumer`]), and [`Mailbox::set_dead`] notifies all of them. A
-//! notifier makes no syscall unless a consumer announced a wait.
+//! queue empty (after a spin) waits while it is still empty and not dead; a producer, after
+//! publishing, notifies one waiter, and [`Mailbox::set_dead`] notifies all of them. A notifier
+//! makes no syscall unless a consumer announced a wait.
 //!
 //! Layout (the header is `HEADER_LEN` bytes; slots and records follow):
 //!
 //! ```text
 //! 0    head u64                                                     64 bytes
 //! 64   tail u64                                                     64 bytes
-//! 128  park (blocks::park): event u32, waiters u32; spinning u32     64 bytes
+//! 128  park (blocks::park): event u32, waiters u32                  64 bytes
 //! 192  region header (blocks::region): magic u64 "TROVEMBX", version u32, capacity u32,
 //!      slot_size u32, reserved u32                                  24 bytes
 //! 216  program u64, type_tag u64, dead u32, current_set u32, current [u64; 8], current_pos u64
@@ -51,18 +50,17 @@ use std::time::{Duration, Instant};
 
 use trove_store::blocks::park::{Park, ParkError};
 use trove_store::blocks::region::{Geometry, Kind, RegionError, RegionHeader};
-use trove_store::blocks::spin::{Site, Spin};
 
 use crate::debts::{Book, Debts};
 use crate::record::{RECORD_LEN, Record};
-use crate::sync::{AtomicU32, AtomicU64, Backoff, Ordering, fence};
+use crate::sync::{AtomicU32, AtomicU64, Backoff, Ordering};
 
 /// What a mailbox region is (see [`trove_store::blocks::region`]). One slot cannot tell
 /// "published for p" from "free for p + 1": at least two.
 const KIND: Kind = Kind {
     name: "mailbox",
     magic: 0x5452_4f56_454d_4258, // "TROVEMBX"
-    version: 2,
+    version: 1,
     align: 64,
     header_len: HEADER_LEN,
     capacity: (2, 1 << 20),
@@ -72,9 +70,8 @@ const KIND: Kind = Kind {
 };
 /// Bytes of a slot's header: sequence (8) and length (4), padded to 16.
 const SLOT_HEADER: usize = 16;
-/// The spin policy's site for a consumer on an empty queue (see
-/// [`trove_store::blocks::spin`]): it spins at most this long before it parks.
-static POP_WAIT: Site = Site::new(Duration::from_micros(100));
+/// How long a consumer spins (yielding) on an empty queue before it parks.
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(100);
 /// Bytes of the current-message record in the header.
 pub const CURRENT_LEN: usize = 64;
 /// A slot's sequence while a consumer holds it: this bit, the low 31 bits of the position
@@ -89,21 +86,12 @@ const fn claimed(pos: u64, tag: u32) -> u64 {
 #[repr(C, align(64))]
 struct Line<T>(T);
 
-/// How consumers wait: the futex they park on, and how many are spinning instead.
-#[repr(C)]
-struct Waiting {
-    /// Consumers park here while the queue is empty.
-    park: Park,
-    /// Consumers spinning on the queue now: while one is, a producer need not wake a parked
-    /// one (see [`Mailbox::wake_consumer`]).
-    spinning: AtomicU32,
-}
-
 #[repr(C, align(64))]
 struct Header {
     head: Line<AtomicU64>,
     tail: Line<AtomicU64>,
-    park: Line<Waiting>,
+    /// Consumers park here while the queue is empty.
+    park: Line<Park>,
     /// Magic, layout version, capacity and slot size.
     region: RegionHeader,
     /// The creator's program identity ([`crate::process::program_id`]): function addresses
@@ -128,43 +116,6 @@ const _: () = assert!(
         && std::mem::offset_of!(Header, region) == 192
         && std::mem::offset_of!(Header, program) == 216
 );
-
-/// A consumer counted in a mailbox's `spinning` while it spins (uncounted when dropped).
-struct Spinning<'a>(&'a AtomicU32, bool);
-
-impl Spinning<'_> {
-    fn start(&mut self) {
-        if !self.1 {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            self.1 = true;
-        }
-    }
-
-    /// Before the consumer parks or leaves (`D` in [`Mailbox::wake_consumer`]'s argument).
-    /// Never below zero: the reaper of a consumer that died counted resets the count, and
-    /// an undercount only costs wakes.
-    fn stop(&mut self) {
-        if self.1 {
-            self.1 = false;
-            let mut n = self.0.load(Ordering::Relaxed);
-            while n != 0 {
-                match self
-                    .0
-                    .compare_exchange(n, n - 1, Ordering::SeqCst, Ordering::Relaxed)
-                {
-                    Ok(_) => return,
-                    Err(now) => n = now,
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Spinning<'_> {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// Errors of mailbox operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -237,8 +188,7 @@ impl Mailbox {
         let h = m.header();
         h.head.0.store(0, Ordering::Relaxed);
         h.tail.0.store(0, Ordering::Relaxed);
-        h.park.0.park.reset();
-        h.park.0.spinning.store(0, Ordering::Relaxed);
+        h.park.0.reset();
         h.program
             .store(crate::process::program_id(), Ordering::Relaxed);
         h.type_tag.store(type_tag, Ordering::Relaxed);
@@ -355,7 +305,7 @@ impl Mailbox {
     pub fn set_dead(&self) {
         let h = self.header();
         h.dead.store(1, Ordering::SeqCst);
-        h.park.0.park.notify_all();
+        h.park.0.notify_all();
     }
 
     /// Pushes a message without waiting: its position, or `Ok(None)` if the queue is full.
@@ -375,27 +325,8 @@ impl Mailbox {
         self.len_word(pos)
             .store(msg.len() as u32, Ordering::Relaxed);
         self.seq(pos).store(pos + 1, Ordering::Release);
-        self.wake_consumer();
+        h.park.0.notify_one();
         Ok(Some(pos))
-    }
-
-    /// After a message was published: wakes a parked consumer, unless one is spinning (it
-    /// takes the message, or re-checks the queue before it parks; and a consumer that takes
-    /// a message and leaves others behind calls this again, so a message is never left to
-    /// a sleeper while nobody else will come).
-    ///
-    /// Why no message is left behind: a spinning consumer leaves the count (`D`, `SeqCst`)
-    /// before it announces its wait and re-checks (`Park::wait`); the producer publishes,
-    /// then `fence(SeqCst)`, then reads the count. Either the producer's fence comes first
-    /// (then the consumer's re-check sees the message) or the consumer's decrement is seen
-    /// (then, if nobody else is spinning, the producer notifies as always). Modelled in
-    /// `mailbox::loom_models` (`loom_a_skipped_wake_leaves_no_message_to_a_sleeper`).
-    fn wake_consumer(&self) {
-        let w = &self.header().park.0;
-        fence(Ordering::SeqCst);
-        if w.spinning.load(Ordering::Relaxed) == 0 {
-            w.park.notify_one();
-        }
     }
 
     /// Pushes a message, waiting while the queue is full (backoff, then short sleeps) until
@@ -495,13 +426,8 @@ impl Mailbox {
     }
 
     /// Frees every slot the consumer `tag` holds (it died between a claim and its free),
-    /// calling `f` with each one's position and message first, oldest first; and forgets
-    /// which consumers spin (it may have died counted).
+    /// calling `f` with each one's position and message first, oldest first.
     pub fn reclaim(&self, tag: u32, mut f: impl FnMut(u64, &[u8])) {
-        // It may have died spinning, counted: forget every count (live spinners count
-        // themselves again at their next wait; meanwhile producers wake as if none spun).
-        self.header().park.0.spinning.store(0, Ordering::SeqCst);
-        self.wake_consumer();
         let head = &self.header().head.0;
         // Move `head` past claimed slots, so that every held position lies below it.
         loop {
@@ -553,34 +479,29 @@ impl Mailbox {
             return Ok(r);
         }
         let deadline = Instant::now() + timeout;
-        let mut spin = Spin::new(&POP_WAIT);
+        let spin_until = Instant::now() + SPIN_BEFORE_PARK.min(timeout);
+        let backoff = Backoff::new();
         let h = self.header();
-        let mut spinning = Spinning(&h.park.0.spinning, false);
         loop {
             if let Some(r) = self.try_pop(tag, &mut f)? {
-                spinning.stop();
-                spin.done();
-                // Messages left behind are another consumer's to take (see `wake_consumer`).
-                if !self.is_empty() {
-                    self.wake_consumer();
-                }
                 return Ok(r);
             }
             if self.is_dead() {
                 return Err(MailboxError::Dead);
             }
-            // Spin for a while before parking, as the policy allows (a futex wake-up costs
-            // tens of microseconds on a virtual machine, more than a typical call, but a
-            // spinner that takes the core its producer needs costs more).
-            if Instant::now() < deadline && spin.spin() {
-                spinning.start();
+            // Spin (yielding) for a while before parking: a futex wake-up costs tens of
+            // microseconds on a virtual machine, more than a typical call.
+            if Instant::now() < spin_until {
+                if backoff.is_completed() {
+                    std::thread::yield_now();
+                } else {
+                    backoff.snooze();
+                }
                 continue;
             }
-            spinning.stop();
             match h
                 .park
                 .0
-                .park
                 .wait(Some(deadline), || self.is_empty() && !self.is_dead())
             {
                 Ok(()) => {}
@@ -859,7 +780,7 @@ mod tests {
         assert!(matches!(attach(len), Err(MailboxError::Corrupt(_))));
         magic.store(good, Ordering::Relaxed);
         for (word, bad) in [
-            (version, 1),
+            (version, 2),
             (capacity, 1),
             (capacity, 3),
             (capacity, 1 << 21),
@@ -914,7 +835,7 @@ mod tests {
     /// Waits (bounded) until a consumer has announced a wait on the mailbox's futex.
     fn wait_for_sleeper(m: &Mailbox) {
         let start = Instant::now();
-        while m.header().park.0.park.waiters() == 0 {
+        while m.header().park.0.waiters() == 0 {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "consumer never parked"
@@ -945,7 +866,7 @@ mod tests {
                 .map(|c| s.spawn(move || m.pop(c, Duration::from_secs(30), |_, _| ())))
                 .collect();
             let start = Instant::now();
-            while m.header().park.0.park.waiters() < 2 {
+            while m.header().park.0.waiters() < 2 {
                 assert!(start.elapsed() < Duration::from_secs(10), "never parked");
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -962,7 +883,7 @@ mod tests {
                 dead.elapsed()
             );
         });
-        assert_eq!(m.header().park.0.park.waiters(), 0);
+        assert_eq!(m.header().park.0.waiters(), 0);
     }
 }
 

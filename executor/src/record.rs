@@ -49,16 +49,6 @@ const TAKEN: u64 = 4;
 const EVICTING: u64 = 5;
 
 const ERROR_BIT: u64 = 1 << 63;
-
-/// The spin policy's site for a caller waiting for its call's record (see
-/// [`trove_store::blocks::spin`]): it polls the record at most 200 us (and, given a permit,
-/// at least 50 us: what it does next, asking for the result in the store and waiting through
-/// the daemon's notices, costs a round of three processes) before it asks the store.
-pub static CALLER_WAIT: trove_store::blocks::spin::Site =
-    trove_store::blocks::spin::Site::with_floor(
-        std::time::Duration::from_micros(200),
-        std::time::Duration::from_micros(50),
-    );
 /// How long a consumer waits for another consumer that is filling the same record.
 #[cfg(not(loom))]
 const BUSY_WAIT: Duration = Duration::from_micros(200);

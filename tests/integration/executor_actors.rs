@@ -72,12 +72,6 @@ pub fn executor_killed_actor_fails_pending_and_later_calls() {
 }
 register!(executor_killed_actor_fails_pending_and_later_calls);
 
-/// Idle task workers and actors park: the tree burns almost no CPU while nothing is asked.
-pub fn executor_idle_workers_and_actors_park() {
-    run(ExecRole::Idle);
-}
-register!(executor_idle_workers_and_actors_park);
-
 pub fn executor_handle_passed_through_two_tasks() {
     run(ExecRole::TwoHops);
 }

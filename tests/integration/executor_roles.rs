@@ -731,40 +731,6 @@ pub fn helper_role(role: ExecRole) -> Res {
             drop(refs);
             say("OK");
         }
-        ExecRole::Idle => {
-            let w = rt.actor(Worker::default)?;
-            for i in 0..2_000u64 {
-                check(*rt.spawn(double, (i,))?.get_timeout(T)? == 2 * i, "task")?;
-                w.call(Worker::push, (i,))?.get_timeout(T)?;
-            }
-            let refs: Vec<_> = (0..2_000u64)
-                .map(|i| rt.spawn(double, (i,)))
-                .collect::<Result<_, _>>()?;
-            rt.get_all_timeout(&refs, T)?;
-            // Past every spin (the longest is well under a millisecond), then one second.
-            sleep(Duration::from_millis(200));
-            let store = rt.embedded_store_pid();
-            let tree = || -> u64 {
-                session_cpu_ticks(std::process::id() as i32)
-                    .into_iter()
-                    .filter(|(pid, _)| Some(*pid) != store)
-                    .map(|(_, t)| t)
-                    .sum()
-            };
-            let before = tree();
-            sleep(Duration::from_secs(1));
-            let after = tree();
-            let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as u64;
-            let ms = after.saturating_sub(before) * 1000 / hz;
-            // Driver, zygote, two or more workers and an actor: spinning ones would burn a
-            // core each (1,000 ms per second); parked ones a few ms (their periodic liveness
-            // checks). A generous bound: this is "they park", not a speed claim.
-            check(
-                ms < 150,
-                &format!("the idle tree burned {ms} ms of CPU in 1 s"),
-            )?;
-            say("OK");
-        }
         ExecRole::Exit { leave } => {
             let a = rt.actor(Worker::default)?;
             let b = rt.actor(Worker::default)?;
@@ -784,30 +750,4 @@ pub fn helper_role(role: ExecRole) -> Res {
     }
     drop(rt);
     Ok(())
-}
-
-/// (pid, utime + stime in clock ticks) of every live process of session `sid`.
-fn session_cpu_ticks(sid: i32) -> Vec<(i32, u64)> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after "comm)": state(0) ppid pgrp session(3) ... utime(11) stime(12).
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.len() > 12 && f[0] != "Z" && f[3] == sid.to_string() {
-            let t = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
-            out.push((pid, t));
-        }
-    }
-    out
 }

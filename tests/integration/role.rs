@@ -283,9 +283,6 @@ roles! {
         NsOtherProgram { socket: PathBuf, namespace: String } = "ns-other-program",
         /// `n` calls to one actor, run in order.
         Order { n: u64 } = "order",
-        /// Works its workers and an actor, lets them go idle, then checks that the tree
-        /// (store daemon aside) burns almost no CPU over a second: idle waiters park.
-        Idle = "idle",
         /// `RUNNING` with two actors; then `leave` (exit without shutting down) or hold until
         /// killed.
         Exit { leave: bool } = "exit",

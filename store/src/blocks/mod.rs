@@ -8,8 +8,6 @@
 //! - `region`: the magic, layout version and geometry words every such structure's header
 //!   holds (the ring's, the executor's mailboxes'), validated in one place.
 //! - `park`: the futex parking protocol (an eventcount) the ring and the mailboxes share.
-//! - `spin`: the one spin policy every spin-then-park wait asks (machine-wide permits in the
-//!   arena header, and a budget learned per wait site).
 //! - `alloc`: the heap allocator (best fit, 64-byte granules, coalescing).
 //! - `id`: `ObjectId`.
 //! - `size`: `512MiB`/`4GiB` parsing and printing.
@@ -24,5 +22,4 @@ pub mod region;
 pub mod ring;
 pub mod shm;
 pub mod size;
-pub mod spin;
 pub mod sync;

@@ -22,7 +22,7 @@
 //!
 //! # Blocking and wake-ups
 //!
-//! A side that has to wait spins as [`crate::blocks::spin`] allows, then parks on its own
+//! A side that has to wait spins briefly (crossbeam [`Backoff`]), then parks on its own
 //! [`Park`] (a shared futex; the protocol and why no wake-up is lost are in
 //! [`crate::blocks::park`]): the consumer while the ring is empty, the producer while it is
 //! full. The other side, after moving `tail` (a push) or `head` (a pop), calls `notify_one`
@@ -45,16 +45,11 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::Backoff;
 use rustix::io::Errno;
 
 use crate::blocks::park::{Park, ParkError};
 use crate::blocks::region::{Geometry, Kind, RegionError, RegionHeader};
-use crate::blocks::spin::{Site, Spin};
-
-/// The spin policy's sites (see [`crate::blocks::spin`]): a producer waiting on a full ring,
-/// a consumer on an empty one.
-static PUSH_WAIT: Site = Site::new(Duration::from_micros(20));
-static POP_WAIT: Site = Site::new(Duration::from_micros(20));
 
 /// Alignment of every slot, and the granularity of `slot_size`.
 pub const MSG_ALIGN: usize = 8;
@@ -393,16 +388,14 @@ impl Producer {
     /// for at most `timeout` (`None`: forever). `Err(Timeout)` or `Err(Closed)`.
     pub fn push(&mut self, msg: &[u8], timeout: Option<Duration>) -> Result<(), RingError> {
         let deadline = deadline_after(timeout);
-        let mut spin = Spin::new(&PUSH_WAIT);
+        let backoff = Backoff::new();
         loop {
             match self.try_push(msg) {
                 Err(RingError::Full) => {}
-                result => {
-                    spin.done();
-                    return result;
-                }
+                result => return result,
             }
-            if spin.spin() {
+            if !backoff.is_completed() {
+                backoff.snooze();
                 continue;
             }
             let h = self.ring.header();
@@ -498,17 +491,17 @@ impl Consumer {
         let deadline = deadline_after(timeout);
         let ring = self.ring;
         let h = ring.header();
-        let mut spin = Spin::new(&POP_WAIT);
+        let backoff = Backoff::new();
         loop {
             if self.front()?.is_some() {
-                spin.done();
                 return Ok(());
             }
             if h.notify.load(Ordering::Relaxed) != 0 && h.notify.swap(0, Ordering::Acquire) != 0 {
                 return Err(RingError::Notified);
             }
-            // Spin as the policy allows (see `blocks::spin`), then park.
-            if spin.spin() {
+            // Bounded spin: ~127 spin hints then a few yields, microseconds in all.
+            if !backoff.is_completed() {
+                backoff.snooze();
                 continue;
             }
             let head = self.head;

@@ -16,7 +16,6 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
 
 use memmap2::{Advice, MmapOptions, MmapRaw};
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
@@ -24,13 +23,12 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 
 use crate::blocks::id::{ID_LEN, ObjectId};
 use crate::blocks::ring::RingRef;
-use crate::blocks::spin::{self, Permits};
 use crate::blocks::sync::{AtomicU32, AtomicU64, Backoff, Ordering, fence};
 use crate::error::{Result, StoreError};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"troveAR1");
 /// Layout version; a client refuses an arena of another version.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Client indices are bits in a slot's pin mask: at most this many clients at once.
 pub const MAX_CLIENTS: u32 = 128;
 const HEADER_LEN: u64 = 4096;
@@ -168,9 +166,6 @@ struct Header {
     heap_len: AtomicU64,
     /// The arena's [`Pages`] (its `as u32`): every mapping follows it.
     pages: AtomicU32,
-    /// The machine-wide spin permits every process's waiters share (see
-    /// [`crate::blocks::spin`]).
-    spinners: Permits,
 }
 
 /// What backs an arena's memory.
@@ -310,9 +305,7 @@ pub enum Removal {
 
 /// The mapped arena. Clone-free; share it behind an `Arc`.
 pub struct Arena {
-    /// Shared (`Arc`) so that the spin permits in its header can outlive a borrow of the
-    /// arena (see [`crate::blocks::spin::install`]).
-    map: Arc<MmapRaw>,
+    map: MmapRaw,
     fd: OwnedFd,
     layout: Layout,
     /// Which chunks of this process's mapping have their page tables filled.
@@ -401,13 +394,12 @@ impl Arena {
             .map_raw(&fd)?;
         advise_pages(&map, pages)?;
         let arena = Arena {
-            map: Arc::new(map),
+            map,
             fd,
             layout,
             populated: Populated::new(layout.total_len),
         };
         let h = arena.header();
-        h.spinners.reset();
         h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
         h.max_clients.store(MAX_CLIENTS, Ordering::Relaxed);
         h.total_len.store(layout.total_len, Ordering::Relaxed);
@@ -417,7 +409,6 @@ impl Arena {
         h.heap_len.store(layout.heap_len, Ordering::Relaxed);
         h.pages.store(pages as u32, Ordering::Relaxed);
         h.magic.store(MAGIC, Ordering::Release);
-        arena.install_spinners();
         Ok(arena)
     }
 
@@ -459,21 +450,12 @@ impl Arena {
         let pages = Pages::from_u32(h.pages.load(Ordering::Relaxed))
             .ok_or_else(|| StoreError::Protocol("arena header: unknown page kind".into()))?;
         advise_pages(&map, pages)?;
-        let arena = Arena {
-            map: Arc::new(map),
+        Ok(Arena {
+            map,
             fd,
             layout,
             populated: Populated::new(layout.total_len),
-        };
-        arena.install_spinners();
-        Ok(arena)
-    }
-
-    /// Makes the header's spin permits this process's (see [`crate::blocks::spin`]).
-    fn install_spinners(&self) {
-        let owner: Arc<dyn Send + Sync> = self.map.clone();
-        // SAFETY: the permits lie in the header of the mapping `owner` keeps mapped.
-        unsafe { spin::install(Arc::downgrade(&owner), &self.header().spinners) };
+        })
     }
 
     /// What backs this arena's memory.

@@ -10,7 +10,6 @@ use super::{StoreClient, lock};
 use crate::blocks::id::ObjectId;
 use crate::blocks::ring::{Consumer, RingError};
 use crate::blocks::shm::Lookup;
-use crate::blocks::spin::{Site, Spin};
 use crate::error::{Result, StoreError};
 use crate::protocol::{self, NOTICE_LOST, NOTICE_REJECTED, Request, decode_notice};
 
@@ -25,9 +24,8 @@ pub(super) struct Notes {
     pub(super) epoch: u64,
 }
 
-/// The spin policy's site for a wait for objects: it polls at most this long before it sends
-/// `Watch` and parks on the notification ring.
-static WATCH_WAIT: Site = Site::new(Duration::from_micros(50));
+/// How long a wait polls before it sends `Watch` and parks on the notification ring.
+pub(super) const SPIN_BEFORE_WATCH: Duration = Duration::from_micros(50);
 /// How many lost ids a client remembers.
 pub(super) const LOST_MEMORY: usize = 1 << 16;
 /// Longest single park while waiting on the ring: the daemon's liveness is checked between.
@@ -57,17 +55,21 @@ impl StoreClient {
         let mut watched = false;
         // A result usually lands within microseconds: look again for a short while (yielding
         // the CPU) before asking the daemon to notify us and parking.
-        let mut spin = Spin::new(&WATCH_WAIT);
+        let spin_until = Instant::now() + SPIN_BEFORE_WATCH;
+        let backoff = crossbeam_utils::Backoff::new();
         loop {
             let epoch = lock(&self.inner.notes).epoch;
             let states = self.readiness(ids);
             let done = states.iter().filter(|s| **s != Readiness::Pending).count();
             if done >= num_ready {
-                spin.done();
                 return Ok(states);
             }
-            // As long as the spin policy allows (`blocks::spin`).
-            if !watched && deadline.is_none_or(|d| d > Instant::now()) && spin.spin() {
+            if !watched && deadline.is_none_or(|d| d > spin_until) && Instant::now() < spin_until {
+                if backoff.is_completed() {
+                    std::thread::yield_now();
+                } else {
+                    backoff.snooze();
+                }
                 continue;
             }
             if let Some(why) = self.inner.conn.broken() {

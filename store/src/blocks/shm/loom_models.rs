@@ -58,7 +58,7 @@ impl Arena {
             unsafe { (map.as_mut_ptr().add(at) as *mut Slot).write(Slot::for_model()) };
         }
         Arena {
-            map: std::sync::Arc::new(map),
+            map,
             fd,
             layout,
             populated: Populated::new(layout.total_len),
