@@ -419,7 +419,14 @@ pub fn helper_role(role: ExecRole) -> Res {
             )?;
             let (ready, _) = rt.wait(&refs, refs.len(), Some(T))?;
             check(ready.len() == refs.len(), "wait on inline results")?;
-            check(rt.stats()?.objects == base.objects, "results stayed local")?;
+            // A get asks for the store only after polling the record for a while, which a
+            // callee descheduled on a loaded machine can outlast: a few may be stored, and
+            // are correct too (checked above). On an idle machine this is 0.
+            let stored = rt.stats()?.objects.saturating_sub(base.objects);
+            check(
+                stored < refs.len() as u64 / 10,
+                &format!("{stored} of {} small results went to the store", refs.len()),
+            )?;
             drop((refs, ready));
             // More results than records, none read until the end: each record is reused
             // several times, so most results are moved to the store; all read back right.
