@@ -22,7 +22,7 @@ struct Args {
     /// Pre-fault the whole arena at start-up instead of in the background.
     #[arg(long)]
     prefault: bool,
-    /// Most live objects (default: one per 8 KiB of memory, 16 Ki to 128 Ki).
+    /// Most live objects (default: one per 8 KiB of memory, 16 Ki to 1 Mi).
     #[arg(long)]
     max_objects: Option<u64>,
     /// Back the arena with huge pages: the huge page pool if it has room (`vm.nr_hugepages`),

@@ -121,13 +121,12 @@ impl Layout {
         })
     }
 
-    /// The default directory size for a heap: one slot pair per 8 KiB, between 16 Ki and
-    /// 128 Ki objects (a 32 MiB directory). Every lookup of an id is a random access into the
-    /// directory, so a larger one costs each call cache and TLB misses (and a page fault on
-    /// each page's first touch): a 2 Mi-slot directory, what a 7 GiB heap would get at one per
-    /// 8 KiB, cut 1:1 sync calls by ~15% here. More objects: `--max-objects`.
+    /// The default directory size for a heap: one slot pair per 8 KiB, between 16 Ki and 1 Mi
+    /// objects. Every lookup of an id is a random access into the directory, so a large one
+    /// costs calls cache and TLB misses (with the 30% default store, a 2 Mi-slot directory, 1:1
+    /// sync calls measured ~15% slower than with a 1 GiB store here).
     pub fn default_max_objects(heap_len: u64) -> u64 {
-        (heap_len / 8192).clamp(16 << 10, 128 << 10)
+        (heap_len / 8192).clamp(16 << 10, 1 << 20)
     }
 
     fn validate(&self, file_len: u64) -> Result<()> {
