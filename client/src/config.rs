@@ -15,7 +15,9 @@ pub fn default_memory() -> u64 {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub(crate) store: Option<PathBuf>,
-    pub(crate) memory: u64,
+    /// `None`: [`default_memory`], worked out only if `init` starts an embedded store (a task
+    /// or actor calling `init(Config::default().ignore_reinit_error(true))` never needs it).
+    pub(crate) memory: Option<u64>,
     pub(crate) prefault: bool,
     pub(crate) hugepages: bool,
     pub(crate) num_cpus: usize,
@@ -29,8 +31,7 @@ impl Default for Config {
     fn default() -> Config {
         let memory = std::env::var("TROVE_MEMORY")
             .ok()
-            .and_then(|s| trove_store::size::parse_size(&s).ok())
-            .unwrap_or_else(default_memory);
+            .and_then(|s| trove_store::size::parse_size(&s).ok());
         Config {
             store: std::env::var_os("TROVE_STORE").map(PathBuf::from),
             memory,
@@ -51,7 +52,7 @@ impl Config {
     }
     /// Bytes of object space of the embedded store.
     pub fn memory(mut self, bytes: u64) -> Config {
-        self.memory = bytes;
+        self.memory = Some(bytes);
         self
     }
     /// Pre-fault the embedded store's memory before `init` returns (else in the background).

@@ -48,7 +48,7 @@ pub fn init(cfg: Config) -> Result<Runtime> {
         Some(s) => (s.clone(), None),
         None => {
             let store = EmbeddedStore::start(EmbeddedConfig {
-                memory: cfg.memory,
+                memory: cfg.memory.unwrap_or_else(crate::config::default_memory),
                 prefault: cfg.prefault,
                 hugepages: cfg.hugepages,
             })
