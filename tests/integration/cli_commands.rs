@@ -51,6 +51,19 @@ pub fn cli_put_get_status() {
 register!(cli_put_get_status);
 
 /// Live (not zombie) processes of process group `pgid`.
+/// Waits (10 s at most) until nothing of process group `pgid` is left, or fails naming what is.
+fn assert_group_gone(pgid: i32) {
+    let start = std::time::Instant::now();
+    while !group_members(pgid).is_empty() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "processes left: {:?}",
+            group_members(pgid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn group_members(pgid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -96,24 +109,8 @@ pub fn cli_stress_runs_kills_and_prints_its_table() {
         .spawn()
         .expect("run trove stress");
     let pgid = child.id() as i32;
-    let status = {
-        let start = std::time::Instant::now();
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break Some(s);
-            }
-            if start.elapsed() > Duration::from_secs(120) {
-                // The whole tree (store, zygote, actors, workers, clients) goes.
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(-pgid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    // Past the bound the whole tree (store, zygote, actors, workers, clients) goes.
+    let status = crate::util::wait_group(&mut child, Duration::from_secs(120));
     let out = std::fs::read_to_string(&out_path).unwrap();
     let err = std::fs::read_to_string(&err_path).unwrap();
     let status = status.unwrap_or_else(|| panic!("trove stress did not end in 120 s\n{err}"));
@@ -154,16 +151,7 @@ pub fn cli_stress_runs_kills_and_prints_its_table() {
         clean,
         "hangs, wrong values, a live leak or stray processes:\n{out}\n{err}"
     );
-    // Nothing of its tree is left.
-    let start = std::time::Instant::now();
-    while !group_members(pgid).is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "processes left: {:?}",
-            group_members(pgid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_group_gone(pgid);
 }
 register!(cli_stress_runs_kills_and_prints_its_table);
 
@@ -311,7 +299,7 @@ const RAY_REFERENCED: &[&str] = &[
 /// the others; it exits 0 within a bound and leaves no process behind. (Behaviour, not speed.)
 pub fn cli_bench_ray_prints_every_ray_line() {
     use std::os::unix::process::CommandExt;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let dir = tempfile::tempdir().unwrap();
     let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
@@ -328,21 +316,7 @@ pub fn cli_bench_ray_prints_every_ray_line() {
         .spawn()
         .expect("run trove bench --ray");
     let pgid = child.id() as i32;
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if start.elapsed() > Duration::from_secs(300) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(-pgid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = crate::util::wait_group(&mut child, Duration::from_secs(300));
     let out = std::fs::read_to_string(&out_path).unwrap();
     let err = std::fs::read_to_string(&err_path).unwrap();
     let status = status.unwrap_or_else(|| panic!("trove bench --ray did not end in 300 s\n{err}"));
@@ -392,15 +366,6 @@ pub fn cli_bench_ray_prints_every_ray_line() {
             assert!(note.len() > 10, "n/a without a reason: {line}");
         }
     }
-    // Nothing of its tree is left.
-    let start = Instant::now();
-    while !group_members(pgid).is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "processes left: {:?}",
-            group_members(pgid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_group_gone(pgid);
 }
 register!(cli_bench_ray_prints_every_ray_line);

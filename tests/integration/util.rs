@@ -122,6 +122,18 @@ pub fn wait_child(c: &mut Child, limit: Duration) -> ExitStatus {
     }
 }
 
+/// Waits for a child that leads its own process group (`process_group(0)`) with a bound;
+/// past it, SIGKILLs the whole group (a `trove` CLI's store, zygote, actors, workers) and
+/// returns `None`.
+pub fn wait_group(c: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let status = wait_child_opt(c, limit);
+    if status.is_none() {
+        let _ = kill(Pid::from_raw(-(c.id() as i32)), Signal::SIGKILL);
+        let _ = c.wait();
+    }
+    status
+}
+
 /// A helper process: this test binary re-executed in a role. Killed on drop.
 pub struct Helper {
     pub child: Child,
