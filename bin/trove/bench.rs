@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use trove::ObjectRef;
 
 use crate::stories::{actors, large_objects::Summer};
-use crate::user_paths::Worker;
+use crate::user_paths::{Worker, median, warm_memcpy_gbps};
 
 /// The figures of one run: printed as they are measured (JSON lines), or as a table at the
 /// end. Shared by `bench` and `bench --ray` (`ray_bench.rs`).
@@ -163,11 +163,6 @@ pub(crate) fn progress(json: bool, what: &str) {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct Small {
     id: u64,
@@ -190,16 +185,7 @@ pub fn run(
     let src = vec![0x5au8; GIB];
     let mut dst = vec![0u8; GIB];
     dst.copy_from_slice(&src);
-    let memcpy = median(
-        (0..reps)
-            .map(|_| {
-                let t = Instant::now();
-                dst.copy_from_slice(black_box(&src));
-                black_box(&dst);
-                GIB as f64 / t.elapsed().as_secs_f64() / 1e9
-            })
-            .collect(),
-    );
+    let memcpy = warm_memcpy_gbps(&src, &mut dst, reps);
     drop(dst);
     r.add("memcpy_GBps", memcpy, "GB/s", None)?;
 
