@@ -58,7 +58,7 @@ impl Actor {
     /// `n` tasks submitted from this actor, then all their values got.
     fn small_value_batch(&mut self, n: u64) -> trove::Result<()> {
         let refs = (0..n)
-            .map(|_| trove::spawn(small_value, ()))
+            .map(|_| here()?.spawn(small_value, ()))
             .collect::<trove::Result<Vec<_>>>()?;
         black_box(here()?.get_all(&refs)?);
         Ok(())

@@ -279,6 +279,35 @@ impl Calls {
         calls.running.push(Running { result: *id, hint });
     }
 
+    /// Forgets the call for `id`, whose caller is about to report it cancelled in the store:
+    /// its ref reads the store from now on. Returns its mailbox, or `None` if it is not in
+    /// flight here or has finished (its result taken or stored). A result made from now on
+    /// goes to the store (where the report, if first, takes its place). What the call keeps
+    /// stays kept until it is over, as for [`Calls::force_store`].
+    pub(crate) fn cancel(
+        &self,
+        client: &StoreClient,
+        locals: &Locals,
+        id: &ObjectId,
+    ) -> Option<Mailbox> {
+        let mut calls = lock(&self.0);
+        let hint = calls.by_id.remove(id)?;
+        hint.mailbox.record(hint.pos).want_store(hint.pos);
+        if Self::look(client, locals, id, &hint) {
+            drop(calls);
+            drop(hint);
+            return None;
+        }
+        let mailbox = hint.mailbox;
+        if hint.keep.is_empty() || client.hold(id).is_err() {
+            drop(calls);
+            drop(hint);
+            return Some(mailbox);
+        }
+        calls.running.push(Running { result: *id, hint });
+        Some(mailbox)
+    }
+
     /// Releases what calls in `running` kept, for those that have run: their record moved
     /// on, their result is in the store (or lost), or their mailbox is dead.
     pub(crate) fn reap_running(&self, client: &StoreClient) {

@@ -23,6 +23,7 @@ pub struct Config {
     pub(crate) num_cpus: usize,
     pub(crate) namespace: Option<String>,
     pub(crate) ignore_reinit_error: bool,
+    pub(crate) task_max_retries: u32,
 }
 
 impl Default for Config {
@@ -40,6 +41,7 @@ impl Default for Config {
             num_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             namespace: None,
             ignore_reinit_error: false,
+            task_max_retries: 0,
         }
     }
 }
@@ -91,9 +93,20 @@ impl Config {
     /// a handle to that runtime (Ray's `ignore_reinit_error`) instead of failing with
     /// `Error::Init`. The handle does not own the runtime: dropping it stops nothing,
     /// and the rest of this config is ignored. In a task or an actor it is a handle to that
-    /// process's runtime (put, get, wait, spawn; actors are started by the driver).
+    /// process's runtime, like [`runtime`](crate::runtime).
     pub fn ignore_reinit_error(mut self, yes: bool) -> Config {
         self.ignore_reinit_error = yes;
+        self
+    }
+
+    /// How many times a task is run again when its worker process dies while running it
+    /// (killed, crashed, out of memory), like Ray's `max_retries`: at least once with a value
+    /// above 0. Default 0: a task runs at most once, and its ref fails with
+    /// `Error::TaskFailed` if its worker dies (Ray retries 3 times by default; trove does not,
+    /// because a task with side effects would run them twice). A task whose function returns
+    /// an error or panics is never retried.
+    pub fn task_max_retries(mut self, n: u32) -> Config {
+        self.task_max_retries = n;
         self
     }
 

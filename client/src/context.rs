@@ -24,8 +24,12 @@ pub(crate) const SLOT_BYTES: u64 = 256;
 pub(crate) struct Shared {
     pub(crate) client: StoreClient,
     pub(crate) embedded: Mutex<Option<EmbeddedStore>>,
-    /// The driver's zygote (none in forked processes).
+    /// The zygote: the driver's handle, or a child's link to it.
     pub(crate) zygote: Option<Zygote>,
+    /// A task worker's process (its blocked tasks lend their CPU: see `actor::entry::lend`).
+    pub(crate) worker: bool,
+    /// How many times a task is run again after its worker died.
+    pub(crate) task_retries: u32,
     pub(crate) task_queue_id: ObjectId,
     task_queue: OnceLock<std::result::Result<Attached, String>>,
     /// Where this tree's named actors live (see [`Config::namespace`](crate::Config::namespace)).
@@ -47,6 +51,8 @@ impl Shared {
             client,
             embedded: Mutex::new(None),
             zygote,
+            worker: false,
+            task_retries: 0,
             task_queue_id,
             task_queue: OnceLock::new(),
             namespace,
@@ -141,12 +147,11 @@ impl Shared {
         }
     }
 
-    /// The zygote that forks actors and workers (the driver's only).
+    /// The zygote that forks actors and workers.
     pub(crate) fn zygote(&self) -> Result<&Zygote> {
         self.zygote.as_ref().ok_or_else(|| {
             Error::Init(
-                "actors and workers are started by the driver (the process that called init)"
-                    .into(),
+                "this process has no link to trove's zygote (it was not started by trove)".into(),
             )
         })
     }

@@ -64,6 +64,12 @@ pub enum Error {
     /// function addresses a call carries mean nothing there, so nothing was sent.
     #[error("actor {0} belongs to another program")]
     ForeignActor(ObjectId),
+    /// The call or task was cancelled ([`Runtime::cancel`](crate::Runtime::cancel)).
+    #[error("cancelled")]
+    Cancelled,
+    /// Options that cannot go together (e.g. a detached actor without a name).
+    #[error("invalid options: {0}")]
+    Options(String),
     /// The task or method failed (an `Err` result or a panic).
     #[error("task failed: {0}")]
     TaskFailed(String),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use trove_store::ObjectId;
 use trove_store::Readiness;
 
+use crate::actor::entry;
 use crate::codec::Value;
 use crate::context::{self, Shared};
 use crate::error::{Error, Result};
@@ -39,7 +40,7 @@ pub(crate) fn view(sh: &Arc<Shared>, id: ObjectId, deadline: Option<Instant>) ->
         if let Some(v) = try_view(sh, &id) {
             return Ok(v);
         }
-        match sh.client.wait_ready(&[id], 1, deadline)?[0] {
+        match wait_lending(sh, &[id], 1, deadline)?[0] {
             Readiness::Ready => sh.calls.read(&id),
             Readiness::Lost => {
                 // A call's result lost with the process that was writing it: the call failed.
@@ -58,6 +59,32 @@ pub(crate) fn view(sh: &Arc<Shared>, id: ObjectId, deadline: Option<Instant>) ->
     }
     // Sealed every time we looked, gone every time we pinned: it is being freed.
     Err(Error::ObjectLost(id))
+}
+
+/// How long a wait in a task goes before the task's worker lends its CPU to the pool.
+const LEND_AFTER: Duration = Duration::from_millis(1);
+
+/// [`Shared::wait_ready`]; in a task worker, a wait that lasts lends the worker's CPU to the
+/// pool (another worker runs meanwhile: see `actor::entry::lend`), so that tasks waiting for
+/// tasks never hold every worker.
+pub(crate) fn wait_lending(
+    sh: &Arc<Shared>,
+    ids: &[ObjectId],
+    num_ready: usize,
+    deadline: Option<Instant>,
+) -> Result<Vec<Readiness>> {
+    if !sh.worker {
+        return sh.wait_ready(ids, num_ready, deadline);
+    }
+    let soon = Instant::now() + LEND_AFTER;
+    let first = deadline.map_or(soon, |d| d.min(soon));
+    let states = sh.wait_ready(ids, num_ready, Some(first))?;
+    let ready = states.iter().filter(|s| **s != Readiness::Pending).count();
+    if ready >= num_ready.min(ids.len()) || deadline.is_some_and(|d| Instant::now() >= d) {
+        return Ok(states);
+    }
+    let _lent = entry::lend(sh);
+    sh.wait_ready(ids, num_ready, deadline)
 }
 
 /// Waits for every ref (until `deadline`) and deserialises owned values, in order.

@@ -24,14 +24,14 @@ mod outcome;
 mod owned;
 mod runtime;
 
-pub use actor::{ActorHandle, ArchivedActorHandle, Constructor, Function, Method};
+pub use actor::{ActorHandle, ActorOptions, ArchivedActorHandle, Constructor, Function, Method};
 pub use codec::{Plain, Value};
 pub use config::{Config, default_memory};
 pub use error::{Error, Result};
 pub use obj::{Obj, Stored};
 pub use object_ref::{ArchivedObjectRef, ObjectRef};
 pub use outcome::Outcome;
-pub use runtime::{Builder, Runtime, Waited, get_actor, get_actor_in, init, spawn};
+pub use runtime::{Builder, Runtime, Waited, init, runtime};
 pub use trove_store as store;
 pub use trove_store::ObjectId;
 pub use trove_store::Stats;

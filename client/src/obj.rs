@@ -173,6 +173,7 @@ fn check_failure(view: &View) -> Result<()> {
     Err(match kind {
         trove_executor::message::Failure::ActorDied => Error::ActorDied(msg),
         trove_executor::message::Failure::TaskFailed => Error::TaskFailed(msg),
+        trove_executor::message::Failure::Cancelled => Error::Cancelled,
     })
 }
 

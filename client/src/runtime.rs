@@ -1,15 +1,15 @@
 //! [`init`] and [`Runtime`]: starting trove in a process, and the verbs of the process that
 //! started it (put, create, get, wait, actors, tasks, shutdown).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use trove_executor::{EmbeddedConfig, EmbeddedStore, ProcessError, Zygote};
+use trove_executor::message::Failure;
+use trove_executor::{EmbeddedConfig, EmbeddedStore, Lifetime, ProcessError, Zygote};
 use trove_store::Readiness;
-use trove_store::{ObjectId, Stats, StoreClient, StoreError};
+use trove_store::{ObjectId, Stats, StoreClient};
 
-use crate::actor::{self, ActorHandle, Constructor, Function, entry};
+use crate::actor::{self, ActorHandle, ActorOptions, Constructor, Function, entry};
 use crate::calls::HINT_SPIN;
 use crate::codec::{self, Plain, Value};
 use crate::config::Config;
@@ -19,7 +19,7 @@ use crate::get;
 use crate::obj::{Obj, Stored};
 use crate::object_ref::ObjectRef;
 use crate::outcome::Outcome;
-use crate::owned::{self, Archive, NewMailbox, Seal};
+use crate::owned::{self, Archive, Seal};
 
 /// Starts trove in this process: call it first thing in `main`, before any thread exists.
 ///
@@ -30,12 +30,7 @@ use crate::owned::{self, Archive, NewMailbox, Seal};
 pub fn init(cfg: Config) -> Result<Runtime> {
     if let Some(sh) = context::current() {
         if cfg.ignore_reinit_error {
-            return Ok(Runtime {
-                sh,
-                _pool: Vec::new(),
-                named: Mutex::new(HashMap::new()),
-                owner: false,
-            });
+            return Ok(Runtime::handle(sh));
         }
         return Err(Error::Init(
             "trove is already initialised in this process \
@@ -67,14 +62,14 @@ pub fn init(cfg: Config) -> Result<Runtime> {
     let namespace = cfg.namespace_or_unique();
     let mut sh = Shared::new(client, Some(zygote), ObjectId::default(), namespace);
     *sh.embedded.get_mut().unwrap_or_else(|p| p.into_inner()) = embedded;
+    sh.task_retries = cfg.task_max_retries;
     let mut pool = Vec::new();
-    let queue = new_mailbox(&sh.client, TASK_SLOTS, SLOT_BYTES, 0)?;
+    let queue = entry::new_mailbox(&sh.client, TASK_SLOTS, SLOT_BYTES, 0)?;
     sh.task_queue_id = queue.id();
     pool.push(queue);
     for _ in 0..cfg.num_cpus {
-        // A worker's own mailbox: no calls, only its current call and its debts.
-        let own = new_mailbox(&sh.client, 2, 64, 0)?;
-        entry::start_worker(&sh, socket.clone(), own.id())?;
+        let own = entry::worker_mailbox(&sh.client)?;
+        entry::start_worker(&sh, own.id())?;
         pool.push(own);
     }
     let sh = Arc::new(sh);
@@ -83,33 +78,17 @@ pub fn init(cfg: Config) -> Result<Runtime> {
     let rt = Runtime {
         sh,
         _pool: pool,
-        named: Mutex::new(HashMap::new()),
         owner: true,
     };
     context::install(&rt.sh)?;
     Ok(rt)
 }
 
-/// Creates a mailbox object for consumers of type `type_tag` (see
-/// [`trove_executor::mailbox::Mailbox::init`]); the returned ref holds it.
-fn new_mailbox(
-    client: &StoreClient,
-    slots: u64,
-    slot_bytes: u64,
-    type_tag: u64,
-) -> Result<ObjectRef<[u8]>> {
-    let id = ObjectId::random();
-    let content = NewMailbox {
-        slots,
-        slot_bytes,
-        type_tag,
-    };
-    let seal = Seal {
-        by_daemon: true,
-        ..Seal::kept(None)
-    };
-    owned::write(client, id, &content, seal)?;
-    Ok(ObjectRef::adopt(id))
+/// This process's running trove, in the driver or in any task or actor: the same verbs
+/// everywhere (put, get, wait, spawn, actors, names, kill, cancel). The handle owns nothing
+/// (dropping it stops nothing); [`Error::NotInitialized`] outside a trove process.
+pub fn runtime() -> Result<Runtime> {
+    Ok(Runtime::handle(context::shared()?))
 }
 
 /// What [`Runtime::wait`] returns: `(ready, pending)`.
@@ -121,10 +100,9 @@ pub struct Runtime {
     sh: Arc<Shared>,
     /// The pool's mailboxes (the task queue, each worker's own), held while this lives.
     _pool: Vec<ObjectRef<[u8]>>,
-    /// The entries of this driver's named actors.
-    named: Mutex<HashMap<String, ObjectRef<[u8]>>>,
     /// Made by the `init` that started the runtime (dropping it stops what that started); a
-    /// handle from a later `init` with [`Config::ignore_reinit_error`] owns nothing.
+    /// handle from [`runtime`] or a later `init` with [`Config::ignore_reinit_error`] owns
+    /// nothing.
     owner: bool,
 }
 
@@ -137,6 +115,15 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
+    /// A handle that owns nothing, on this process's context.
+    fn handle(sh: Arc<Shared>) -> Runtime {
+        Runtime {
+            sh,
+            _pool: Vec::new(),
+            owner: false,
+        }
+    }
+
     /// The namespace of this tree's named actors (see [`Config::namespace`]).
     pub fn namespace(&self) -> &str {
         &self.sh.namespace
@@ -269,7 +256,7 @@ impl Runtime {
                 break states;
             }
             if !spinning {
-                break self.sh.wait_ready(&ids, num_ready, deadline)?;
+                break get::wait_lending(&self.sh, &ids, num_ready, deadline)?;
             }
             std::thread::yield_now();
         };
@@ -284,17 +271,41 @@ impl Runtime {
         Ok((ready, pending))
     }
 
-    /// Starts an actor: a new process runs `ctor()` and then serves calls.
+    /// Starts an actor: a new process runs `ctor()` and then serves calls. It lives as
+    /// [`ActorOptions::default`] says: owned by this process, stopped once no handle to it is
+    /// left anywhere.
     pub fn actor<A: 'static, C: Constructor<A, ()>>(&self, ctor: C) -> Result<ActorHandle<A>> {
-        self.actor_with(ctor, ())
+        self.actor_options(&ActorOptions::default(), ctor, ())
     }
 
     /// Starts an actor built by `ctor(args...)`.
     pub fn actor_with<A: 'static, C: Constructor<A, Args>, Args: Value>(
         &self,
+        ctor: C,
+        args: Args,
+    ) -> Result<ActorHandle<A>> {
+        self.actor_options(&ActorOptions::default(), ctor, args)
+    }
+
+    /// Starts an actor registered under `name` (see [`Runtime::get_actor`]); fails with
+    /// `AlreadyExists` while an actor of that name lives.
+    pub fn actor_named<A: 'static, C: Constructor<A, ()>>(
+        &self,
+        name: &str,
+        ctor: C,
+    ) -> Result<ActorHandle<A>> {
+        self.actor_options(&ActorOptions::new().name(name), ctor, ())
+    }
+
+    /// Starts an actor built by `ctor(args...)` that lives as `opts` says (a name, detached,
+    /// restarts, retries).
+    pub fn actor_options<A: 'static, C: Constructor<A, Args>, Args: Value>(
+        &self,
+        opts: &ActorOptions,
         _ctor: C,
         args: Args,
     ) -> Result<ActorHandle<A>> {
+        opts.check()?;
         let sh = &self.sh;
         let ctor_args = rkyv::to_bytes::<codec::RkyvError>(&args)
             .map_err(|e| Error::Serialize {
@@ -302,49 +313,128 @@ impl Runtime {
                 reason: e.to_string(),
             })?
             .to_vec();
-        let mailbox = new_mailbox(
+        let mailbox = entry::new_mailbox(
             &sh.client,
             MAILBOX_SLOTS,
             SLOT_BYTES,
             actor::type_tag::<A>(),
         )?;
-        let pid = entry::start_actor(
+        // The token: an object only handles refer to (see `ActorHandle`).
+        let token_id = ObjectId::random();
+        owned::write(&sh.client, token_id, &mailbox.id().0[..], Seal::kept(None))?;
+        let token = ObjectRef::<[u8]>::adopt(token_id);
+        // A name's entry (the mailbox and the token) is held by the zygote while the actor
+        // lives; ours goes once the zygote has it.
+        let entry = match &opts.name {
+            Some(name) => {
+                let id = named_id(&sh.namespace, name);
+                // Created by the daemon (a round trip), so a taken name is refused here.
+                owned::write(
+                    &sh.client,
+                    id,
+                    &Archive(&(mailbox.id().0, token_id.0)),
+                    Seal {
+                        by_daemon: true,
+                        ..Seal::kept(Some(vec![mailbox.id()]))
+                    },
+                )?;
+                Some(ObjectRef::<[u8]>::adopt(id))
+            }
+            None => None,
+        };
+        entry::start_actor(
             sh,
             mailbox.id(),
             actor::ctor_address::<A, C, Args>(),
             ctor_args,
+            Lifetime {
+                max_restarts: opts.max_restarts,
+                max_retries: opts.retries(),
+                detached: opts.detached,
+                token: token_id,
+                keep: entry.as_ref().map_or(ObjectId::default(), |e| e.id()),
+                ..Lifetime::default()
+            },
         )?;
-        Ok(ActorHandle::new(mailbox, pid))
+        drop(entry);
+        Ok(ActorHandle::new(mailbox, token))
     }
 
-    /// Starts an actor registered under `name` (see [`get_actor`]); fails if the name is taken.
-    pub fn actor_named<A: 'static, C: Constructor<A, ()>>(
-        &self,
-        name: &str,
-        ctor: C,
-    ) -> Result<ActorHandle<A>> {
-        let id = named_id(&self.sh.namespace, name);
-        if lock(&self.named).contains_key(name) {
-            return Err(Error::Store(StoreError::AlreadyExists(id)));
+    /// Finds a named actor of this tree's namespace. An actor of another type under that
+    /// name gives [`Error::WrongActorType`]; one of another program [`Error::ForeignActor`];
+    /// no live actor of that name [`Error::NotFound`].
+    pub fn get_actor<A: 'static>(&self, name: &str) -> Result<ActorHandle<A>> {
+        self.get_actor_in(&self.sh.namespace, name)
+    }
+
+    /// [`Runtime::get_actor`] in the namespace `namespace` (another driver's, named by
+    /// [`Config::namespace`]).
+    pub fn get_actor_in<A: 'static>(&self, namespace: &str, name: &str) -> Result<ActorHandle<A>> {
+        let sh = &self.sh;
+        let named = named_id(namespace, name);
+        let r = ObjectRef::<([u8; 20], [u8; 20])>::from_id(named);
+        let (mailbox, token) = match r.get_timeout(Duration::from_millis(200)) {
+            Ok(o) => o.deserialize()?,
+            Err(Error::Timeout(_)) | Err(Error::ObjectLost(_)) => {
+                return Err(Error::NotFound(named));
+            }
+            Err(e) => return Err(e),
+        };
+        // An actor whose handles are all gone is stopping: it is not found (taking a
+        // reference to its token now would not bring it back).
+        if sh.client.try_get(&ObjectId(token)).is_none() {
+            return Err(Error::NotFound(named));
         }
-        let h = self.actor(ctor)?;
-        let entry = (h.id().0, h.pid());
-        owned::write(
-            &self.sh.client,
-            id,
-            &Archive(&entry),
-            Seal::kept(Some(vec![h.id()])),
-        )?;
-        lock(&self.named).insert(name.to_string(), ObjectRef::adopt(id));
+        let h = ActorHandle::new(
+            ObjectRef::from_id(ObjectId(mailbox)),
+            ObjectRef::from_id(ObjectId(token)),
+        );
+        // Checked now: of this program, of type `A`.
+        h.mailbox(sh)?;
         Ok(h)
     }
 
-    /// Kills an actor's process (SIGKILL): its pending and later calls fail with `ActorDied`.
+    /// Kills an actor's process (SIGKILL) and does not restart it: its pending and later
+    /// calls fail with `ActorDied`.
     pub fn kill<A: 'static>(&self, handle: &ActorHandle<A>) -> Result<()> {
         self.sh
             .zygote()?
-            .kill(handle.pid())
+            .kill(handle.id())
             .map_err(|e| Error::Init(e.to_string()))
+    }
+
+    /// Ray's `cancel`: a call or task of this process that has not started is dropped before
+    /// it runs, and its ref fails with [`Error::Cancelled`]. With `force`, a task that is
+    /// running is stopped too (its worker is killed and replaced; an actor's running call is
+    /// never interrupted). A call that has finished, or a ref that is not a call of this
+    /// process, is left as it is. Returns whether the ref was cancelled.
+    pub fn cancel<T: ?Sized>(&self, r: &ObjectRef<T>, force: bool) -> Result<bool> {
+        let sh = &self.sh;
+        let id = r.id();
+        let Some(mailbox) = sh.calls.cancel(&sh.client, &sh.locals, &id) else {
+            return Ok(false);
+        };
+        // The report takes the result's place: a consumer that meets the call later finds
+        // it and skips it; one that runs it anyway cannot store a second result.
+        let reported = trove_executor::message::report_failure(
+            &sh.client,
+            id,
+            sh.client.pin_target(),
+            Failure::Cancelled,
+            "cancelled",
+        )?
+        .is_some();
+        if !reported {
+            return Ok(false);
+        }
+        sh.client.sync_through(sh.client.frames_sent())?;
+        mailbox.note_cancel();
+        if force && mailbox.type_tag() == 0 {
+            sh.zygote()?
+                .cancel_running(id)
+                .map_err(|e| Error::Init(e.to_string()))?;
+        }
+        Ok(true)
     }
 
     /// Runs `f(args...)` on the worker pool; returns the result's ref at once.
@@ -433,44 +523,4 @@ fn named_id(namespace: &str, name: &str) -> ObjectId {
         chunk.copy_from_slice(&h.to_le_bytes()[..chunk.len()]);
     }
     ObjectId(b)
-}
-
-/// Sends a task to the worker pool from any process of the tree (a task may spawn tasks).
-pub fn spawn<F, Args>(f: F, args: Args) -> Result<ObjectRef<<F::Output as Outcome>::Value>>
-where
-    F: Function<Args>,
-    Args: Value,
-{
-    actor::spawn_task(&*context::shared()?, f, args)
-}
-
-/// Finds a named actor of this tree's namespace from any process of the tree. An actor of
-/// another type under that name gives [`Error::WrongActorType`]; one of another program
-/// [`Error::ForeignActor`].
-pub fn get_actor<A: 'static>(name: &str) -> Result<ActorHandle<A>> {
-    let sh = context::shared()?;
-    get_actor_in(&sh.namespace, name)
-}
-
-/// [`get_actor`] in the namespace `namespace` (another driver's, named by
-/// [`Config::namespace`]).
-pub fn get_actor_in<A: 'static>(namespace: &str, name: &str) -> Result<ActorHandle<A>> {
-    let sh = context::shared()?;
-    let named = named_id(namespace, name);
-    let r = ObjectRef::<([u8; 20], i32)>::from_id(named);
-    let h = match r.get_timeout(Duration::from_millis(200)) {
-        Ok(o) => {
-            let (id, pid) = o.deserialize()?;
-            ActorHandle::new(ObjectRef::from_id(ObjectId(id)), pid)
-        }
-        Err(Error::Timeout(_)) | Err(Error::ObjectLost(_)) => return Err(Error::NotFound(named)),
-        Err(e) => return Err(e),
-    };
-    // Checked now: of this program, of type `A`.
-    h.mailbox(&sh)?;
-    Ok(h)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

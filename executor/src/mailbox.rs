@@ -29,7 +29,8 @@
 //! 128  park (blocks::park): event u32, waiters u32                  64 bytes
 //! 192  region header (blocks::region): magic u64 "TROVEMBX", version u32, capacity u32,
 //!      slot_size u32, reserved u32                                  24 bytes
-//! 216  program u64, type_tag u64, dead u32, current_set u32, current [u64; 8], current_pos u64
+//! 216  program u64, type_tag u64, dead u32, current_set u32 (0, or the current message's
+//!      length + 1), current [u64; 32], current_pos u64, cancels u64, consumer_pid u64
 //!      then (64-aligned) the consumer's debts (see below)
 //! HEADER_LEN                 slot i: [seq u64][len u32][pad][payload], slot_size bytes
 //! records_offset(..)         record i (crate::record), RECORD_LEN bytes
@@ -60,7 +61,7 @@ use crate::sync::{AtomicU32, AtomicU64, Backoff, Ordering};
 const KIND: Kind = Kind {
     name: "mailbox",
     magic: 0x5452_4f56_454d_4258, // "TROVEMBX"
-    version: 1,
+    version: 2,
     align: 64,
     header_len: HEADER_LEN,
     capacity: (2, 1 << 20),
@@ -72,8 +73,9 @@ const KIND: Kind = Kind {
 const SLOT_HEADER: usize = 16;
 /// How long a consumer spins (yielding) on an empty queue before it parks.
 const SPIN_BEFORE_PARK: Duration = Duration::from_micros(100);
-/// Bytes of the current-message record in the header.
-pub const CURRENT_LEN: usize = 64;
+/// Bytes of the current-message record in the header: a whole message of a 256-byte slot,
+/// so that a call can be run again after its consumer died (a retry).
+pub const CURRENT_LEN: usize = 256;
 /// A slot's sequence while a consumer holds it: this bit, the low 31 bits of the position
 /// (so a holder of the same slot a lap before is told apart) and the consumer's tag (its pid).
 pub const CLAIMED: u64 = 1 << 63;
@@ -100,11 +102,15 @@ struct Header {
     /// What the consumer is (an actor type's fingerprint; 0 for the task queue and workers).
     type_tag: AtomicU64,
     dead: AtomicU32,
-    /// Non-zero while `current` holds the message the consumer is running.
+    /// Non-zero while `current` holds the message the consumer is running: its length + 1.
     current_set: AtomicU32,
     current: [AtomicU64; CURRENT_LEN / 8],
     /// The position `current` was popped from.
     current_pos: AtomicU64,
+    /// How many calls callers have cancelled (see [`Mailbox::note_cancel`]).
+    cancels: AtomicU64,
+    /// The process serving the mailbox now (set by whoever forks it; 0 before).
+    consumer_pid: AtomicU64,
     /// The results the consumer owes (see [`crate::debts`]).
     debts: Book,
 }
@@ -194,6 +200,8 @@ impl Mailbox {
         h.type_tag.store(type_tag, Ordering::Relaxed);
         h.dead.store(0, Ordering::Relaxed);
         h.current_set.store(0, Ordering::Relaxed);
+        h.cancels.store(0, Ordering::Relaxed);
+        h.consumer_pid.store(0, Ordering::Relaxed);
         h.debts.reset();
         for i in 0..capacity {
             m.seq(i).store(i, Ordering::Relaxed);
@@ -535,37 +543,65 @@ impl Mailbox {
         seq != pos + 1 && seq >> 32 != claimed(pos, 0) >> 32
     }
 
-    /// Records the message the consumer popped from `pos` and is about to run (at most
-    /// `CURRENT_LEN` bytes).
-    pub fn set_current(&self, pos: u64, record: &[u8]) {
+    /// Records the message the consumer popped from `pos` and is about to run (its first
+    /// `CURRENT_LEN` bytes: all of a slot's message).
+    pub fn set_current(&self, pos: u64, message: &[u8]) {
         let h = self.header();
+        let len = message.len().min(CURRENT_LEN);
         h.current_pos.store(pos, Ordering::Relaxed);
-        let mut words = [0u64; CURRENT_LEN / 8];
-        for (i, b) in record.iter().take(CURRENT_LEN).enumerate() {
-            words[i / 8] |= (*b as u64) << (8 * (i % 8));
+        for (w, chunk) in h.current.iter().zip(message[..len].chunks(8)) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            w.store(u64::from_le_bytes(word), Ordering::Relaxed);
         }
-        for (w, v) in h.current.iter().zip(words) {
-            w.store(v, Ordering::Relaxed);
-        }
-        h.current_set.store(1, Ordering::Release);
+        h.current_set.store(len as u32 + 1, Ordering::Release);
     }
 
     pub fn clear_current(&self) {
         self.header().current_set.store(0, Ordering::Release);
     }
 
-    /// The position and record of the message the consumer was running, if any (read after
-    /// it died).
-    pub fn current(&self) -> Option<(u64, [u8; CURRENT_LEN])> {
+    /// The position and bytes of the message the consumer was running, if any (read after
+    /// it died, or by a restarted consumer asked to run it again).
+    pub fn current(&self) -> Option<(u64, Vec<u8>)> {
         let h = self.header();
-        if h.current_set.load(Ordering::Acquire) == 0 {
+        let set = h.current_set.load(Ordering::Acquire) as usize;
+        if set == 0 {
             return None;
         }
-        let mut out = [0u8; CURRENT_LEN];
-        for (i, w) in h.current.iter().enumerate() {
-            out[8 * i..8 * i + 8].copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        let len = (set - 1).min(CURRENT_LEN);
+        let mut out = Vec::with_capacity(CURRENT_LEN);
+        for w in &h.current {
+            out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
         }
+        out.truncate(len);
         Some((h.current_pos.load(Ordering::Relaxed), out))
+    }
+
+    /// Notes that a caller cancelled a call queued here (its result already reported as
+    /// cancelled): consumers look for such results only once this is non-zero.
+    pub fn note_cancel(&self) {
+        self.header().cancels.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Notes the process that serves the mailbox now (an actor restarted runs in another).
+    pub fn set_consumer_pid(&self, pid: i32) {
+        self.header()
+            .consumer_pid
+            .store(pid as u32 as u64, Ordering::Release);
+    }
+
+    /// The process that serves the mailbox now, if it was noted.
+    pub fn consumer_pid(&self) -> Option<i32> {
+        match self.header().consumer_pid.load(Ordering::Acquire) {
+            0 => None,
+            p => Some(p as u32 as i32),
+        }
+    }
+
+    /// Whether any call queued here was ever cancelled.
+    pub fn has_cancels(&self) -> bool {
+        self.header().cancels.load(Ordering::Relaxed) != 0
     }
 
     /// The consumer's debts (see [`crate::debts`]).
@@ -744,8 +780,13 @@ mod tests {
         m.set_current(9, &[7; 40]);
         let (pos, c) = m.current().unwrap();
         assert_eq!(pos, 9);
-        assert_eq!(&c[..40], &[7; 40]);
-        assert_eq!(&c[40..], &[0; 24]);
+        assert_eq!(c, vec![7; 40]);
+        // A whole slot's message, of any length, comes back as it was.
+        let long: Vec<u8> = (0..CURRENT_LEN as u32 + 9).map(|i| i as u8).collect();
+        for n in [0, 1, 7, 8, 9, 63, 64, 65, 239, CURRENT_LEN] {
+            m.set_current(n as u64, &long[..n]);
+            assert_eq!(m.current(), Some((n as u64, long[..n].to_vec())));
+        }
         m.clear_current();
         assert_eq!(m.current(), None);
         // SAFETY: as above.

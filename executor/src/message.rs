@@ -11,6 +11,9 @@ pub const KIND_CALL: u8 = 1;
 pub const KIND_CALL_BY_OBJECT: u8 = 2;
 /// Stop the consumer after the messages before this one.
 pub const KIND_STOP: u8 = 3;
+/// A bit of the kind byte: the call is run again after its consumer died (a retry). Its
+/// result always goes to the store: its caller may be watching another record.
+pub const FLAG_RETRIED: u8 = 0x80;
 
 /// Bytes before the arguments: kind, function, result id, reply-to index and pid.
 pub const CALL_HEADER: usize = 1 + 8 + 20 + 4 + 4;
@@ -19,6 +22,8 @@ pub const CALL_HEADER: usize = 1 + 8 + 20 + 4 + 4;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message<'a> {
     pub kind: u8,
+    /// A retry ([`FLAG_RETRIED`]).
+    pub retried: bool,
     /// The address of the trampoline to run (same binary in every process of the tree).
     pub func: u64,
     /// Where the result goes.
@@ -31,7 +36,7 @@ pub struct Message<'a> {
 impl<'a> Message<'a> {
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.clear();
-        out.push(self.kind);
+        out.push(self.kind | if self.retried { FLAG_RETRIED } else { 0 });
         out.extend_from_slice(&self.func.to_le_bytes());
         out.extend_from_slice(self.result.as_bytes());
         out.extend_from_slice(&self.reply_to.0.to_le_bytes());
@@ -41,11 +46,13 @@ impl<'a> Message<'a> {
 
     /// Decodes a message or its header (the `current` record); `None` if malformed.
     pub fn decode(b: &'a [u8]) -> Option<Message<'a>> {
-        if b.len() < CALL_HEADER || !matches!(b[0], KIND_CALL | KIND_CALL_BY_OBJECT | KIND_STOP) {
+        let kind = b.first()? & !FLAG_RETRIED;
+        if b.len() < CALL_HEADER || !matches!(kind, KIND_CALL | KIND_CALL_BY_OBJECT | KIND_STOP) {
             return None;
         }
         Some(Message {
-            kind: b[0],
+            kind,
+            retried: b[0] & FLAG_RETRIED != 0,
             func: u64::from_le_bytes(b[1..9].try_into().ok()?),
             result: ObjectId(b[9..29].try_into().ok()?),
             reply_to: (
@@ -65,6 +72,8 @@ pub enum Failure {
     TaskFailed = 1,
     /// The actor's process died.
     ActorDied = 2,
+    /// The call was cancelled before it ran (or, forced, while it ran).
+    Cancelled = 3,
 }
 
 /// Stores `bytes` as the call result `result` for the caller `reply_to`, which gets the only
@@ -123,6 +132,7 @@ pub fn failure_bytes(failure: Failure, message: &str) -> Vec<u8> {
 pub fn decode_failure(bytes: &[u8]) -> (Failure, String) {
     let kind = match bytes.first() {
         Some(2) => Failure::ActorDied,
+        Some(3) => Failure::Cancelled,
         _ => Failure::TaskFailed,
     };
     let msg = String::from_utf8_lossy(bytes.get(1..).unwrap_or(&[])).into_owned();

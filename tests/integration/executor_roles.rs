@@ -112,7 +112,9 @@ fn second_hop(h: ActorHandle<Worker>, x: u64) -> trove::Result<u64> {
 }
 
 fn first_hop(h: ActorHandle<Worker>, x: u64) -> trove::Result<u64> {
-    trove::spawn(second_hop, (h, x + 1))?.deserialize()
+    trove::runtime()?
+        .spawn(second_hop, (h, x + 1))?
+        .deserialize()
 }
 
 /// A task whose result is too large to travel inline.
@@ -126,7 +128,7 @@ fn kill_worker() {
 }
 
 fn named_hop(x: u64) -> trove::Result<u64> {
-    let h: ActorHandle<Worker> = trove::get_actor("named-worker")?;
+    let h: ActorHandle<Worker> = trove::runtime()?.get_actor("named-worker")?;
     h.call(Worker::push, (x,))?.deserialize()?;
     Ok(h.call(Worker::seen, ())?.deserialize()?.len() as u64)
 }
@@ -376,7 +378,7 @@ pub fn helper_role(role: ExecRole) -> Res {
                 rt.actor_named("named-worker", Worker::default).is_err(),
                 "name taken",
             )?;
-            let found: ActorHandle<Worker> = trove::get_actor("named-worker")?;
+            let found: ActorHandle<Worker> = trove::runtime()?.get_actor("named-worker")?;
             check(found.pid() == named.pid(), "same actor")?;
             check(
                 rt.spawn(named_hop, (5,))?.get_timeout(T)?.deserialize()? == 1,
@@ -384,7 +386,7 @@ pub fn helper_role(role: ExecRole) -> Res {
             )?;
             check(
                 matches!(
-                    trove::get_actor::<Worker>("nobody"),
+                    trove::runtime()?.get_actor::<Worker>("nobody"),
                     Err(Error::NotFound(_))
                 ),
                 "unknown name",
@@ -672,11 +674,11 @@ pub fn helper_role(role: ExecRole) -> Res {
             }
             // Looked up by name as another type: refused at once; as its own type: found.
             let named = rt.actor_named("typed", Worker::default)?;
-            match trove::get_actor::<Foo>("typed") {
+            match trove::runtime()?.get_actor::<Foo>("typed") {
                 Err(Error::WrongActorType { id, .. }) => check(id == named.id(), "named id")?,
                 other => return Err(format!("get_actor as Foo gave {other:?}").into()),
             }
-            let found: ActorHandle<Worker> = trove::get_actor("typed")?;
+            let found: ActorHandle<Worker> = trove::runtime()?.get_actor("typed")?;
             check(found.pid() == named.pid(), "found as Worker")?;
             // The same through a task (a handle deserialised in another process).
             check(
@@ -697,7 +699,7 @@ pub fn helper_role(role: ExecRole) -> Res {
             let w = rt.actor_with(Worker::new, (7u64,))?;
             let _named = rt.actor_named("shared-name", Worker::default)?;
             check(
-                trove::get_actor::<Worker>("shared-name").is_ok(),
+                trove::runtime()?.get_actor::<Worker>("shared-name").is_ok(),
                 "found in its own namespace",
             )?;
             say(&format!("READY {}", rt.namespace()));
@@ -711,18 +713,18 @@ pub fn helper_role(role: ExecRole) -> Res {
         }
         ExecRole::NsOtherProgram { namespace, .. } => {
             check(rt.namespace() != namespace, "a namespace of its own")?;
-            match trove::get_actor::<Worker>("shared-name") {
+            match trove::runtime()?.get_actor::<Worker>("shared-name") {
                 Err(Error::NotFound(_)) => {}
                 other => return Err(format!("another driver's name gave {other:?}").into()),
             }
             // The same name in its own namespace is free.
             let mine = rt.actor_named("shared-name", Worker::default)?;
             check(
-                trove::get_actor::<Worker>("shared-name")?.pid() == mine.pid(),
+                trove::runtime()?.get_actor::<Worker>("shared-name")?.pid() == mine.pid(),
                 "its own",
             )?;
             // Naming the owner's namespace: an actor of another program, refused.
-            match trove::get_actor_in::<Worker>(&namespace, "shared-name") {
+            match trove::runtime()?.get_actor_in::<Worker>(&namespace, "shared-name") {
                 Err(Error::ForeignActor(_)) => {}
                 other => return Err(format!("the other program's actor gave {other:?}").into()),
             }

@@ -47,6 +47,9 @@ pub(crate) struct Call<'a> {
     pub(crate) pos: u64,
     pub(crate) record: &'a Record,
     pub(crate) ledger: &'a Ledger,
+    /// The result goes to the store, never inline: a retried call, whose caller may be
+    /// watching another record.
+    pub(crate) to_store: bool,
 }
 
 impl Call<'_> {
@@ -96,8 +99,10 @@ fn run_and_report<Args: Value, O: Outcome>(
     let mut small = InlineBuf([0; INLINE_MAX]);
     let done = match outcome {
         Ok(v) => match small_value(&v, &mut small.0) {
-            Ok(Some(len)) => finish(client, call, Finish::Bytes(&small.0[..len], false)),
-            Ok(None) => match call.ledger.put_owed(client, &call.debt(), || {
+            Ok(Some(len)) if !call.to_store => {
+                finish(client, call, Finish::Bytes(&small.0[..len], false))
+            }
+            Ok(Some(_)) | Ok(None) => match call.ledger.put_owed(client, &call.debt(), || {
                 owned::write(
                     client,
                     call.result,
@@ -222,6 +227,7 @@ fn finish(client: &StoreClient, call: &Call, what: Finish) -> Result<Option<Defe
     let stored = match what {
         Finish::Bytes(bytes, error) => {
             if claimed
+                && !call.to_store
                 && !rec.wants_store(call.pos)
                 && rec.finish_inline(call.pos, call.result.0, call.reply_to, bytes, error)
             {
@@ -309,7 +315,16 @@ fn ctor_trampoline<A: 'static, C: Constructor<A, Args>, Args: Value>(
 /// the store goes away. `queue` holds the calls and their completion records; `own` is this
 /// process's mailbox, where it notes the call it runs and the results it owes (the same as
 /// `queue` for an actor), so that whoever reaps it can fail them if it dies.
-pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state: *mut u8) -> i32 {
+///
+/// `on_idle` is asked, each time the queue has been empty a while, with how long it has been
+/// empty; `true` ends the loop (an extra worker retiring).
+pub(crate) fn serve(
+    client: &StoreClient,
+    queue: &Mailbox,
+    own: &Mailbox,
+    state: *mut u8,
+    on_idle: &dyn Fn(Duration) -> bool,
+) -> i32 {
     // Aligned, so that inline arguments (at `CALL_HEADER + ARGS_PAD`) are read in place.
     let mut buf = rkyv::util::AlignedVec::<ARGS_ALIGN>::with_capacity(SLOT_BYTES as usize);
     // Results whose frames are queued but not yet written: recorded once they are.
@@ -324,6 +339,14 @@ pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state:
             queue.record(pos).finish_stored(pos, offset, len, error);
         }
     };
+    // A call left as current by our previous instance, which died running it: the zygote
+    // asks us to run it again (a retry), before anything queued after it.
+    let mut idle_since = std::time::Instant::now();
+    let mut rerun = own.current().map(|(pos, m)| {
+        buf.clear();
+        buf.extend_from_slice(&m);
+        pos
+    });
     loop {
         // Nothing queued, or a batch is full: write the batched frames, then tell the callers
         // where their results are (only once the `PutSmall`s are in the socket, so the daemon
@@ -339,21 +362,25 @@ pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state:
         }
         // The message is noted as current while its queue slot still names us (inside the
         // pop), so a death at any moment leaves it in one of the two for the reaper.
-        let pos = match queue.pop(tag, Duration::from_millis(100), |pos, m| {
-            buf.clear();
-            buf.extend_from_slice(m);
-            own.set_current(pos, &m[..m.len().min(CALL_HEADER)]);
-            pos
-        }) {
-            Ok(pos) => pos,
-            Err(MailboxError::Timeout) => {
-                if client.check_alive().is_err() {
-                    return 0;
+        let (pos, retry) = match rerun.take() {
+            Some(pos) => (pos, true),
+            None => match queue.pop(tag, Duration::from_millis(100), |pos, m| {
+                buf.clear();
+                buf.extend_from_slice(m);
+                own.set_current(pos, m);
+                pos
+            }) {
+                Ok(pos) => (pos, false),
+                Err(MailboxError::Timeout) => {
+                    if client.check_alive().is_err() || on_idle(idle_since.elapsed()) {
+                        return 0;
+                    }
+                    continue;
                 }
-                continue;
-            }
-            Err(_) => return 0,
+                Err(_) => return 0,
+            },
         };
+        idle_since = std::time::Instant::now();
         let Some(m) = Message::decode(&buf) else {
             own.clear_current();
             continue;
@@ -366,12 +393,18 @@ pub(crate) fn serve(client: &StoreClient, queue: &Mailbox, own: &Mailbox, state:
             }
             return 0;
         }
+        // A call its caller cancelled before it ran: its result (the report) exists already.
+        if queue.has_cancels() && client.try_get(&m.result).is_some() {
+            own.clear_current();
+            continue;
+        }
         let call = Call {
             result: m.result,
             reply_to: m.reply_to,
             pos,
             record: queue.record(pos),
             ledger: &ledger,
+            to_store: retry || m.retried,
         };
         let deferred = run_call(client, &m, &call, state);
         if let Some(d) = deferred {

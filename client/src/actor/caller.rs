@@ -38,6 +38,7 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     let mut msg = SCRATCH.with(|s| s.borrow_mut().take()).unwrap_or_default();
     let header = Message {
         kind: KIND_CALL,
+        retried: false,
         func,
         result,
         reply_to,
@@ -56,6 +57,7 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
             keep.adopt(client, id);
             Message {
                 kind: KIND_CALL_BY_OBJECT,
+                retried: false,
                 func,
                 result,
                 reply_to,
@@ -137,6 +139,7 @@ mod tests {
         let mut msg = vec![0xAA; 7];
         let header = Message {
             kind: KIND_CALL,
+            retried: false,
             func: 42,
             result: ObjectId([9; 20]),
             reply_to: (3, 4),

@@ -1,5 +1,11 @@
 //! [`ActorHandle`]: the caller's typed handle to an actor, and its rkyv form (the mailbox id
-//! and the pid).
+//! and the token id).
+//!
+//! A handle holds two references: to the actor's mailbox (so it can call it), and to the
+//! actor's *token*, an object nothing else refers to (but the zygote, for a detached actor),
+//! so that the token exists exactly while a handle exists in some process: in memory, inside
+//! a stored value, or in a call's arguments. The zygote stops the actor once the token is
+//! gone (see `trove_executor::zygote`).
 
 use std::any::type_name;
 use std::fmt;
@@ -32,7 +38,7 @@ pub struct ActorHandle<A> {
 
 struct HandleInner {
     mailbox: ObjectRef<[u8]>,
-    pid: i32,
+    token: ObjectRef<[u8]>,
     attached: OnceLock<std::result::Result<Attached, AttachError>>,
 }
 
@@ -69,29 +75,32 @@ impl<A> fmt::Debug for ActorHandle<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "ActorHandle<{}>(pid {}, mailbox {})",
+            "ActorHandle<{}>(mailbox {})",
             type_name::<A>(),
-            self.inner.pid,
             self.inner.mailbox.id()
         )
     }
 }
 
 impl<A: 'static> ActorHandle<A> {
-    pub(crate) fn new(mailbox: ObjectRef<[u8]>, pid: i32) -> ActorHandle<A> {
+    pub(crate) fn new(mailbox: ObjectRef<[u8]>, token: ObjectRef<[u8]>) -> ActorHandle<A> {
         ActorHandle {
             inner: Arc::new(HandleInner {
                 mailbox,
-                pid,
+                token,
                 attached: OnceLock::new(),
             }),
             _marker: PhantomData,
         }
     }
 
-    /// The actor's process id.
+    /// The id of the process serving the actor now (a restarted actor runs in a new one);
+    /// 0 if the actor cannot be reached from here.
     pub fn pid(&self) -> i32 {
-        self.inner.pid
+        context::shared()
+            .ok()
+            .and_then(|sh| self.mailbox(&sh).ok().and_then(|m| m.consumer_pid()))
+            .unwrap_or(0)
     }
 
     /// The id of the actor's mailbox object (names the actor).
@@ -159,12 +168,12 @@ impl<A: 'static> ActorHandle<A> {
     }
 }
 
-/// The archived form of an [`ActorHandle`]: the mailbox id and the pid.
+/// The archived form of an [`ActorHandle`]: the mailbox id and the token id.
 #[derive(Debug)]
 #[repr(C)]
 pub struct ArchivedActorHandle<A> {
     mailbox: [u8; 20],
-    pid: [u8; 4],
+    token: [u8; 20],
     _marker: PhantomData<fn() -> A>,
 }
 
@@ -172,8 +181,8 @@ pub struct ArchivedActorHandle<A> {
 // layout is the same everywhere and there is no interior mutability.
 unsafe impl<A> Portable for ArchivedActorHandle<A> {}
 
-// SAFETY: every bit pattern of the two byte arrays is valid (ids and pids are checked when
-// used), so there is nothing to check.
+// SAFETY: every bit pattern of the two byte arrays is valid (ids are checked when used), so
+// there is nothing to check.
 unsafe impl<A, C: Fallible + ?Sized> CheckBytes<C> for ArchivedActorHandle<A> {
     unsafe fn check_bytes(
         _value: *const Self,
@@ -187,16 +196,18 @@ impl<A> Archive for ActorHandle<A> {
     type Archived = ArchivedActorHandle<A>;
     type Resolver = ();
     fn resolve(&self, _resolver: (), out: Place<Self::Archived>) {
-        munge!(let ArchivedActorHandle { mailbox, pid, _marker: _ } = out);
+        munge!(let ArchivedActorHandle { mailbox, token, _marker: _ } = out);
         mailbox.write(self.inner.mailbox.id().0);
-        pid.write(self.inner.pid.to_le_bytes());
+        token.write(self.inner.token.id().0);
     }
 }
 
 impl<A, S: Fallible + ?Sized> Serialize<S> for ActorHandle<A> {
     fn serialize(&self, _s: &mut S) -> std::result::Result<(), S::Error> {
-        // The mailbox is kept alive by the object this handle is serialised into.
+        // The mailbox and the token are kept alive by the object (or the call) this handle
+        // is serialised into, so the handle counts while it travels.
         crate::codec::note_ref(self.inner.mailbox.id());
+        crate::codec::note_ref(self.inner.token.id());
         Ok(())
     }
 }
@@ -208,7 +219,7 @@ where
     fn deserialize(&self, _d: &mut D) -> std::result::Result<ActorHandle<A>, D::Error> {
         Ok(ActorHandle::new(
             ObjectRef::from_id(ObjectId(self.mailbox)),
-            i32::from_le_bytes(self.pid),
+            ObjectRef::from_id(ObjectId(self.token)),
         ))
     }
 }

@@ -8,6 +8,7 @@
 //!
 //! - `traits`: [`Method`], [`Function`], [`Constructor`] and their arities.
 //! - `handle`: [`ActorHandle`], what callers hold.
+//! - `options`: [`ActorOptions`], how an actor lives (names, detached, restarts, retries).
 //! - `caller`: sending a call (arguments serialised once, refs kept until it has run).
 //! - `callee`: the serving loop and trampolines of actor and worker processes.
 //! - `entry`: starting actor and worker processes, and their entry points.
@@ -16,10 +17,12 @@ mod callee;
 mod caller;
 pub(crate) mod entry;
 mod handle;
+mod options;
 mod traits;
 
 pub(crate) use callee::ctor_address;
 pub(crate) use caller::spawn_task;
 pub(crate) use handle::type_tag;
 pub use handle::{ActorHandle, ArchivedActorHandle};
+pub use options::ActorOptions;
 pub use traits::{Constructor, Function, Method};

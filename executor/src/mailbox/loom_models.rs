@@ -59,6 +59,8 @@ impl ModelMailbox {
             current_set: AtomicU32::new(0),
             current: std::array::from_fn(|_| AtomicU64::new(0)),
             current_pos: AtomicU64::new(0),
+            cancels: AtomicU64::new(0),
+            consumer_pid: AtomicU64::new(0),
             debts: crate::debts::Book::new(),
         };
         // SAFETY: the region is `mailbox_bytes` long and 64-byte aligned, nothing references
