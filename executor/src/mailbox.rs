@@ -821,7 +821,7 @@ mod tests {
         assert!(matches!(attach(len), Err(MailboxError::Corrupt(_))));
         magic.store(good, Ordering::Relaxed);
         for (word, bad) in [
-            (version, 2),
+            (version, 1),
             (capacity, 1),
             (capacity, 3),
             (capacity, 1 << 21),

@@ -29,6 +29,8 @@ mod client_objects;
 mod client_roles;
 mod executor_actor_types;
 mod executor_actors;
+mod executor_lifetime_roles;
+mod executor_lifetimes;
 mod executor_lost_calls;
 mod executor_roles;
 mod fault_kills;

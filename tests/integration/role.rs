@@ -184,6 +184,8 @@ roles! {
         DefaultStore = "default-store",
         /// An executor driver (executor_roles.rs).
         Exec { role: ExecRole } = "exec",
+        /// A driver of actors' and tasks' lifetimes (executor_lifetime_roles.rs).
+        Life { role: LifeRole } = "life",
         /// Become uid/gid 65534, then try to connect (security_access.rs).
         SecOtherUid { socket: PathBuf } = "sec-other-uid",
         /// Watch `n` ids, then never read the notification ring (security_access.rs).
@@ -286,6 +288,26 @@ roles! {
         /// `RUNNING` with two actors; then `leave` (exit without shutting down) or hold until
         /// killed.
         Exit { leave: bool } = "exit",
+    }
+}
+
+roles! {
+    /// Drivers of the runtime in every process and of actors' lifetimes
+    /// (executor_lifetime_roles.rs): each calls `trove::init` in a session of its own and
+    /// prints `OK ...`.
+    pub enum LifeRole {
+        /// Tasks put, wait and start an actor; an actor starts a named actor a task finds.
+        Everywhere = "everywhere",
+        /// An actor stops once its last handle (in another process) is gone.
+        LastHandle = "last-handle",
+        /// A detached named actor outlives its creator; an owned one dies with it.
+        Detached = "detached",
+        /// Restarts and retries of actors and tasks.
+        Restarts = "restarts",
+        /// Cancel before start, forced while running, after the end.
+        Cancel = "cancel",
+        /// Tasks that spawn two tasks and get both, `depth` deep, on `cpus` workers.
+        Recursive { depth: u64, cpus: u64 } = "recursive",
     }
 }
 

@@ -247,8 +247,8 @@ pub fn wait_until_blocked(pid: Pid, limit: Duration) {
 /// of a role to its body, in its area's file.
 pub fn run_helper_if_asked() {
     use crate::{
-        client_init, client_lifetimes, client_roles, executor_roles, fault_kills, load_clients,
-        roles, security_access, store_fuzz, store_isolation,
+        client_init, client_lifetimes, client_roles, executor_lifetime_roles, executor_roles,
+        fault_kills, load_clients, roles, security_access, store_fuzz, store_isolation,
     };
     let Ok(line) = std::env::var(ROLE_ENV) else {
         return;
@@ -278,6 +278,7 @@ pub fn run_helper_if_asked() {
         Role::Reinit => client_init::reinit_role(),
         Role::DefaultStore => client_init::default_store_role(),
         Role::Exec { role } => executor_roles::helper_role(role),
+        Role::Life { role } => executor_lifetime_roles::helper_role(role),
         Role::SecOtherUid { socket } => security_access::other_uid_role(&socket),
         Role::SecStall { socket, n } => security_access::stall_role(&socket, n),
         Role::LoadClient {

@@ -1,0 +1,457 @@
+//! Helper roles for the runtime in every process and for actors' lifetimes (`LifeRole`):
+//! each is a driver that calls `trove::init` on its main thread, in a session of its own, and
+//! prints `OK ...` once everything it checked held (the store back at its baseline with its
+//! processes alive included).
+
+use std::path::PathBuf;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use trove::{ActorHandle, ActorOptions, Config, Error, ObjectRef};
+
+use crate::role::LifeRole;
+use crate::util::{say, store_back_to};
+
+type Res = Result<(), Box<dyn std::error::Error>>;
+
+const T: Duration = Duration::from_secs(30);
+
+fn check(cond: bool, what: &str) -> Res {
+    if cond {
+        Ok(())
+    } else {
+        Err(what.to_string().into())
+    }
+}
+
+/// Whether process `pid` is running (not gone, not a zombie waiting to be reaped).
+pub fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next().map(|st| st != "Z"))
+        })
+        .unwrap_or(false)
+}
+
+/// Waits (at most `limit`) for process `pid` to stop running; how long it took.
+fn gone_within(pid: i32, limit: Duration, what: &str) -> Result<Duration, String> {
+    let t = Instant::now();
+    while running(pid) {
+        if t.elapsed() > limit {
+            return Err(format!("{what} (pid {pid}) still runs after {limit:?}"));
+        }
+        sleep(Duration::from_millis(5));
+    }
+    Ok(t.elapsed())
+}
+
+/// A marker file for calls that crash their process the first time only.
+fn marker(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("trove-life-{}-{name}", std::process::id()))
+}
+
+/// An actor that counts, sleeps, keeps handles, starts actors of its own, and crashes on
+/// demand.
+#[derive(Default)]
+pub struct Counter {
+    n: u64,
+    held: Vec<ActorHandle<Counter>>,
+}
+
+impl Counter {
+    fn incr(&mut self) -> u64 {
+        self.n += 1;
+        self.n
+    }
+    fn pid(&mut self) -> i32 {
+        std::process::id() as i32
+    }
+    fn slow(&mut self, ms: u64) -> u64 {
+        sleep(Duration::from_millis(ms));
+        ms
+    }
+    fn keep(&mut self, h: ActorHandle<Counter>) {
+        self.held.push(h);
+    }
+    fn drop_all(&mut self) {
+        self.held.clear();
+    }
+    /// Starts an actor named `name` (owned by this process; `detached` if asked), keeps its
+    /// handle, and returns its pid.
+    fn start_named(&mut self, name: String, detached: bool) -> trove::Result<i32> {
+        let rt = trove::runtime()?;
+        let h = rt.actor_options(
+            &ActorOptions::new().name(name).detached(detached),
+            Counter::default,
+            (),
+        )?;
+        let pid = h.call(Counter::pid, ())?.get_timeout(T)?.deserialize()?;
+        self.held.push(h);
+        Ok(pid)
+    }
+    /// Aborts its process the first time it is called with `path` absent, else returns 7.
+    fn crash_once(&mut self, path: String) -> u64 {
+        crash_once_at(&path)
+    }
+}
+
+fn crash_once_at(path: &str) -> u64 {
+    if std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .is_ok()
+    {
+        std::process::abort();
+    }
+    7
+}
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+fn sleepy(ms: u64) -> u64 {
+    sleep(Duration::from_millis(ms));
+    ms
+}
+
+fn crash_task_once(path: String) -> u64 {
+    crash_once_at(&path)
+}
+
+/// A task that puts `n` objects, spawns `n` tasks, waits for all of them and sums
+/// everything.
+fn put_and_wait(n: u64) -> trove::Result<u64> {
+    let rt = trove::runtime()?;
+    let objects = (0..n)
+        .map(|i| rt.put(&i))
+        .collect::<trove::Result<Vec<ObjectRef<u64>>>>()?;
+    let tasks = (0..n)
+        .map(|i| rt.spawn(square, (i,)))
+        .collect::<trove::Result<Vec<_>>>()?;
+    let (ready, pending) = rt.wait(&tasks, tasks.len(), Some(T))?;
+    if ready.len() != tasks.len() || !pending.is_empty() {
+        return Err(Error::TaskFailed(format!(
+            "wait: {} ready, {} pending",
+            ready.len(),
+            pending.len()
+        )));
+    }
+    Ok(rt.get_all(&objects)?.iter().sum::<u64>() + rt.get_all(&tasks)?.iter().sum::<u64>())
+}
+
+/// A task that starts an actor (owned by its worker), calls it once and hands it back.
+fn start_actor_in_task() -> trove::Result<ActorHandle<Counter>> {
+    let h = trove::runtime()?.actor(Counter::default)?;
+    h.call(Counter::incr, ())?.get_timeout(T)?;
+    Ok(h)
+}
+
+/// A task that finds the actor named `name` and calls it.
+fn find_and_call(name: String) -> trove::Result<u64> {
+    let h: ActorHandle<Counter> = trove::runtime()?.get_actor(&name)?;
+    h.call(Counter::incr, ())?.get_timeout(T)?.deserialize()
+}
+
+/// Spawns two tasks one level down and gets both: 2^depth leaves.
+fn tree(depth: u32) -> trove::Result<u64> {
+    if depth == 0 {
+        return Ok(1);
+    }
+    let rt = trove::runtime()?;
+    let a = rt.spawn(tree, (depth - 1,))?;
+    let b = rt.spawn(tree, (depth - 1,))?;
+    Ok(a.deserialize()? + b.deserialize()?)
+}
+
+pub fn helper_role(role: LifeRole) -> Res {
+    let _ = nix::unistd::setsid();
+    let mut cfg = Config::default().memory(512 << 20).num_cpus(2);
+    match role {
+        LifeRole::Restarts => cfg = cfg.task_max_retries(1),
+        LifeRole::Cancel => cfg = cfg.num_cpus(1),
+        LifeRole::Recursive { cpus, .. } => cfg = cfg.num_cpus(cpus as usize),
+        _ => {}
+    }
+    let rt = trove::init(cfg)?;
+    let base = rt.stats()?;
+    match role {
+        LifeRole::Everywhere => {
+            // Tasks put, spawn tasks and wait.
+            let n = 20;
+            let got = rt
+                .spawn(put_and_wait, (n,))?
+                .get_timeout(T)?
+                .deserialize()?;
+            let want: u64 = (0..n).sum::<u64>() + (0..n).map(|i| i * i).sum::<u64>();
+            check(got == want, &format!("a task's puts and waits gave {got}"))?;
+            // A task starts an actor and hands its handle back here.
+            let h = rt
+                .spawn(start_actor_in_task, ())?
+                .get_timeout(T)?
+                .deserialize()?;
+            let n = h.call(Counter::incr, ())?.get_timeout(T)?.deserialize()?;
+            check(n == 2, &format!("the task's actor counted {n}"))?;
+            // An actor starts a named actor; a task finds it by name.
+            let c = rt.actor(Counter::default)?;
+            c.call(Counter::start_named, ("found-by-task".to_string(), false))?
+                .get_timeout(T)?;
+            let n = rt
+                .spawn(find_and_call, ("found-by-task".to_string(),))?
+                .get_timeout(T)?
+                .deserialize()?;
+            check(n == 1, &format!("the named actor counted {n}"))?;
+            let found: ActorHandle<Counter> = rt.get_actor("found-by-task")?;
+            check(
+                found
+                    .call(Counter::incr, ())?
+                    .get_timeout(T)?
+                    .deserialize()?
+                    == 2,
+                "the driver found the named actor",
+            )?;
+            drop((h, c, found));
+            store_back_to(&rt, &base, "after the runtime in tasks and actors")?;
+            say("OK");
+        }
+        LifeRole::LastHandle => {
+            let a = rt.actor(Counter::default)?;
+            let b = rt.actor(Counter::default)?;
+            let a_pid = a.call(Counter::pid, ())?.get_timeout(T)?.deserialize()?;
+            // Another process holds a handle: dropping ours leaves the actor running.
+            b.call(Counter::keep, (a.clone(),))?.get_timeout(T)?;
+            let queued = a.call(Counter::slow, (200,))?;
+            drop(a);
+            sleep(Duration::from_millis(300));
+            check(running(a_pid), "the actor stopped while a handle was left")?;
+            // Its queued call still runs and answers.
+            check(
+                queued.get_timeout(T)?.deserialize()? == 200,
+                "the queued call",
+            )?;
+            drop(queued);
+            // The last handle goes, in the other process.
+            b.call(Counter::drop_all, ())?.get_timeout(T)?;
+            let took = gone_within(a_pid, Duration::from_secs(1), "the unreferenced actor")?;
+            // A handle inside a stored object counts too.
+            let c = rt.actor(Counter::default)?;
+            let c_pid = c.call(Counter::pid, ())?.get_timeout(T)?.deserialize()?;
+            let stored = rt.put(&c)?;
+            drop(c);
+            sleep(Duration::from_millis(300));
+            check(
+                running(c_pid),
+                "an actor whose handle is in an object stopped",
+            )?;
+            let back: ActorHandle<Counter> = stored.deserialize()?;
+            check(
+                back.call(Counter::incr, ())?
+                    .get_timeout(T)?
+                    .deserialize()?
+                    == 1,
+                "the handle read back from the object",
+            )?;
+            drop((stored, back));
+            gone_within(c_pid, Duration::from_secs(1), "the actor whose object went")?;
+            drop(b);
+            store_back_to(&rt, &base, "after the actors stopped")?;
+            say(&format!("OK {}", took.as_millis()));
+        }
+        LifeRole::Detached => {
+            let owner = rt.actor(Counter::default)?;
+            let det_pid = owner
+                .call(Counter::start_named, ("kept".to_string(), true))?
+                .get_timeout(T)?
+                .deserialize()?;
+            let att_pid = owner
+                .call(Counter::start_named, ("owned".to_string(), false))?
+                .get_timeout(T)?
+                .deserialize()?;
+            // A detached actor without a name is refused.
+            match rt.actor_options(&ActorOptions::new().detached(true), Counter::default, ()) {
+                Err(Error::Options(_)) => {}
+                other => return Err(format!("a nameless detached actor: {other:?}").into()),
+            }
+            // A name is taken while its actor lives.
+            match rt.actor_named("kept", Counter::default) {
+                Err(Error::Store(trove::store::StoreError::AlreadyExists(_))) => {}
+                other => return Err(format!("a taken name: {other:?}").into()),
+            }
+            rt.kill(&owner)?;
+            drop(owner);
+            // The owner's own actor dies with it; the detached one lives on.
+            gone_within(att_pid, Duration::from_secs(5), "the owned actor")?;
+            check(running(det_pid), "the detached actor died with its owner")?;
+            let kept: ActorHandle<Counter> = rt.get_actor("kept")?;
+            check(
+                kept.call(Counter::incr, ())?
+                    .get_timeout(T)?
+                    .deserialize()?
+                    == 1,
+                "the detached actor answers",
+            )?;
+            check(
+                rt.spawn(find_and_call, ("kept".to_string(),))?
+                    .get_timeout(T)?
+                    .deserialize()?
+                    == 2,
+                "a task finds the detached actor",
+            )?;
+            // With no handle left anywhere, it still lives (and is found by name).
+            drop(kept);
+            sleep(Duration::from_millis(300));
+            check(
+                running(det_pid),
+                "the detached actor stopped without handles",
+            )?;
+            let kept: ActorHandle<Counter> = rt.get_actor("kept")?;
+            // The owned actor's name is free again.
+            let t = Instant::now();
+            while !matches!(rt.get_actor::<Counter>("owned"), Err(Error::NotFound(_))) {
+                check(t.elapsed() < T, "the dead actor's name stayed taken")?;
+                sleep(Duration::from_millis(10));
+            }
+            let again = rt.actor_named("owned", Counter::default)?;
+            rt.kill(&kept)?;
+            gone_within(det_pid, Duration::from_secs(5), "the killed detached actor")?;
+            let t = Instant::now();
+            while !matches!(rt.get_actor::<Counter>("kept"), Err(Error::NotFound(_))) {
+                check(t.elapsed() < T, "the killed actor's name stayed taken")?;
+                sleep(Duration::from_millis(10));
+            }
+            drop((kept, again));
+            store_back_to(&rt, &base, "after the detached actor was killed")?;
+            say("OK");
+        }
+        LifeRole::Restarts => {
+            let kill9 = |pid: i32| kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let a = rt.actor_options(&ActorOptions::new().max_restarts(2), Counter::default, ())?;
+            let mut pids = Vec::new();
+            for round in 0..3 {
+                let n = a.call(Counter::incr, ())?.get_timeout(T)?.deserialize()?;
+                check(
+                    n == 1,
+                    &format!("round {round}: a fresh instance counted {n}"),
+                )?;
+                let pid = a.call(Counter::pid, ())?.get_timeout(T)?.deserialize()?;
+                check(a.pid() == pid, "the handle names the running process")?;
+                pids.push(pid);
+                kill9(pid)?;
+                gone_within(pid, Duration::from_secs(5), "the SIGKILLed actor")?;
+            }
+            check(
+                pids[0] != pids[1] && pids[1] != pids[2],
+                "each restart a new process",
+            )?;
+            // Restarts are used up: the third death is final.
+            match a.call(Counter::incr, ())?.get_timeout(T) {
+                Err(Error::ActorDied(_)) => {}
+                other => return Err(format!("after the third kill: {other:?}").into()),
+            }
+            // A call in flight at a death runs again on the next instance (at least once).
+            let m = marker("actor-retry");
+            let r = rt.actor_options(
+                &ActorOptions::new().max_restarts(1).max_task_retries(1),
+                Counter::default,
+                (),
+            )?;
+            let seven = r
+                .call(Counter::crash_once, (m.display().to_string(),))?
+                .get_timeout(T)?
+                .deserialize()?;
+            check(seven == 7, "the retried call's value")?;
+            let _ = std::fs::remove_file(&m);
+            // Without retries it fails (at most once), and the restarted actor serves on.
+            let m = marker("actor-no-retry");
+            let n = rt.actor_options(&ActorOptions::new().max_restarts(1), Counter::default, ())?;
+            match n
+                .call(Counter::crash_once, (m.display().to_string(),))?
+                .get_timeout(T)
+            {
+                Err(Error::ActorDied(_)) => {}
+                other => return Err(format!("a call without retries: {other:?}").into()),
+            }
+            let _ = std::fs::remove_file(&m);
+            check(
+                n.call(Counter::incr, ())?.get_timeout(T)?.deserialize()? == 1,
+                "the restarted actor after a failed call",
+            )?;
+            // Tasks: this driver runs them again once (`task_max_retries(1)`).
+            let m = marker("task-retry");
+            let seven = rt
+                .spawn(crash_task_once, (m.display().to_string(),))?
+                .get_timeout(T)?
+                .deserialize()?;
+            let _ = std::fs::remove_file(&m);
+            check(seven == 7, "the retried task's value")?;
+            drop((a, r, n));
+            store_back_to(&rt, &base, "after restarts and retries")?;
+            say("OK");
+        }
+        LifeRole::Cancel => {
+            // An actor's queued call, cancelled: never runs, fails with Cancelled.
+            let a = rt.actor(Counter::default)?;
+            let busy = a.call(Counter::slow, (500,))?;
+            let queued = a.call(Counter::incr, ())?;
+            check(rt.cancel(&queued, false)?, "cancel of a queued call")?;
+            check(
+                busy.get_timeout(T)?.deserialize()? == 500,
+                "the running call",
+            )?;
+            match queued.get_timeout(T) {
+                Err(Error::Cancelled) => {}
+                other => return Err(format!("a cancelled call gave {other:?}").into()),
+            }
+            check(
+                a.call(Counter::incr, ())?.get_timeout(T)?.deserialize()? == 1,
+                "the cancelled call never ran",
+            )?;
+            // Tasks on one worker: a queued one cancelled; the running one cancelled by force.
+            let running_task = rt.spawn(sleepy, (5_000,))?;
+            sleep(Duration::from_millis(300));
+            let waiting = rt.spawn(square, (3,))?;
+            check(rt.cancel(&waiting, false)?, "cancel of a queued task")?;
+            let t = Instant::now();
+            check(rt.cancel(&running_task, true)?, "forced cancel")?;
+            match running_task.get_timeout(T) {
+                Err(Error::Cancelled) => {}
+                other => return Err(format!("a force-cancelled task gave {other:?}").into()),
+            }
+            let took = t.elapsed();
+            check(
+                took < Duration::from_secs(3),
+                &format!("the forced cancel took {took:?} (the task sleeps 5 s)"),
+            )?;
+            match waiting.get_timeout(T) {
+                Err(Error::Cancelled) => {}
+                other => return Err(format!("a cancelled task gave {other:?}").into()),
+            }
+            // The pool is replaced: tasks run.
+            let done = rt.spawn(square, (4,))?;
+            check(done.get_timeout(T)?.deserialize()? == 16, "a task after")?;
+            // A finished call is not cancelled.
+            check(!rt.cancel(&done, true)?, "cancel of a finished task")?;
+            check(done.get_timeout(T)?.deserialize()? == 16, "its value stays")?;
+            drop((a, busy, queued, running_task, waiting, done));
+            store_back_to(&rt, &base, "after cancels")?;
+            say(&format!("OK {}", took.as_millis()));
+        }
+        LifeRole::Recursive { depth, .. } => {
+            let t = Instant::now();
+            let leaves = rt
+                .spawn(tree, (depth as u32,))?
+                .get_timeout(T)?
+                .deserialize()?;
+            check(leaves == 1 << depth, &format!("{leaves} leaves"))?;
+            let took = t.elapsed();
+            store_back_to(&rt, &base, "after the recursive tasks")?;
+            say(&format!("OK {}", took.as_millis()));
+        }
+    }
+    Ok(())
+}

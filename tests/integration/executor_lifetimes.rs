@@ -1,0 +1,73 @@
+//! A runtime in every trove process, and actors that live and die as Ray users expect:
+//! started from tasks and actors, stopped once their last handle is gone, detached, restarted,
+//! retried, cancelled; tasks that wait for tasks deeper than the pool. Each test is a driver
+//! process (`LifeRole`, executor_lifetime_roles.rs) that checks what it saw, the store back at
+//! its baseline while its processes run included; the test then checks every process of its
+//! tree is gone.
+
+use std::time::Duration;
+
+use crate::executor_actors::session_members;
+use crate::harness::register;
+use crate::role::{LifeRole, Role};
+use crate::util::{Helper, wait_until};
+
+const T: Duration = Duration::from_secs(120);
+
+fn run(role: LifeRole) -> String {
+    let mut h = Helper::start(Role::Life { role });
+    let line = h.expect_line("OK", T);
+    assert!(h.wait(T).success());
+    let sid = h.pid().as_raw();
+    wait_until(
+        Duration::from_secs(10),
+        "every process of the tree to exit",
+        || session_members(sid).is_empty(),
+    );
+    line
+}
+
+/// Tasks put, spawn and wait; a task starts an actor and hands it to the driver; an actor
+/// starts a named actor that a task finds.
+pub fn executor_tasks_and_actors_have_the_drivers_runtime() {
+    run(LifeRole::Everywhere);
+}
+register!(executor_tasks_and_actors_have_the_drivers_runtime);
+
+/// An actor is stopped within 1 s of its last handle going (in another process), after its
+/// queued calls; a handle inside a stored object keeps it.
+pub fn executor_actor_stops_when_its_last_handle_is_dropped() {
+    let line = run(LifeRole::LastHandle);
+    eprintln!("life last-handle: {line}");
+}
+register!(executor_actor_stops_when_its_last_handle_is_dropped);
+
+/// A detached named actor outlives its creator and its handles; an owned one dies with its
+/// owner, and its name is free again.
+pub fn executor_detached_actor_outlives_its_creator() {
+    run(LifeRole::Detached);
+}
+register!(executor_detached_actor_outlives_its_creator);
+
+/// `max_restarts = 2`: two SIGKILLs, and it answers; the third, `ActorDied`.
+/// `max_task_retries` and `task_max_retries` run a call in flight again.
+pub fn executor_actors_restart_and_calls_retry() {
+    run(LifeRole::Restarts);
+}
+register!(executor_actors_restart_and_calls_retry);
+
+/// Cancel of a queued call and task (never run, `Cancelled`), forced cancel of a running task
+/// (its worker replaced), and of a finished one (nothing).
+pub fn executor_cancel_before_start_and_forced_while_running() {
+    let line = run(LifeRole::Cancel);
+    eprintln!("life cancel: {line}");
+}
+register!(executor_cancel_before_start_and_forced_while_running);
+
+/// Tasks that spawn two tasks and get both, deeper than the pool has workers: a waiting
+/// task lends its worker's CPU, so they finish.
+pub fn executor_recursive_tasks_deeper_than_the_pool_finish() {
+    let line = run(LifeRole::Recursive { depth: 6, cpus: 2 });
+    eprintln!("life recursive: {line}");
+}
+register!(executor_recursive_tasks_deeper_than_the_pool_finish);
