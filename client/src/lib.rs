@@ -24,7 +24,10 @@ mod outcome;
 mod owned;
 mod runtime;
 
-pub use actor::{ActorHandle, ActorOptions, ArchivedActorHandle, Constructor, Function, Method};
+pub use actor::{
+    ActorHandle, ActorOptions, ArchivedActorHandle, Constructor, Exclusive, Function, Method,
+    Shared,
+};
 pub use codec::{Plain, Value};
 pub use config::{Config, default_memory};
 pub use error::{Error, Result};

@@ -302,6 +302,41 @@ impl Runtime {
     pub fn actor_options<A: 'static, C: Constructor<A, Args>, Args: Value>(
         &self,
         opts: &ActorOptions,
+        ctor: C,
+        args: Args,
+    ) -> Result<ActorHandle<A>> {
+        self.start_actor(opts, 1, ctor, args)
+    }
+
+    /// Ray's threaded actor (`max_concurrency`): up to `max_concurrency` calls run at once,
+    /// each on a thread of the actor's process. Methods that take `&self` run beside each
+    /// other; one that takes `&mut self` runs alone (the state is behind a read-write lock),
+    /// so the actor type must be `Send + Sync`. Calls from one caller may then finish out
+    /// of order; `max_concurrency` 1 is an ordinary actor.
+    pub fn threaded_actor<A, C, Args>(
+        &self,
+        opts: &ActorOptions,
+        max_concurrency: usize,
+        ctor: C,
+        args: Args,
+    ) -> Result<ActorHandle<A>>
+    where
+        A: Send + Sync + 'static,
+        C: Constructor<A, Args>,
+        Args: Value,
+    {
+        if max_concurrency == 0 || max_concurrency > 1024 {
+            return Err(Error::Options(format!(
+                "max_concurrency {max_concurrency}: from 1 to 1024"
+            )));
+        }
+        self.start_actor(opts, max_concurrency, ctor, args)
+    }
+
+    fn start_actor<A: 'static, C: Constructor<A, Args>, Args: Value>(
+        &self,
+        opts: &ActorOptions,
+        threads: usize,
         _ctor: C,
         args: Args,
     ) -> Result<ActorHandle<A>> {
@@ -342,6 +377,11 @@ impl Runtime {
             }
             None => None,
         };
+        // A mailbox per extra thread, for its current call and debts; the zygote holds them
+        // while the actor lives.
+        let lanes = (1..threads)
+            .map(|_| entry::worker_mailbox(&sh.client))
+            .collect::<Result<Vec<_>>>()?;
         entry::start_actor(
             sh,
             mailbox.id(),
@@ -355,8 +395,9 @@ impl Runtime {
                 keep: entry.as_ref().map_or(ObjectId::default(), |e| e.id()),
                 ..Lifetime::default()
             },
+            lanes.iter().map(|l| l.id()).collect(),
         )?;
-        drop(entry);
+        drop((entry, lanes));
         Ok(ActorHandle::new(mailbox, token))
     }
 

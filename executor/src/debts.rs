@@ -209,10 +209,28 @@ impl Debts {
     }
 
     /// The consumer's side: from now on `client` (this process's store client, the one that
-    /// stores its results) reports its frames to the returned ledger. One ledger per process.
+    /// stores its results) reports its frames to the returned ledger. One call per process
+    /// (it replaces the client's observer); a process of several consumer threads, each with
+    /// its own book, opens them together ([`Debts::open_all`]).
     pub fn open(self, client: &StoreClient) -> Ledger {
-        client.observe_frames(Stamper(self));
-        Ledger { debts: self }
+        Debts::open_all(vec![self], client)
+            .pop()
+            .expect("one ledger per book")
+    }
+
+    /// [`Debts::open`] for several consumers of one process (threads, each with its own
+    /// book, sharing `client`): a ledger each, in order.
+    pub fn open_all(books: Vec<Debts>, client: &StoreClient) -> Vec<Ledger> {
+        let ledgers = books
+            .iter()
+            .enumerate()
+            .map(|(index, debts)| Ledger {
+                debts: *debts,
+                index: index as u32,
+            })
+            .collect();
+        client.observe_frames(Stamper(books));
+        ledgers
     }
 
     /// The reaper's side: a dead consumer's last debts.
@@ -225,25 +243,30 @@ impl Debts {
 }
 
 thread_local! {
-    /// `n + 1` while debt `n` is armed in this thread: the publishing frames it queues stamp
-    /// that debt (0: none).
-    static ARMED: Cell<u64> = const { Cell::new(0) };
+    /// `(book, n + 1)` while debt `n` of the process's book `book` is armed in this thread:
+    /// the publishing frames it queues stamp that debt (`n + 1 == 0`: none).
+    static ARMED: Cell<(u32, u64)> = const { Cell::new((0, 0)) };
 }
 
-/// The store client's observer: stamps the armed debt, records what is written.
-struct Stamper(Debts);
+/// The store client's observer: stamps the armed debt in its book, and tells every book
+/// what is written.
+struct Stamper(Vec<Debts>);
 
 impl FrameObserver for Stamper {
     fn publishing(&self, seq: u64) {
-        let armed = ARMED.get();
-        if armed != 0 {
-            self.0.book().set_seq(armed - 1, seq);
+        let (book, armed) = ARMED.get();
+        if armed != 0
+            && let Some(debts) = self.0.get(book as usize)
+        {
+            debts.book().set_seq(armed - 1, seq);
             crate::fail_point!("trove::owing");
         }
     }
 
     fn written(&self, seq: u64) {
-        self.0.book().written(seq);
+        for debts in &self.0 {
+            debts.book().written(seq);
+        }
     }
 }
 
@@ -251,6 +274,8 @@ impl FrameObserver for Stamper {
 #[derive(Debug)]
 pub struct Ledger {
     debts: Debts,
+    /// Its book's place in the process's [`Stamper`].
+    index: u32,
 }
 
 impl Ledger {
@@ -291,13 +316,13 @@ impl Ledger {
         struct Disarm;
         impl Drop for Disarm {
             fn drop(&mut self) {
-                ARMED.set(0);
+                ARMED.set((0, 0));
             }
         }
         let r = {
             let _disarm = Disarm;
             if let Some(Owed(n)) = n {
-                ARMED.set(n + 1);
+                ARMED.set((self.index, n + 1));
             }
             put()
         };
@@ -394,10 +419,10 @@ mod tests {
         assert_eq!(unpaid(&b), vec![debt(500, true)]);
         // SAFETY: the box outlives `debts`.
         let debts = unsafe { Debts::new(&b) };
-        let stamper = Stamper(debts);
+        let stamper = Stamper(vec![debts]);
         stamper.publishing(DEBTS + 1);
         assert_eq!(unpaid(&b), vec![debt(500, true)], "not armed: no stamp");
-        let ledger = Ledger { debts };
+        let ledger = Ledger { debts, index: 0 };
         ledger
             .pay_with(Some(Owed(n)), || {
                 stamper.publishing(DEBTS + 1);
@@ -430,12 +455,52 @@ mod tests {
         let b = book();
         // SAFETY: the box outlives `debts`.
         let debts = unsafe { Debts::new(&b) };
-        let ledger = Ledger { debts };
+        let ledger = Ledger { debts, index: 0 };
         let n = b.owe(&debt(1, false), NOT_QUEUED).map(Owed).unwrap();
         assert_eq!(unpaid(&b), vec![debt(1, false)], "owed before the put");
         let r = ledger.pay_with(Some(n), || Err::<(), _>("store full"));
         assert_eq!(r, Err("store full"));
         assert_eq!(b.list(), vec![], "nothing owed");
-        assert_eq!(ARMED.get(), 0, "disarmed");
+        assert_eq!(ARMED.get(), (0, 0), "disarmed");
+    }
+
+    #[test]
+    fn threads_stamp_their_own_books() {
+        let (b0, b1) = (book(), book());
+        // SAFETY: the boxes outlive the handles.
+        let (d0, d1) = unsafe { (Debts::new(&b0), Debts::new(&b1)) };
+        let stamper = Stamper(vec![d0, d1]);
+        let (l0, l1) = (
+            Ledger {
+                debts: d0,
+                index: 0,
+            },
+            Ledger {
+                debts: d1,
+                index: 1,
+            },
+        );
+        let n0 = b0.owe(&debt(1, false), NOT_QUEUED).map(Owed).unwrap();
+        let n1 = b1.owe(&debt(2, false), NOT_QUEUED).map(Owed).unwrap();
+        l1.pay_with(Some(n1), || {
+            stamper.publishing(5);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        l0.pay_with(Some(n0), || {
+            stamper.publishing(6);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        // Each debt got its own frame's number, in its own book.
+        stamper.written(5);
+        assert_eq!(unpaid(&b1), vec![], "book 1 paid by frame 5");
+        assert_eq!(
+            unpaid(&b0),
+            vec![debt(1, false)],
+            "book 0 waits for frame 6"
+        );
+        stamper.written(6);
+        assert_eq!(unpaid(&b0), vec![]);
     }
 }

@@ -78,6 +78,9 @@ pub struct SpawnRequest {
     /// actor's own, or the task queue for a worker.
     pub queue: ObjectId,
     pub lifetime: Lifetime,
+    /// More mailboxes of the child (one per extra thread of a threaded actor), in which its
+    /// threads note their current calls and debts, looked at like `mailbox`'s when it dies.
+    pub lanes: Vec<ObjectId>,
     pub payload: Vec<u8>,
 }
 
@@ -93,6 +96,10 @@ impl SpawnRequest {
         b.extend_from_slice(&l.max_retries.to_le_bytes());
         b.extend_from_slice(l.token.as_bytes());
         b.extend_from_slice(l.keep.as_bytes());
+        b.extend_from_slice(&(self.lanes.len() as u32).to_le_bytes());
+        for lane in &self.lanes {
+            b.extend_from_slice(lane.as_bytes());
+        }
         b.extend_from_slice(&self.payload);
         b
     }
@@ -106,6 +113,14 @@ impl SpawnRequest {
         // the zygote's private sockets.
         let entry: Entry = unsafe { std::mem::transmute::<usize, Entry>(entry_addr) };
         let flags = *b.get(48)?;
+        let lanes = u32::from_le_bytes(b.get(97..101)?.try_into().ok()?) as usize;
+        if lanes > 4096 {
+            return None;
+        }
+        let lanes = (0..lanes)
+            .map(|i| id(101 + 20 * i))
+            .collect::<Option<Vec<_>>>()?;
+        let payload_at = 101 + 20 * lanes.len();
         Some(SpawnRequest {
             entry,
             mailbox: id(8)?,
@@ -119,7 +134,8 @@ impl SpawnRequest {
                 token: id(57)?,
                 keep: id(77)?,
             },
-            payload: b.get(97..)?.to_vec(),
+            lanes,
+            payload: b.get(payload_at..)?.to_vec(),
         })
     }
 }
@@ -323,6 +339,8 @@ struct Child {
     _keep: (Option<ObjectView>, Option<ObjectView>),
     mailbox: Mailbox,
     queue: Mailbox,
+    /// The child's other threads' mailboxes (see [`SpawnRequest::lanes`]), pinned.
+    lanes: Vec<(ObjectView, Mailbox)>,
     /// The zygote's end of the child's link.
     link: Option<UnixStream>,
     /// The process that asked for it (`None`: the driver).
@@ -589,6 +607,11 @@ impl Zyg {
                     .map_err(|e| format!("entry {}: {e}", req.lifetime.keep))?,
             )
         };
+        let lanes = req
+            .lanes
+            .iter()
+            .map(|id| attach(&self.client, *id))
+            .collect::<Result<Vec<_>, String>>()?;
         let (pid, link) = fork_child(&req, self.me)?;
         mailbox.set_consumer_pid(pid);
         let restarts_left = req.lifetime.max_restarts;
@@ -600,6 +623,7 @@ impl Zyg {
                 _keep: (keep, token),
                 mailbox,
                 queue,
+                lanes,
                 link: Some(link),
                 owner,
                 restarts_left,
@@ -724,14 +748,19 @@ impl Zyg {
             &mut child.attempts
         };
         let mut again: Vec<Vec<u8>> = Vec::new();
+        // Where its threads noted their calls and debts: its mailbox, and one lane per extra
+        // thread of a threaded actor.
+        let owns: Vec<Mailbox> = std::iter::once(child.mailbox)
+            .chain(child.lanes.iter().map(|(_, m)| *m))
+            .collect();
+        let currents: Vec<_> = owns.iter().map(|o| o.current()).collect();
         // Messages it had taken and still held in their queue slots: each one it had not yet
-        // noted as current is run again or failed here (the current one is looked at below,
-        // with its record and its debts); every such slot is freed, so the queue is not
+        // noted as current is run again or failed here (the current ones are looked at
+        // below, with their records and debts); every such slot is freed, so the queue is not
         // blocked.
-        let current = child.mailbox.current();
-        let current_pos = current.as_ref().map(|(pos, _)| *pos);
+        let is_current = |pos: u64| currents.iter().flatten().any(|(p, _)| *p == pos);
         child.queue.reclaim(pid.as_raw() as u32, |pos, m| {
-            if current_pos != Some(pos) {
+            if !is_current(pos) {
                 if let Some(msg) = Message::decode(m) {
                     if Self::note_attempt(attempts, msg.result, retries) {
                         again.push(retried(&msg));
@@ -742,41 +771,44 @@ impl Zyg {
                 child.queue.record(pos).abandon(pos);
             }
         });
-        // Results it made and was handing to its store client (see `crate::debts`).
-        let debts = child.mailbox.debts().unsettled();
-        // The call it was running, unless its result is in its record already or owed.
-        let mut rerun_in_place = false;
-        if let Some((pos, rec)) = &current
-            && let Some(m) = Message::decode(rec)
-        {
-            let (at, delivered) = child.queue.record(*pos).status();
-            let owed = debts.owes(&m.result);
-            let in_record = at == *pos && delivered;
-            if !in_record && !owed {
-                child.queue.record(*pos).abandon(*pos);
-                if child.cancelled == Some(m.result) {
-                    fail(&m, Failure::Cancelled);
-                } else if Self::note_attempt(attempts, m.result, retries) {
-                    if l.worker {
-                        again.push(retried(&m));
+        for (own, current) in owns.iter().zip(&currents) {
+            // Results it made and was handing to its store client (see `crate::debts`).
+            let debts = own.debts().unsettled();
+            // The call it was running, unless its result is in its record already or owed.
+            let mut rerun_in_place = false;
+            if let Some((pos, rec)) = current
+                && let Some(m) = Message::decode(rec)
+            {
+                let (at, delivered) = child.queue.record(*pos).status();
+                let owed = debts.owes(&m.result);
+                let in_record = at == *pos && delivered;
+                if !in_record && !owed {
+                    child.queue.record(*pos).abandon(*pos);
+                    if child.cancelled == Some(m.result) {
+                        fail(&m, Failure::Cancelled);
+                    } else if Self::note_attempt(attempts, m.result, retries) {
+                        if l.worker {
+                            again.push(retried(&m));
+                        } else {
+                            // The thread's next instance runs it first, so calls keep their
+                            // order.
+                            rerun_in_place = true;
+                        }
                     } else {
-                        // The actor's next instance runs it first, so calls keep their order.
-                        rerun_in_place = true;
+                        fail(&m, failure);
                     }
-                } else {
-                    fail(&m, failure);
                 }
             }
+            if !rerun_in_place {
+                own.clear_current();
+            }
+            debts.settle(
+                |pos| child.queue.record(pos),
+                |d| {
+                    let _ = report_failure(client, ObjectId(d.result), d.reply_to, failure, &why);
+                },
+            );
         }
-        if !rerun_in_place {
-            child.mailbox.clear_current();
-        }
-        debts.settle(
-            |pos| child.queue.record(pos),
-            |d| {
-                let _ = report_failure(client, ObjectId(d.result), d.reply_to, failure, &why);
-            },
-        );
         for m in again {
             if !matches!(child.queue.try_push(&m), Ok(Some(_)))
                 && let Some(m) = Message::decode(&m)
@@ -802,7 +834,10 @@ impl Zyg {
                 }
                 Err(e) => {
                     tracing::warn!("restarting process {pid}: {e}");
-                    child.mailbox.clear_current();
+                    for own in std::iter::once(child.mailbox).chain(child.lanes.iter().map(|l| l.1))
+                    {
+                        own.clear_current();
+                    }
                     if l.worker {
                         return;
                     }
@@ -897,6 +932,7 @@ mod tests {
                 token: ObjectId([3; 20]),
                 keep: ObjectId([4; 20]),
             },
+            lanes: vec![ObjectId([5; 20]), ObjectId([6; 20])],
             payload: b"payload".to_vec(),
         };
         let b = req.encode(OP_SPAWN);
@@ -904,6 +940,7 @@ mod tests {
         assert_eq!(back.entry as usize, entry as Entry as usize);
         assert_eq!((back.mailbox, back.queue), (req.mailbox, req.queue));
         assert_eq!(back.lifetime, req.lifetime);
+        assert_eq!(back.lanes, req.lanes);
         assert_eq!(back.payload, req.payload);
         // Every truncation is refused, never a panic.
         for n in 1..b.len() - req.payload.len() {

@@ -111,6 +111,30 @@ fn crash_once_at(path: &str) -> u64 {
     7
 }
 
+/// A threaded actor's state: `Send + Sync`.
+#[derive(Default)]
+pub struct Pool {
+    naps: std::sync::atomic::AtomicU64,
+    log: Vec<u64>,
+}
+
+impl Pool {
+    fn nap(&self, ms: u64) -> u64 {
+        self.naps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        sleep(Duration::from_millis(ms));
+        ms
+    }
+    fn note(&mut self, x: u64) {
+        self.log.push(x);
+    }
+    fn log(&self) -> Vec<u64> {
+        self.log.clone()
+    }
+    fn pid(&self) -> i32 {
+        std::process::id() as i32
+    }
+}
+
 fn square(x: u64) -> u64 {
     x * x
 }
@@ -439,6 +463,37 @@ pub fn helper_role(role: LifeRole) -> Res {
             check(done.get_timeout(T)?.deserialize()? == 16, "its value stays")?;
             drop((a, busy, queued, running_task, waiting, done));
             store_back_to(&rt, &base, "after cancels")?;
+            say(&format!("OK {}", took.as_millis()));
+        }
+        LifeRole::Threaded => {
+            let p = rt.threaded_actor(&ActorOptions::new(), 8, Pool::default, ())?;
+            let pid = p.call(Pool::pid, ())?.get_timeout(T)?.deserialize()?;
+            // Eight `&self` calls of 100 ms each overlap.
+            let t = Instant::now();
+            let naps = (0..8)
+                .map(|_| p.call(Pool::nap, (100,)))
+                .collect::<trove::Result<Vec<_>>>()?;
+            check(
+                rt.get_all_timeout(&naps, T)?.iter().all(|ms| *ms == 100),
+                "the naps' values",
+            )?;
+            let took = t.elapsed();
+            check(
+                took < Duration::from_millis(500),
+                &format!("8 calls of 100 ms took {took:?} on 8 threads"),
+            )?;
+            // `&mut self` calls run one at a time: none is lost.
+            let notes = (0..200)
+                .map(|i| p.call(Pool::note, (i,)))
+                .collect::<trove::Result<Vec<_>>>()?;
+            rt.get_all_timeout(&notes, T)?;
+            let mut log = p.call(Pool::log, ())?.get_timeout(T)?.deserialize()?;
+            log.sort_unstable();
+            check(log == (0..200).collect::<Vec<u64>>(), "every note, once")?;
+            // Its handles gone, every thread stops and the process ends.
+            drop((p, naps, notes));
+            gone_within(pid, Duration::from_secs(1), "the threaded actor")?;
+            store_back_to(&rt, &base, "after the threaded actor")?;
             say(&format!("OK {}", took.as_millis()));
         }
         LifeRole::Recursive { depth, .. } => {

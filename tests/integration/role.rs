@@ -306,6 +306,8 @@ roles! {
         Restarts = "restarts",
         /// Cancel before start, forced while running, after the end.
         Cancel = "cancel",
+        /// A threaded actor: `&self` calls overlap, `&mut self` calls run alone.
+        Threaded = "threaded",
         /// Tasks that spawn two tasks and get both, `depth` deep, on `cpus` workers.
         Recursive { depth: u64, cpus: u64 } = "recursive",
     }

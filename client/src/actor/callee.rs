@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use trove_executor::debts::{Debt, Ledger};
+use trove_executor::debts::{Debt, Debts, Ledger};
 use trove_executor::mailbox::{Mailbox, MailboxError};
 use trove_executor::message::{CALL_HEADER, Failure, KIND_CALL_BY_OBJECT, KIND_STOP, Message};
 use trove_executor::record::{Claim, INLINE_MAX, InlineResult, Record};
@@ -263,8 +263,29 @@ type TaskFn = fn(&StoreClient, &[u8], &Call) -> Option<Deferred>;
 type CtorFn = fn(&[u8]) -> std::result::Result<*mut u8, String>;
 
 /// The address a call to method `F` of `A` carries.
-pub(crate) fn method_address<A: 'static, F: Method<A, Args>, Args: Value>() -> u64 {
-    method_trampoline::<A, F, Args> as MethodFn as usize as u64
+pub(crate) fn method_address<A: 'static, F: Method<A, Args, K>, Args: Value, K: 'static>() -> u64 {
+    method_trampoline::<A, F, Args, K> as MethodFn as usize as u64
+}
+
+/// The lock of a threaded actor's state (see [`threaded`]): `&self` methods read, `&mut
+/// self` methods write. Unset in a single-threaded actor, which needs none.
+static STATE_LOCK: std::sync::OnceLock<std::sync::RwLock<()>> = std::sync::OnceLock::new();
+
+/// Runs `f` as a method of the given receiver kind may run: alone if it takes `&mut self`,
+/// beside other `&self` methods if not (on a threaded actor; on any other, calls run one
+/// at a time anyway).
+fn with_state_access<R>(shared: bool, f: impl FnOnce() -> R) -> R {
+    match STATE_LOCK.get() {
+        None => f(),
+        Some(lock) if shared => {
+            let _g = lock.read().unwrap_or_else(|p| p.into_inner());
+            f()
+        }
+        Some(lock) => {
+            let _g = lock.write().unwrap_or_else(|p| p.into_inner());
+            f()
+        }
+    }
 }
 
 /// The address a task `F` carries.
@@ -273,17 +294,22 @@ pub(crate) fn task_address<F: Function<Args>, Args: Value>() -> u64 {
 }
 
 /// # Safety
-/// `state` is the `Box<A>` the actor's constructor returned, used by this thread only.
-unsafe fn method_trampoline<A: 'static, F: Method<A, Args>, Args: Value>(
+/// `state` is the `Box<A>` the actor's constructor returned, used by this thread only, or,
+/// in a threaded actor (`A: Send + Sync`, [`threaded`]), by several threads through
+/// [`STATE_LOCK`].
+unsafe fn method_trampoline<A: 'static, F: Method<A, Args, K>, Args: Value, K: 'static>(
     state: *mut u8,
     client: &StoreClient,
     args: &[u8],
     call: &Call,
 ) -> Option<Deferred> {
-    // SAFETY: per the contract, `state` is a live, exclusively used `A`.
-    let actor = unsafe { &mut *(state as *mut A) };
+    let actor = state as *mut A;
     run_and_report(client, args, call, |a: Args| {
-        conjure::<F>().invoke(actor, a)
+        with_state_access(F::SHARED, || {
+            // SAFETY: `actor` is live (the contract); the lock (or the single thread) keeps
+            // a `&mut self` method alone with it, and `&self` methods beside readers only.
+            unsafe { conjure::<F>().invoke(actor, a) }
+        })
     })
 }
 
@@ -311,27 +337,73 @@ fn ctor_trampoline<A: 'static, C: Constructor<A, Args>, Args: Value>(
     Ok(Box::into_raw(Box::new(actor)) as *mut u8)
 }
 
-/// The loop of an actor or worker process: pop, run, repeat, until stopped, marked dead, or
-/// the store goes away. `queue` holds the calls and their completion records; `own` is this
-/// process's mailbox, where it notes the call it runs and the results it owes (the same as
-/// `queue` for an actor), so that whoever reaps it can fail them if it dies.
+/// A state pointer handed to the threads of a threaded actor.
+struct StatePtr(*mut u8);
+// SAFETY: only threaded actors share their state across threads, and those are `Send + Sync`
+// (`Runtime::threaded_actor`'s bounds); the threads reach it through `STATE_LOCK`.
+unsafe impl Send for StatePtr {}
+// SAFETY: as above.
+unsafe impl Sync for StatePtr {}
+
+/// An actor's or worker's process: serves `queue` on one thread per mailbox in `owns` (each
+/// thread notes its current call and debts in its own; see [`serve`]), and returns once
+/// every thread has stopped. With more than one, the actor is threaded: its state is
+/// reached through [`STATE_LOCK`].
+pub(crate) fn serve_all(
+    client: &StoreClient,
+    queue: &Mailbox,
+    owns: &[Mailbox],
+    state: *mut u8,
+    on_idle: &(dyn Fn(Duration) -> bool + Sync),
+) -> i32 {
+    let ledgers = Debts::open_all(owns.iter().map(|m| m.debts()).collect(), client);
+    if owns.len() == 1 {
+        return serve(client, queue, &owns[0], &ledgers[0], state, on_idle);
+    }
+    let _ = STATE_LOCK.set(std::sync::RwLock::new(()));
+    let shared = StatePtr(state);
+    std::thread::scope(|scope| {
+        let shared = &shared;
+        let mut threads = Vec::new();
+        for (i, (own, ledger)) in owns.iter().zip(&ledgers).enumerate().skip(1) {
+            let spawned = std::thread::Builder::new()
+                .name(format!("trove-actor-{i}"))
+                .spawn_scoped(scope, move || {
+                    serve(client, queue, own, ledger, shared.0, on_idle)
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::warn!("starting an actor thread: {e}"),
+            }
+        }
+        let code = serve(client, queue, &owns[0], &ledgers[0], shared.0, on_idle);
+        for t in threads {
+            let _ = t.join();
+        }
+        code
+    })
+}
+
+/// The loop of one consumer thread: pop, run, repeat, until stopped, marked dead, or the
+/// store goes away. `queue` holds the calls and their completion records; `own` is this
+/// thread's mailbox, where it notes the call it runs, and `ledger` (on `own`) the results it
+/// owes (`own` is `queue` for a single-threaded actor), so that whoever reaps the process
+/// can fail them if it dies.
 ///
 /// `on_idle` is asked, each time the queue has been empty a while, with how long it has been
 /// empty; `true` ends the loop (an extra worker retiring).
-pub(crate) fn serve(
+fn serve(
     client: &StoreClient,
     queue: &Mailbox,
     own: &Mailbox,
+    ledger: &Ledger,
     state: *mut u8,
-    on_idle: &dyn Fn(Duration) -> bool,
+    on_idle: &(dyn Fn(Duration) -> bool + Sync),
 ) -> i32 {
     // Aligned, so that inline arguments (at `CALL_HEADER + ARGS_PAD`) are read in place.
     let mut buf = rkyv::util::AlignedVec::<ARGS_ALIGN>::with_capacity(SLOT_BYTES as usize);
     // Results whose frames are queued but not yet written: recorded once they are.
     let mut done: Vec<Deferred> = Vec::new();
-    // Where it notes the results it owes while it stores them; its store client stamps and
-    // pays them (see `trove_executor::debts`).
-    let ledger = own.debts().open(client);
     // This consumer's tag in the queue slots it holds (see `Mailbox::try_pop`).
     let tag = std::process::id();
     let record_done = |done: &mut Vec<Deferred>| {
@@ -387,6 +459,8 @@ pub(crate) fn serve(
         };
         if m.kind == KIND_STOP {
             own.clear_current();
+            // The other threads of a threaded actor stop too, each after its current call.
+            let _ = queue.try_push(&buf);
             // Hand over what is done before going.
             if client.flush().is_ok() {
                 record_done(&mut done);
@@ -403,7 +477,7 @@ pub(crate) fn serve(
             reply_to: m.reply_to,
             pos,
             record: queue.record(pos),
-            ledger: &ledger,
+            ledger,
             to_store: retry || m.retried,
         };
         let deferred = run_call(client, &m, &call, state);

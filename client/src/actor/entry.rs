@@ -23,6 +23,8 @@ struct ChildSpec {
     task_retries: u32,
     /// An extra worker (see [`lend`]).
     extra: bool,
+    /// A threaded actor's lanes: a mailbox per extra thread (see `SpawnRequest::lanes`).
+    lanes: Vec<ObjectId>,
     ctor: u64,
     ctor_args: Vec<u8>,
 }
@@ -36,6 +38,10 @@ impl ChildSpec {
         b.extend_from_slice(&self.ctor.to_le_bytes());
         b.extend_from_slice(&self.task_retries.to_le_bytes());
         b.push(self.extra as u8);
+        b.extend_from_slice(&(self.lanes.len() as u32).to_le_bytes());
+        for lane in &self.lanes {
+            b.extend_from_slice(lane.as_bytes());
+        }
         b.extend_from_slice(&(sock.len() as u32).to_le_bytes());
         b.extend_from_slice(sock);
         b.extend_from_slice(&(self.namespace.len() as u32).to_le_bytes());
@@ -49,9 +55,17 @@ impl ChildSpec {
         let ctor = u64::from_le_bytes(b.get(20..28)?.try_into().ok()?);
         let task_retries = u32::from_le_bytes(b.get(28..32)?.try_into().ok()?);
         let extra = *b.get(32)? != 0;
-        let n = u32::from_le_bytes(b.get(33..37)?.try_into().ok()?) as usize;
-        let socket = PathBuf::from(std::ffi::OsStr::from_bytes(b.get(37..37 + n)?));
-        let at = 37 + n;
+        let lanes = u32::from_le_bytes(b.get(33..37)?.try_into().ok()?) as usize;
+        if lanes > 4096 {
+            return None;
+        }
+        let lanes = (0..lanes)
+            .map(|i| Some(ObjectId(b.get(37 + 20 * i..57 + 20 * i)?.try_into().ok()?)))
+            .collect::<Option<Vec<_>>>()?;
+        let at = 37 + 20 * lanes.len();
+        let n = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize;
+        let socket = PathBuf::from(std::ffi::OsStr::from_bytes(b.get(at + 4..at + 4 + n)?));
+        let at = at + 4 + n;
         let k = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize;
         let namespace = String::from_utf8(b.get(at + 4..at + 4 + k)?.to_vec()).ok()?;
         Some(ChildSpec {
@@ -60,6 +74,7 @@ impl ChildSpec {
             task_queue,
             task_retries,
             extra,
+            lanes,
             ctor,
             ctor_args: b.get(at + 4 + k..)?.to_vec(),
         })
@@ -79,6 +94,7 @@ impl ChildSpec {
             task_queue: sh.task_queue_id,
             task_retries: sh.task_retries,
             extra: false,
+            lanes: Vec::new(),
             ctor,
             ctor_args,
         }
@@ -114,21 +130,27 @@ pub(crate) fn worker_mailbox(client: &StoreClient) -> Result<ObjectRef<[u8]>> {
 }
 
 /// Has the zygote fork an actor process serving `mailbox`, built by the constructor at
-/// `ctor` from `ctor_args` (an rkyv archive), living as `lifetime` says; returns its pid.
+/// `ctor` from `ctor_args` (an rkyv archive), living as `lifetime` says, with a thread per
+/// lane beside its main one (a threaded actor); returns its pid.
 pub(crate) fn start_actor(
     sh: &Shared,
     mailbox: ObjectId,
     ctor: u64,
     ctor_args: Vec<u8>,
     lifetime: Lifetime,
+    lanes: Vec<ObjectId>,
 ) -> Result<i32> {
-    let spec = ChildSpec::of(sh, ctor, ctor_args);
+    let spec = ChildSpec {
+        lanes: lanes.clone(),
+        ..ChildSpec::of(sh, ctor, ctor_args)
+    };
     sh.zygote()?
         .spawn(&SpawnRequest {
             entry: actor_entry,
             mailbox,
             queue: mailbox,
             lifetime,
+            lanes,
             payload: spec.payload(mailbox),
         })
         .map_err(|e| Error::Init(e.to_string()))
@@ -145,6 +167,7 @@ fn worker_request(sh: &Shared, own: ObjectId, extra: bool) -> SpawnRequest {
             max_retries: sh.task_retries,
             ..Lifetime::default()
         },
+        lanes: Vec::new(),
         payload: ChildSpec {
             extra,
             ..ChildSpec::of(sh, 0, Vec::new())
@@ -231,6 +254,15 @@ fn actor_entry(payload: &[u8]) -> i32 {
     let Ok(own) = context::attach(&rt.0.client, mailbox_id) else {
         return 4;
     };
+    // A threaded actor's other threads' mailboxes.
+    let Ok(lanes) = spec
+        .lanes
+        .iter()
+        .map(|id| context::attach(&rt.0.client, *id))
+        .collect::<Result<Vec<_>>>()
+    else {
+        return 4;
+    };
     let state = match callee::construct(spec.ctor, &spec.ctor_args) {
         Ok(s) => s,
         Err(e) => {
@@ -238,7 +270,10 @@ fn actor_entry(payload: &[u8]) -> i32 {
             return 5;
         }
     };
-    callee::serve(&rt.0.client, &own.mailbox, &own.mailbox, state, &|_| false)
+    let owns: Vec<_> = std::iter::once(own.mailbox)
+        .chain(lanes.iter().map(|l| l.mailbox))
+        .collect();
+    callee::serve_all(&rt.0.client, &own.mailbox, &owns, state, &|_| false)
 }
 
 /// How long an extra worker waits idle before it asks to retire.
@@ -263,10 +298,10 @@ fn worker_entry(payload: &[u8]) -> i32 {
     let on_idle = move |idle: Duration| {
         extra && idle >= EXTRA_IDLE && sh.zygote().is_ok_and(|z| z.may_retire().unwrap_or(false))
     };
-    callee::serve(
+    callee::serve_all(
         &rt.0.client,
         queue,
-        &own.mailbox,
+        &[own.mailbox],
         std::ptr::null_mut(),
         &on_idle,
     )

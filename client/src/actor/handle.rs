@@ -134,19 +134,21 @@ impl<A: 'static> ActorHandle<A> {
     }
 
     /// Calls `method` with `args` (a tuple): returns the result's ref at once. Calls from one
-    /// caller run in order, one at a time.
-    pub fn call<M, Args>(
+    /// caller run in order, one at a time (on a threaded actor, up to its `max_concurrency`
+    /// at once: see [`Runtime::threaded_actor`](crate::Runtime::threaded_actor)).
+    pub fn call<M, Args, K>(
         &self,
         method: M,
         args: Args,
     ) -> Result<ObjectRef<<M::Output as Outcome>::Value>>
     where
-        M: Method<A, Args>,
+        M: Method<A, Args, K>,
         Args: Value,
+        K: 'static,
     {
         let _ = method;
         let sh = context::shared()?;
-        let func = callee::method_address::<A, M, Args>();
+        let func = callee::method_address::<A, M, Args, K>();
         let mailbox = self.mailbox(&sh)?;
         let keepalive: Arc<dyn Send + Sync> = self.inner.clone();
         caller::send_call(

@@ -25,4 +25,4 @@ pub(crate) use caller::spawn_task;
 pub(crate) use handle::type_tag;
 pub use handle::{ActorHandle, ArchivedActorHandle};
 pub use options::ActorOptions;
-pub use traits::{Constructor, Function, Method};
+pub use traits::{Constructor, Exclusive, Function, Method, Shared};

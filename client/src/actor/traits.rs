@@ -4,13 +4,29 @@
 use crate::outcome::Outcome;
 
 /// A method of actor type `A` taking the argument tuple `Args`: `Type::method` or a closure
-/// without captures, `Fn(&mut A, T1, .., Tn) -> O` for up to six arguments.
-pub trait Method<A, Args>: Copy + Send + 'static {
+/// without captures, `Fn(&mut A, T1, .., Tn) -> O` ([`Exclusive`]) or `Fn(&A, T1, .., Tn) -> O`
+/// ([`Shared`]) for up to six arguments. `K` is inferred from the method's receiver.
+pub trait Method<A, Args, K = Exclusive>: Copy + Send + 'static {
     /// What the method returns.
     type Output: Outcome;
+    /// Whether the method takes `&self` (on a threaded actor it runs beside other such
+    /// calls; a `&mut self` method runs alone).
+    const SHARED: bool;
     /// Calls the method on `actor` with the arguments spread out.
-    fn invoke(self, actor: &mut A, args: Args) -> Self::Output;
+    ///
+    /// # Safety
+    /// `actor` points at a live `A`; while the call runs, nothing else uses it if the method
+    /// is not [`Method::SHARED`], and nothing mutates it if it is.
+    unsafe fn invoke(self, actor: *mut A, args: Args) -> Self::Output;
 }
+
+/// The receiver kind of a `&mut self` method (see [`Method`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Exclusive {}
+
+/// The receiver kind of a `&self` method (see [`Method`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Shared {}
 
 /// A task function taking the argument tuple `Args` (up to six arguments).
 pub trait Function<Args>: Copy + Send + 'static {
@@ -28,15 +44,30 @@ pub trait Constructor<A, Args>: Copy + Send + 'static {
 
 macro_rules! arities {
     ($(($($t:ident $v:ident),*)),* $(,)?) => {$(
-        impl<A, F, O, $($t),*> Method<A, ($($t,)*)> for F
+        impl<A, F, O, $($t),*> Method<A, ($($t,)*), Exclusive> for F
         where
             F: Fn(&mut A, $($t),*) -> O + Copy + Send + 'static,
             O: Outcome,
         {
             type Output = O;
+            const SHARED: bool = false;
             #[allow(unused_variables)]
-            fn invoke(self, actor: &mut A, ($($v,)*): ($($t,)*)) -> O {
-                self(actor, $($v),*)
+            unsafe fn invoke(self, actor: *mut A, ($($v,)*): ($($t,)*)) -> O {
+                // SAFETY: per the contract, a live `A` nothing else uses meanwhile.
+                self(unsafe { &mut *actor }, $($v),*)
+            }
+        }
+        impl<A, F, O, $($t),*> Method<A, ($($t,)*), Shared> for F
+        where
+            F: Fn(&A, $($t),*) -> O + Copy + Send + 'static,
+            O: Outcome,
+        {
+            type Output = O;
+            const SHARED: bool = true;
+            #[allow(unused_variables)]
+            unsafe fn invoke(self, actor: *mut A, ($($v,)*): ($($t,)*)) -> O {
+                // SAFETY: per the contract, a live `A` nothing mutates meanwhile.
+                self(unsafe { &*actor }, $($v),*)
             }
         }
         impl<F, O, $($t),*> Function<($($t,)*)> for F
