@@ -52,6 +52,7 @@ const GROUPS: &[&str] = &[
     "futex_pingpong",
     "round_robin",
     "tasks",
+    "actors_many",
 ];
 
 // ---- the actor and the task functions ----
@@ -194,6 +195,7 @@ fn child(group: &str, k: &Knobs) -> anyhow::Result<()> {
                 "one_to_n" => one_to_n(&rt, k),
                 "round_robin" => round_robin(&rt, k),
                 "tasks" => tasks(&rt, k),
+                "actors_many" => actors_many(&rt, k),
                 other => bail!("unknown figure group {other}"),
             }
         }
@@ -303,6 +305,75 @@ fn create(rt: &trove::Runtime, k: &Knobs) -> anyhow::Result<()> {
         rt.kill(&a)?;
     }
     emit("actor_create_first_call", median(v));
+    Ok(())
+}
+
+/// Memory of process `pid` that no other process shares (Private_Clean + Private_Dirty of
+/// `/proc/<pid>/smaps_rollup`), and its proportional share (Pss), in MiB.
+fn unique_memory(pid: i32) -> anyhow::Result<(f64, f64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let kib = |key: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let uss = kib("Private_Clean:") + kib("Private_Dirty:");
+    Ok((uss / 1024.0, kib("Pss:") / 1024.0))
+}
+
+/// Actors at scale: how long it takes to start 1,000 actors (each until its first call
+/// returned), how many could live at once, and what one idle actor costs in memory.
+fn actors_many(rt: &trove::Runtime, k: &Knobs) -> anyhow::Result<()> {
+    let n = if k.quick { 100 } else { 1000 };
+    let t = Instant::now();
+    let mut actors = Vec::with_capacity(n);
+    let mut first = Vec::with_capacity(n);
+    for _ in 0..n {
+        match rt.actor(Worker::default).and_then(|a| {
+            let r = a.call(Worker::inc, ())?;
+            Ok((a, r))
+        }) {
+            Ok((a, r)) => {
+                actors.push(a);
+                first.push(r);
+            }
+            Err(e) => {
+                eprintln!("actor {} of {n}: {e}", actors.len() + 1);
+                break;
+            }
+        }
+    }
+    let mut answered = 0;
+    for r in &first {
+        if r.get_timeout(Duration::from_secs(60)).is_ok() {
+            answered += 1;
+        }
+    }
+    let took = t.elapsed().as_secs_f64();
+    emit("actors_alive", answered as f64);
+    if answered == n {
+        emit("actors_1000_start_s", took * 1000.0 / n as f64);
+    }
+    emit("actor_start_each_ms", took * 1e3 / answered.max(1) as f64);
+    // Idle for a moment (their first page faults done), then a sample's own memory.
+    std::thread::sleep(Duration::from_millis(300));
+    let sample: Vec<(f64, f64)> = actors
+        .iter()
+        .step_by((actors.len() / 20).max(1))
+        .filter_map(|a| unique_memory(a.pid()).ok())
+        .collect();
+    emit(
+        "actor_idle_uss",
+        median(sample.iter().map(|m| m.0).collect()),
+    );
+    emit(
+        "actor_idle_pss",
+        median(sample.iter().map(|m| m.1).collect()),
+    );
+    drop(first);
+    drop(actors);
     Ok(())
 }
 
@@ -608,6 +679,11 @@ const FIGURES: &[(&str, &str, Goal)] = &[
     ),
     ("task_sync", "1/s", Goal::AtLeast(300e3)),
     ("task_async", "1/s", Goal::AtLeast(1e6)),
+    ("actors_alive", "actors", Goal::AtLeast(1000.0)),
+    ("actors_1000_start_s", "s", Goal::None),
+    ("actor_start_each_ms", "ms", Goal::None),
+    ("actor_idle_uss", "MiB", Goal::AtMost(2.0)),
+    ("actor_idle_pss", "MiB", Goal::None),
 ];
 
 /// Runs one figure group in a fresh process; returns its figures.

@@ -382,6 +382,8 @@ impl Runtime {
         let lanes = (1..threads)
             .map(|_| entry::worker_mailbox(&sh.client))
             .collect::<Result<Vec<_>>>()?;
+        // The zygote waits for the token (a one-way frame): send it now.
+        sh.client.flush()?;
         entry::start_actor(
             sh,
             mailbox.id(),
