@@ -545,7 +545,8 @@ impl Zyg {
                     if self.extras >= self.blocked {
                         return (true, Vec::new());
                     }
-                    match self.spawn(req, from) {
+                    // Nobody's: an extra worker outlives the task that waited.
+                    match self.spawn(req, None) {
                         Ok(pid) => {
                             self.extras += 1;
                             (true, pid.to_le_bytes().to_vec())
@@ -563,7 +564,13 @@ impl Zyg {
                 let extra = from
                     .and_then(|p| self.children.get(&p))
                     .is_some_and(|c| c.req.lifetime.extra && !c.retired);
-                let retire = extra && self.extras > self.blocked;
+                // A worker that owns actors (started by its tasks) stays: they would die with
+                // it.
+                let owns = self
+                    .children
+                    .values()
+                    .any(|c| c.owner.is_some() && c.owner == from && !c.req.lifetime.detached);
+                let retire = extra && !owns && self.extras > self.blocked;
                 if retire {
                     self.extras -= 1;
                     if let Some(c) = from.and_then(|p| self.children.get_mut(&p)) {

@@ -282,6 +282,15 @@ pub fn helper_role(role: LifeRole) -> Res {
             )?;
             drop((stored, back));
             gone_within(c_pid, Duration::from_secs(1), "the actor whose object went")?;
+            // A dead process's handles count as dropped.
+            let e = rt.actor(Counter::default)?;
+            let e_pid = e.call(Counter::pid, ())?.get_timeout(T)?.deserialize()?;
+            b.call(Counter::keep, (e,))?.get_timeout(T)?;
+            sleep(Duration::from_millis(300));
+            check(running(e_pid), "the actor stopped while a handle was left")?;
+            let b_pid = b.call(Counter::pid, ())?.get_timeout(T)?.deserialize()?;
+            kill(Pid::from_raw(b_pid), Signal::SIGKILL)?;
+            gone_within(e_pid, Duration::from_secs(2), "the actor whose holder died")?;
             drop(b);
             store_back_to(&rt, &base, "after the actors stopped")?;
             say(&format!("OK {}", took.as_millis()));
@@ -455,9 +464,13 @@ pub fn helper_role(role: LifeRole) -> Res {
                 Err(Error::Cancelled) => {}
                 other => return Err(format!("a cancelled task gave {other:?}").into()),
             }
-            // The pool is replaced: tasks run.
+            // Its worker was killed and replaced: a task runs at once (the one worker would
+            // otherwise sleep for 5 s still).
             let done = rt.spawn(square, (4,))?;
-            check(done.get_timeout(T)?.deserialize()? == 16, "a task after")?;
+            check(
+                done.get_timeout(Duration::from_secs(3))?.deserialize()? == 16,
+                "a task after the forced cancel",
+            )?;
             // A finished call is not cancelled.
             check(!rt.cancel(&done, true)?, "cancel of a finished task")?;
             check(done.get_timeout(T)?.deserialize()? == 16, "its value stays")?;
