@@ -197,6 +197,8 @@ pub fn helper_role(role: LifeRole) -> Res {
     let _ = nix::unistd::setsid();
     let mut cfg = Config::default().memory(512 << 20).num_cpus(2);
     match role {
+        // A mailbox is 512 KiB of the store.
+        LifeRole::Many { n } => cfg = cfg.memory((256 << 20) + n * (1 << 20)),
         LifeRole::Restarts => cfg = cfg.task_max_retries(1),
         LifeRole::Cancel => cfg = cfg.num_cpus(1),
         LifeRole::Recursive { cpus, .. } => cfg = cfg.num_cpus(cpus as usize),
@@ -508,6 +510,44 @@ pub fn helper_role(role: LifeRole) -> Res {
             gone_within(pid, Duration::from_secs(1), "the threaded actor")?;
             store_back_to(&rt, &base, "after the threaded actor")?;
             say(&format!("OK {}", took.as_millis()));
+        }
+        LifeRole::Many { n } => {
+            let t = Instant::now();
+            let actors = (0..n)
+                .map(|_| rt.actor(Counter::default))
+                .collect::<trove::Result<Vec<_>>>()?;
+            let pid_refs = actors
+                .iter()
+                .map(|a| a.call(Counter::pid, ()))
+                .collect::<trove::Result<Vec<_>>>()?;
+            let pids = rt.get_all_timeout(&pid_refs, T)?;
+            drop(pid_refs);
+            let started = t.elapsed();
+            check(
+                pids.iter().all(|p| running(*p)),
+                "every actor's process runs",
+            )?;
+            // All alive at once, each answering (its own state).
+            let counts = actors
+                .iter()
+                .map(|a| a.call(Counter::incr, ()))
+                .collect::<trove::Result<Vec<_>>>()?;
+            check(
+                rt.get_all_timeout(&counts, T)?.iter().all(|c| *c == 1),
+                "every actor counted once",
+            )?;
+            drop((actors, counts));
+            let t = Instant::now();
+            for p in &pids {
+                gone_within(*p, Duration::from_secs(20), "an actor without handles")?;
+            }
+            let stopped = t.elapsed();
+            store_back_to(&rt, &base, "after the actors stopped")?;
+            say(&format!(
+                "OK started {} ms, stopped {} ms",
+                started.as_millis(),
+                stopped.as_millis()
+            ));
         }
         LifeRole::Recursive { depth, .. } => {
             let t = Instant::now();
