@@ -308,6 +308,11 @@ impl Calls {
         Some(mailbox)
     }
 
+    /// Whether calls forgotten while running keep arguments (see [`Calls::reap_running`]).
+    pub(crate) fn has_running(&self) -> bool {
+        !lock(&self.0).running.is_empty()
+    }
+
     /// Releases what calls in `running` kept, for those that have run: their record moved
     /// on, their result is in the store (or lost), or their mailbox is dead.
     pub(crate) fn reap_running(&self, client: &StoreClient) {

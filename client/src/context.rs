@@ -217,30 +217,42 @@ pub(crate) fn uninstall(sh: &Arc<Shared>) {
     if g.as_ref().is_some_and(|s| Arc::ptr_eq(s, sh)) {
         *g = None;
     }
+    // Its flusher may be waiting for frames: it ends now rather than at its timeout.
+    sh.client.wake_flusher();
 }
 
-/// Writes batched one-way frames every millisecond or so, so that a process that drops refs
-/// and then idles still releases them promptly, and every 10 ms releases the arguments of
-/// forgotten calls that have run ([`Calls::reap_running`]). Ends with the context.
+/// Writes batched one-way frames a millisecond or so after they are queued, so that a process
+/// that drops refs and then idles still releases them promptly, and every 10 ms releases the
+/// arguments of forgotten calls that have run ([`Calls::reap_running`]). With nothing to write
+/// and no such calls it sleeps until a frame is queued (at most 100 ms at a time), so an idle
+/// process costs nothing. Ends with the context.
 pub(crate) fn start_flusher(sh: &Arc<Shared>) {
     let weak = Arc::downgrade(sh);
-    if sh.client.set_batching(true).is_err() {
+    let client = sh.client.clone();
+    if client.set_batching(true).is_err() {
         return;
     }
     let _ = std::thread::Builder::new()
         .name("trove-flusher".into())
         .spawn(move || {
-            let mut tick = 0u32;
-            while let Some(sh) = weak.upgrade() {
-                tick = tick.wrapping_add(1);
-                if tick.is_multiple_of(10) {
+            let mut reaped = Instant::now();
+            loop {
+                let Some(sh) = weak.upgrade() else {
+                    return;
+                };
+                let running = sh.calls.has_running();
+                if running && reaped.elapsed() >= Duration::from_millis(10) {
                     sh.calls.reap_running(&sh.client);
+                    reaped = Instant::now();
                 }
                 if sh.client.flush().is_err() {
                     return;
                 }
                 drop(sh);
-                std::thread::sleep(Duration::from_millis(1));
+                if running || client.wait_for_frames(Duration::from_millis(100)) {
+                    // Let a burst of frames gather into one write.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
         });
 }

@@ -28,6 +28,9 @@ pub(super) struct ReadState {
 /// The socket half of a client: request/reply with ids, any thread may read for the others.
 pub(super) struct Conn {
     pub(super) writer: Mutex<Writer>,
+    /// Signalled when a frame is queued into an empty batch while a flusher waits for one
+    /// (see [`StoreClient::wait_for_frames`]).
+    pub(super) queued: Condvar,
     pub(super) read: Mutex<ReadState>,
     pub(super) cv: Condvar,
     pub(super) next_req: AtomicU64,
@@ -52,6 +55,8 @@ pub(super) struct Writer {
     /// Told the numbers of frames publishing objects as they are queued, and of the last
     /// frame written after each write (see [`StoreClient::observe_frames`]).
     pub(super) observer: Option<Box<dyn FrameObserver>>,
+    /// A flusher waits for a frame to be queued (see [`StoreClient::wait_for_frames`]).
+    pub(super) flusher_waiting: bool,
 }
 
 /// Told the sequence numbers of a client's frames (numbered from 1 in the order they are
@@ -101,6 +106,9 @@ impl Conn {
         }
         if req != 0 || !w.batching || w.batch.len() >= BATCH_LIMIT {
             w.flush()?;
+        } else if w.flusher_waiting {
+            w.flusher_waiting = false;
+            self.queued.notify_one();
         }
         Ok(seq)
     }
@@ -227,6 +235,43 @@ impl StoreClient {
     /// Writes the one-way frames queued so far (releases, holds, small puts, watches).
     pub fn flush(&self) -> Result<()> {
         self.inner.conn.flush()
+    }
+
+    /// For a flusher: waits until a one-way frame is queued in the batch (at most `timeout`);
+    /// whether one is. So an idle process's flusher sleeps instead of waking every
+    /// millisecond (a thousand idle actors would otherwise keep the machine busy).
+    pub fn wait_for_frames(&self, timeout: Duration) -> bool {
+        let conn = &self.inner.conn;
+        let mut w = lock(&conn.writer);
+        let deadline = Instant::now() + timeout;
+        // Cleared by whoever wakes us: a frame queued, or `wake_flusher`.
+        w.flusher_waiting = true;
+        let queued = loop {
+            if !w.batch.is_empty() {
+                break true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !w.flusher_waiting || left.is_zero() {
+                break false;
+            }
+            w = conn
+                .queued
+                .wait_timeout(w, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        };
+        w.flusher_waiting = false;
+        queued
+    }
+
+    /// Ends a [`StoreClient::wait_for_frames`] at once (its process is shutting trove down).
+    pub fn wake_flusher(&self) {
+        let conn = &self.inner.conn;
+        let mut w = lock(&conn.writer);
+        if w.flusher_waiting {
+            w.flusher_waiting = false;
+            conn.queued.notify_all();
+        }
     }
 
     /// From now on tells `observer` the numbers of the frames this client queues and writes

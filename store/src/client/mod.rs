@@ -134,7 +134,9 @@ impl StoreClient {
                         batching: false,
                         last: 0,
                         observer: None,
+                        flusher_waiting: false,
                     }),
+                    queued: Condvar::new(),
                     read: Mutex::new(ReadState {
                         reader: Some(reader),
                         replies: HashMap::new(),
