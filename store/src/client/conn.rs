@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::{StoreClient, lock, reply_error};
 use crate::blocks::id::ObjectId;
 use crate::error::{Result, StoreError};
-use crate::protocol::{self, Event, MAX_REPLY, PROTOCOL_VERSION, Reply, Request};
+use crate::protocol::{self, ErrorCode, Event, MAX_REPLY, PROTOCOL_VERSION, Reply, Request};
 use crate::sock;
 
 pub(super) struct ReadState {
@@ -111,6 +111,11 @@ impl Conn {
 
     /// Sends a request and waits for its reply.
     pub(super) fn call(&self, r: &Request) -> Result<Reply> {
+        Ok(self.call_with_seq(r)?.0)
+    }
+
+    /// [`Conn::call`], also giving the request's frame sequence number.
+    pub(super) fn call_with_seq(&self, r: &Request) -> Result<(Reply, u64)> {
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let seq = match self.send(req, r) {
             Ok(seq) => seq,
@@ -125,7 +130,7 @@ impl Conn {
         };
         let reply = self.wait_reply(|st| st.replies.remove(&req))?;
         self.synced.fetch_max(seq, Ordering::AcqRel);
-        Ok(reply)
+        Ok((reply, seq))
     }
 
     /// Whether the daemon has handled the frame with sequence number `seq`.
@@ -349,6 +354,11 @@ pub(super) fn handshake(socket: &Path) -> Result<(UnixStream, u32, std::os::fd::
                 "protocol version {version}, this client speaks {PROTOCOL_VERSION}"
             )));
         }
+        Reply::Error {
+            code: code @ ErrorCode::TooManyClients,
+            nums,
+            message,
+        } => return Err(Reply::into_error(code, nums, message, ObjectId::default())),
         Reply::Error { message, .. } => return Err(StoreError::Refused(message)),
         other => {
             return Err(StoreError::Protocol(format!(

@@ -15,7 +15,7 @@ use super::{StoreClient, lock};
 use crate::blocks::id::ObjectId;
 use crate::blocks::shm::{FLAG_ERROR, Lookup, SealedEntry};
 use crate::error::Result;
-use crate::protocol::Request;
+use crate::protocol::{Reply, Request};
 
 /// This process's references to one object: views and counted references alike.
 pub(super) struct Held {
@@ -114,6 +114,9 @@ impl StoreClient {
     /// Takes one view reference on `id` if it can be pinned now; returns where it is:
     /// (offset, size, reports a failure).
     pub(super) fn try_pin_for_view(&self, id: &ObjectId) -> Option<(u64, u64, bool)> {
+        if self.inner.overflow {
+            return self.try_pin_through_daemon(id);
+        }
         let dir = self.inner.arena.directory();
         let me = self.inner.index;
         let mut guard = lock(&self.inner.holds);
@@ -175,6 +178,48 @@ impl StoreClient {
         None
     }
 
+    /// An overflow client's [`StoreClient::try_pin_for_view`]: it has no pin bit, so its first
+    /// reference to a sealed object is a `Pin` round trip (the daemon keeps one pin per object
+    /// for it while this process counts references; the last release is an `Unhold`). The
+    /// holds lock is kept across the round trip, so the daemon's pin and this process's count
+    /// change together: no `Unhold` of another thread comes between them, and every frame of
+    /// this client (its `Hold`s, `Unhold`s, puts) reaches the daemon in order.
+    fn try_pin_through_daemon(&self, id: &ObjectId) -> Option<(u64, u64, bool)> {
+        let mut holds = lock(&self.inner.holds);
+        if let Some(h) = holds.map.get_mut(id) {
+            if h.rejected {
+                return None;
+            }
+            if let Some((offset, size)) = h.loc {
+                // Pinned by the daemon for this process already (or at the seal it awaits).
+                h.count += 1;
+                return Some((offset, size, h.error));
+            }
+        }
+        // Not sealed: no round trip (a waiting get asks again once it is).
+        if !matches!(self.inner.arena.directory().lookup(id), Lookup::Sealed(_)) {
+            return None;
+        }
+        let (reply, seq) = self
+            .inner
+            .conn
+            .call_with_seq(&Request::Pin { id: *id })
+            .ok()?;
+        let Reply::Pinned {
+            offset,
+            size,
+            error,
+        } = reply
+        else {
+            return None;
+        };
+        let h = holds.map.entry(*id).or_insert_with(|| Held::by_daemon(seq));
+        h.count += 1;
+        h.loc = Some((offset, size));
+        h.error = error;
+        Some((offset, size, error))
+    }
+
     /// Our failed pin raced with a deferred delete, or our last pin of a reference-counted
     /// object went: the daemon rechecks the object.
     pub(super) fn tell_release(&self, id: &ObjectId) {
@@ -196,7 +241,11 @@ impl StoreClient {
             .unholding
             .remove(id)
             .is_some_and(|seq| !self.inner.conn.is_synced(seq));
-        if !unholding && let Lookup::Sealed(e) = dir.lookup(id) {
+        // An overflow client has no pin bit: its `Hold` pins it (now if sealed).
+        if !unholding
+            && !self.inner.overflow
+            && let Lookup::Sealed(e) = dir.lookup(id)
+        {
             let (ok, tell) = dir.try_pin(&e, self.inner.index);
             if tell {
                 self.tell_release(id);
@@ -242,6 +291,11 @@ impl StoreClient {
         }
         let h = holds.map.remove(id).expect("present");
         shrink_if_sparse(&mut holds.map);
+        if self.inner.overflow {
+            // Its pins are the daemon's: an `Unhold`, ordered behind its other frames.
+            let _ = self.inner.conn.send(0, &Request::Unhold { id: *id });
+            return true;
+        }
         let dir = self.inner.arena.directory();
         let me = self.inner.index;
         let daemon_pending = h.daemon_seq.is_some_and(|s| !self.inner.conn.is_synced(s));

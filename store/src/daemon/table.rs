@@ -14,7 +14,7 @@ use super::Conn;
 use crate::blocks::alloc::Allocator;
 use crate::blocks::id::ObjectId;
 use crate::blocks::ring::{Producer, RingError};
-use crate::blocks::shm::{Arena, FLAG_ERROR, FLAG_REFCOUNTED, MAX_CLIENTS, Removal};
+use crate::blocks::shm::{Arena, FLAG_ERROR, FLAG_REFCOUNTED, OVERFLOW_BIT, Removal};
 use crate::error::{Result, StoreError};
 use crate::protocol::{
     DeleteOutcome, Event, NOTICE_LEN, NOTICE_LOST, NOTICE_READY, NOTICE_REJECTED, ObjectInfo,
@@ -96,6 +96,9 @@ pub(super) struct Entry {
     contains: Vec<ObjectId>,
     /// The client slab this object lives in (its memory is the slab's), if any.
     slab: Option<u64>,
+    /// How many overflow clients pin it (each lists it in its `ClientState::pins`); the
+    /// slot's `OVERFLOW_BIT` is set while this is not 0.
+    overflow_pins: u32,
 }
 
 impl Entry {
@@ -125,6 +128,7 @@ impl Entry {
             holders: 0,
             contains: Vec::new(),
             slab,
+            overflow_pins: 0,
         }
     }
 }
@@ -168,6 +172,9 @@ pub(super) struct ClientState {
     rejected: Vec<u64>,
     /// Its entries in `holds`, `watchers` and `early_unholds` (bounded by `max_pending`).
     pending: usize,
+    /// The objects this client pins, if it is an overflow client (one without a pin bit of
+    /// its own): one pin per object, as a bit would be.
+    pins: HashSet<ObjectId>,
 }
 
 impl ClientState {
@@ -226,7 +233,15 @@ pub(super) struct Table {
     lru: BTreeSet<(u64, ObjectId)>,
     pending_delete: HashSet<ObjectId>,
     pub(super) clients: HashMap<u32, ClientState>,
-    free_indices: Vec<u32>,
+    /// Client indices free to give out, lowest first (so pin-bit indices are preferred).
+    free_indices: BTreeSet<u32>,
+    /// Client indices below this pin with their own bit; the others are overflow clients
+    /// whose pins this table keeps (`Entry::overflow_pins`, `ClientState::pins`).
+    pin_clients: u32,
+    /// Clients whose connection has closed, not removed yet (see [`Table::departed`]).
+    departed: BTreeSet<u32>,
+    /// Clients that asked for events.
+    subscribers: BTreeSet<u32>,
     next_session: u64,
     waiters: HashMap<u64, Waiter>,
     waiting_on: HashMap<ObjectId, Vec<u64>>,
@@ -288,6 +303,15 @@ fn slab_granules(
     (!granules.clone().any(bit)).then_some(granules)
 }
 
+/// One overflow client fewer pins `e` (the caller has taken it out of that client's pins):
+/// the last one clears `OVERFLOW_BIT`.
+fn drop_overflow_pin(arena: &Arena, e: &mut Entry) {
+    e.overflow_pins = e.overflow_pins.saturating_sub(1);
+    if e.overflow_pins == 0 {
+        arena.directory().unpin_for(e.slot, OVERFLOW_BIT);
+    }
+}
+
 fn to_reply(r: Result<()>) -> Reply {
     match r {
         Ok(()) => Reply::Ok,
@@ -316,7 +340,10 @@ impl Table {
             lru: BTreeSet::new(),
             pending_delete: HashSet::new(),
             clients: HashMap::new(),
-            free_indices: (0..MAX_CLIENTS).rev().collect(),
+            free_indices: (0..layout.max_clients).collect(),
+            pin_clients: layout.pin_clients,
+            departed: BTreeSet::new(),
+            subscribers: BTreeSet::new(),
             next_session: 1,
             waiters: HashMap::new(),
             waiting_on: HashMap::new(),
@@ -340,11 +367,11 @@ impl Table {
     /// A free client index, if any (given back with [`Table::give_back_index`] if the
     /// client never gets added).
     pub(super) fn take_index(&mut self) -> Option<u32> {
-        self.free_indices.pop()
+        self.free_indices.pop_first()
     }
 
     pub(super) fn give_back_index(&mut self, index: u32) {
-        self.free_indices.push(index);
+        self.free_indices.insert(index);
     }
 
     /// Registers a connected client under an index from [`Table::take_index`].
@@ -374,8 +401,52 @@ impl Table {
                 slab: None,
                 rejected: Vec::new(),
                 pending: 0,
+                pins: HashSet::new(),
             },
         );
+    }
+
+    /// Pins sealed object `id` for `client`: its own pin bit, or for an overflow client an
+    /// entry in its pins, counted in the object's, with `OVERFLOW_BIT` set while any is.
+    /// Idempotent, as a bit is. False (nothing done) for an unknown object or client.
+    fn pin(&mut self, arena: &Arena, client: u32, id: &ObjectId) -> bool {
+        let Some(e) = self.objects.get_mut(id) else {
+            return false;
+        };
+        if client < self.pin_clients {
+            arena.directory().pin_for(e.slot, client);
+            return true;
+        }
+        let Some(c) = self.clients.get_mut(&client) else {
+            return false;
+        };
+        if c.pins.insert(*id) {
+            e.overflow_pins += 1;
+            if e.overflow_pins == 1 {
+                arena.directory().pin_for(e.slot, OVERFLOW_BIT);
+            }
+        }
+        true
+    }
+
+    /// Drops `client`'s pin on `id` (its bit, or its entry among the overflow pins; the last
+    /// of those clears `OVERFLOW_BIT`). Whether the object may be freed now is the caller's
+    /// to check ([`Table::release`]).
+    fn unpin(&mut self, arena: &Arena, client: u32, id: &ObjectId) {
+        let Some(e) = self.objects.get_mut(id) else {
+            return;
+        };
+        if client < self.pin_clients {
+            arena.directory().unpin_for(e.slot, client);
+            return;
+        }
+        if self
+            .clients
+            .get_mut(&client)
+            .is_some_and(|c| c.pins.remove(id))
+        {
+            drop_overflow_pin(arena, e);
+        }
     }
 
     /// Handles one request of `client`.
@@ -427,6 +498,7 @@ impl Table {
             Request::Subscribe => {
                 if let Some(c) = self.clients.get_mut(&client) {
                     c.subscribed = true;
+                    self.subscribers.insert(client);
                 }
                 Some(Reply::Ok)
             }
@@ -471,6 +543,7 @@ impl Table {
                 }
                 Some(Reply::Ok)
             }
+            Request::Pin { id } => Some(self.pin_request(arena, client, id)),
         };
         if one_way {
             if let Err(e) = self.bound_error(&reply) {
@@ -513,6 +586,8 @@ impl Table {
         };
         c.connected = false;
         c.subscribed = false;
+        self.subscribers.remove(&index);
+        self.departed.insert(index);
         // Its gets see the connection has ended (the ring is set up afresh for the next
         // client at this index).
         c.ring.ring().close();
@@ -543,10 +618,9 @@ impl Table {
 
     /// Clients whose connection has closed and that are not removed yet.
     pub(super) fn departed(&self) -> impl Iterator<Item = (u32, &ClientState)> {
-        self.clients
+        self.departed
             .iter()
-            .filter(|(_, c)| !c.connected)
-            .map(|(i, c)| (*i, c))
+            .filter_map(|i| Some((*i, self.clients.get(i)?)))
     }
 
     /// Forgets a departed client whose process no longer maps the arena: aborts what it was
@@ -554,31 +628,44 @@ impl Table {
     /// its slabs and frees its index.
     pub(super) fn remove_client(&mut self, arena: &Arena, index: u32, out: &mut Outbox) {
         self.depart(index);
+        self.departed.remove(&index);
         let Some(c) = self.clients.remove(&index) else {
             return;
         };
         for id in c.creating {
             let _ = self.abort(arena, index, id);
         }
-        // A client's pin bits can only sit on live entries (a pin on an entry being removed
-        // makes the removal fail), so clearing them there is enough: O(objects), not
-        // O(directory slots), under the table lock.
-        let dir = arena.directory();
-        for e in self.objects.values() {
-            dir.unpin_for(e.slot, index);
-        }
-        let pending: Vec<ObjectId> = self.pending_delete.iter().copied().collect();
-        for id in pending {
-            self.release(arena, id, out);
-        }
-        let refcounted: Vec<ObjectId> = self
-            .objects
-            .iter()
-            .filter(|(_, e)| e.refcounted)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in refcounted {
-            self.check_free(arena, id, out);
+        if index >= self.pin_clients {
+            // An overflow client: its pins are the ones it lists, O(its pins).
+            for id in &c.pins {
+                if let Some(e) = self.objects.get_mut(id) {
+                    drop_overflow_pin(arena, e);
+                }
+            }
+            for id in c.pins {
+                self.release(arena, id, out);
+            }
+        } else {
+            // A client's pin bits can only sit on live entries (a pin on an entry being
+            // removed makes the removal fail), so clearing them there is enough: O(objects),
+            // not O(directory slots), under the table lock.
+            let dir = arena.directory();
+            for e in self.objects.values() {
+                dir.unpin_for(e.slot, index);
+            }
+            let pending: Vec<ObjectId> = self.pending_delete.iter().copied().collect();
+            for id in pending {
+                self.release(arena, id, out);
+            }
+            let refcounted: Vec<ObjectId> = self
+                .objects
+                .iter()
+                .filter(|(_, e)| e.refcounted)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in refcounted {
+                self.check_free(arena, id, out);
+            }
         }
         for off in c.rejected {
             if let Some(s) = self.slabs.get_mut(&off) {
@@ -594,8 +681,28 @@ impl Table {
         for off in mine {
             self.retire_slab(off);
         }
-        self.free_indices.push(index);
+        self.free_indices.insert(index);
         debug!("client {index} (pid {}) removed", c.pid);
+    }
+
+    /// A `Pin`: `client` pins `id` if it is sealed (not delete-pending) and is told where it
+    /// is; `NotFound` otherwise, with nothing changed.
+    fn pin_request(&mut self, arena: &Arena, client: u32, id: ObjectId) -> Reply {
+        let (offset, size, slot) = match self.objects.get(&id) {
+            Some(e) if e.state == EntryState::Sealed => (e.offset, e.size, e.slot),
+            _ => return Reply::error(&StoreError::NotFound(id)),
+        };
+        if !self.pin(arena, client, &id) {
+            return Reply::error(&StoreError::InvalidRequest("unknown client".into()));
+        }
+        let dir = arena.directory();
+        // A pin refreshes the object's last use, as a client's own pin does.
+        dir.touch(slot);
+        Reply::Pinned {
+            offset,
+            size,
+            error: dir.is_error(slot),
+        }
     }
 
     /// Whether `client` may have `n` more pending entries.
@@ -825,7 +932,24 @@ impl Table {
         let Some(e) = self.objects.get_mut(&id) else {
             return;
         };
-        arena.directory().seal_with(e.slot, flags, &pins);
+        // Overflow clients' pins are counted here, and stand as `OVERFLOW_BIT` in the slot.
+        let pin_clients = self.pin_clients;
+        let mut bits: Vec<u32> = Vec::with_capacity(pins.len() + 1);
+        for c in pins {
+            if c < pin_clients {
+                bits.push(c);
+            } else if self
+                .clients
+                .get_mut(&c)
+                .is_some_and(|cs| cs.pins.insert(id))
+            {
+                e.overflow_pins += 1;
+            }
+        }
+        if e.overflow_pins > 0 {
+            bits.push(OVERFLOW_BIT);
+        }
+        arena.directory().seal_with(e.slot, flags, &bits);
         e.state = EntryState::Sealed;
         e.refcounted = refcounted;
         e.contains = contains;
@@ -948,7 +1072,9 @@ impl Table {
 
     fn hold(&mut self, arena: &Arena, client: u32, id: ObjectId) -> Result<()> {
         match self.objects.get(&id) {
-            Some(e) if e.state == EntryState::Sealed => arena.directory().pin_for(e.slot, client),
+            Some(e) if e.state == EntryState::Sealed => {
+                self.pin(arena, client, &id);
+            }
             _ if self.lost_set.contains(&id) => {}
             _ => {
                 if self.holds.get(&id).is_some_and(|l| l.contains(&client)) {
@@ -973,7 +1099,7 @@ impl Table {
         }
         match self.objects.get(&id) {
             Some(e) if e.state != EntryState::Creating => {
-                arena.directory().unpin_for(e.slot, client);
+                self.unpin(arena, client, &id);
                 self.release(arena, id, out);
             }
             _ if self.lost_set.contains(&id) => {}
@@ -1386,7 +1512,8 @@ impl Table {
                     EntryState::Sealed => ObjectState::Sealed,
                     EntryState::DeletePending => ObjectState::DeletePending,
                 },
-                pins: dir.pin_count(e.slot),
+                // The overflow clients' pins stand as one bit in the slot.
+                pins: dir.pin_count(e.slot) - u32::from(e.overflow_pins > 0) + e.overflow_pins,
                 age: e.created.elapsed(),
                 owner: e.owner,
             })
@@ -1407,14 +1534,14 @@ impl Table {
                 .values()
                 .filter(|e| e.state == EntryState::Sealed)
                 .count() as u64,
-            clients: self.clients.values().filter(|c| c.connected).count() as u64,
+            clients: (self.clients.len() - self.departed.len()) as u64,
             evictions: self.evictions,
         }
     }
 
     fn event(&self, ev: Event, out: &mut Outbox) {
         let mut frame = None;
-        for c in self.clients.values().filter(|c| c.subscribed) {
+        for c in self.subscribers.iter().filter_map(|i| self.clients.get(i)) {
             let f = frame.get_or_insert_with(|| Reply::Event(ev).encode(0));
             out.0.push((c.conn.clone(), f.clone()));
         }
