@@ -1062,6 +1062,41 @@ mod tests {
     }
 
     #[test]
+    fn pin_frames_are_strict() {
+        let id = ObjectId::random();
+        let f = Request::Pin { id }.encode(5);
+        for cut in 0..f.len() - 4 {
+            assert!(Request::decode(&f[4..4 + cut]).is_err(), "cut at {cut}");
+        }
+        let mut extra = f[4..].to_vec();
+        extra.push(0);
+        assert!(Request::decode(&extra).is_err());
+        let r = Reply::Pinned {
+            offset: 8192,
+            size: 3,
+            error: false,
+        }
+        .encode(5);
+        let mut bad = r[4..].to_vec();
+        *bad.last_mut().unwrap() = 2;
+        assert!(Reply::decode(&bad).is_err(), "a flag is 0 or 1");
+        assert!(Reply::decode(&r[4..r.len() - 1]).is_err());
+        // The typed error survives the wire.
+        let Reply::Error {
+            code,
+            nums,
+            message,
+        } = Reply::error(&StoreError::TooManyClients { limit: 1024 })
+        else {
+            panic!("an error reply")
+        };
+        assert!(matches!(
+            Reply::into_error(code, nums, message, id),
+            StoreError::TooManyClients { limit: 1024 }
+        ));
+    }
+
+    #[test]
     fn random_bytes_never_panic() {
         let mut x: u64 = 0x1234_5678;
         for _ in 0..20_000 {

@@ -1107,6 +1107,65 @@ mod tests {
     }
 
     #[test]
+    fn rings_for_every_client_index_up_to_max_clients() {
+        assert_eq!(
+            Layout::new(1 << 20, 64).unwrap().max_clients,
+            DEFAULT_MAX_CLIENTS
+        );
+        assert!(Layout::with_clients(1 << 20, 64, 0).is_err());
+        assert!(Layout::with_clients(1 << 20, 64, MAX_MAX_CLIENTS + 1).is_err());
+        let l = Layout::with_clients(1 << 20, 64, 300)
+            .unwrap()
+            .with_pin_clients(5);
+        let (last, len) = l.ring_region(299).unwrap();
+        assert!(last + len <= l.heap_offset, "rings before the heap");
+        assert_eq!(l.ring_region(300), None);
+        assert!(!l.is_overflow_client(4) && l.is_overflow_client(5));
+        assert_eq!(Layout::new(1 << 20, 64).unwrap().pin_clients, PIN_CLIENTS);
+        assert_eq!(
+            l.with_pin_clients(1000).pin_clients,
+            PIN_CLIENTS,
+            "at most 127"
+        );
+        let a = Arena::create(l).unwrap();
+        a.init_ring(299).unwrap();
+        assert!(a.init_ring(300).is_err());
+        // The counts travel in the header; an attached arena has the same rings.
+        let b = Arena::attach(a.fd().try_clone_to_owned().unwrap()).unwrap();
+        assert_eq!(b.layout(), a.layout());
+        assert_eq!((b.layout().max_clients, b.layout().pin_clients), (300, 5));
+        b.attach_ring(299).unwrap();
+        assert!(b.attach_ring(300).is_err());
+        // A header claiming more rings than fit before the heap is refused.
+        a.header()
+            .max_clients
+            .store(MAX_MAX_CLIENTS, Ordering::Relaxed);
+        assert!(Arena::attach(a.fd().try_clone_to_owned().unwrap()).is_err());
+        a.header().max_clients.store(300, Ordering::Relaxed);
+        a.header()
+            .pin_clients
+            .store(PIN_CLIENTS + 1, Ordering::Relaxed);
+        assert!(Arena::attach(a.fd().try_clone_to_owned().unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_overflow_bit_pins_like_a_client_bit() {
+        let a = arena();
+        let d = a.directory();
+        let id = ObjectId::random();
+        let i = d.insert(&id, a.layout().heap_offset, 10, 0).unwrap();
+        d.seal_with(i, FLAG_REFCOUNTED, &[3, OVERFLOW_BIT]);
+        assert!(d.has_pin(i, OVERFLOW_BIT) && d.has_pin(i, 3));
+        assert_eq!(d.pin_count(i), 2);
+        // A client's last unpin does not ask for a free while overflow clients pin it.
+        assert!(!d.unpin(i, 3));
+        assert_eq!(d.try_remove(i, true), Removal::Pinned);
+        d.unpin_for(i, OVERFLOW_BIT);
+        assert!(!d.is_pinned(i));
+        assert_eq!(d.try_remove(i, true), Removal::Removed);
+    }
+
+    #[test]
     fn probing_and_tombstones() {
         let a = arena();
         let d = a.directory();

@@ -111,11 +111,6 @@ impl Conn {
 
     /// Sends a request and waits for its reply.
     pub(super) fn call(&self, r: &Request) -> Result<Reply> {
-        Ok(self.call_with_seq(r)?.0)
-    }
-
-    /// [`Conn::call`], also giving the request's frame sequence number.
-    pub(super) fn call_with_seq(&self, r: &Request) -> Result<(Reply, u64)> {
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let seq = match self.send(req, r) {
             Ok(seq) => seq,
@@ -130,7 +125,7 @@ impl Conn {
         };
         let reply = self.wait_reply(|st| st.replies.remove(&req))?;
         self.synced.fetch_max(seq, Ordering::AcqRel);
-        Ok((reply, seq))
+        Ok(reply)
     }
 
     /// Whether the daemon has handled the frame with sequence number `seq`.

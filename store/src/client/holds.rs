@@ -190,30 +190,44 @@ impl StoreClient {
             if h.rejected {
                 return None;
             }
-            if let Some((offset, size)) = h.loc {
-                // Pinned by the daemon for this process already (or at the seal it awaits).
+            if let Some((offset, size)) = h.loc
+                && h.daemon_seq.is_some()
+            {
+                // An owned object: this process's reference keeps it.
                 h.count += 1;
                 return Some((offset, size, h.error));
             }
         }
-        // Not sealed: no round trip (a waiting get asks again once it is).
+        // Not gettable (not sealed yet, or deleted): no round trip (a waiting get asks again
+        // once it is sealed).
         if !matches!(self.inner.arena.directory().lookup(id), Lookup::Sealed(_)) {
             return None;
         }
-        let (reply, seq) = self
-            .inner
-            .conn
-            .call_with_seq(&Request::Pin { id: *id })
-            .ok()?;
-        let Reply::Pinned {
+        if let Some(h) = holds.map.get_mut(id)
+            && let Some((offset, size)) = h.loc
+        {
+            // Pinned by an earlier `Pin` of this process, and still gettable.
+            h.count += 1;
+            return Some((offset, size, h.error));
+        }
+        let Ok(Reply::Pinned {
             offset,
             size,
             error,
-        } = reply
+        }) = self.inner.conn.call(&Request::Pin { id: *id })
         else {
             return None;
         };
-        let h = holds.map.entry(*id).or_insert_with(|| Held::by_daemon(seq));
+        // As a bit client's own pin: `daemon_seq` stays `None` for a view (a later get looks
+        // at the directory again), or keeps the `Hold` this process sent.
+        let h = holds.map.entry(*id).or_insert(Held {
+            count: 0,
+            loc: None,
+            slot: None,
+            error,
+            daemon_seq: None,
+            rejected: false,
+        });
         h.count += 1;
         h.loc = Some((offset, size));
         h.error = error;

@@ -1565,7 +1565,11 @@ mod tests {
 
     impl Fx {
         fn new(limits: Limits) -> Fx {
-            let arena = Arena::create(Layout::new(8 << 20, 256).unwrap()).unwrap();
+            Fx::with_layout(Layout::new(8 << 20, 256).unwrap(), limits)
+        }
+
+        fn with_layout(layout: Layout, limits: Limits) -> Fx {
+            let arena = Arena::create(layout).unwrap();
             let t = Table::new(&arena, limits);
             Fx {
                 arena,
@@ -2122,5 +2126,184 @@ mod tests {
         );
         assert_eq!(f.stats().objects, 1);
         f.check_used();
+    }
+
+    /// A table whose clients 2 and up are overflow clients (no pin bit of their own).
+    fn overflow_fx() -> Fx {
+        let layout = Layout::with_clients(8 << 20, 256, 8)
+            .unwrap()
+            .with_pin_clients(2);
+        Fx::with_layout(layout, Limits::default())
+    }
+
+    fn pinned(f: &mut Fx, c: u32, id: ObjectId) -> (u64, u64) {
+        match f.req(c, Request::Pin { id }) {
+            Reply::Pinned { offset, size, .. } => (offset, size),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn overflow_pins_are_counted_and_stand_as_one_bit() {
+        let mut f = overflow_fx();
+        let (a, b, c, d) = (f.connect(), f.connect(), f.connect(), f.connect());
+        assert_eq!((a, b, c, d), (0, 1, 2, 3));
+        let x = ObjectId::random();
+        let offset = f.put(a, x, 300);
+        let slot = f.slot(&x);
+        // An overflow client's pin: the daemon counts it, the slot shows the overflow bit.
+        assert_eq!(pinned(&mut f, c, x), (offset, 300));
+        assert!(f.arena.directory().has_pin(slot, OVERFLOW_BIT));
+        assert_eq!(f.t.objects[&x].overflow_pins, 1);
+        // One pin per client and object, as a bit: a second `Pin` or a `Hold` adds none.
+        pinned(&mut f, c, x);
+        f.one_way(c, Request::Hold { id: x });
+        assert_eq!(f.t.objects[&x].overflow_pins, 1);
+        pinned(&mut f, d, x);
+        assert_eq!(f.t.objects[&x].overflow_pins, 2);
+        // A client with a bit of its own may `Pin` too: its bit.
+        pinned(&mut f, b, x);
+        assert!(f.arena.directory().has_pin(slot, b));
+        assert_eq!(
+            f.t.list(&f.arena)[0].pins,
+            3,
+            "two overflow pins and one bit"
+        );
+        f.one_way(b, Request::Unhold { id: x });
+        // A delete is deferred by the overflow pins ...
+        assert_eq!(
+            f.req(a, Request::Delete { ids: vec![x] }),
+            Reply::Deleted {
+                outcomes: vec![DeleteOutcome::Deferred]
+            }
+        );
+        // ... a deleted object cannot be pinned any more, and nothing changes ...
+        assert_eq!(
+            code(&f.req(b, Request::Pin { id: x })),
+            Some(ErrorCode::NotFound)
+        );
+        f.one_way(c, Request::Unhold { id: x });
+        f.one_way(c, Request::Unhold { id: x });
+        assert_eq!(f.t.objects[&x].overflow_pins, 1, "one pin per client");
+        assert!(f.arena.directory().has_pin(slot, OVERFLOW_BIT));
+        assert_eq!(f.stats().objects, 1);
+        // ... and completes with the last overflow pin.
+        f.one_way(d, Request::Unhold { id: x });
+        assert_eq!(f.stats().objects, 0);
+        f.check_used();
+        assert_eq!(
+            code(&f.req(c, Request::Pin { id: x })),
+            Some(ErrorCode::NotFound)
+        );
+        assert!(f.t.clients.values().all(|c| c.pins.is_empty()));
+    }
+
+    #[test]
+    fn overflow_clients_are_pinned_for_at_seal_and_on_hold() {
+        let mut f = overflow_fx();
+        let (a, _b, c, d) = (f.connect(), f.connect(), f.connect(), f.connect());
+        // A result for overflow client C (`pin_for`), a `Hold` of D before the seal, and the
+        // creator's own reference: all set before the object is visible.
+        let y = ObjectId::random();
+        f.one_way(d, Request::Hold { id: y });
+        f.req(a, Request::Create { id: y, size: 64 });
+        f.req(
+            a,
+            Request::SealOwned {
+                id: y,
+                owned: Owned {
+                    keep: true,
+                    pin_for: Some((c, 1)),
+                    ..Owned::default()
+                },
+            },
+        );
+        let sy = f.slot(&y);
+        assert_eq!(f.t.objects[&y].overflow_pins, 2);
+        assert!(f.arena.directory().has_pin(sy, a));
+        assert!(f.arena.directory().has_pin(sy, OVERFLOW_BIT));
+        // The creator lets go; then C: D still holds it.
+        assert!(
+            !f.arena.directory().unpin(sy, a),
+            "the overflow bit still pins it"
+        );
+        f.req(a, Request::Release { id: y });
+        f.one_way(c, Request::Unhold { id: y });
+        assert_eq!(f.stats().objects, 1);
+        // A `Hold` of a sealed object by an overflow client pins it at once.
+        let z = ObjectId::random();
+        f.req(a, Request::Create { id: z, size: 64 });
+        f.req(
+            a,
+            Request::SealOwned {
+                id: z,
+                owned: owned(true, vec![]),
+            },
+        );
+        f.one_way(c, Request::Hold { id: z });
+        assert_eq!(f.t.objects[&z].overflow_pins, 1);
+        let sz = f.slot(&z);
+        f.arena.directory().unpin(sz, a);
+        f.req(a, Request::Release { id: z });
+        assert_eq!(f.stats().objects, 2);
+        // D leaves (its process gone): its pin on Y goes, Y is freed; C's on Z stays.
+        f.t.depart(d);
+        assert_eq!(f.t.objects[&y].overflow_pins, 1, "kept until removed");
+        f.t.remove_client(&f.arena, d, &mut Outbox::default());
+        assert_eq!(f.stats().objects, 1);
+        assert!(!f.t.objects.contains_key(&y));
+        f.t.remove_client(&f.arena, c, &mut Outbox::default());
+        assert_eq!(f.stats().objects, 0);
+        f.check_used();
+    }
+
+    #[test]
+    fn a_departed_overflow_client_releases_its_pins() {
+        let mut f = overflow_fx();
+        let (a, c) = (f.connect(), {
+            f.connect();
+            f.connect()
+        });
+        let ids: Vec<ObjectId> = (0..3).map(|_| ObjectId::random()).collect();
+        for id in &ids {
+            f.put(a, *id, 1000);
+            pinned(&mut f, c, *id);
+        }
+        // Another client's bit on one of them stays.
+        let s0 = f.slot(&ids[0]);
+        f.arena.directory().pin_for(s0, a);
+        f.req(a, Request::Delete { ids: ids.clone() });
+        assert_eq!(f.stats().objects, 3, "all deferred");
+        f.t.depart(c);
+        f.t.remove_client(&f.arena, c, &mut Outbox::default());
+        assert_eq!(f.stats().objects, 1, "the deferred deletes completed");
+        assert!(!f.arena.directory().has_pin(s0, OVERFLOW_BIT));
+        assert!(f.arena.directory().unpin(s0, a));
+        f.req(a, Request::Release { id: ids[0] });
+        assert_eq!(f.stats().objects, 0);
+        f.check_used();
+    }
+
+    #[test]
+    fn client_indices_are_given_lowest_first_up_to_max_clients() {
+        let mut f = overflow_fx();
+        let all: Vec<u32> = (0..8).map(|_| f.connect()).collect();
+        assert_eq!(all, (0..8).collect::<Vec<_>>());
+        assert_eq!(f.t.take_index(), None, "max_clients reached");
+        assert_eq!(f.stats().clients, 8);
+        f.t.depart(5);
+        f.t.depart(1);
+        assert_eq!(f.stats().clients, 6);
+        assert_eq!(f.t.take_index(), None, "departed indices are not reused");
+        assert_eq!(
+            f.t.departed().map(|(i, _)| i).collect::<Vec<_>>(),
+            vec![1, 5]
+        );
+        f.t.remove_client(&f.arena, 5, &mut Outbox::default());
+        f.t.remove_client(&f.arena, 1, &mut Outbox::default());
+        assert_eq!(f.t.departed().count(), 0);
+        assert_eq!(f.connect(), 1, "the lowest free index: one with a pin bit");
+        assert_eq!(f.connect(), 5);
+        assert_eq!(f.stats().clients, 8);
     }
 }
