@@ -2,16 +2,20 @@
 //! directory that lives at its start.
 //!
 //! ```text
-//! 0            4096                      heap_offset (2 MiB aligned)          total_len
-//! | Header     | directory: dir_slots x Slot | heap: object data, 64-byte aligned |
+//! 0        4096                                                heap_offset (2 MiB aligned)  total_len
+//! | Header | directory: dir_slots x Slot | rings: max_clients x RING_STRIDE | heap: objects |
 //! ```
 //!
 //! The directory is an open-addressing hash table (linear probing) of [`Slot`]s keyed by
 //! [`ObjectId`]. The daemon is its only writer, under its table lock, except for the pin bits,
-//! which each client sets and clears for its own client index. Clients read it lock-free: a
-//! slot's `word` (generation, state, flags) works as a sequence lock around its other fields,
-//! and pinning is a Dekker-style handshake with the daemon's removal (see [`Directory::try_pin`]
-//! and [`Directory::try_remove`]). This is the module that holds the unsafe code for mapping.
+//! which each client below [`PIN_CLIENTS`] sets and clears for its own client index. Clients
+//! read it lock-free: a slot's `word` (generation, state, flags) works as a sequence lock
+//! around its other fields, and pinning is a Dekker-style handshake with the daemon's removal
+//! (see [`Directory::try_pin`] and [`Directory::try_remove`]). A client with a higher index
+//! (an *overflow client*) has no bit: it pins through the daemon, which counts those pins per
+//! object and keeps [`OVERFLOW_BIT`] set while there is one, under its table lock, so every
+//! removal check sees them as it sees a bit. This is the module that holds the unsafe code for
+//! mapping.
 
 use std::fs::File;
 use std::io;

@@ -1,7 +1,10 @@
 //! `StoreClient`: a connection to the daemon plus the mapped arena.
 //!
 //! Gets of sealed objects are served from shared memory without asking the daemon: a lock-free
-//! directory lookup, then a pin (this client's bit in the slot's pin mask). Everything that
+//! directory lookup, then a pin (this client's bit in the slot's pin mask). An *overflow
+//! client* (an index past the 127 with a bit, see `shm::PIN_CLIENTS`) pins through the daemon
+//! instead: its first reference to an object is a `Pin` round trip (or a `Hold`), its last
+//! release an `Unhold` frame, in order with its other frames. Everything that
 //! changes the table (create, seal, abort, delete, evict) and every wait goes over the socket.
 //! The socket is shared by the threads of a process: requests carry ids, and whichever thread
 //! is waiting reads replies for everybody (see `Conn::call`).

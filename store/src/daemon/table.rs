@@ -2,6 +2,12 @@
 //! per-client state), behind the daemon's one mutex. Everything here is synchronous and
 //! never blocks: frames for other clients go to an [`Outbox`] sent after the lock is released,
 //! notices to a client's ring are non-blocking pushes.
+//!
+//! Pins of overflow clients (indices past `Layout::pin_clients`, which have no pin bit of their
+//! own) are kept here: per object a count (`Entry::overflow_pins`), per client the objects it
+//! pins (`ClientState::pins`), and the slot's `OVERFLOW_BIT` set while the count is not 0;
+//! `Table::pin` and `Table::unpin` route a client's pin to its bit or to these. Nothing on a
+//! request's path is O(clients): departed clients and subscribers are kept in their own sets.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::os::fd::OwnedFd;
