@@ -1540,7 +1540,7 @@ impl Table {
                 .values()
                 .filter(|e| e.state == EntryState::Sealed)
                 .count() as u64,
-            clients: (self.clients.len() - self.departed.len()) as u64,
+            clients: self.clients.len().saturating_sub(self.departed.len()) as u64,
             evictions: self.evictions,
         }
     }
