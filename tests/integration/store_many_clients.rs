@@ -49,7 +49,8 @@ fn connect_many(store: &TestStore, n: usize) -> Vec<StoreClient> {
     let limit = trove_store::raise_fd_limit();
     assert!(
         limit >= 3 * n as u64 + 512,
-        "{n} clients need about {} open files; this process may have {limit} (raise the hard limit, ulimit -Hn)",
+        "{n} clients need about {} open files; this process may have {limit} \
+         (raise the hard limit, ulimit -Hn)",
         3 * n + 512
     );
     let first = store.client();

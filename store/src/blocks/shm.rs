@@ -2,8 +2,8 @@
 //! directory that lives at its start.
 //!
 //! ```text
-//! 0        4096                                                heap_offset (2 MiB aligned)  total_len
-//! | Header | directory: dir_slots x Slot | rings: max_clients x RING_STRIDE | heap: objects |
+//! 0        4096                                             heap_offset (2 MiB aligned)
+//! | Header | directory: dir_slots x Slot | rings: max_clients x RING_STRIDE | heap | total_len
 //! ```
 //!
 //! The directory is an open-addressing hash table (linear probing) of [`Slot`]s keyed by

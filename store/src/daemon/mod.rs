@@ -190,9 +190,7 @@ impl Daemon {
             .and_then(|v| v.parse::<u32>().ok())
             .filter(|n| *n < PIN_CLIENTS)
         {
-            info!(
-                "only client indices below {n} pin with a bit of their own (TROVE_STORE_PIN_CLIENTS)"
-            );
+            info!("only clients below index {n} have a pin bit (TROVE_STORE_PIN_CLIENTS)");
             layout = layout.with_pin_clients(n);
         }
         let fds = raise_fd_limit();
