@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
+use trove_store::shm::{DEFAULT_MAX_CLIENTS, MAX_MAX_CLIENTS};
 use trove_store::{Daemon, DaemonConfig};
 
 /// The trove object store daemon: one shared-memory arena served over a Unix socket.
@@ -29,6 +30,12 @@ struct Args {
     /// else transparent huge pages if shared memory may use them; an error if neither.
     #[arg(long)]
     hugepages: bool,
+    /// Most clients connected at once (each process of a trove program is one); one more is
+    /// refused with a "too many clients" error. Each costs a ~68 KiB notification ring in
+    /// the arena (memory only once used) and a thread in the daemon.
+    #[arg(long, default_value_t = DEFAULT_MAX_CLIENTS,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_MAX_CLIENTS as i64))]
+    max_clients: u32,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -68,6 +75,7 @@ fn run() -> anyhow::Result<()> {
         prefault: args.prefault,
         max_objects: args.max_objects,
         hugepages: args.hugepages,
+        max_clients: args.max_clients,
     };
     let daemon = Daemon::bind(&cfg)
         .with_context(|| format!("starting the store at {}", cfg.socket.display()))?;

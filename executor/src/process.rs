@@ -84,6 +84,7 @@ impl EmbeddedStore {
             prefault: store.prefault,
             max_objects: None,
             hugepages: store.hugepages,
+            max_clients: trove_store::shm::DEFAULT_MAX_CLIENTS,
         };
         let (rd, wr) = nix::unistd::pipe()?;
         let parent = getpid();

@@ -48,7 +48,13 @@ pub enum StoreError {
     /// The request was well-formed but makes no sense (a bad size, an empty id list, ...).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    /// The daemon refused the connection (uid mismatch, too many clients, version).
+    /// The store has as many clients as it may have at once (`DaemonConfig::max_clients`,
+    /// `troved --max-clients`): the connection was refused.
+    #[error(
+        "the store has its maximum of {limit} clients connected (a larger limit: troved --max-clients)"
+    )]
+    TooManyClients { limit: u32 },
+    /// The daemon refused the connection (uid mismatch, version).
     #[error("connection refused by the store: {0}")]
     Refused(String),
     #[error("another store is already running at {0}")]

@@ -21,7 +21,7 @@ pub use client::{
     FrameObserver, ObjectView, ObjectWriter, OwnedWriter, POPULATE_MIN, Readiness,
     SMALL_OBJECT_MAX, StoreClient, Subscription, Timeout, shrink_if_sparse,
 };
-pub use daemon::{Daemon, DaemonConfig, Limits, ShutdownHandle};
+pub use daemon::{Daemon, DaemonConfig, Limits, ShutdownHandle, raise_fd_limit};
 pub use error::{Result, StoreError};
 pub use id::ObjectId;
 pub use protocol::{DeleteOutcome, Event, ObjectInfo, ObjectState, Stats};

@@ -13,7 +13,7 @@ use crate::blocks::id::{ID_LEN, ObjectId};
 use crate::error::{Result, StoreError};
 
 /// Protocol version, checked in the welcome.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest request body the daemon accepts.
 pub const MAX_REQUEST: usize = 1 << 20;
 /// Largest reply body a client accepts (a `List` of a million objects fits).
@@ -94,6 +94,14 @@ pub enum Request {
     },
     /// A notice: the client drained its notification ring; push what did not fit.
     Flush,
+    /// Pin `id` for this client if it is sealed (and not delete-pending), answered with
+    /// [`Reply::Pinned`], else `NotFound`: how an *overflow client* (one without a pin bit of
+    /// its own, see `shm::PIN_CLIENTS`) pins, a view or a reference alike. The daemon keeps
+    /// one pin per client and object, whatever the number of `Pin`s and `Hold`s; `Unhold`
+    /// drops it.
+    Pin {
+        id: ObjectId,
+    },
 }
 
 /// How an owned (reference-counted) object is published.
@@ -125,6 +133,7 @@ pub enum ErrorCode {
     Protocol = 9,
     Refused = 10,
     TooManyPending = 11,
+    TooManyClients = 12,
 }
 
 impl ErrorCode {
@@ -142,6 +151,7 @@ impl ErrorCode {
             9 => Protocol,
             10 => Refused,
             11 => TooManyPending,
+            12 => TooManyClients,
             _ => return None,
         })
     }
@@ -245,6 +255,13 @@ pub enum Reply {
         offset: u64,
         len: u64,
     },
+    /// A `Pin` succeeded: where the object is, and whether it reports a failure
+    /// (`FLAG_ERROR`). The client checks the place against the heap bounds.
+    Pinned {
+        offset: u64,
+        size: u64,
+        error: bool,
+    },
 }
 
 mod op {
@@ -266,6 +283,7 @@ mod op {
     pub const UNHOLD: u8 = 16;
     pub const WATCH: u8 = 17;
     pub const FLUSH: u8 = 18;
+    pub const PIN: u8 = 19;
 
     pub const OK: u8 = 128;
     pub const ERROR: u8 = 129;
@@ -279,6 +297,7 @@ mod op {
     pub const WELCOME: u8 = 137;
     pub const EVENT: u8 = 138;
     pub const SLAB_REPLY: u8 = 139;
+    pub const PINNED: u8 = 140;
 }
 
 // ---------- encoding ----------
@@ -397,6 +416,7 @@ impl Request {
                 e.finish()
             }
             Request::Flush => Enc::new(op::FLUSH, req).finish(),
+            Request::Pin { id } => Self::one(op::PIN, req, id),
         }
     }
 
@@ -447,6 +467,7 @@ impl Request {
             op::UNHOLD => Request::Unhold { id: d.id()? },
             op::WATCH => Request::Watch { ids: d.ids()? },
             op::FLUSH => Request::Flush,
+            op::PIN => Request::Pin { id: d.id()? },
             other => return Err(proto(format!("unknown request opcode {other}"))),
         };
         d.end()?;
@@ -547,6 +568,15 @@ impl Reply {
                 e.u64(*offset).u64(*len);
                 e.finish()
             }
+            Reply::Pinned {
+                offset,
+                size,
+                error,
+            } => {
+                let mut e = Enc::new(op::PINNED, req);
+                e.u64(*offset).u64(*size).u8(*error as u8);
+                e.finish()
+            }
             Reply::Event(ev) => {
                 let mut e = Enc::new(op::EVENT, req);
                 match ev {
@@ -645,6 +675,11 @@ impl Reply {
                 offset: d.u64()?,
                 len: d.u64()?,
             },
+            op::PINNED => Reply::Pinned {
+                offset: d.u64()?,
+                size: d.u64()?,
+                error: d.bool()?,
+            },
             op::EVENT => {
                 let kind = d.u8()?;
                 let id = d.id()?;
@@ -681,6 +716,9 @@ impl Reply {
             StoreError::TooManyPending { limit, .. } => {
                 (ErrorCode::TooManyPending, [*limit as u64, 0, 0])
             }
+            StoreError::TooManyClients { limit } => {
+                (ErrorCode::TooManyClients, [*limit as u64, 0, 0])
+            }
             _ => (ErrorCode::InvalidRequest, [0; 3]),
         };
         Reply::Error {
@@ -715,6 +753,9 @@ impl Reply {
             ErrorCode::TooManyPending => StoreError::TooManyPending {
                 what: "ids",
                 limit: nums[0] as usize,
+            },
+            ErrorCode::TooManyClients => StoreError::TooManyClients {
+                limit: nums[0].min(u32::MAX as u64) as u32,
             },
         }
     }
@@ -926,6 +967,7 @@ mod tests {
             Request::Unhold { id },
             Request::Watch { ids: vec![id, id] },
             Request::Flush,
+            Request::Pin { id },
         ] {
             round_trip_request(r);
         }
@@ -982,6 +1024,17 @@ mod tests {
             },
             Reply::Event(Event::Sealed { id, size: 9 }),
             Reply::Event(Event::Deleted { id }),
+            Reply::Pinned {
+                offset: 1 << 22,
+                size: 77,
+                error: true,
+            },
+            Reply::Pinned {
+                offset: 4096,
+                size: 0,
+                error: false,
+            },
+            Reply::error(&StoreError::TooManyClients { limit: 1024 }),
         ] {
             let f = r.encode(3);
             assert_eq!(Reply::decode(&f[4..]).unwrap(), (3, r));
@@ -1006,6 +1059,41 @@ mod tests {
         w.u32(u32::MAX);
         assert!(Request::decode(&w.finish()[4..]).is_err());
         assert!(Request::decode(&[200, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn pin_frames_are_strict() {
+        let id = ObjectId::random();
+        let f = Request::Pin { id }.encode(5);
+        for cut in 0..f.len() - 4 {
+            assert!(Request::decode(&f[4..4 + cut]).is_err(), "cut at {cut}");
+        }
+        let mut extra = f[4..].to_vec();
+        extra.push(0);
+        assert!(Request::decode(&extra).is_err());
+        let r = Reply::Pinned {
+            offset: 8192,
+            size: 3,
+            error: false,
+        }
+        .encode(5);
+        let mut bad = r[4..].to_vec();
+        *bad.last_mut().unwrap() = 2;
+        assert!(Reply::decode(&bad).is_err(), "a flag is 0 or 1");
+        assert!(Reply::decode(&r[4..r.len() - 1]).is_err());
+        // The typed error survives the wire.
+        let Reply::Error {
+            code,
+            nums,
+            message,
+        } = Reply::error(&StoreError::TooManyClients { limit: 1024 })
+        else {
+            panic!("an error reply")
+        };
+        assert!(matches!(
+            Reply::into_error(code, nums, message, id),
+            StoreError::TooManyClients { limit: 1024 }
+        ));
     }
 
     #[test]

@@ -44,6 +44,7 @@ mod store_faults;
 mod store_fuzz;
 mod store_isolation;
 mod store_lifecycle;
+mod store_many_clients;
 mod store_verbs;
 
 use std::process::ExitCode;

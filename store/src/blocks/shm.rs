@@ -2,16 +2,20 @@
 //! directory that lives at its start.
 //!
 //! ```text
-//! 0            4096                      heap_offset (2 MiB aligned)          total_len
-//! | Header     | directory: dir_slots x Slot | heap: object data, 64-byte aligned |
+//! 0        4096                                             heap_offset (2 MiB aligned)
+//! | Header | directory: dir_slots x Slot | rings: max_clients x RING_STRIDE | heap | total_len
 //! ```
 //!
 //! The directory is an open-addressing hash table (linear probing) of [`Slot`]s keyed by
 //! [`ObjectId`]. The daemon is its only writer, under its table lock, except for the pin bits,
-//! which each client sets and clears for its own client index. Clients read it lock-free: a
-//! slot's `word` (generation, state, flags) works as a sequence lock around its other fields,
-//! and pinning is a Dekker-style handshake with the daemon's removal (see [`Directory::try_pin`]
-//! and [`Directory::try_remove`]). This is the module that holds the unsafe code for mapping.
+//! which each client below [`PIN_CLIENTS`] sets and clears for its own client index. Clients
+//! read it lock-free: a slot's `word` (generation, state, flags) works as a sequence lock
+//! around its other fields, and pinning is a Dekker-style handshake with the daemon's removal
+//! (see [`Directory::try_pin`] and [`Directory::try_remove`]). A client with a higher index
+//! (an *overflow client*) has no bit: it pins through the daemon, which counts those pins per
+//! object and keeps [`OVERFLOW_BIT`] set while there is one, under its table lock, so every
+//! removal check sees them as it sees a bit. This is the module that holds the unsafe code for
+//! mapping.
 
 use std::fs::File;
 use std::io;
@@ -28,9 +32,20 @@ use crate::error::{Result, StoreError};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"troveAR1");
 /// Layout version; a client refuses an arena of another version.
-pub const LAYOUT_VERSION: u32 = 3;
-/// Client indices are bits in a slot's pin mask: at most this many clients at once.
-pub const MAX_CLIENTS: u32 = 128;
+pub const LAYOUT_VERSION: u32 = 4;
+/// Client indices below this have their own bit in a slot's pin mask, which they set and
+/// clear themselves (the lock-free pin). Clients with a higher index are *overflow clients*:
+/// the daemon keeps their pins (per object, how many of them pin it) and keeps
+/// [`OVERFLOW_BIT`] set while any of them does, so every removal check sees them.
+pub const PIN_CLIENTS: u32 = 127;
+/// The pin-mask bit the daemon sets while at least one overflow client pins the object.
+pub const OVERFLOW_BIT: u32 = 127;
+/// Most clients at once unless configured (`DaemonConfig::max_clients`): each has a
+/// notification ring (address space only until used; see [`RING_STRIDE`]).
+pub const DEFAULT_MAX_CLIENTS: u32 = 1024;
+/// The largest `max_clients` an arena may have (rings for 64 Ki clients are ~4 GiB of address
+/// space in the memfd, sparse until used).
+pub const MAX_MAX_CLIENTS: u32 = 1 << 16;
 const HEADER_LEN: u64 = 4096;
 const HEAP_ALIGN: u64 = 2 << 20;
 
@@ -51,7 +66,10 @@ pub const FLAG_REFCOUNTED: u64 = 1 << 9;
 /// An owned object that reports a failure (a call that failed) instead of holding a value.
 pub const FLAG_ERROR: u64 = 1 << 10;
 
-/// Notification rings: one per client index, between the directory and the heap.
+/// Notification rings: one per client index up to the arena's `max_clients`, between the
+/// directory and the heap. A ring's pages cost memory only once touched (its header when the
+/// index is given out, its slots as notices are pushed), and the pre-fault only populates the
+/// heap.
 pub const RING_CAPACITY: u32 = 2048;
 /// Bytes per notification: length prefix, kind, id (see `protocol::Notice`).
 pub const RING_SLOT: u32 = 32;
@@ -77,12 +95,29 @@ pub struct Layout {
     pub dir_slots: u64,
     pub heap_offset: u64,
     pub heap_len: u64,
+    /// Most clients at once: one notification ring per client index below it.
+    pub max_clients: u32,
+    /// Client indices below this have their own pin bit; the others are overflow clients
+    /// (at most [`PIN_CLIENTS`]; lower only to exercise overflow clients in tests).
+    pub pin_clients: u32,
 }
 
 impl Layout {
     /// A layout with `heap_len` bytes of object space and room for `max_objects` live objects
-    /// (the directory gets twice that many slots, a power of two, to keep probes short).
+    /// (the directory gets twice that many slots, a power of two, to keep probes short), and
+    /// [`DEFAULT_MAX_CLIENTS`] clients.
     pub fn new(heap_len: u64, max_objects: u64) -> Result<Layout> {
+        Layout::with_clients(heap_len, max_objects, DEFAULT_MAX_CLIENTS)
+    }
+
+    /// [`Layout::new`] with room for `max_clients` clients at once (1 to
+    /// [`MAX_MAX_CLIENTS`]).
+    pub fn with_clients(heap_len: u64, max_objects: u64, max_clients: u32) -> Result<Layout> {
+        if !(1..=MAX_MAX_CLIENTS).contains(&max_clients) {
+            return Err(StoreError::InvalidRequest(format!(
+                "max_clients {max_clients} (1 to {MAX_MAX_CLIENTS})"
+            )));
+        }
         if heap_len < 4096 {
             return Err(StoreError::InvalidRequest(format!(
                 "arena of {heap_len} bytes is too small (at least 4096)"
@@ -95,7 +130,7 @@ impl Layout {
             .expect("bounded");
         let dir_offset = HEADER_LEN;
         let dir_end = dir_offset + dir_slots * SLOT_LEN as u64;
-        let rings_end = rings_offset(dir_end) + RING_STRIDE * MAX_CLIENTS as u64;
+        let rings_end = rings_offset(dir_end) + RING_STRIDE * max_clients as u64;
         let heap_offset = rings_end.div_ceil(HEAP_ALIGN) * HEAP_ALIGN;
         let heap_len = heap_len.div_ceil(64) * 64;
         let total_len = heap_offset
@@ -107,12 +142,27 @@ impl Layout {
             dir_slots,
             heap_offset,
             heap_len,
+            max_clients,
+            pin_clients: PIN_CLIENTS.min(max_clients),
         })
+    }
+
+    /// This layout with only client indices below `n` (at most [`PIN_CLIENTS`]) pinning with
+    /// their own bit: the others are overflow clients. Lowered by tests (the daemon's
+    /// `TROVE_STORE_PIN_CLIENTS`) to exercise overflow clients with few connections.
+    pub fn with_pin_clients(mut self, n: u32) -> Layout {
+        self.pin_clients = n.min(PIN_CLIENTS);
+        self
+    }
+
+    /// Whether client `index` is an overflow client (its pins are kept by the daemon).
+    pub fn is_overflow_client(&self, index: u32) -> bool {
+        index >= self.pin_clients
     }
 
     /// Offset and length of client `index`'s notification ring.
     pub fn ring_region(&self, index: u32) -> Option<(u64, u64)> {
-        (index < MAX_CLIENTS).then(|| {
+        (index < self.max_clients).then(|| {
             let start = rings_offset(self.dir_offset + self.dir_slots * SLOT_LEN as u64);
             (
                 start + index as u64 * RING_STRIDE,
@@ -137,13 +187,17 @@ impl Layout {
         if self.dir_offset < HEADER_LEN || !self.dir_slots.is_power_of_two() {
             return bad("directory placement");
         }
+        if !(1..=MAX_MAX_CLIENTS).contains(&self.max_clients) || self.pin_clients > PIN_CLIENTS {
+            return bad("client counts");
+        }
         let dir_end = self
             .dir_slots
             .checked_mul(SLOT_LEN as u64)
             .and_then(|n| n.checked_add(self.dir_offset));
         match dir_end {
             Some(end)
-                if rings_offset(end) + RING_STRIDE * MAX_CLIENTS as u64 <= self.heap_offset => {}
+                if rings_offset(end) + RING_STRIDE * self.max_clients as u64
+                    <= self.heap_offset => {}
             _ => return bad("directory or rings overlap the heap"),
         }
         match self.heap_offset.checked_add(self.heap_len) {
@@ -169,6 +223,8 @@ struct Header {
     heap_len: AtomicU64,
     /// The arena's [`Pages`] (its `as u32`): every mapping follows it.
     pages: AtomicU32,
+    /// [`Layout::pin_clients`].
+    pin_clients: AtomicU32,
 }
 
 /// What backs an arena's memory.
@@ -248,7 +304,9 @@ const SLOT_LEN: usize = 128;
 pub struct Slot {
     /// generation (high 32 bits) | flags (bits 8..32) | state (low 8 bits).
     word: AtomicU64,
-    /// Bit `c` is set while client index `c` holds at least one pin on this object.
+    /// Bit `c` is set while client index `c` (below [`PIN_CLIENTS`]) holds at least one pin
+    /// on this object; bit [`OVERFLOW_BIT`] while at least one overflow client does (set and
+    /// cleared by the daemon only).
     pins: [AtomicU64; 2],
     id: [AtomicU32; ID_LEN / 4],
     owner: AtomicU32,
@@ -404,7 +462,8 @@ impl Arena {
         };
         let h = arena.header();
         h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
-        h.max_clients.store(MAX_CLIENTS, Ordering::Relaxed);
+        h.max_clients.store(layout.max_clients, Ordering::Relaxed);
+        h.pin_clients.store(layout.pin_clients, Ordering::Relaxed);
         h.total_len.store(layout.total_len, Ordering::Relaxed);
         h.dir_offset.store(layout.dir_offset, Ordering::Relaxed);
         h.dir_slots.store(layout.dir_slots, Ordering::Relaxed);
@@ -437,9 +496,7 @@ impl Arena {
         if h.magic.load(Ordering::Acquire) != MAGIC {
             return Err(StoreError::Protocol("arena has a bad magic number".into()));
         }
-        if h.version.load(Ordering::Relaxed) != LAYOUT_VERSION
-            || h.max_clients.load(Ordering::Relaxed) != MAX_CLIENTS
-        {
+        if h.version.load(Ordering::Relaxed) != LAYOUT_VERSION {
             return Err(StoreError::Protocol("arena layout version mismatch".into()));
         }
         let layout = Layout {
@@ -448,6 +505,8 @@ impl Arena {
             dir_slots: h.dir_slots.load(Ordering::Relaxed),
             heap_offset: h.heap_offset.load(Ordering::Relaxed),
             heap_len: h.heap_len.load(Ordering::Relaxed),
+            max_clients: h.max_clients.load(Ordering::Relaxed),
+            pin_clients: h.pin_clients.load(Ordering::Relaxed),
         };
         layout.validate(file_len)?;
         let pages = Pages::from_u32(h.pages.load(Ordering::Relaxed))
@@ -709,10 +768,14 @@ impl<'a> Directory<'a> {
     /// the bit only if this call set it (a bit already set, another reference of this process,
     /// is never cleared here); the second value says whether the daemon must be told (see
     /// [`Directory::unpin`]).
+    ///
+    /// Only for a client with its own pin bit (below [`PIN_CLIENTS`]); an overflow client
+    /// pins through the daemon.
     pub fn try_pin(&self, e: &SealedEntry, client: u32) -> (bool, bool) {
+        debug_assert!(client < PIN_CLIENTS, "client {client} has no pin bit");
         let s = self.slot(e.slot);
-        let bit = 1 << (client % 64);
-        let before = s.pins[(client / 64) as usize % 2].fetch_or(bit, Ordering::SeqCst);
+        let (word, bit) = pin_bit(client);
+        let before = s.pins[word].fetch_or(bit, Ordering::SeqCst);
         if s.word.load(Ordering::SeqCst) == e.word {
             s.last_use.store(monotonic_ns(), Ordering::Relaxed);
             (true, false)
@@ -728,8 +791,10 @@ impl<'a> Directory<'a> {
     /// Clears client `client`'s pin bit on `slot`. Returns true when the object is
     /// delete-pending and no pin is left, i.e. the daemon should be told to free it now.
     pub fn unpin(&self, slot: u64, client: u32) -> bool {
+        debug_assert!(client < PIN_CLIENTS, "client {client} has no pin bit");
         let s = self.slot(slot);
-        s.pins[(client / 64) as usize % 2].fetch_and(!(1 << (client % 64)), Ordering::SeqCst);
+        let (word, bit) = pin_bit(client);
+        s.pins[word].fetch_and(!bit, Ordering::SeqCst);
         let backoff = Backoff::new();
         let w = loop {
             let w = s.word.load(Ordering::SeqCst);
@@ -746,11 +811,11 @@ impl<'a> Directory<'a> {
         w & (FLAG_DELETE_PENDING | FLAG_REFCOUNTED) != 0 && !s.pinned()
     }
 
-    /// Whether client `client`'s pin bit is set on `slot`.
+    /// Whether pin bit `client` is set on `slot` (a client index below [`PIN_CLIENTS`], or
+    /// [`OVERFLOW_BIT`]).
     pub fn has_pin(&self, slot: u64, client: u32) -> bool {
-        self.slot(slot).pins[(client / 64) as usize % 2].load(Ordering::SeqCst)
-            & (1 << (client % 64))
-            != 0
+        let (word, bit) = pin_bit(client);
+        self.slot(slot).pins[word].load(Ordering::SeqCst) & bit != 0
     }
 
     /// Refreshes the LRU time of a slot (a process that already holds a pin got it again).
@@ -844,21 +909,28 @@ impl<'a> Directory<'a> {
         );
     }
 
-    /// Sets client `client`'s pin bit on behalf of that client (a `Hold`).
+    /// Sets pin bit `client` on behalf of that client (a `Hold`), or [`OVERFLOW_BIT`] for the
+    /// overflow clients (the daemon counts their pins).
     pub fn pin_for(&self, i: u64, client: u32) {
-        self.slot(i).pins[(client / 64) as usize % 2]
-            .fetch_or(1 << (client % 64), Ordering::SeqCst);
+        let (word, bit) = pin_bit(client);
+        self.slot(i).pins[word].fetch_or(bit, Ordering::SeqCst);
     }
 
-    /// Clears client `client`'s pin bit on behalf of that client (an `Unhold`).
+    /// Clears pin bit `client` on behalf of that client (an `Unhold`), or [`OVERFLOW_BIT`]
+    /// once no overflow client pins the object.
     pub fn unpin_for(&self, i: u64, client: u32) {
-        self.slot(i).pins[(client / 64) as usize % 2]
-            .fetch_and(!(1 << (client % 64)), Ordering::SeqCst);
+        let (word, bit) = pin_bit(client);
+        self.slot(i).pins[word].fetch_and(!bit, Ordering::SeqCst);
     }
 
     /// Whether a slot holds a sealed reference-counted object.
     pub fn is_refcounted(&self, i: u64) -> bool {
         self.slot(i).word.load(Ordering::Relaxed) & FLAG_REFCOUNTED != 0
+    }
+
+    /// Whether a slot holds a sealed object that reports a failure ([`FLAG_ERROR`]).
+    pub fn is_error(&self, i: u64) -> bool {
+        self.slot(i).word.load(Ordering::Relaxed) & FLAG_ERROR != 0
     }
 
     /// Removes an object that is being created (no client can pin it).
@@ -893,7 +965,7 @@ impl<'a> Directory<'a> {
         self.slot(i).pinned()
     }
 
-    /// How many client pin bits are set on a slot.
+    /// How many pin bits are set on a slot ([`OVERFLOW_BIT`] counts as one).
     pub fn pin_count(&self, i: u64) -> u32 {
         self.slot(i)
             .pins
@@ -908,11 +980,21 @@ impl<'a> Directory<'a> {
 
     /// Clears a departed client's pin bits everywhere (before its index is reused).
     pub fn clear_client(&self, client: u32) {
-        let mask = !(1u64 << (client % 64));
+        let (word, bit) = pin_bit(client);
         for i in 0..self.slots() {
-            self.slot(i).pins[(client / 64) as usize % 2].fetch_and(mask, Ordering::SeqCst);
+            self.slot(i).pins[word].fetch_and(!bit, Ordering::SeqCst);
         }
     }
+}
+
+/// The word and bit of pin bit `client` in a slot's mask (a client index below
+/// [`PIN_CLIENTS`], or [`OVERFLOW_BIT`]).
+fn pin_bit(client: u32) -> (usize, u64) {
+    debug_assert!(
+        client <= OVERFLOW_BIT,
+        "pin bit {client} is not in the mask"
+    );
+    ((client / 64) as usize % 2, 1 << (client % 64))
 }
 
 #[cfg(test)]
@@ -1026,6 +1108,65 @@ mod tests {
         // A failed try_pin that set the bit itself clears it again.
         assert_eq!(d.try_pin(&stale, 6), (false, false));
         assert!(!d.has_pin(i, 6));
+    }
+
+    #[test]
+    fn rings_for_every_client_index_up_to_max_clients() {
+        assert_eq!(
+            Layout::new(1 << 20, 64).unwrap().max_clients,
+            DEFAULT_MAX_CLIENTS
+        );
+        assert!(Layout::with_clients(1 << 20, 64, 0).is_err());
+        assert!(Layout::with_clients(1 << 20, 64, MAX_MAX_CLIENTS + 1).is_err());
+        let l = Layout::with_clients(1 << 20, 64, 300)
+            .unwrap()
+            .with_pin_clients(5);
+        let (last, len) = l.ring_region(299).unwrap();
+        assert!(last + len <= l.heap_offset, "rings before the heap");
+        assert_eq!(l.ring_region(300), None);
+        assert!(!l.is_overflow_client(4) && l.is_overflow_client(5));
+        assert_eq!(Layout::new(1 << 20, 64).unwrap().pin_clients, PIN_CLIENTS);
+        assert_eq!(
+            l.with_pin_clients(1000).pin_clients,
+            PIN_CLIENTS,
+            "at most 127"
+        );
+        let a = Arena::create(l).unwrap();
+        a.init_ring(299).unwrap();
+        assert!(a.init_ring(300).is_err());
+        // The counts travel in the header; an attached arena has the same rings.
+        let b = Arena::attach(a.fd().try_clone_to_owned().unwrap()).unwrap();
+        assert_eq!(b.layout(), a.layout());
+        assert_eq!((b.layout().max_clients, b.layout().pin_clients), (300, 5));
+        b.attach_ring(299).unwrap();
+        assert!(b.attach_ring(300).is_err());
+        // A header claiming more rings than fit before the heap is refused.
+        a.header()
+            .max_clients
+            .store(MAX_MAX_CLIENTS, Ordering::Relaxed);
+        assert!(Arena::attach(a.fd().try_clone_to_owned().unwrap()).is_err());
+        a.header().max_clients.store(300, Ordering::Relaxed);
+        a.header()
+            .pin_clients
+            .store(PIN_CLIENTS + 1, Ordering::Relaxed);
+        assert!(Arena::attach(a.fd().try_clone_to_owned().unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_overflow_bit_pins_like_a_client_bit() {
+        let a = arena();
+        let d = a.directory();
+        let id = ObjectId::random();
+        let i = d.insert(&id, a.layout().heap_offset, 10, 0).unwrap();
+        d.seal_with(i, FLAG_REFCOUNTED, &[3, OVERFLOW_BIT]);
+        assert!(d.has_pin(i, OVERFLOW_BIT) && d.has_pin(i, 3));
+        assert_eq!(d.pin_count(i), 2);
+        // A client's last unpin does not ask for a free while overflow clients pin it.
+        assert!(!d.unpin(i, 3));
+        assert_eq!(d.try_remove(i, true), Removal::Pinned);
+        d.unpin_for(i, OVERFLOW_BIT);
+        assert!(!d.is_pinned(i));
+        assert_eq!(d.try_remove(i, true), Removal::Removed);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::{StoreClient, lock, reply_error};
 use crate::blocks::id::ObjectId;
 use crate::error::{Result, StoreError};
-use crate::protocol::{self, Event, MAX_REPLY, PROTOCOL_VERSION, Reply, Request};
+use crate::protocol::{self, ErrorCode, Event, MAX_REPLY, PROTOCOL_VERSION, Reply, Request};
 use crate::sock;
 
 pub(super) struct ReadState {
@@ -394,6 +394,11 @@ pub(super) fn handshake(socket: &Path) -> Result<(UnixStream, u32, std::os::fd::
                 "protocol version {version}, this client speaks {PROTOCOL_VERSION}"
             )));
         }
+        Reply::Error {
+            code: code @ ErrorCode::TooManyClients,
+            nums,
+            message,
+        } => return Err(Reply::into_error(code, nums, message, ObjectId::default())),
         Reply::Error { message, .. } => return Err(StoreError::Refused(message)),
         other => {
             return Err(StoreError::Protocol(format!(

@@ -15,7 +15,7 @@ use super::{StoreClient, lock};
 use crate::blocks::id::ObjectId;
 use crate::blocks::shm::{FLAG_ERROR, Lookup, SealedEntry};
 use crate::error::Result;
-use crate::protocol::Request;
+use crate::protocol::{Reply, Request};
 
 /// This process's references to one object: views and counted references alike.
 pub(super) struct Held {
@@ -114,6 +114,9 @@ impl StoreClient {
     /// Takes one view reference on `id` if it can be pinned now; returns where it is:
     /// (offset, size, reports a failure).
     pub(super) fn try_pin_for_view(&self, id: &ObjectId) -> Option<(u64, u64, bool)> {
+        if self.inner.overflow {
+            return self.try_pin_through_daemon(id);
+        }
         let dir = self.inner.arena.directory();
         let me = self.inner.index;
         let mut guard = lock(&self.inner.holds);
@@ -175,6 +178,62 @@ impl StoreClient {
         None
     }
 
+    /// An overflow client's [`StoreClient::try_pin_for_view`]: it has no pin bit, so its first
+    /// reference to a sealed object is a `Pin` round trip (the daemon keeps one pin per object
+    /// for it while this process counts references; the last release is an `Unhold`). The
+    /// holds lock is kept across the round trip, so the daemon's pin and this process's count
+    /// change together: no `Unhold` of another thread comes between them, and every frame of
+    /// this client (its `Hold`s, `Unhold`s, puts) reaches the daemon in order.
+    fn try_pin_through_daemon(&self, id: &ObjectId) -> Option<(u64, u64, bool)> {
+        let mut holds = lock(&self.inner.holds);
+        if let Some(h) = holds.map.get_mut(id) {
+            if h.rejected {
+                return None;
+            }
+            if let Some((offset, size)) = h.loc
+                && h.daemon_seq.is_some()
+            {
+                // An owned object: this process's reference keeps it.
+                h.count += 1;
+                return Some((offset, size, h.error));
+            }
+        }
+        // Not gettable (not sealed yet, or deleted): no round trip (a waiting get asks again
+        // once it is sealed).
+        if !matches!(self.inner.arena.directory().lookup(id), Lookup::Sealed(_)) {
+            return None;
+        }
+        if let Some(h) = holds.map.get_mut(id)
+            && let Some((offset, size)) = h.loc
+        {
+            // Pinned by an earlier `Pin` of this process, and still gettable.
+            h.count += 1;
+            return Some((offset, size, h.error));
+        }
+        let Ok(Reply::Pinned {
+            offset,
+            size,
+            error,
+        }) = self.inner.conn.call(&Request::Pin { id: *id })
+        else {
+            return None;
+        };
+        // As a bit client's own pin: `daemon_seq` stays `None` for a view (a later get looks
+        // at the directory again), or keeps the `Hold` this process sent.
+        let h = holds.map.entry(*id).or_insert(Held {
+            count: 0,
+            loc: None,
+            slot: None,
+            error,
+            daemon_seq: None,
+            rejected: false,
+        });
+        h.count += 1;
+        h.loc = Some((offset, size));
+        h.error = error;
+        Some((offset, size, error))
+    }
+
     /// Our failed pin raced with a deferred delete, or our last pin of a reference-counted
     /// object went: the daemon rechecks the object.
     pub(super) fn tell_release(&self, id: &ObjectId) {
@@ -196,7 +255,11 @@ impl StoreClient {
             .unholding
             .remove(id)
             .is_some_and(|seq| !self.inner.conn.is_synced(seq));
-        if !unholding && let Lookup::Sealed(e) = dir.lookup(id) {
+        // An overflow client has no pin bit: its `Hold` pins it (now if sealed).
+        if !unholding
+            && !self.inner.overflow
+            && let Lookup::Sealed(e) = dir.lookup(id)
+        {
             let (ok, tell) = dir.try_pin(&e, self.inner.index);
             if tell {
                 self.tell_release(id);
@@ -242,6 +305,11 @@ impl StoreClient {
         }
         let h = holds.map.remove(id).expect("present");
         shrink_if_sparse(&mut holds.map);
+        if self.inner.overflow {
+            // Its pins are the daemon's: an `Unhold`, ordered behind its other frames.
+            let _ = self.inner.conn.send(0, &Request::Unhold { id: *id });
+            return true;
+        }
         let dir = self.inner.arena.directory();
         let me = self.inner.index;
         let daemon_pending = h.daemon_seq.is_some_and(|s| !self.inner.conn.is_synced(s));

@@ -1,7 +1,10 @@
 //! `StoreClient`: a connection to the daemon plus the mapped arena.
 //!
 //! Gets of sealed objects are served from shared memory without asking the daemon: a lock-free
-//! directory lookup, then a pin (this client's bit in the slot's pin mask). Everything that
+//! directory lookup, then a pin (this client's bit in the slot's pin mask). An *overflow
+//! client* (an index past the 127 with a bit, see `shm::PIN_CLIENTS`) pins through the daemon
+//! instead: its first reference to an object is a `Pin` round trip (or a `Hold`), its last
+//! release an `Unhold` frame, in order with its other frames. Everything that
 //! changes the table (create, seal, abort, delete, evict) and every wait goes over the socket.
 //! The socket is shared by the threads of a process: requests carry ids, and whichever thread
 //! is waiting reads replies for everybody (see `Conn::call`).
@@ -86,6 +89,9 @@ struct Inner {
     ring: crate::blocks::ring::RingRef,
     conn: Conn,
     index: u32,
+    /// This client has no pin bit of its own (its index is past `Layout::pin_clients`): it
+    /// pins through the daemon (`Pin`, `Hold`) and unpins with `Unhold` frames.
+    overflow: bool,
     /// The pid that connected (a client is never used across a fork).
     pid: u32,
     socket: PathBuf,
@@ -122,6 +128,7 @@ impl StoreClient {
         let arena = Arena::attach(fd)?;
         let ring = arena.attach_ring(index)?;
         let consumer = ring.consumer();
+        let overflow = arena.layout().is_overflow_client(index);
         let reader = BufReader::with_capacity(64 << 10, stream.try_clone()?);
         Ok(StoreClient {
             inner: Arc::new(Inner {
@@ -148,6 +155,7 @@ impl StoreClient {
                     synced: AtomicU64::new(0),
                 },
                 index,
+                overflow,
                 pid: std::process::id(),
                 socket: socket.to_path_buf(),
                 holds: Mutex::new(Holds::default()),
@@ -163,9 +171,16 @@ impl StoreClient {
         })
     }
 
-    /// This client's index (its bit in the pin masks).
+    /// This client's index (its bit in the pin masks, unless it is an overflow client).
     pub fn client_index(&self) -> u32 {
         self.inner.index
+    }
+
+    /// Whether this client is an *overflow client*: one past the clients that pin with a bit
+    /// of their own (see `shm::PIN_CLIENTS`). It can do everything another client can; its
+    /// first pin of an object is a round trip to the daemon, its last release a one-way frame.
+    pub fn is_overflow_client(&self) -> bool {
+        self.inner.overflow
     }
 
     pub fn socket_path(&self) -> &Path {

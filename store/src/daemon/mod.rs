@@ -3,7 +3,8 @@
 //!
 //! Threads: one accept loop, one thread per client connection (so a request that waits, such
 //! as `Wait` with a timeout, never blocks other clients: it is parked in the waiter table and
-//! answered later by whichever thread seals the object, or by the timer thread), one timer
+//! answered later by whichever thread seals the object, or by the timer thread; its stack is
+//! small, [`CLIENT_STACK`], so a thousand clients cost little memory), one timer
 //! thread for wait deadlines and for forgetting cut-off clients once their process is gone,
 //! and one background pre-fault thread. All table state ([`table::Table`]) is behind one
 //! mutex; socket writes happen outside it, and a push never waits for another thread's reply.
@@ -30,7 +31,7 @@ use conn::Conn;
 pub use table::Limits;
 use table::{Outbox, Table};
 
-use crate::blocks::shm::{Arena, Layout, MAX_CLIENTS, Pages};
+use crate::blocks::shm::{Arena, DEFAULT_MAX_CLIENTS, Layout, PIN_CLIENTS, Pages};
 use crate::error::{Result, StoreError};
 use crate::protocol::{self, MAX_REQUEST, PROTOCOL_VERSION, Reply, Request};
 use crate::sock;
@@ -48,6 +49,12 @@ pub struct DaemonConfig {
     /// Back the arena with huge pages (the pool, else transparent ones); `NoHugePages` if
     /// the machine offers neither.
     pub hugepages: bool,
+    /// Most clients connected at once (1 to `shm::MAX_MAX_CLIENTS`; default
+    /// [`DEFAULT_MAX_CLIENTS`]); one more is refused with `TooManyClients`. Each has a
+    /// notification ring of ~68 KiB in the arena, memory only once used. The first
+    /// `shm::PIN_CLIENTS` pin objects lock-free with a bit of their own; the others
+    /// (*overflow clients*) pin through the daemon, a round trip per first pin.
+    pub max_clients: u32,
 }
 
 impl DaemonConfig {
@@ -60,6 +67,7 @@ impl DaemonConfig {
             prefault: false,
             max_objects: None,
             hugepages: false,
+            max_clients: DEFAULT_MAX_CLIENTS,
         }
     }
 
@@ -85,6 +93,28 @@ impl DaemonConfig {
         }
         (bytes.max(FLOOR) >> 20) << 20
     }
+}
+
+/// The stack of a client connection's thread: it decodes frames and runs the table's
+/// handlers (no recursion; buffers on the heap), so a thousand clients cost little memory.
+pub const CLIENT_STACK: usize = 256 << 10;
+
+/// Raises this process's soft limit on open files to its hard limit (a daemon holds a few
+/// descriptors per client, and a thousand clients pass the common soft limit of 1,024).
+/// Returns the soft limit now in force (`u64::MAX` for unlimited).
+pub fn raise_fd_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let l = getrlimit(Resource::Nofile);
+    if l.current != l.maximum {
+        let raised = rustix::process::Rlimit {
+            current: l.maximum,
+            maximum: l.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            debug!("cannot raise the open files limit: {e}");
+        }
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
 /// A bound, not yet running daemon.
@@ -152,7 +182,25 @@ impl Daemon {
         let max_objects = cfg
             .max_objects
             .unwrap_or_else(|| Layout::default_max_objects(cfg.memory));
-        let layout = Layout::new(cfg.memory, max_objects)?;
+        let mut layout = Layout::with_clients(cfg.memory, max_objects, cfg.max_clients)?;
+        // A test knob: fewer clients with a pin bit of their own, so that a few connections
+        // exercise the overflow clients' paths.
+        if let Some(n) = std::env::var("TROVE_STORE_PIN_CLIENTS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|n| *n < PIN_CLIENTS)
+        {
+            info!("only clients below index {n} have a pin bit (TROVE_STORE_PIN_CLIENTS)");
+            layout = layout.with_pin_clients(n);
+        }
+        let fds = raise_fd_limit();
+        // Three descriptors per client (its socket, a clone to write replies on, its pidfd).
+        if fds < 3 * cfg.max_clients as u64 + 64 {
+            warn!(
+                "the open files limit ({fds}) is below what {} clients need",
+                cfg.max_clients
+            );
+        }
         let pages = if cfg.hugepages {
             Pages::huge_for(layout.total_len)?
         } else {
@@ -199,10 +247,11 @@ impl Daemon {
             listener_fd,
         });
         info!(
-            "store at {}: {} of object space, {} object slots",
+            "store at {}: {} of object space, {} object slots, at most {} clients",
             cfg.socket.display(),
             crate::blocks::size::format_size(layout.heap_len),
-            layout.dir_slots / 2
+            layout.dir_slots / 2,
+            layout.max_clients
         );
         Ok(Daemon {
             shared,
@@ -274,15 +323,15 @@ impl Daemon {
                 return;
             }
         };
-        let refuse = |why: String| {
-            warn!("refusing a client (pid {pid}, uid {uid}): {why}");
-            let _ = (&stream).write_all(&Reply::error(&StoreError::Refused(why)).encode(0));
+        let refuse = |e: StoreError| {
+            warn!("refusing a client (pid {pid}, uid {uid}): {e}");
+            let _ = (&stream).write_all(&Reply::error(&e).encode(0));
         };
         if uid != self.shared.uid {
-            refuse(format!(
+            refuse(StoreError::Refused(format!(
                 "uid {uid} may not use a store owned by uid {}",
                 self.shared.uid
-            ));
+            )));
             return;
         }
         let limits = lock(&self.shared.table).limits;
@@ -300,7 +349,9 @@ impl Daemon {
             let mut t = lock(&self.shared.table);
             let Some(index) = t.take_index() else {
                 drop(t);
-                refuse(format!("too many clients (at most {MAX_CLIENTS})"));
+                refuse(StoreError::TooManyClients {
+                    limit: self.shared.arena.layout().max_clients,
+                });
                 return;
             };
             let ring = match self.shared.arena.init_ring(index) {
@@ -308,7 +359,7 @@ impl Daemon {
                 Err(e) => {
                     t.give_back_index(index);
                     drop(t);
-                    refuse(format!("notification ring: {e}"));
+                    refuse(StoreError::Refused(format!("notification ring: {e}")));
                     return;
                 }
             };
@@ -320,7 +371,7 @@ impl Daemon {
             .arena
             .layout()
             .ring_region(index)
-            .expect("index below MAX_CLIENTS");
+            .expect("an index below max_clients");
         let welcome = Reply::Welcome {
             version: PROTOCOL_VERSION,
             client_index: index,
@@ -337,6 +388,7 @@ impl Daemon {
         let sh = self.shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("troved-client-{index}"))
+            .stack_size(CLIENT_STACK)
             .spawn(move || {
                 sh.serve(index, stream, conn);
                 sh.disconnect(index);

@@ -2,6 +2,12 @@
 //! per-client state), behind the daemon's one mutex. Everything here is synchronous and
 //! never blocks: frames for other clients go to an [`Outbox`] sent after the lock is released,
 //! notices to a client's ring are non-blocking pushes.
+//!
+//! Pins of overflow clients (indices past `Layout::pin_clients`, which have no pin bit of their
+//! own) are kept here: per object a count (`Entry::overflow_pins`), per client the objects it
+//! pins (`ClientState::pins`), and the slot's `OVERFLOW_BIT` set while the count is not 0;
+//! `Table::pin` and `Table::unpin` route a client's pin to its bit or to these. Nothing on a
+//! request's path is O(clients): departed clients and subscribers are kept in their own sets.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::os::fd::OwnedFd;
@@ -14,7 +20,7 @@ use super::Conn;
 use crate::blocks::alloc::Allocator;
 use crate::blocks::id::ObjectId;
 use crate::blocks::ring::{Producer, RingError};
-use crate::blocks::shm::{Arena, FLAG_ERROR, FLAG_REFCOUNTED, MAX_CLIENTS, Removal};
+use crate::blocks::shm::{Arena, FLAG_ERROR, FLAG_REFCOUNTED, OVERFLOW_BIT, Removal};
 use crate::error::{Result, StoreError};
 use crate::protocol::{
     DeleteOutcome, Event, NOTICE_LEN, NOTICE_LOST, NOTICE_READY, NOTICE_REJECTED, ObjectInfo,
@@ -96,6 +102,9 @@ pub(super) struct Entry {
     contains: Vec<ObjectId>,
     /// The client slab this object lives in (its memory is the slab's), if any.
     slab: Option<u64>,
+    /// How many overflow clients pin it (each lists it in its `ClientState::pins`); the
+    /// slot's `OVERFLOW_BIT` is set while this is not 0.
+    overflow_pins: u32,
 }
 
 impl Entry {
@@ -125,6 +134,7 @@ impl Entry {
             holders: 0,
             contains: Vec::new(),
             slab,
+            overflow_pins: 0,
         }
     }
 }
@@ -168,6 +178,9 @@ pub(super) struct ClientState {
     rejected: Vec<u64>,
     /// Its entries in `holds`, `watchers` and `early_unholds` (bounded by `max_pending`).
     pending: usize,
+    /// The objects this client pins, if it is an overflow client (one without a pin bit of
+    /// its own): one pin per object, as a bit would be.
+    pins: HashSet<ObjectId>,
 }
 
 impl ClientState {
@@ -226,7 +239,15 @@ pub(super) struct Table {
     lru: BTreeSet<(u64, ObjectId)>,
     pending_delete: HashSet<ObjectId>,
     pub(super) clients: HashMap<u32, ClientState>,
-    free_indices: Vec<u32>,
+    /// Client indices free to give out, lowest first (so pin-bit indices are preferred).
+    free_indices: BTreeSet<u32>,
+    /// Client indices below this pin with their own bit; the others are overflow clients
+    /// whose pins this table keeps (`Entry::overflow_pins`, `ClientState::pins`).
+    pin_clients: u32,
+    /// Clients whose connection has closed, not removed yet (see [`Table::departed`]).
+    departed: BTreeSet<u32>,
+    /// Clients that asked for events.
+    subscribers: BTreeSet<u32>,
     next_session: u64,
     waiters: HashMap<u64, Waiter>,
     waiting_on: HashMap<ObjectId, Vec<u64>>,
@@ -288,6 +309,15 @@ fn slab_granules(
     (!granules.clone().any(bit)).then_some(granules)
 }
 
+/// One overflow client fewer pins `e` (the caller has taken it out of that client's pins):
+/// the last one clears `OVERFLOW_BIT`.
+fn drop_overflow_pin(arena: &Arena, e: &mut Entry) {
+    e.overflow_pins = e.overflow_pins.saturating_sub(1);
+    if e.overflow_pins == 0 {
+        arena.directory().unpin_for(e.slot, OVERFLOW_BIT);
+    }
+}
+
 fn to_reply(r: Result<()>) -> Reply {
     match r {
         Ok(()) => Reply::Ok,
@@ -316,7 +346,10 @@ impl Table {
             lru: BTreeSet::new(),
             pending_delete: HashSet::new(),
             clients: HashMap::new(),
-            free_indices: (0..MAX_CLIENTS).rev().collect(),
+            free_indices: (0..layout.max_clients).collect(),
+            pin_clients: layout.pin_clients,
+            departed: BTreeSet::new(),
+            subscribers: BTreeSet::new(),
             next_session: 1,
             waiters: HashMap::new(),
             waiting_on: HashMap::new(),
@@ -340,11 +373,11 @@ impl Table {
     /// A free client index, if any (given back with [`Table::give_back_index`] if the
     /// client never gets added).
     pub(super) fn take_index(&mut self) -> Option<u32> {
-        self.free_indices.pop()
+        self.free_indices.pop_first()
     }
 
     pub(super) fn give_back_index(&mut self, index: u32) {
-        self.free_indices.push(index);
+        self.free_indices.insert(index);
     }
 
     /// Registers a connected client under an index from [`Table::take_index`].
@@ -374,8 +407,52 @@ impl Table {
                 slab: None,
                 rejected: Vec::new(),
                 pending: 0,
+                pins: HashSet::new(),
             },
         );
+    }
+
+    /// Pins sealed object `id` for `client`: its own pin bit, or for an overflow client an
+    /// entry in its pins, counted in the object's, with `OVERFLOW_BIT` set while any is.
+    /// Idempotent, as a bit is. False (nothing done) for an unknown object or client.
+    fn pin(&mut self, arena: &Arena, client: u32, id: &ObjectId) -> bool {
+        let Some(e) = self.objects.get_mut(id) else {
+            return false;
+        };
+        if client < self.pin_clients {
+            arena.directory().pin_for(e.slot, client);
+            return true;
+        }
+        let Some(c) = self.clients.get_mut(&client) else {
+            return false;
+        };
+        if c.pins.insert(*id) {
+            e.overflow_pins += 1;
+            if e.overflow_pins == 1 {
+                arena.directory().pin_for(e.slot, OVERFLOW_BIT);
+            }
+        }
+        true
+    }
+
+    /// Drops `client`'s pin on `id` (its bit, or its entry among the overflow pins; the last
+    /// of those clears `OVERFLOW_BIT`). Whether the object may be freed now is the caller's
+    /// to check ([`Table::release`]).
+    fn unpin(&mut self, arena: &Arena, client: u32, id: &ObjectId) {
+        let Some(e) = self.objects.get_mut(id) else {
+            return;
+        };
+        if client < self.pin_clients {
+            arena.directory().unpin_for(e.slot, client);
+            return;
+        }
+        if self
+            .clients
+            .get_mut(&client)
+            .is_some_and(|c| c.pins.remove(id))
+        {
+            drop_overflow_pin(arena, e);
+        }
     }
 
     /// Handles one request of `client`.
@@ -427,6 +504,7 @@ impl Table {
             Request::Subscribe => {
                 if let Some(c) = self.clients.get_mut(&client) {
                     c.subscribed = true;
+                    self.subscribers.insert(client);
                 }
                 Some(Reply::Ok)
             }
@@ -471,6 +549,7 @@ impl Table {
                 }
                 Some(Reply::Ok)
             }
+            Request::Pin { id } => Some(self.pin_request(arena, client, id)),
         };
         if one_way {
             if let Err(e) = self.bound_error(&reply) {
@@ -513,6 +592,8 @@ impl Table {
         };
         c.connected = false;
         c.subscribed = false;
+        self.subscribers.remove(&index);
+        self.departed.insert(index);
         // Its gets see the connection has ended (the ring is set up afresh for the next
         // client at this index).
         c.ring.ring().close();
@@ -543,10 +624,9 @@ impl Table {
 
     /// Clients whose connection has closed and that are not removed yet.
     pub(super) fn departed(&self) -> impl Iterator<Item = (u32, &ClientState)> {
-        self.clients
+        self.departed
             .iter()
-            .filter(|(_, c)| !c.connected)
-            .map(|(i, c)| (*i, c))
+            .filter_map(|i| Some((*i, self.clients.get(i)?)))
     }
 
     /// Forgets a departed client whose process no longer maps the arena: aborts what it was
@@ -554,31 +634,44 @@ impl Table {
     /// its slabs and frees its index.
     pub(super) fn remove_client(&mut self, arena: &Arena, index: u32, out: &mut Outbox) {
         self.depart(index);
+        self.departed.remove(&index);
         let Some(c) = self.clients.remove(&index) else {
             return;
         };
         for id in c.creating {
             let _ = self.abort(arena, index, id);
         }
-        // A client's pin bits can only sit on live entries (a pin on an entry being removed
-        // makes the removal fail), so clearing them there is enough: O(objects), not
-        // O(directory slots), under the table lock.
-        let dir = arena.directory();
-        for e in self.objects.values() {
-            dir.unpin_for(e.slot, index);
-        }
-        let pending: Vec<ObjectId> = self.pending_delete.iter().copied().collect();
-        for id in pending {
-            self.release(arena, id, out);
-        }
-        let refcounted: Vec<ObjectId> = self
-            .objects
-            .iter()
-            .filter(|(_, e)| e.refcounted)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in refcounted {
-            self.check_free(arena, id, out);
+        if index >= self.pin_clients {
+            // An overflow client: its pins are the ones it lists, O(its pins).
+            for id in &c.pins {
+                if let Some(e) = self.objects.get_mut(id) {
+                    drop_overflow_pin(arena, e);
+                }
+            }
+            for id in c.pins {
+                self.release(arena, id, out);
+            }
+        } else {
+            // A client's pin bits can only sit on live entries (a pin on an entry being
+            // removed makes the removal fail), so clearing them there is enough: O(objects),
+            // not O(directory slots), under the table lock.
+            let dir = arena.directory();
+            for e in self.objects.values() {
+                dir.unpin_for(e.slot, index);
+            }
+            let pending: Vec<ObjectId> = self.pending_delete.iter().copied().collect();
+            for id in pending {
+                self.release(arena, id, out);
+            }
+            let refcounted: Vec<ObjectId> = self
+                .objects
+                .iter()
+                .filter(|(_, e)| e.refcounted)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in refcounted {
+                self.check_free(arena, id, out);
+            }
         }
         for off in c.rejected {
             if let Some(s) = self.slabs.get_mut(&off) {
@@ -594,8 +687,28 @@ impl Table {
         for off in mine {
             self.retire_slab(off);
         }
-        self.free_indices.push(index);
+        self.free_indices.insert(index);
         debug!("client {index} (pid {}) removed", c.pid);
+    }
+
+    /// A `Pin`: `client` pins `id` if it is sealed (not delete-pending) and is told where it
+    /// is; `NotFound` otherwise, with nothing changed.
+    fn pin_request(&mut self, arena: &Arena, client: u32, id: ObjectId) -> Reply {
+        let (offset, size, slot) = match self.objects.get(&id) {
+            Some(e) if e.state == EntryState::Sealed => (e.offset, e.size, e.slot),
+            _ => return Reply::error(&StoreError::NotFound(id)),
+        };
+        if !self.pin(arena, client, &id) {
+            return Reply::error(&StoreError::InvalidRequest("unknown client".into()));
+        }
+        let dir = arena.directory();
+        // A pin refreshes the object's last use, as a client's own pin does.
+        dir.touch(slot);
+        Reply::Pinned {
+            offset,
+            size,
+            error: dir.is_error(slot),
+        }
     }
 
     /// Whether `client` may have `n` more pending entries.
@@ -825,7 +938,24 @@ impl Table {
         let Some(e) = self.objects.get_mut(&id) else {
             return;
         };
-        arena.directory().seal_with(e.slot, flags, &pins);
+        // Overflow clients' pins are counted here, and stand as `OVERFLOW_BIT` in the slot.
+        let pin_clients = self.pin_clients;
+        let mut bits: Vec<u32> = Vec::with_capacity(pins.len() + 1);
+        for c in pins {
+            if c < pin_clients {
+                bits.push(c);
+            } else if self
+                .clients
+                .get_mut(&c)
+                .is_some_and(|cs| cs.pins.insert(id))
+            {
+                e.overflow_pins += 1;
+            }
+        }
+        if e.overflow_pins > 0 {
+            bits.push(OVERFLOW_BIT);
+        }
+        arena.directory().seal_with(e.slot, flags, &bits);
         e.state = EntryState::Sealed;
         e.refcounted = refcounted;
         e.contains = contains;
@@ -948,7 +1078,9 @@ impl Table {
 
     fn hold(&mut self, arena: &Arena, client: u32, id: ObjectId) -> Result<()> {
         match self.objects.get(&id) {
-            Some(e) if e.state == EntryState::Sealed => arena.directory().pin_for(e.slot, client),
+            Some(e) if e.state == EntryState::Sealed => {
+                self.pin(arena, client, &id);
+            }
             _ if self.lost_set.contains(&id) => {}
             _ => {
                 if self.holds.get(&id).is_some_and(|l| l.contains(&client)) {
@@ -973,7 +1105,7 @@ impl Table {
         }
         match self.objects.get(&id) {
             Some(e) if e.state != EntryState::Creating => {
-                arena.directory().unpin_for(e.slot, client);
+                self.unpin(arena, client, &id);
                 self.release(arena, id, out);
             }
             _ if self.lost_set.contains(&id) => {}
@@ -1386,7 +1518,8 @@ impl Table {
                     EntryState::Sealed => ObjectState::Sealed,
                     EntryState::DeletePending => ObjectState::DeletePending,
                 },
-                pins: dir.pin_count(e.slot),
+                // The overflow clients' pins stand as one bit in the slot.
+                pins: dir.pin_count(e.slot) - u32::from(e.overflow_pins > 0) + e.overflow_pins,
                 age: e.created.elapsed(),
                 owner: e.owner,
             })
@@ -1407,14 +1540,14 @@ impl Table {
                 .values()
                 .filter(|e| e.state == EntryState::Sealed)
                 .count() as u64,
-            clients: self.clients.values().filter(|c| c.connected).count() as u64,
+            clients: self.clients.len().saturating_sub(self.departed.len()) as u64,
             evictions: self.evictions,
         }
     }
 
     fn event(&self, ev: Event, out: &mut Outbox) {
         let mut frame = None;
-        for c in self.clients.values().filter(|c| c.subscribed) {
+        for c in self.subscribers.iter().filter_map(|i| self.clients.get(i)) {
             let f = frame.get_or_insert_with(|| Reply::Event(ev).encode(0));
             out.0.push((c.conn.clone(), f.clone()));
         }
@@ -1438,7 +1571,11 @@ mod tests {
 
     impl Fx {
         fn new(limits: Limits) -> Fx {
-            let arena = Arena::create(Layout::new(8 << 20, 256).unwrap()).unwrap();
+            Fx::with_layout(Layout::new(8 << 20, 256).unwrap(), limits)
+        }
+
+        fn with_layout(layout: Layout, limits: Limits) -> Fx {
+            let arena = Arena::create(layout).unwrap();
             let t = Table::new(&arena, limits);
             Fx {
                 arena,
@@ -1995,5 +2132,184 @@ mod tests {
         );
         assert_eq!(f.stats().objects, 1);
         f.check_used();
+    }
+
+    /// A table whose clients 2 and up are overflow clients (no pin bit of their own).
+    fn overflow_fx() -> Fx {
+        let layout = Layout::with_clients(8 << 20, 256, 8)
+            .unwrap()
+            .with_pin_clients(2);
+        Fx::with_layout(layout, Limits::default())
+    }
+
+    fn pinned(f: &mut Fx, c: u32, id: ObjectId) -> (u64, u64) {
+        match f.req(c, Request::Pin { id }) {
+            Reply::Pinned { offset, size, .. } => (offset, size),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn overflow_pins_are_counted_and_stand_as_one_bit() {
+        let mut f = overflow_fx();
+        let (a, b, c, d) = (f.connect(), f.connect(), f.connect(), f.connect());
+        assert_eq!((a, b, c, d), (0, 1, 2, 3));
+        let x = ObjectId::random();
+        let offset = f.put(a, x, 300);
+        let slot = f.slot(&x);
+        // An overflow client's pin: the daemon counts it, the slot shows the overflow bit.
+        assert_eq!(pinned(&mut f, c, x), (offset, 300));
+        assert!(f.arena.directory().has_pin(slot, OVERFLOW_BIT));
+        assert_eq!(f.t.objects[&x].overflow_pins, 1);
+        // One pin per client and object, as a bit: a second `Pin` or a `Hold` adds none.
+        pinned(&mut f, c, x);
+        f.one_way(c, Request::Hold { id: x });
+        assert_eq!(f.t.objects[&x].overflow_pins, 1);
+        pinned(&mut f, d, x);
+        assert_eq!(f.t.objects[&x].overflow_pins, 2);
+        // A client with a bit of its own may `Pin` too: its bit.
+        pinned(&mut f, b, x);
+        assert!(f.arena.directory().has_pin(slot, b));
+        assert_eq!(
+            f.t.list(&f.arena)[0].pins,
+            3,
+            "two overflow pins and one bit"
+        );
+        f.one_way(b, Request::Unhold { id: x });
+        // A delete is deferred by the overflow pins ...
+        assert_eq!(
+            f.req(a, Request::Delete { ids: vec![x] }),
+            Reply::Deleted {
+                outcomes: vec![DeleteOutcome::Deferred]
+            }
+        );
+        // ... a deleted object cannot be pinned any more, and nothing changes ...
+        assert_eq!(
+            code(&f.req(b, Request::Pin { id: x })),
+            Some(ErrorCode::NotFound)
+        );
+        f.one_way(c, Request::Unhold { id: x });
+        f.one_way(c, Request::Unhold { id: x });
+        assert_eq!(f.t.objects[&x].overflow_pins, 1, "one pin per client");
+        assert!(f.arena.directory().has_pin(slot, OVERFLOW_BIT));
+        assert_eq!(f.stats().objects, 1);
+        // ... and completes with the last overflow pin.
+        f.one_way(d, Request::Unhold { id: x });
+        assert_eq!(f.stats().objects, 0);
+        f.check_used();
+        assert_eq!(
+            code(&f.req(c, Request::Pin { id: x })),
+            Some(ErrorCode::NotFound)
+        );
+        assert!(f.t.clients.values().all(|c| c.pins.is_empty()));
+    }
+
+    #[test]
+    fn overflow_clients_are_pinned_for_at_seal_and_on_hold() {
+        let mut f = overflow_fx();
+        let (a, _b, c, d) = (f.connect(), f.connect(), f.connect(), f.connect());
+        // A result for overflow client C (`pin_for`), a `Hold` of D before the seal, and the
+        // creator's own reference: all set before the object is visible.
+        let y = ObjectId::random();
+        f.one_way(d, Request::Hold { id: y });
+        f.req(a, Request::Create { id: y, size: 64 });
+        f.req(
+            a,
+            Request::SealOwned {
+                id: y,
+                owned: Owned {
+                    keep: true,
+                    pin_for: Some((c, 1)),
+                    ..Owned::default()
+                },
+            },
+        );
+        let sy = f.slot(&y);
+        assert_eq!(f.t.objects[&y].overflow_pins, 2);
+        assert!(f.arena.directory().has_pin(sy, a));
+        assert!(f.arena.directory().has_pin(sy, OVERFLOW_BIT));
+        // The creator lets go; then C: D still holds it.
+        assert!(
+            !f.arena.directory().unpin(sy, a),
+            "the overflow bit still pins it"
+        );
+        f.req(a, Request::Release { id: y });
+        f.one_way(c, Request::Unhold { id: y });
+        assert_eq!(f.stats().objects, 1);
+        // A `Hold` of a sealed object by an overflow client pins it at once.
+        let z = ObjectId::random();
+        f.req(a, Request::Create { id: z, size: 64 });
+        f.req(
+            a,
+            Request::SealOwned {
+                id: z,
+                owned: owned(true, vec![]),
+            },
+        );
+        f.one_way(c, Request::Hold { id: z });
+        assert_eq!(f.t.objects[&z].overflow_pins, 1);
+        let sz = f.slot(&z);
+        f.arena.directory().unpin(sz, a);
+        f.req(a, Request::Release { id: z });
+        assert_eq!(f.stats().objects, 2);
+        // D leaves (its process gone): its pin on Y goes, Y is freed; C's on Z stays.
+        f.t.depart(d);
+        assert_eq!(f.t.objects[&y].overflow_pins, 1, "kept until removed");
+        f.t.remove_client(&f.arena, d, &mut Outbox::default());
+        assert_eq!(f.stats().objects, 1);
+        assert!(!f.t.objects.contains_key(&y));
+        f.t.remove_client(&f.arena, c, &mut Outbox::default());
+        assert_eq!(f.stats().objects, 0);
+        f.check_used();
+    }
+
+    #[test]
+    fn a_departed_overflow_client_releases_its_pins() {
+        let mut f = overflow_fx();
+        let (a, c) = (f.connect(), {
+            f.connect();
+            f.connect()
+        });
+        let ids: Vec<ObjectId> = (0..3).map(|_| ObjectId::random()).collect();
+        for id in &ids {
+            f.put(a, *id, 1000);
+            pinned(&mut f, c, *id);
+        }
+        // Another client's bit on one of them stays.
+        let s0 = f.slot(&ids[0]);
+        f.arena.directory().pin_for(s0, a);
+        f.req(a, Request::Delete { ids: ids.clone() });
+        assert_eq!(f.stats().objects, 3, "all deferred");
+        f.t.depart(c);
+        f.t.remove_client(&f.arena, c, &mut Outbox::default());
+        assert_eq!(f.stats().objects, 1, "the deferred deletes completed");
+        assert!(!f.arena.directory().has_pin(s0, OVERFLOW_BIT));
+        assert!(f.arena.directory().unpin(s0, a));
+        f.req(a, Request::Release { id: ids[0] });
+        assert_eq!(f.stats().objects, 0);
+        f.check_used();
+    }
+
+    #[test]
+    fn client_indices_are_given_lowest_first_up_to_max_clients() {
+        let mut f = overflow_fx();
+        let all: Vec<u32> = (0..8).map(|_| f.connect()).collect();
+        assert_eq!(all, (0..8).collect::<Vec<_>>());
+        assert_eq!(f.t.take_index(), None, "max_clients reached");
+        assert_eq!(f.stats().clients, 8);
+        f.t.depart(5);
+        f.t.depart(1);
+        assert_eq!(f.stats().clients, 6);
+        assert_eq!(f.t.take_index(), None, "departed indices are not reused");
+        assert_eq!(
+            f.t.departed().map(|(i, _)| i).collect::<Vec<_>>(),
+            vec![1, 5]
+        );
+        f.t.remove_client(&f.arena, 5, &mut Outbox::default());
+        f.t.remove_client(&f.arena, 1, &mut Outbox::default());
+        assert_eq!(f.t.departed().count(), 0);
+        assert_eq!(f.connect(), 1, "the lowest free index: one with a pin bit");
+        assert_eq!(f.connect(), 5);
+        assert_eq!(f.stats().clients, 8);
     }
 }
