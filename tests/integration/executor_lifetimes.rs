@@ -72,17 +72,17 @@ pub fn executor_threaded_actor_runs_calls_at_once() {
 }
 register!(executor_threaded_actor_runs_calls_at_once);
 
-/// Many actors alive at once, each answering, then all gone once their handles drop.
+/// A thousand actors alive at once, each answering, then all gone once their handles drop.
 pub fn executor_many_actors_live_at_once_then_go() {
-    let line = run(LifeRole::Many { n: 100 });
+    let line = run(LifeRole::Many { n: 1000 });
     eprintln!("life many: {line}");
 }
-register!(executor_many_actors_live_at_once_then_go);
+register!(alone: executor_many_actors_live_at_once_then_go);
 
 /// Tasks that spawn two tasks and get both, deeper than the pool has workers: a waiting
 /// task lends its worker's CPU, so they finish.
 pub fn executor_recursive_tasks_deeper_than_the_pool_finish() {
-    let line = run(LifeRole::Recursive { depth: 6, cpus: 2 });
+    let line = run(LifeRole::Recursive { depth: 10, cpus: 2 });
     eprintln!("life recursive: {line}");
 }
-register!(executor_recursive_tasks_deeper_than_the_pool_finish);
+register!(alone: executor_recursive_tasks_deeper_than_the_pool_finish);

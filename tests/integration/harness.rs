@@ -21,6 +21,11 @@
 //! A test that needs root (it switches uid) is registered as `register!(root: name)`: it is
 //! reported as ignored, with the reason as its kind, unless the tests run as root, so that it
 //! never counts as a pass that checked nothing.
+//!
+//! A test that fills the machine (a thousand processes) is registered as
+//! `register!(alone: name)`: it runs while no other test does (it takes a lock the others
+//! share), so that it cannot push a timing-sensitive test (the seed exercise's 2.5-3 s
+//! window) out of its bounds.
 
 use libtest_mimic::{Failed, Trial};
 
@@ -32,7 +37,12 @@ pub struct Test {
     pub run: fn(),
     /// Ignored unless the tests run as root.
     pub root: bool,
+    /// Runs while no other test runs.
+    pub alone: bool,
 }
+
+/// Shared by every test while it runs; held alone by an `alone` test.
+static RUNNING: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 inventory::collect!(Test);
 
@@ -46,6 +56,18 @@ macro_rules! register {
                 name: stringify!($f),
                 run: $f,
                 root: true,
+                alone: false,
+            }
+        }
+    };
+    (alone: $f:ident) => {
+        inventory::submit! {
+            $crate::harness::Test {
+                module: module_path!(),
+                name: stringify!($f),
+                run: $f,
+                root: false,
+                alone: true,
             }
         }
     };
@@ -56,6 +78,7 @@ macro_rules! register {
                 name: stringify!($f),
                 run: $f,
                 root: false,
+                alone: false,
             }
         }
     };
@@ -71,7 +94,19 @@ impl Test {
 
     fn trial(&self) -> Trial {
         let run = self.run;
+        let alone = self.alone;
         let trial = Trial::test(self.path(), move || {
+            let _running = if alone {
+                (
+                    None,
+                    Some(RUNNING.write().unwrap_or_else(|p| p.into_inner())),
+                )
+            } else {
+                (
+                    Some(RUNNING.read().unwrap_or_else(|p| p.into_inner())),
+                    None,
+                )
+            };
             std::panic::catch_unwind(run).map_err(|p| {
                 Failed::from(
                     p.downcast_ref::<String>()

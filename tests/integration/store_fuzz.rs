@@ -34,7 +34,7 @@ pub fn hostile_role(socket: &std::path::Path) -> Result<(), Box<dyn std::error::
                 }
                 // A known opcode with a random, usually wrong, payload.
                 1 => {
-                    let mut b = vec![rng.random_range(1..19u8)];
+                    let mut b = vec![rng.random_range(1..20u8)];
                     b.extend_from_slice(&rng.random::<u64>().to_le_bytes());
                     let n = rng.random_range(0..48);
                     b.extend((0..n).map(|_| rng.random::<u8>()));
@@ -99,7 +99,7 @@ fn well_formed(rng: &mut StdRng) -> Request {
             .map(|_| ObjectId::random())
             .collect()
     };
-    match rng.random_range(0..12) {
+    match rng.random_range(0..13) {
         0 => Request::Seal { id },
         1 => Request::Abort { id },
         2 => Request::Wait {
@@ -121,6 +121,7 @@ fn well_formed(rng: &mut StdRng) -> Request {
         },
         9 => Request::Release { id },
         10 => Request::Stats,
+        11 => Request::Pin { id },
         _ => Request::Evict {
             bytes: rng.random_range(0..1 << 20),
         },
@@ -194,7 +195,8 @@ pub fn store_stateful_protocol_fuzz() {
         .unwrap_or_else(|| rand::rng().random::<u64>());
     eprintln!("stateful fuzz: TROVE_FUZZ_SEED={seed}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let store = TestStore::start("32MiB");
+    // Two clients with a pin bit, the rest overflow clients (their pins kept by the daemon).
+    let store = TestStore::start_with_env("32MiB", &[], &[("TROVE_STORE_PIN_CLIENTS", "2")]);
     const CONNS: usize = 4;
     let mut conns: Vec<trove_store::StoreClient> = (0..CONNS).map(|_| store.client()).collect();
     let mut views: Vec<Vec<trove_store::ObjectView>> = (0..CONNS).map(|_| Vec::new()).collect();

@@ -277,7 +277,7 @@ pub fn store_a_thousand_clients_do_everything_a_client_does() {
     );
     drop(clients);
 }
-register!(store_a_thousand_clients_do_everything_a_client_does);
+register!(alone: store_a_thousand_clients_do_everything_a_client_does);
 
 /// `troved --max-clients`: one client past it is refused with `TooManyClients`; a free index
 /// is given again, lowest first.

@@ -41,8 +41,10 @@ pub const PIN_CLIENTS: u32 = 127;
 /// The pin-mask bit the daemon sets while at least one overflow client pins the object.
 pub const OVERFLOW_BIT: u32 = 127;
 /// Most clients at once unless configured (`DaemonConfig::max_clients`): each has a
-/// notification ring (address space only until used; see [`RING_STRIDE`]).
-pub const DEFAULT_MAX_CLIENTS: u32 = 1024;
+/// notification ring (address space only until used; see [`RING_STRIDE`]). Every trove
+/// process is a client, and tasks that wait for tasks start extra workers: a depth-10
+/// recursion of tasks on two workers has over a thousand processes at once.
+pub const DEFAULT_MAX_CLIENTS: u32 = 4096;
 /// The largest `max_clients` an arena may have (rings for 64 Ki clients are ~4 GiB of address
 /// space in the memfd, sparse until used).
 pub const MAX_MAX_CLIENTS: u32 = 1 << 16;
