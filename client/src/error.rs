@@ -9,14 +9,21 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A create did not fit even after evicting every unpinned object.
-    #[error("store full: {requested} bytes requested, capacity {capacity}, {pinned} pinned")]
+    #[error(
+        "store full: {requested} bytes requested, capacity {capacity}, {pinned} pinned or being \
+         created ({detail}); a larger store: Config::memory, TROVE_MEMORY or troved --memory"
+    )]
     StoreFull {
         /// Bytes asked for.
         requested: u64,
         /// The store's object space.
         capacity: u64,
-        /// Bytes pinned (not evictable) at the time.
+        /// Bytes pinned or being created (not evictable) at the time.
         pinned: u64,
+        /// What that is, and whose: the bytes used, trove's own mailboxes and queues apart
+        /// from the user's objects, objects being created, the processes (pids) pinning
+        /// the rest.
+        detail: String,
     },
     /// The wait ended before the object(s) were ready.
     #[error("timed out waiting for {0}")]
@@ -94,10 +101,12 @@ impl From<StoreError> for Error {
                 requested,
                 capacity,
                 pinned,
+                detail,
             } => Error::StoreFull {
                 requested,
                 capacity,
                 pinned,
+                detail,
             },
             StoreError::Disconnected(_) => Error::Disconnected,
             StoreError::NotFound(id) => Error::NotFound(id),

@@ -94,6 +94,8 @@ pub(crate) struct Seal {
     /// Created by the daemon whatever its size (its id is known to the store, and to waiters,
     /// from the start, and reported lost if this process dies before sealing it).
     pub(crate) by_daemon: bool,
+    /// Part of trove's machinery (a mailbox, an actor's token or name), not a user's value.
+    pub(crate) internal: bool,
 }
 
 impl Seal {
@@ -149,6 +151,7 @@ pub(crate) fn write<C: Content + ?Sized>(
         keep: seal.keep,
         error: seal.error,
         pin_for: seal.pin_for,
+        internal: seal.internal,
     })?;
     Ok((place, met))
 }

@@ -356,7 +356,11 @@ impl Runtime {
         )?;
         // The token: an object only handles refer to (see `ActorHandle`).
         let token_id = ObjectId::random();
-        owned::write(&sh.client, token_id, &mailbox.id().0[..], Seal::kept(None))?;
+        let internal = Seal {
+            internal: true,
+            ..Seal::kept(None)
+        };
+        owned::write(&sh.client, token_id, &mailbox.id().0[..], internal)?;
         let token = ObjectRef::<[u8]>::adopt(token_id);
         // A name's entry (the mailbox and the token) is held by the zygote while the actor
         // lives; ours goes once the zygote has it.
@@ -370,6 +374,7 @@ impl Runtime {
                     &Archive(&(mailbox.id().0, token_id.0)),
                     Seal {
                         by_daemon: true,
+                        internal: true,
                         ..Seal::kept(Some(vec![mailbox.id()]))
                     },
                 )?;

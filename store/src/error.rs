@@ -7,12 +7,15 @@ use crate::blocks::id::ObjectId;
 pub enum StoreError {
     /// The object does not fit even after evicting every unpinned object.
     #[error(
-        "store full: {requested} bytes requested, capacity {capacity} bytes, {pinned} bytes pinned or being created (a larger store: Config::memory, TROVE_MEMORY or troved --memory)"
+        "store full: {requested} bytes requested, capacity {capacity} bytes, {pinned} bytes pinned or being created ({detail}); a larger store: Config::memory, TROVE_MEMORY or troved --memory"
     )]
     StoreFull {
         requested: u64,
         capacity: u64,
         pinned: u64,
+        /// What cannot be evicted, and whose: the bytes used, trove's own machinery
+        /// (mailboxes, queues), objects being created, the processes pinning the rest.
+        detail: String,
     },
     /// The object directory has no free slot left (too many live objects).
     #[error("object directory full: {capacity} objects")]

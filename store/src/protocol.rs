@@ -116,6 +116,9 @@ pub struct Owned {
     /// Another client (index, pid) gets a reference at seal: the caller a result is for.
     /// Ignored if that client has gone, or has already dropped its reference (`Unhold`).
     pub pin_for: Option<(u32, u32)>,
+    /// Part of a runtime's own machinery (an actor's mailbox, a task queue), not a user's
+    /// value: a full store says how much of it is so.
+    pub internal: bool,
 }
 
 /// Error codes carried by [`Reply::Error`].
@@ -341,7 +344,7 @@ impl Enc {
     }
     fn owned(&mut self, o: &Owned) -> &mut Self {
         self.ids(&o.contained);
-        self.u8(o.keep as u8 | (o.error as u8) << 1);
+        self.u8(o.keep as u8 | (o.error as u8) << 1 | (o.internal as u8) << 2);
         let (index, pid) = o.pin_for.unwrap_or((u32::MAX, 0));
         self.u32(index).u32(pid)
     }
@@ -704,6 +707,7 @@ impl Reply {
                 requested,
                 capacity,
                 pinned,
+                ..
             } => (ErrorCode::StoreFull, [*requested, *capacity, *pinned]),
             StoreError::DirectoryFull { capacity } => (ErrorCode::DirectoryFull, [*capacity, 0, 0]),
             StoreError::NotFound(_) => (ErrorCode::NotFound, [0; 3]),
@@ -721,10 +725,15 @@ impl Reply {
             }
             _ => (ErrorCode::InvalidRequest, [0; 3]),
         };
+        let message = match e {
+            // What is not evictable, and whose: the typed error carries it.
+            StoreError::StoreFull { detail, .. } => detail.clone(),
+            other => other.to_string(),
+        };
         Reply::Error {
             code,
             nums,
-            message: e.to_string(),
+            message,
         }
     }
 
@@ -740,6 +749,7 @@ impl Reply {
                 requested: nums[0],
                 capacity: nums[1],
                 pinned: nums[2],
+                detail: message,
             },
             ErrorCode::DirectoryFull => StoreError::DirectoryFull { capacity: nums[0] },
             ErrorCode::NotFound => StoreError::NotFound(id),
@@ -824,7 +834,7 @@ impl<'a> Dec<'a> {
     fn owned(&mut self) -> Result<Owned> {
         let contained = self.ids_or_none()?;
         let flags = self.u8()?;
-        if flags > 3 {
+        if flags > 7 {
             return Err(proto(format!("unknown publish flags {flags:#x}")));
         }
         let (index, pid) = (self.u32()?, self.u32()?);
@@ -832,6 +842,7 @@ impl<'a> Dec<'a> {
             contained,
             keep: flags & 1 != 0,
             error: flags & 2 != 0,
+            internal: flags & 4 != 0,
             pin_for: (index != u32::MAX).then_some((index, pid)),
         })
     }
@@ -954,6 +965,7 @@ mod tests {
                     keep: true,
                     error: false,
                     pin_for: Some((3, 4242)),
+                    internal: true,
                 },
             },
             Request::SealOwned {
@@ -982,6 +994,7 @@ mod tests {
                 requested: 1,
                 capacity: 2,
                 pinned: 3,
+                detail: "pinned by pid 7: 3 B".into(),
             }),
             Reply::Created { offset: 4096 },
             Reply::Waited {

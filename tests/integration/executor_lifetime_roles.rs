@@ -201,6 +201,7 @@ pub fn helper_role(role: LifeRole) -> Res {
         LifeRole::Many { n } => cfg = cfg.memory((256 << 20) + n * (1 << 20)),
         LifeRole::Restarts => cfg = cfg.task_max_retries(1),
         LifeRole::Cancel => cfg = cfg.num_cpus(1),
+        LifeRole::Full => cfg = cfg.memory(64 << 20),
         LifeRole::Recursive { cpus, .. } => cfg = cfg.num_cpus(cpus as usize),
         _ => {}
     }
@@ -510,6 +511,37 @@ pub fn helper_role(role: LifeRole) -> Res {
             gone_within(pid, Duration::from_secs(1), "the threaded actor")?;
             store_back_to(&rt, &base, "after the threaded actor")?;
             say(&format!("OK {}", took.as_millis()));
+        }
+        LifeRole::Full => {
+            let actors = (0..4)
+                .map(|_| rt.actor(Counter::default))
+                .collect::<trove::Result<Vec<_>>>()?;
+            for a in &actors {
+                a.call(Counter::incr, ())?.get_timeout(T)?;
+            }
+            let mut kept = Vec::new();
+            let detail = loop {
+                match rt.put_slice(&vec![7u8; 8 << 20]) {
+                    Ok(r) => kept.push(r),
+                    Err(Error::StoreFull { detail, .. }) => break detail,
+                    Err(e) => return Err(e.into()),
+                }
+                check(kept.len() < 64, "a 64 MiB store never filled")?;
+            };
+            // trove's mailboxes apart, then the user's objects by the process pinning them.
+            let me = std::process::id();
+            check(
+                detail.contains("trove's mailboxes and queues")
+                    && !detail.contains("mailboxes and queues 0 B"),
+                &format!("no mailboxes counted: {detail}"),
+            )?;
+            check(
+                detail.contains(&format!("pinned by pid {me} {}.0 MiB", kept.len() * 8)),
+                &format!("the driver's objects: {detail}"),
+            )?;
+            drop((kept, actors));
+            store_back_to(&rt, &base, "after the full store")?;
+            say(&format!("OK {detail}"));
         }
         LifeRole::Many { n } => {
             let t = Instant::now();

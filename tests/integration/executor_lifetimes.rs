@@ -72,6 +72,13 @@ pub fn executor_threaded_actor_runs_calls_at_once() {
 }
 register!(executor_threaded_actor_runs_calls_at_once);
 
+/// A full store says what is trove's (mailboxes, queues) and what is the user's, by pid.
+pub fn executor_store_full_tells_mailboxes_from_objects_and_pinners() {
+    let line = run(LifeRole::Full);
+    eprintln!("life full: {line}");
+}
+register!(executor_store_full_tells_mailboxes_from_objects_and_pinners);
+
 /// A thousand actors alive at once, each answering, then all gone once their handles drop.
 pub fn executor_many_actors_live_at_once_then_go() {
     let line = run(LifeRole::Many { n: 1000 });

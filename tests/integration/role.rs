@@ -308,6 +308,8 @@ roles! {
         Cancel = "cancel",
         /// A threaded actor: `&self` calls overlap, `&mut self` calls run alone.
         Threaded = "threaded",
+        /// A store filled with the user's objects beside actors: `StoreFull` tells them apart.
+        Full = "full",
         /// `n` actors alive at once, each answering; then their handles dropped: all gone.
         Many { n: u64 } = "many",
         /// Tasks that spawn two tasks and get both, `depth` deep, on `cpus` workers.

@@ -50,10 +50,12 @@ pub fn store_oversize_create_is_store_full_at_once() {
             requested,
             capacity,
             pinned,
+            detail,
         }) => {
             assert_eq!(requested, 1 << 40);
             assert_eq!(capacity, 16 << 20);
             assert_eq!(pinned, 0);
+            assert!(detail.contains("no object pinned by a process"), "{detail}");
         }
         other => panic!("expected StoreFull, got {:?}", other.map(|w| w.id())),
     }

@@ -53,9 +53,28 @@ pub fn store_full_when_everything_is_pinned() {
             requested,
             capacity,
             pinned,
+            detail,
         }) => {
             assert_eq!((requested, capacity), (KIB300 as u64, 1 << 20));
             assert_eq!(pinned, 3 * KIB300 as u64);
+            // Whose: each pinning process by its pid; none of it trove's machinery.
+            for h in &pinners {
+                assert!(
+                    detail.contains(&format!("pid {} 300.0 KiB", h.pid())),
+                    "{detail}"
+                );
+            }
+            assert!(
+                detail.contains("mailboxes and queues 0 B in 0 objects"),
+                "{detail}"
+            );
+            let e = StoreError::StoreFull {
+                requested,
+                capacity,
+                pinned,
+                detail,
+            };
+            assert!(e.to_string().contains("TROVE_MEMORY"), "{e}");
         }
         other => panic!("expected StoreFull, got {:?}", other.map(|w| w.id())),
     }

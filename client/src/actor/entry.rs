@@ -117,6 +117,7 @@ pub(crate) fn new_mailbox(
     };
     let seal = Seal {
         by_daemon: true,
+        internal: true,
         ..Seal::kept(None)
     };
     owned::write(client, id, &content, seal)?;

@@ -967,6 +967,21 @@ impl<'a> Directory<'a> {
         self.slot(i).pinned()
     }
 
+    /// The client indices whose pin bit is set on a slot ([`OVERFLOW_BIT`] among them if
+    /// overflow clients pin it).
+    pub fn pinners(&self, i: u64) -> Vec<u32> {
+        let s = self.slot(i);
+        let mut out = Vec::new();
+        for (w, p) in s.pins.iter().enumerate() {
+            let mut bits = p.load(Ordering::SeqCst);
+            while bits != 0 {
+                out.push(w as u32 * 64 + bits.trailing_zeros());
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+
     /// How many pin bits are set on a slot ([`OVERFLOW_BIT`] counts as one).
     pub fn pin_count(&self, i: u64) -> u32 {
         self.slot(i)

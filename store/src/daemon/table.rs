@@ -105,6 +105,8 @@ pub(super) struct Entry {
     /// How many overflow clients pin it (each lists it in its `ClientState::pins`); the
     /// slot's `OVERFLOW_BIT` is set while this is not 0.
     overflow_pins: u32,
+    /// Published as part of a runtime's machinery (`Owned::internal`).
+    internal: bool,
 }
 
 impl Entry {
@@ -135,6 +137,7 @@ impl Entry {
             contains: Vec::new(),
             slab,
             overflow_pins: 0,
+            internal: false,
         }
     }
 }
@@ -822,6 +825,7 @@ impl Table {
                 requested: size,
                 capacity,
                 pinned: self.pinned_bytes(arena),
+                detail: self.full_detail(arena),
             });
         }
         let mut skipped = Vec::new();
@@ -840,6 +844,7 @@ impl Table {
             requested: size,
             capacity,
             pinned: self.pinned_bytes(arena),
+            detail: self.full_detail(arena),
         })
     }
 
@@ -901,6 +906,7 @@ impl Table {
         self.uncount_pending(&early);
         let mut contains = Vec::new();
         let mut flags = 0;
+        let internal = owned.is_some_and(|o| o.internal);
         if let Some(o) = owned {
             flags |= FLAG_REFCOUNTED;
             if o.error {
@@ -958,6 +964,7 @@ impl Table {
         arena.directory().seal_with(e.slot, flags, &bits);
         e.state = EntryState::Sealed;
         e.refcounted = refcounted;
+        e.internal = internal;
         e.contains = contains;
         e.holders = self.pending_holders.remove(&id).unwrap_or(0);
         e.lru_key = arena.directory().last_use(e.slot);
@@ -1503,6 +1510,76 @@ impl Table {
             .filter(|e| e.state != EntryState::Sealed || dir.is_pinned(e.slot))
             .map(|e| e.alloc_len)
             .sum()
+    }
+
+    /// What a full store holds that cannot be evicted, and whose (for `StoreFull`): the bytes
+    /// used, a runtime's own machinery (`Owned::internal`: mailboxes, queues), objects being
+    /// created, and the rest by the processes that pin it (largest first; an object pinned
+    /// by several counts for each), or kept only by references inside other objects.
+    fn full_detail(&self, arena: &Arena) -> String {
+        use crate::blocks::size::format_size as fmt_size;
+        let dir = arena.directory();
+        let (mut internal, mut internal_n, mut creating, mut contained) = (0u64, 0u64, 0u64, 0u64);
+        let mut by_pid: HashMap<i32, u64> = HashMap::new();
+        for (id, e) in &self.objects {
+            if e.state != EntryState::Sealed {
+                creating += e.alloc_len;
+                continue;
+            }
+            let pinners = dir.pinners(e.slot);
+            if pinners.is_empty() {
+                if e.holders > 0 {
+                    contained += e.alloc_len;
+                }
+                continue;
+            }
+            if e.internal {
+                internal += e.alloc_len;
+                internal_n += 1;
+                continue;
+            }
+            for index in pinners {
+                if index == OVERFLOW_BIT {
+                    for c in self.clients.values().filter(|c| c.pins.contains(id)) {
+                        *by_pid.entry(c.pid).or_default() += e.alloc_len;
+                    }
+                } else if let Some(c) = self.clients.get(&index) {
+                    *by_pid.entry(c.pid).or_default() += e.alloc_len;
+                }
+            }
+        }
+        let mut pinners: Vec<(i32, u64)> = by_pid.into_iter().collect();
+        pinners.sort_by_key(|(pid, bytes)| (std::cmp::Reverse(*bytes), *pid));
+        let mut parts = vec![format!(
+            "used {}; trove's mailboxes and queues {} in {internal_n} objects",
+            fmt_size(self.alloc.used() - self.slab_bytes + self.slab_object_bytes),
+            fmt_size(internal)
+        )];
+        if creating > 0 {
+            parts.push(format!("being created {}", fmt_size(creating)));
+        }
+        if contained > 0 {
+            parts.push(format!(
+                "kept by references in other objects {}",
+                fmt_size(contained)
+            ));
+        }
+        if pinners.is_empty() {
+            parts.push("no object pinned by a process".into());
+        } else {
+            let shown: Vec<String> = pinners
+                .iter()
+                .take(4)
+                .map(|(pid, b)| format!("pid {pid} {}", fmt_size(*b)))
+                .collect();
+            let rest: u64 = pinners.iter().skip(4).map(|(_, b)| b).sum();
+            let mut line = format!("pinned by {}", shown.join(", "));
+            if pinners.len() > 4 {
+                line.push_str(&format!(", {} more {}", pinners.len() - 4, fmt_size(rest)));
+            }
+            parts.push(line);
+        }
+        parts.join("; ")
     }
 
     fn list(&self, arena: &Arena) -> Vec<ObjectInfo> {
