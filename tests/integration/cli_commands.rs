@@ -262,7 +262,7 @@ const RAY_LINES: &[(&str, bool)] = &[
     ("multi client tasks async", true),
     ("1:1 actor calls sync", true),
     ("1:1 actor calls async", true),
-    ("1:1 actor calls concurrent", false),
+    ("1:1 actor calls concurrent", true),
     ("1:n actor calls async", true),
     ("n:n actor calls async", true),
     ("n:n actor calls with arg async", true),
