@@ -898,6 +898,8 @@ fn fork_child(req: &SpawnRequest, me: Pid) -> Result<(i32, UnixStream), String> 
                 if theirs.as_raw_fd() != LINK_FD {
                     libc::dup2(theirs.as_raw_fd(), LINK_FD);
                 }
+                // Not inherited by programs the child executes (dup2 clears the flag).
+                libc::fcntl(LINK_FD, libc::F_SETFD, libc::FD_CLOEXEC);
                 libc::syscall(libc::SYS_close_range, LINK_FD as u32 + 1, u32::MAX, 0u32);
             }
             std::mem::forget(theirs);

@@ -70,6 +70,18 @@ impl Counter {
     fn pid(&mut self) -> i32 {
         std::process::id() as i32
     }
+    /// Whether this process's link to the zygote (fd 3) is closed on exec: a program the
+    /// actor runs must not inherit it.
+    fn link_closes_on_exec(&mut self) -> bool {
+        std::fs::read_to_string("/proc/self/fdinfo/3")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            })
+            .is_some_and(|flags| flags & 0o2000000 != 0)
+    }
     fn slow(&mut self, ms: u64) -> u64 {
         sleep(Duration::from_millis(ms));
         ms
@@ -226,6 +238,12 @@ pub fn helper_role(role: LifeRole) -> Res {
             check(n == 2, &format!("the task's actor counted {n}"))?;
             // An actor starts a named actor; a task finds it by name.
             let c = rt.actor(Counter::default)?;
+            check(
+                c.call(Counter::link_closes_on_exec, ())?
+                    .get_timeout(T)?
+                    .deserialize()?,
+                "the zygote link is inherited by programs an actor runs",
+            )?;
             c.call(Counter::start_named, ("found-by-task".to_string(), false))?
                 .get_timeout(T)?;
             let n = rt
