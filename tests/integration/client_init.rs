@@ -7,7 +7,7 @@ use trove::{Config, Error, ObjectRef};
 
 use crate::harness::register;
 use crate::role::Role;
-use crate::util::{Helper, say};
+use crate::util::{Helper, check, say};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
@@ -108,14 +108,6 @@ fn put_in_task(x: u64) -> trove::Result<ObjectRef<u64>> {
         x
     );
     Ok(r)
-}
-
-fn check(cond: bool, what: &str) -> Res {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.to_string().into())
-    }
 }
 
 pub fn reinit_role() -> Res {

@@ -11,7 +11,7 @@ use trove::{ActorHandle, Config, ObjectRef};
 
 use crate::harness::register;
 use crate::role::{Role, Scenario};
-use crate::util::{Helper, say, store_back_to};
+use crate::util::{Helper, check, say, store_back_to};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
@@ -114,14 +114,6 @@ fn sum_refs_task(vs: Vec<ObjectRef<u64>>) -> trove::Result<u64> {
 
 fn task_calls_actor(h: ActorHandle<Summer>, v: ObjectRef<[f64]>) -> trove::Result<f64> {
     h.call(Summer::sum, (v,))?.get_timeout(T)?.deserialize()
-}
-
-fn check(cond: bool, what: &str) -> Res {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.to_string().into())
-    }
 }
 
 /// Bytes of at most `n` chunks above the baseline, with room for small objects.

@@ -7,10 +7,16 @@ use crate::harness::register;
 use crate::role::{ExecRole, Role};
 use crate::util::{Helper, wait_until};
 
-const T: Duration = Duration::from_secs(60);
+const T: Duration = Duration::from_secs(120);
 
 pub fn run(role: ExecRole) -> String {
-    let mut h = Helper::start(Role::Exec { role });
+    run_driver(Role::Exec { role })
+}
+
+/// Runs a driver role that prints `OK ...` and exits; then checks that every process of its
+/// tree (its session) is gone. Returns the `OK` line.
+pub fn run_driver(role: Role) -> String {
+    let mut h = Helper::start(role);
     let line = h.expect_line("OK", T);
     assert!(h.wait(T).success());
     let sid = h.pid().as_raw();

@@ -12,19 +12,11 @@ use nix::unistd::Pid;
 use trove::{ActorHandle, ActorOptions, Config, Error, ObjectRef};
 
 use crate::role::LifeRole;
-use crate::util::{say, store_back_to};
+use crate::util::{check, say, store_back_to};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
 const T: Duration = Duration::from_secs(30);
-
-fn check(cond: bool, what: &str) -> Res {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.to_string().into())
-    }
-}
 
 /// Whether process `pid` is running (not gone, not a zombie waiting to be reaped).
 pub fn running(pid: i32) -> bool {

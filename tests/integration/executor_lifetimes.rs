@@ -5,26 +5,12 @@
 //! its baseline while its processes run included; the test then checks every process of its
 //! tree is gone.
 
-use std::time::Duration;
-
-use crate::executor_actors::session_members;
+use crate::executor_actors::run_driver;
 use crate::harness::register;
 use crate::role::{LifeRole, Role};
-use crate::util::{Helper, wait_until};
-
-const T: Duration = Duration::from_secs(120);
 
 fn run(role: LifeRole) -> String {
-    let mut h = Helper::start(Role::Life { role });
-    let line = h.expect_line("OK", T);
-    assert!(h.wait(T).success());
-    let sid = h.pid().as_raw();
-    wait_until(
-        Duration::from_secs(10),
-        "every process of the tree to exit",
-        || session_members(sid).is_empty(),
-    );
-    line
+    run_driver(Role::Life { role })
 }
 
 /// Tasks put, spawn and wait; a task starts an actor and hands it to the driver; an actor

@@ -10,7 +10,7 @@ use trove::{ActorHandle, Config, Error, ObjectRef};
 use crate::role::ExecRole;
 use crate::story_actors::{self, Foo};
 use crate::story_logging;
-use crate::util::{say, store_back_to};
+use crate::util::{check, say, store_back_to};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
@@ -227,14 +227,6 @@ impl Kills {
         Self::file(self.dir.path(), point)
             .with_extension("taken")
             .exists()
-    }
-}
-
-fn check(cond: bool, what: &str) -> Res {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.to_string().into())
     }
 }
 

@@ -50,35 +50,22 @@ inventory::collect!(Test);
 /// run as root, `register!(root: a);`.
 macro_rules! register {
     (root: $f:ident) => {
-        inventory::submit! {
-            $crate::harness::Test {
-                module: module_path!(),
-                name: stringify!($f),
-                run: $f,
-                root: true,
-                alone: false,
-            }
-        }
+        $crate::harness::register!(@ $f, true, false);
     };
     (alone: $f:ident) => {
-        inventory::submit! {
-            $crate::harness::Test {
-                module: module_path!(),
-                name: stringify!($f),
-                run: $f,
-                root: false,
-                alone: true,
-            }
-        }
+        $crate::harness::register!(@ $f, false, true);
     };
     ($f:ident) => {
+        $crate::harness::register!(@ $f, false, false);
+    };
+    (@ $f:ident, $root:expr, $alone:expr) => {
         inventory::submit! {
             $crate::harness::Test {
                 module: module_path!(),
                 name: stringify!($f),
                 run: $f,
-                root: false,
-                alone: false,
+                root: $root,
+                alone: $alone,
             }
         }
     };

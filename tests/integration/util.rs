@@ -313,6 +313,15 @@ pub fn raw_connection(socket: &std::path::Path) -> std::os::unix::net::UnixStrea
 }
 
 /// Prints a line for the parent and flushes it.
+/// `Ok` if `cond`, else an error saying `what` (a role's checks).
+pub fn check(cond: bool, what: &str) -> Result<(), Box<dyn std::error::Error>> {
+    if cond {
+        Ok(())
+    } else {
+        Err(what.to_string().into())
+    }
+}
+
 pub fn say(line: &str) {
     use std::io::Write;
     let mut o = std::io::stdout().lock();
