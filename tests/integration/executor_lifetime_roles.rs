@@ -180,6 +180,11 @@ fn start_actor_in_task() -> trove::Result<ActorHandle<Counter>> {
     Ok(h)
 }
 
+/// A task that kills an actor it was handed.
+fn kill_in_task(h: ActorHandle<Counter>) -> trove::Result<()> {
+    trove::runtime()?.kill(&h)
+}
+
 /// A task that finds the actor named `name` and calls it.
 fn find_and_call(name: String) -> trove::Result<u64> {
     let h: ActorHandle<Counter> = trove::runtime()?.get_actor(&name)?;
@@ -187,13 +192,13 @@ fn find_and_call(name: String) -> trove::Result<u64> {
 }
 
 /// Spawns two tasks one level down and gets both: 2^depth leaves.
-fn tree(depth: u32) -> trove::Result<u64> {
+fn tree_task(depth: u32) -> trove::Result<u64> {
     if depth == 0 {
         return Ok(1);
     }
     let rt = trove::runtime()?;
-    let a = rt.spawn(tree, (depth - 1,))?;
-    let b = rt.spawn(tree, (depth - 1,))?;
+    let a = rt.spawn(tree_task, (depth - 1,))?;
+    let b = rt.spawn(tree_task, (depth - 1,))?;
     Ok(a.deserialize()? + b.deserialize()?)
 }
 
@@ -252,7 +257,23 @@ pub fn helper_role(role: LifeRole) -> Res {
                     == 2,
                 "the driver found the named actor",
             )?;
-            drop((h, c, found));
+            // A task kills an actor.
+            let doomed = rt.actor(Counter::default)?;
+            let doomed_pid = doomed
+                .call(Counter::pid, ())?
+                .get_timeout(T)?
+                .deserialize()?;
+            rt.spawn(kill_in_task, (doomed.clone(),))?.get_timeout(T)?;
+            gone_within(
+                doomed_pid,
+                Duration::from_secs(5),
+                "the actor a task killed",
+            )?;
+            match doomed.call(Counter::incr, ())?.get_timeout(T) {
+                Err(Error::ActorDied(_)) => {}
+                other => return Err(format!("a call after a task's kill: {other:?}").into()),
+            }
+            drop((h, c, found, doomed));
             store_back_to(&rt, &base, "after the runtime in tasks and actors")?;
             say("OK");
         }
@@ -591,14 +612,28 @@ pub fn helper_role(role: LifeRole) -> Res {
                 stopped.as_millis()
             ));
         }
-        LifeRole::Recursive { depth, .. } => {
+        LifeRole::Recursive { depth, cpus } => {
+            // This driver's tree: itself, the store, the zygote and the pool.
+            let me = std::process::id() as i32;
+            let tree = || crate::executor_actors::session_members(me).len() as u64;
+            let before = tree();
+            check(before == 3 + cpus, &format!("{before} processes before"))?;
             let t = Instant::now();
             let leaves = rt
-                .spawn(tree, (depth as u32,))?
+                .spawn(tree_task, (depth as u32,))?
                 .get_timeout(T)?
                 .deserialize()?;
             check(leaves == 1 << depth, &format!("{leaves} leaves"))?;
             let took = t.elapsed();
+            // The extra workers retire once idle: the pool shrinks back.
+            let t = Instant::now();
+            while tree() > before {
+                check(
+                    t.elapsed() < T,
+                    &format!("{} processes left of {before}", tree()),
+                )?;
+                sleep(Duration::from_millis(20));
+            }
             store_back_to(&rt, &base, "after the recursive tasks")?;
             say(&format!("OK {}", took.as_millis()));
         }
