@@ -165,6 +165,13 @@ impl Calls {
         calls.forced.remove(id)
     }
 
+    /// Remembers that a loss of the result `id` (of a call whose consumer died, found dead
+    /// just after the push) means the call failed: its consumer may have taken it and died
+    /// writing its result, which the daemon then reports lost.
+    pub(crate) fn lost_means_failed(&self, id: ObjectId, task: bool) {
+        lock(&self.0).forced.insert(id, task);
+    }
+
     /// The result `id` has been read: it can no longer be lost to its consumer's death.
     pub(crate) fn read(&self, id: &ObjectId) {
         let mut calls = lock(&self.0);
@@ -175,8 +182,17 @@ impl Calls {
 
     /// Reads a call's completion record: takes an inline result into this process's local
     /// values, or tells the store client where the stored one is. `true` once the record has
-    /// nothing more to say.
-    fn look(client: &StoreClient, locals: &Locals, id: &ObjectId, hint: &Hint) -> bool {
+    /// nothing more to say. A record that no longer speaks for the call (reused, or abandoned
+    /// by the reaper of a consumer that died running it) sends the caller to the store; the
+    /// call is then remembered in `forced`, so that a result lost there (its consumer died
+    /// writing it) reads as the call's failure, not as `ObjectLost`.
+    fn look(
+        client: &StoreClient,
+        locals: &Locals,
+        forced: &mut FxHashMap<ObjectId, bool>,
+        id: &ObjectId,
+        hint: &Hint,
+    ) -> bool {
         let rec = hint.mailbox.record(hint.pos);
         match rec.seen(hint.pos) {
             Seen::Pending => false,
@@ -195,7 +211,11 @@ impl Calls {
                 client.resolve_pending(id, offset, len, error);
                 true
             }
-            Seen::Gone => true,
+            Seen::Gone => {
+                // The task queue's mailbox has type tag 0; an actor's names its type.
+                forced.insert(*id, hint.mailbox.type_tag() == 0);
+                true
+            }
         }
     }
 
@@ -203,10 +223,11 @@ impl Calls {
     /// `true` if nothing is left to wait for there.
     pub(crate) fn settle(&self, client: &StoreClient, locals: &Locals, id: &ObjectId) -> bool {
         let mut calls = lock(&self.0);
-        let Some(hint) = calls.by_id.get(id) else {
+        let Inner { by_id, forced, .. } = &mut *calls;
+        let Some(hint) = by_id.get(id) else {
             return true;
         };
-        let done = Self::look(client, locals, id, hint);
+        let done = Self::look(client, locals, forced, id, hint);
         if done {
             let hint = calls.by_id.remove(id);
             // Dropping a hint may drop an actor handle, whose mailbox ref comes back here.
@@ -258,7 +279,7 @@ impl Calls {
         // The callee stores it from now on, unless it is inline already: then we take it.
         let mut done = false;
         while !done {
-            done = Self::look(client, locals, id, &hint);
+            done = Self::look(client, locals, &mut calls.forced, id, &hint);
             if rec.seen(hint.pos) == Seen::Pending {
                 break;
             }
@@ -293,7 +314,7 @@ impl Calls {
         let mut calls = lock(&self.0);
         let hint = calls.by_id.remove(id)?;
         hint.mailbox.record(hint.pos).want_store(hint.pos);
-        if Self::look(client, locals, id, &hint) {
+        if Self::look(client, locals, &mut calls.forced, id, &hint) {
             drop(calls);
             drop(hint);
             return None;
@@ -355,7 +376,7 @@ impl Calls {
                 break;
             };
             if let Some(hint) = calls.by_id.remove(&id) {
-                if !Self::look(client, locals, &id, &hint) {
+                if !Self::look(client, locals, &mut calls.forced, &id, &hint) {
                     calls.by_id.insert(id, hint);
                     break;
                 }

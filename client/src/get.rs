@@ -29,19 +29,28 @@ fn try_view(sh: &Arc<Shared>, id: &ObjectId) -> Option<View> {
 
 /// Waits for an object (a call's result in its record first, then the daemon) and pins it.
 pub(crate) fn view(sh: &Arc<Shared>, id: ObjectId, deadline: Option<Instant>) -> Result<View> {
+    // Once the daemon said ready: the view found forgets how a loss would have read
+    // (`Calls::read`), not before (a lost result may still read as ready for a moment).
+    let mut waited = false;
+    let found = |v: View, waited: bool| {
+        if waited {
+            sh.calls.read(&id);
+        }
+        Ok(v)
+    };
     for _ in 0..64 {
         if let Some(v) = try_view(sh, &id) {
-            return Ok(v);
+            return found(v, waited);
         }
         if !sh.calls.await_hint(&sh.client, &sh.locals, &id, deadline) {
             // Still running: have the result stored so the daemon tells us when it is there.
             sh.force_store(&id);
         }
         if let Some(v) = try_view(sh, &id) {
-            return Ok(v);
+            return found(v, waited);
         }
         match wait_lending(sh, &[id], 1, deadline)?[0] {
-            Readiness::Ready => sh.calls.read(&id),
+            Readiness::Ready => waited = true,
             Readiness::Lost => {
                 // A call's result lost with the process that was writing it: the call failed.
                 return Err(match sh.calls.failure_if_lost(&id) {

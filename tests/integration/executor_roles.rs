@@ -582,6 +582,24 @@ pub fn helper_role(role: ExecRole) -> Res {
                 other => return Err(format!("the lost task result gave {other:?}").into()),
             }
             check(kills()?.hit("trove::writing"), "the worker died writing")?;
+            // The same when the caller comes late, after the reaper has abandoned the call's
+            // record (the caller then finds it gone, not pending: it gave `ObjectLost`).
+            kills()?.arm("trove::writing", "child", 1)?;
+            let late = rt.spawn(big_task, (10,))?;
+            let t = Instant::now();
+            while !kills()?.hit("trove::writing") {
+                check(
+                    t.elapsed() < BOUND,
+                    "the worker never reached the fail point",
+                )?;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // The reaper looks every 20 ms.
+            std::thread::sleep(Duration::from_millis(200));
+            match late.get_timeout(BOUND) {
+                Err(Error::TaskFailed(m)) if m.contains("died") => {}
+                other => return Err(format!("a late get of the lost task gave {other:?}").into()),
+            }
             // The pool runs on; nothing is left behind (no failure report pinned for us).
             check(
                 rt.spawn(big_task, (9,))?.get_timeout(T)?[0] == 9,

@@ -77,10 +77,16 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     SCRATCH.with(|s| *s.borrow_mut() = Some(msg));
     match pushed {
         Ok(pos) if !mailbox.is_dead() => sh.calls.insert(result, *mailbox, pos, keep, keepalive),
-        // Dead before or right after we queued it: nobody may run it, so report it ourselves
-        // (if the reaper reported it first, ours is ignored). What it kept goes now.
+        // Dead before or right after we queued it: report it ourselves (if the reaper
+        // reported it first, ours is ignored). What it kept goes now. Queued before the death,
+        // the consumer may have taken it and died writing its result (a created object the
+        // daemon then reports lost, where our report cannot go): that loss is the failure.
         Ok(_) | Err(MailboxError::Dead) => {
             drop(keep);
+            if pushed.is_ok() {
+                sh.calls
+                    .lost_means_failed(result, matches!(dead, Failure::TaskFailed));
+            }
             owned::report_failure(client, result, reply_to, dead, "the process is dead")?;
         }
         Err(e) => return Err(Error::TaskFailed(format!("mailbox: {e}"))),
