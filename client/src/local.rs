@@ -206,6 +206,11 @@ impl Locals {
         })
     }
 
+    /// Whether `id` is a local value.
+    pub(crate) fn contains(&self, id: &ObjectId) -> bool {
+        !self.surely_not(id) && lock(&self.map).contains_key(id)
+    }
+
     /// Which of `ids` are local values.
     pub(crate) fn which(&self, ids: &[ObjectId]) -> Vec<bool> {
         if ids.iter().all(|id| self.surely_not(id)) {

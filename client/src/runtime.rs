@@ -237,6 +237,23 @@ impl Runtime {
         timeout: Option<Duration>,
     ) -> Result<Waited<T>> {
         let ids: Vec<ObjectId> = refs.iter().map(|r| r.id()).collect();
+        // First, in input order, until `num_ready` are ready now (a call's record read, or
+        // the object in place): waiting for one of many that are mostly done (Ray's pattern
+        // of `wait` in a loop) looks at a few, not at every ref.
+        if num_ready > 0 {
+            let mut found = 0;
+            let mut states = vec![Readiness::Pending; ids.len()];
+            for (id, state) in ids.iter().zip(states.iter_mut()) {
+                self.sh.settle(id);
+                if self.sh.locals.contains(id) || self.sh.client.try_get(id).is_some() {
+                    *state = Readiness::Ready;
+                    found += 1;
+                    if found == num_ready {
+                        return Ok(split_ready(refs, states, num_ready));
+                    }
+                }
+            }
+        }
         let deadline = timeout.map(|t| Instant::now() + t);
         let spin_until = Instant::now() + HINT_SPIN;
         let states = loop {
@@ -260,15 +277,7 @@ impl Runtime {
             }
             std::thread::yield_now();
         };
-        let (mut ready, mut pending) = (Vec::new(), Vec::new());
-        for (r, s) in refs.iter().zip(states) {
-            if s != Readiness::Pending && ready.len() < num_ready {
-                ready.push(r.clone());
-            } else {
-                pending.push(r.clone());
-            }
-        }
-        Ok((ready, pending))
+        Ok(split_ready(refs, states, num_ready))
     }
 
     /// Starts an actor: a new process runs `ctor()` and then serves calls. It lives as
@@ -557,6 +566,24 @@ impl<T: Plain> std::ops::DerefMut for Builder<T> {
         &mut bytemuck::cast_slice_mut(self.writer.as_mut_slice())[..len]
     }
 }
+/// `(ready, pending)`: the first `num_ready` refs whose state is not pending, in input order,
+/// and all the others.
+fn split_ready<T: ?Sized>(
+    refs: &[ObjectRef<T>],
+    states: Vec<Readiness>,
+    num_ready: usize,
+) -> Waited<T> {
+    let (mut ready, mut pending) = (Vec::new(), Vec::with_capacity(refs.len()));
+    for (r, s) in refs.iter().zip(states) {
+        if s != Readiness::Pending && ready.len() < num_ready {
+            ready.push(r.clone());
+        } else {
+            pending.push(r.clone());
+        }
+    }
+    (ready, pending)
+}
+
 /// A 20-byte id derived from a namespace and a name (the same in every process and program:
 /// FNV-1a, whose output no Rust release changes).
 fn named_id(namespace: &str, name: &str) -> ObjectId {

@@ -257,6 +257,30 @@ pub fn helper_role(role: LifeRole) -> Res {
                     == 2,
                 "the driver found the named actor",
             )?;
+            // `wait` over calls' results: the first ready ones, in input order.
+            let (slow_actor, fast_actor) =
+                (rt.actor(Counter::default)?, rt.actor(Counter::default)?);
+            let slow = slow_actor.call(Counter::slow, (300,))?;
+            let fast1 = fast_actor.call(Counter::slow, (1,))?;
+            let fast2 = fast_actor.call(Counter::slow, (2,))?;
+            let refs = [slow.clone(), fast1.clone(), fast2.clone()];
+            let (ready, pending) = rt.wait(&refs, 1, Some(T))?;
+            check(
+                ready.iter().map(|r| r.id()).eq([fast1.id()])
+                    && pending.iter().map(|r| r.id()).eq([slow.id(), fast2.id()]),
+                "wait(1) over calls",
+            )?;
+            // (The first pair goes now: shadowed, it would live to the end of the block.)
+            drop((ready, pending));
+            let (ready, pending) = rt.wait(&refs, 3, Some(T))?;
+            check(ready.len() == 3 && pending.is_empty(), "wait(3) over calls")?;
+            check(
+                rt.get_all(&refs)? == [300, 1, 2],
+                "the waited calls' values",
+            )?;
+            drop((
+                slow_actor, fast_actor, slow, fast1, fast2, refs, ready, pending,
+            ));
             // A task kills an actor.
             let doomed = rt.actor(Counter::default)?;
             let doomed_pid = doomed
