@@ -6,7 +6,7 @@
 //! integer put, a `b"ok"` returned), the same batch sizes and the same multipliers (Ray counts
 //! 0.8 "gigabytes" for a put of 100 Mi `i64`s, 838.9 MB, and so does this). "Multi client"
 //! means several processes: Ray's remote functions are trove tasks on the worker pool, Ray's
-//! actors trove actors (both reach the runtime with `Config::ignore_reinit_error`). Ray's
+//! actors trove actors (both reach the runtime with `trove::runtime()`). Ray's
 //! `timeit` is followed too: about a second of warm-up, then 4 rounds of at least 2 s (calls
 //! in steps of a tenth of the warm-up's count), each round's rate times the multiplier, printed
 //! as mean and standard deviation. Ray sleeps 10 s before each line; this waits once, before
@@ -30,13 +30,13 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use trove::{ActorHandle, Config, ObjectRef, Runtime};
+use trove::{ActorHandle, ObjectRef, Runtime};
 
 use crate::bench::{Report, progress};
 
 /// The runtime of the process a task or an actor method runs in (the driver's, in the driver).
 fn here() -> trove::Result<Runtime> {
-    trove::init(Config::default().ignore_reinit_error(true))
+    trove::runtime()
 }
 
 /// Ray's `Actor`: `small_value`, `small_value_arg`, `small_value_batch`.

@@ -16,7 +16,7 @@ pub fn default_memory() -> u64 {
 pub struct Config {
     pub(crate) store: Option<PathBuf>,
     /// `None`: [`default_memory`], worked out only if `init` starts an embedded store (a task
-    /// or actor calling `init(Config::default().ignore_reinit_error(true))` never needs it).
+    /// or actor reaching its runtime never needs it).
     pub(crate) memory: Option<u64>,
     pub(crate) prefault: bool,
     pub(crate) hugepages: bool,

@@ -42,7 +42,7 @@ use crate::message::{Failure, KIND_STOP, Message, report_failure};
 use crate::process::{ProcessError, ensure_single_threaded};
 
 /// The entry point a child runs: the payload of its spawn request; returns the exit code.
-pub type Entry = fn(&[u8]) -> i32;
+pub type Entry = fn(&SpawnRequest) -> i32;
 
 /// The file descriptor at which a child of the zygote finds its link to it.
 pub const LINK_FD: i32 = 3;
@@ -232,7 +232,7 @@ impl Zygote {
         }
     }
 
-    /// Forks a child running `req.entry(req.payload)`; returns its pid.
+    /// Forks a child running `req.entry(req)`; returns its pid.
     pub fn spawn(&self, req: &SpawnRequest) -> Result<i32, ProcessError> {
         let r = self.request(&req.encode(OP_SPAWN))?;
         pid_of(&r)
@@ -370,6 +370,8 @@ struct Zyg {
     extras: u32,
     /// How many times each task was run again (bounded: see `note_attempt`).
     task_attempts: HashMap<ObjectId, u32>,
+    /// The stop message sent to an actor no handle refers to any more.
+    stop: Vec<u8>,
 }
 
 fn attach(client: &StoreClient, id: ObjectId) -> Result<(ObjectView, Mailbox), String> {
@@ -419,6 +421,19 @@ fn zygote_main(mut cmd: UnixStream, driver: Pid, socket: &Path) -> i32 {
         blocked: 0,
         extras: 0,
         task_attempts: HashMap::new(),
+        stop: {
+            let mut b = Vec::new();
+            Message {
+                kind: KIND_STOP,
+                retried: false,
+                func: 0,
+                result: ObjectId::default(),
+                reply_to: (0, 0),
+                args: &[],
+            }
+            .encode_into(&mut b);
+            b
+        },
     };
     let mut last_watch = Instant::now();
     'serve: loop {
@@ -647,19 +662,7 @@ impl Zyg {
 
     /// Sends a stop message to every watched actor whose token is gone (no handle left).
     fn stop_unreferenced(&mut self) {
-        let stop = {
-            let mut b = Vec::new();
-            Message {
-                kind: KIND_STOP,
-                retried: false,
-                func: 0,
-                result: ObjectId::default(),
-                reply_to: (0, 0),
-                args: &[],
-            }
-            .encode_into(&mut b);
-            b
-        };
+        let stop = &self.stop;
         for c in self.children.values_mut() {
             let l = &c.req.lifetime;
             if l.worker || l.detached || c.stopping || c.killed || l.token == ObjectId::default() {
@@ -678,7 +681,7 @@ impl Zyg {
                 continue;
             }
             // Behind every call queued so far; a full queue is tried again next time.
-            if let Ok(Some(_)) = c.mailbox.try_push(&stop) {
+            if let Ok(Some(_)) = c.mailbox.try_push(stop) {
                 c.stopping = true;
             }
         }
@@ -841,8 +844,7 @@ impl Zyg {
                 }
                 Err(e) => {
                     tracing::warn!("restarting process {pid}: {e}");
-                    for own in std::iter::once(child.mailbox).chain(child.lanes.iter().map(|l| l.1))
-                    {
+                    for own in &owns {
                         own.clear_current();
                     }
                     if l.worker {
@@ -904,14 +906,13 @@ fn fork_child(req: &SpawnRequest, me: Pid) -> Result<(i32, UnixStream), String> 
             }
             std::mem::forget(theirs);
             std::mem::forget(ours);
-            let code = if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err()
-                || getppid() != me
-            {
-                1
-            } else {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (req.entry)(&req.payload)))
-                    .unwrap_or(101)
-            };
+            let code =
+                if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() || getppid() != me {
+                    1
+                } else {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (req.entry)(req)))
+                        .unwrap_or(101)
+                };
             // SAFETY: ends the child without running atexit handlers copied from the driver.
             unsafe { libc::_exit(code) }
         }
@@ -922,7 +923,7 @@ fn fork_child(req: &SpawnRequest, me: Pid) -> Result<(i32, UnixStream), String> 
 mod tests {
     use super::*;
 
-    fn entry(_: &[u8]) -> i32 {
+    fn entry(_: &SpawnRequest) -> i32 {
         0
     }
 

@@ -14,17 +14,14 @@ use crate::error::{Error, Result};
 use crate::object_ref::ObjectRef;
 use crate::owned::{self, NewMailbox, Seal};
 
-/// What a forked actor or worker needs to join the tree.
+/// What a forked actor or worker needs to join the tree, beyond its spawn request (its own
+/// mailbox, its lanes, whether it is an extra worker): the request's payload.
 struct ChildSpec {
     socket: PathBuf,
     namespace: String,
     task_queue: ObjectId,
     /// How many times a task is run again after its worker died.
     task_retries: u32,
-    /// An extra worker (see [`lend`]).
-    extra: bool,
-    /// A threaded actor's lanes: a mailbox per extra thread (see `SpawnRequest::lanes`).
-    lanes: Vec<ObjectId>,
     ctor: u64,
     ctor_args: Vec<u8>,
 }
@@ -37,11 +34,6 @@ impl ChildSpec {
         b.extend_from_slice(self.task_queue.as_bytes());
         b.extend_from_slice(&self.ctor.to_le_bytes());
         b.extend_from_slice(&self.task_retries.to_le_bytes());
-        b.push(self.extra as u8);
-        b.extend_from_slice(&(self.lanes.len() as u32).to_le_bytes());
-        for lane in &self.lanes {
-            b.extend_from_slice(lane.as_bytes());
-        }
         b.extend_from_slice(&(sock.len() as u32).to_le_bytes());
         b.extend_from_slice(sock);
         b.extend_from_slice(&(self.namespace.len() as u32).to_le_bytes());
@@ -54,18 +46,9 @@ impl ChildSpec {
         let task_queue = ObjectId(b.get(..20)?.try_into().ok()?);
         let ctor = u64::from_le_bytes(b.get(20..28)?.try_into().ok()?);
         let task_retries = u32::from_le_bytes(b.get(28..32)?.try_into().ok()?);
-        let extra = *b.get(32)? != 0;
-        let lanes = u32::from_le_bytes(b.get(33..37)?.try_into().ok()?) as usize;
-        if lanes > 4096 {
-            return None;
-        }
-        let lanes = (0..lanes)
-            .map(|i| Some(ObjectId(b.get(37 + 20 * i..57 + 20 * i)?.try_into().ok()?)))
-            .collect::<Option<Vec<_>>>()?;
-        let at = 37 + 20 * lanes.len();
-        let n = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize;
-        let socket = PathBuf::from(std::ffi::OsStr::from_bytes(b.get(at + 4..at + 4 + n)?));
-        let at = at + 4 + n;
+        let n = u32::from_le_bytes(b.get(32..36)?.try_into().ok()?) as usize;
+        let socket = PathBuf::from(std::ffi::OsStr::from_bytes(b.get(36..36 + n)?));
+        let at = 36 + n;
         let k = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize;
         let namespace = String::from_utf8(b.get(at + 4..at + 4 + k)?.to_vec()).ok()?;
         Some(ChildSpec {
@@ -73,18 +56,9 @@ impl ChildSpec {
             namespace,
             task_queue,
             task_retries,
-            extra,
-            lanes,
             ctor,
             ctor_args: b.get(at + 4 + k..)?.to_vec(),
         })
-    }
-
-    /// The zygote's payload: the child's own mailbox id, then the spec.
-    fn payload(&self, own: ObjectId) -> Vec<u8> {
-        let mut payload = own.as_bytes().to_vec();
-        payload.extend_from_slice(&self.encode());
-        payload
     }
 
     fn of(sh: &Shared, ctor: u64, ctor_args: Vec<u8>) -> ChildSpec {
@@ -93,8 +67,6 @@ impl ChildSpec {
             namespace: sh.namespace.clone(),
             task_queue: sh.task_queue_id,
             task_retries: sh.task_retries,
-            extra: false,
-            lanes: Vec::new(),
             ctor,
             ctor_args,
         }
@@ -141,10 +113,6 @@ pub(crate) fn start_actor(
     lifetime: Lifetime,
     lanes: Vec<ObjectId>,
 ) -> Result<i32> {
-    let spec = ChildSpec {
-        lanes: lanes.clone(),
-        ..ChildSpec::of(sh, ctor, ctor_args)
-    };
     sh.zygote()?
         .spawn(&SpawnRequest {
             entry: actor_entry,
@@ -152,7 +120,7 @@ pub(crate) fn start_actor(
             queue: mailbox,
             lifetime,
             lanes,
-            payload: spec.payload(mailbox),
+            payload: ChildSpec::of(sh, ctor, ctor_args).encode(),
         })
         .map_err(|e| Error::Init(e.to_string()))
 }
@@ -169,11 +137,7 @@ fn worker_request(sh: &Shared, own: ObjectId, extra: bool) -> SpawnRequest {
             ..Lifetime::default()
         },
         lanes: Vec::new(),
-        payload: ChildSpec {
-            extra,
-            ..ChildSpec::of(sh, 0, Vec::new())
-        }
-        .payload(own),
+        payload: ChildSpec::of(sh, 0, Vec::new()).encode(),
     }
 }
 
@@ -244,19 +208,18 @@ fn init_child(spec: &ChildSpec, worker: bool) -> Option<Joined> {
 }
 
 /// Entry of an actor process (run by the zygote's child).
-fn actor_entry(payload: &[u8]) -> i32 {
-    let Some(spec) = ChildSpec::decode(payload.get(20..).unwrap_or(&[])) else {
+fn actor_entry(req: &SpawnRequest) -> i32 {
+    let Some(spec) = ChildSpec::decode(&req.payload) else {
         return 2;
     };
-    let mailbox_id = ObjectId(payload[..20].try_into().expect("20 bytes"));
     let Some(rt) = init_child(&spec, false) else {
         return 3;
     };
-    let Ok(own) = context::attach(&rt.0.client, mailbox_id) else {
+    let Ok(own) = context::attach(&rt.0.client, req.mailbox) else {
         return 4;
     };
     // A threaded actor's other threads' mailboxes.
-    let Ok(lanes) = spec
+    let Ok(lanes) = req
         .lanes
         .iter()
         .map(|id| context::attach(&rt.0.client, *id))
@@ -281,21 +244,23 @@ fn actor_entry(payload: &[u8]) -> i32 {
 const EXTRA_IDLE: Duration = Duration::from_millis(300);
 
 /// Entry of a task worker.
-fn worker_entry(payload: &[u8]) -> i32 {
-    let Some(spec) = ChildSpec::decode(payload.get(20..).unwrap_or(&[])) else {
+fn worker_entry(req: &SpawnRequest) -> i32 {
+    let Some(spec) = ChildSpec::decode(&req.payload) else {
         return 2;
     };
-    let own_id = ObjectId(payload[..20].try_into().expect("20 bytes"));
     let Some(rt) = init_child(&spec, true) else {
         return 3;
     };
-    let (Ok(own), Ok(queue)) = (context::attach(&rt.0.client, own_id), rt.0.task_queue()) else {
+    let (Ok(own), Ok(queue)) = (
+        context::attach(&rt.0.client, req.mailbox),
+        rt.0.task_queue(),
+    ) else {
         return 4;
     };
     // An extra worker (started while another's task waits) retires once idle and no longer
     // needed (the zygote decides); the pool's own workers stay.
     let sh = rt.0.clone();
-    let extra = spec.extra;
+    let extra = req.lifetime.extra;
     let on_idle = move |idle: Duration| {
         extra && idle >= EXTRA_IDLE && sh.zygote().is_ok_and(|z| z.may_retire().unwrap_or(false))
     };

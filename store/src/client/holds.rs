@@ -41,6 +41,15 @@ pub(super) struct Held {
 pub(super) const PENDING_ADOPTION: u64 = u64::MAX;
 
 impl Held {
+    /// One more view reference, if this is an owned object whose place is known and that
+    /// this process's reference keeps (no pin to take); its place.
+    fn take_kept(&mut self) -> Option<(u64, u64, bool)> {
+        let (offset, size) = self.loc?;
+        self.daemon_seq?;
+        self.count += 1;
+        Some((offset, size, self.error))
+    }
+
     /// One reference, pinned in place by this process (lock-free).
     pub(super) fn pinned(e: &SealedEntry) -> Held {
         Held {
@@ -126,12 +135,8 @@ impl StoreClient {
             if h.rejected {
                 return None;
             }
-            if let Some((offset, size)) = h.loc
-                && h.daemon_seq.is_some()
-            {
-                // An owned object: this process's reference keeps it.
-                h.count += 1;
-                return arena(offset, size, h.error);
+            if let Some(place) = h.take_kept() {
+                return Some(place);
             }
             // Held through the daemon and not seen in place yet.
             let Lookup::Sealed(e) = dir.lookup(id) else {
@@ -190,12 +195,8 @@ impl StoreClient {
             if h.rejected {
                 return None;
             }
-            if let Some((offset, size)) = h.loc
-                && h.daemon_seq.is_some()
-            {
-                // An owned object: this process's reference keeps it.
-                h.count += 1;
-                return Some((offset, size, h.error));
+            if let Some(place) = h.take_kept() {
+                return Some(place);
             }
         }
         // Not gettable (not sealed yet, or deleted): no round trip (a waiting get asks again

@@ -1503,6 +1503,11 @@ impl Table {
         (count, freed)
     }
 
+    /// Bytes of live objects: the heap's allocations, slabs counted by the objects in them.
+    fn used_bytes(&self) -> u64 {
+        self.alloc.used() - self.slab_bytes + self.slab_object_bytes
+    }
+
     fn pinned_bytes(&self, arena: &Arena) -> u64 {
         let dir = arena.directory();
         self.objects
@@ -1552,7 +1557,7 @@ impl Table {
         pinners.sort_by_key(|(pid, bytes)| (std::cmp::Reverse(*bytes), *pid));
         let mut parts = vec![format!(
             "used {}; trove's mailboxes and queues {} in {internal_n} objects",
-            fmt_size(self.alloc.used() - self.slab_bytes + self.slab_object_bytes),
+            fmt_size(self.used_bytes()),
             fmt_size(internal)
         )];
         if creating > 0 {
@@ -1608,7 +1613,7 @@ impl Table {
     fn stats(&self, arena: &Arena) -> Stats {
         Stats {
             capacity: self.alloc.capacity(),
-            used: self.alloc.used() - self.slab_bytes + self.slab_object_bytes,
+            used: self.used_bytes(),
             reserved: self.slab_bytes - self.slab_object_bytes,
             pinned: self.pinned_bytes(arena),
             objects: self.objects.len() as u64,
