@@ -358,6 +358,9 @@ struct Child {
     missed: bool,
     /// An extra worker counted gone already (it asked to retire).
     retired: bool,
+    /// Its tasks' waits announced and not yet over ([`Zygote::blocked`]): forgotten with it
+    /// if it dies waiting, so that the pool does not keep extra workers for it.
+    blocked: u32,
 }
 
 /// The zygote's state.
@@ -557,6 +560,9 @@ impl Zyg {
             Some(&OP_BLOCKED) => match SpawnRequest::decode(&body[1..]) {
                 Some(req) => {
                     self.blocked += 1;
+                    if let Some(c) = from.and_then(|p| self.children.get_mut(&p)) {
+                        c.blocked += 1;
+                    }
                     if self.extras >= self.blocked {
                         return (true, Vec::new());
                     }
@@ -566,13 +572,23 @@ impl Zyg {
                             self.extras += 1;
                             (true, pid.to_le_bytes().to_vec())
                         }
-                        Err(e) => (false, e.into_bytes()),
+                        Err(e) => {
+                            // The asker lends nothing, so it will not say the wait is over.
+                            self.blocked -= 1;
+                            if let Some(c) = from.and_then(|p| self.children.get_mut(&p)) {
+                                c.blocked = c.blocked.saturating_sub(1);
+                            }
+                            (false, e.into_bytes())
+                        }
                     }
                 }
                 None => (false, b"malformed spawn request".to_vec()),
             },
             Some(&OP_UNBLOCKED) => {
                 self.blocked = self.blocked.saturating_sub(1);
+                if let Some(c) = from.and_then(|p| self.children.get_mut(&p)) {
+                    c.blocked = c.blocked.saturating_sub(1);
+                }
                 (true, Vec::new())
             }
             Some(&OP_RETIRE) => {
@@ -655,6 +671,7 @@ impl Zyg {
                 cancelled: None,
                 missed: false,
                 retired: false,
+                blocked: 0,
             },
         );
         Ok(pid)
@@ -729,6 +746,9 @@ impl Zyg {
     }
 
     fn bury(&mut self, pid: Pid, mut child: Child) {
+        // Its waits end with it (a worker killed while a task of it waited).
+        self.blocked = self.blocked.saturating_sub(child.blocked);
+        child.blocked = 0;
         let client = &self.client;
         let why = format!("process {pid} died");
         let l = child.req.lifetime;
