@@ -379,3 +379,60 @@ pub fn store_hostile_pin_frames_change_nothing_once_their_sender_is_gone() {
     back_to(&good, &base, "after hostile pins");
 }
 register!(store_hostile_pin_frames_change_nothing_once_their_sender_is_gone);
+
+/// Clients come and go, each leaving one small object that another client keeps (a task's
+/// 8-byte result, an extra worker's mailbox): a slab is freed only once every object in it
+/// is gone, so each of them would hold a whole slab. Client slabs stay within their share of
+/// the store; past it the daemon places small objects itself. The store, nearly empty, still
+/// takes a large object and more small ones, and is back at its baseline once they go.
+pub fn store_small_objects_left_by_many_clients_do_not_fill_it_with_slabs() {
+    const CLIENTS: usize = 200;
+    let store = TestStore::start("64MiB");
+    let keeper = store.client();
+    let base = keeper.stats().unwrap();
+    let mut kept = Vec::new();
+    for i in 0..CLIENTS {
+        let c = store.client();
+        let id = ObjectId::random();
+        let mut w = c
+            .alloc_owned(id, 8)
+            .unwrap_or_else(|e| panic!("client {i}'s small object: {e}"));
+        w.as_mut_slice().copy_from_slice(&(i as u64).to_le_bytes());
+        w.publish(&[]).unwrap();
+        c.flush().unwrap();
+        // Sealed once the keeper sees it; the keeper's reference then pins it at once.
+        let v = keeper.get(id, T).unwrap();
+        keeper.hold(&id).unwrap();
+        drop(v);
+        kept.push(id);
+        // Its own reference goes with it.
+        drop(c);
+    }
+    let s = keeper.stats().unwrap();
+    assert!(
+        s.used < base.used + (1 << 20),
+        "{CLIENTS} objects of 8 bytes use {} bytes",
+        s.used - base.used
+    );
+    // Each is readable by the keeper.
+    for (i, id) in kept.iter().enumerate() {
+        let v = keeper.get(*id, Timeout::Poll).unwrap();
+        assert_eq!(&v[..], &(i as u64).to_le_bytes());
+    }
+    // Room for a large object and more small ones.
+    let big = ObjectId::random();
+    keeper
+        .put(big, &vec![7u8; 16 << 20])
+        .expect("a 16 MiB object in a 64 MiB store holding 1.6 KiB");
+    let small = ObjectId::random();
+    let mut w = keeper.alloc_owned(small, 100).unwrap();
+    w.as_mut_slice().fill(1);
+    w.publish(&[]).unwrap();
+    keeper.delete(&[big]).unwrap();
+    keeper.release(&small);
+    for id in &kept {
+        keeper.release(id);
+    }
+    back_to(&keeper, &base, "after the kept objects go");
+}
+register!(store_small_objects_left_by_many_clients_do_not_fill_it_with_slabs);

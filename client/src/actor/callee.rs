@@ -413,7 +413,7 @@ fn serve(
     };
     // A call left as current by our previous instance, which died running it: the zygote
     // asks us to run it again (a retry), before anything queued after it.
-    let mut idle_since = std::time::Instant::now();
+    let mut idle_since: Option<std::time::Instant> = None;
     let mut rerun = own.current().map(|(pos, m)| {
         buf.clear();
         buf.extend_from_slice(&m);
@@ -444,7 +444,17 @@ fn serve(
             }) {
                 Ok(pos) => (pos, false),
                 Err(MailboxError::Timeout) => {
-                    if client.check_alive().is_err() || on_idle(idle_since.elapsed()) {
+                    // Results batched while another consumer emptied the queue: handed over
+                    // before this consumer may retire (else its reaper fails them).
+                    if !done.is_empty() {
+                        if client.flush().is_err() {
+                            return 0;
+                        }
+                        record_done(&mut done);
+                    }
+                    // Idle since the first empty wait (no clock read per call).
+                    let since = *idle_since.get_or_insert_with(std::time::Instant::now);
+                    if client.check_alive().is_err() || on_idle(since.elapsed()) {
                         return 0;
                     }
                     continue;
@@ -452,7 +462,7 @@ fn serve(
                 Err(_) => return 0,
             },
         };
-        idle_since = std::time::Instant::now();
+        idle_since = None;
         let Some(m) = Message::decode(&buf) else {
             own.clear_current();
             continue;

@@ -30,6 +30,8 @@ use crate::protocol::{
 /// Bounds of a client slab.
 const MIN_SLAB: u64 = 64 << 10;
 const MAX_SLAB: u64 = 64 << 20;
+/// Client slabs together may take at most this fraction of the heap (1/SLAB_SHARE).
+const SLAB_SHARE: u64 = 4;
 /// Ids remembered as lost (aborted unsealed), so a late `Watch` still learns of the loss.
 const LOST_MEMORY: usize = 1 << 16;
 
@@ -1142,7 +1144,26 @@ impl Table {
         if !self.clients.contains_key(&client) {
             return Err(StoreError::InvalidRequest("unknown client".into()));
         }
-        let size = size.clamp(MIN_SLAB, MAX_SLAB);
+        // Slabs may take at most a share of the heap, split among the connected clients: a
+        // slab is freed only once every object in it is gone, so a thousand clients that each
+        // leave one small object behind would otherwise hold a thousand whole slabs. Past the
+        // budget the client has the daemon place its small objects (`create_owned`).
+        let budget = (self.alloc.capacity() / SLAB_SHARE).max(MIN_SLAB);
+        let clients = self.clients.values().filter(|c| c.connected).count().max(1) as u64;
+        let fair = 1u64 << (budget / clients).max(MIN_SLAB).ilog2();
+        let size = size.clamp(MIN_SLAB, MAX_SLAB).min(fair);
+        if self.slab_bytes + size > budget {
+            return Err(StoreError::StoreFull {
+                requested: size,
+                capacity: self.alloc.capacity(),
+                pinned: self.pinned_bytes(arena),
+                detail: format!(
+                    "client slabs hold {} of their budget {}",
+                    crate::blocks::size::format_size(self.slab_bytes),
+                    crate::blocks::size::format_size(budget)
+                ),
+            });
+        }
         let offset = self.allocate(arena, size, out)?;
         let len = self.alloc.block_len(offset).unwrap_or(size);
         self.slab_bytes += len;
@@ -1562,6 +1583,13 @@ impl Table {
         )];
         if creating > 0 {
             parts.push(format!("being created {}", fmt_size(creating)));
+        }
+        if self.slab_bytes > 0 {
+            parts.push(format!(
+                "client slabs {} (objects in them {})",
+                fmt_size(self.slab_bytes),
+                fmt_size(self.slab_object_bytes)
+            ));
         }
         if contained > 0 {
             parts.push(format!(
