@@ -55,11 +55,11 @@ pub(crate) fn view(sh: &Arc<Shared>, id: ObjectId, deadline: Option<Instant>) ->
                 // A call's result lost with the process that was writing it: the call failed.
                 return Err(match sh.calls.failure_if_lost(&id) {
                     Some(true) => Error::TaskFailed(format!(
-                        "the worker running it died while writing its result {id}"
+                        "the worker running it died while writing its result {id}, or could not store it"
                     )),
-                    Some(false) => {
-                        Error::ActorDied(format!("the actor died while writing the result {id}"))
-                    }
+                    Some(false) => Error::ActorDied(format!(
+                        "the actor died while writing the result {id}, or could not store it"
+                    )),
                     None => Error::ObjectLost(id),
                 });
             }

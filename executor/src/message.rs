@@ -116,7 +116,12 @@ pub fn report_failure(
     ) {
         Ok(place) => Ok(Some(place)),
         Err(StoreError::AlreadyExists(_)) => Ok(None),
-        Err(e) => Err(e),
+        Err(e) => {
+            // Not even the report fits (a full store): the id is given up, so that its caller
+            // learns it is lost rather than waiting for it.
+            let _ = client.give_up(result);
+            Err(e)
+        }
     }
 }
 

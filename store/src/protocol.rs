@@ -13,7 +13,7 @@ use crate::blocks::id::{ID_LEN, ObjectId};
 use crate::error::{Result, StoreError};
 
 /// Protocol version, checked in the welcome.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest request body the daemon accepts.
 pub const MAX_REQUEST: usize = 1 << 20;
 /// Largest reply body a client accepts (a `List` of a million objects fits).
@@ -33,6 +33,11 @@ pub enum Request {
         id: ObjectId,
     },
     Abort {
+        id: ObjectId,
+    },
+    /// Gives up an id that nobody is creating and that is not sealed (a call's result its
+    /// consumer could not store): the store reports it lost to its waiters.
+    GiveUp {
         id: ObjectId,
     },
     /// Reply when every id is sealed, or when the timeout passes (`None`: wait forever).
@@ -287,6 +292,7 @@ mod op {
     pub const WATCH: u8 = 17;
     pub const FLUSH: u8 = 18;
     pub const PIN: u8 = 19;
+    pub const GIVE_UP: u8 = 20;
 
     pub const OK: u8 = 128;
     pub const ERROR: u8 = 129;
@@ -371,6 +377,7 @@ impl Request {
             }
             Request::Seal { id } => Self::one(op::SEAL, req, id),
             Request::Abort { id } => Self::one(op::ABORT, req, id),
+            Request::GiveUp { id } => Self::one(op::GIVE_UP, req, id),
             Request::Wait { ids, timeout } => {
                 let mut e = Enc::new(op::WAIT, req);
                 e.u64(enc_timeout(*timeout)).ids(ids);
@@ -441,6 +448,7 @@ impl Request {
             },
             op::SEAL => Request::Seal { id: d.id()? },
             op::ABORT => Request::Abort { id: d.id()? },
+            op::GIVE_UP => Request::GiveUp { id: d.id()? },
             op::WAIT => {
                 let t = d.u64()?;
                 Request::Wait {
@@ -940,6 +948,7 @@ mod tests {
             Request::Create { id, size: 99 },
             Request::Seal { id },
             Request::Abort { id },
+            Request::GiveUp { id },
             Request::Wait {
                 ids: vec![id, ObjectId::random()],
                 timeout: Some(Duration::from_millis(1500)),

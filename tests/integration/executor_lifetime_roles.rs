@@ -78,6 +78,11 @@ impl Counter {
         sleep(Duration::from_millis(ms));
         ms
     }
+    /// `len` bytes after `ms`: a result that must go through the store.
+    fn bytes_after(&mut self, ms: u64, len: u64) -> Vec<u8> {
+        sleep(Duration::from_millis(ms));
+        vec![1; len as usize]
+    }
     fn keep(&mut self, h: ActorHandle<Counter>) {
         self.held.push(h);
     }
@@ -594,7 +599,33 @@ pub fn helper_role(role: LifeRole) -> Res {
                 detail.contains(&format!("pinned by pid {me} {}.0 MiB", kept.len() * 8)),
                 &format!("the driver's objects: {detail}"),
             )?;
-            drop((kept, actors));
+            // The rest filled too, down to 64 bytes: a result that cannot be stored, nor a
+            // report of that, fails its call (its caller waiting in the store meanwhile)
+            // instead of leaving the caller waiting for good.
+            let mut size = 4 << 20;
+            while size >= 64 {
+                match rt.put_slice(&vec![7u8; size]) {
+                    Ok(r) => kept.push(r),
+                    Err(Error::StoreFull { .. }) => size /= 2,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let failed = actors[0]
+                .call(Counter::bytes_after, (50, 64 << 10))?
+                .get_timeout(T);
+            check(
+                matches!(&failed, Err(Error::ActorDied(m) | Error::TaskFailed(m))
+                    if m.contains("store") || m.contains("could not store")),
+                &format!("a result that does not fit: {:?}", failed.map(|_| ())),
+            )?;
+            // The actor lives on, and answers once there is room.
+            drop(kept);
+            let n = actors[0]
+                .call(Counter::incr, ())?
+                .get_timeout(T)?
+                .deserialize()?;
+            check(n == 2, &format!("the actor counted {n} after"))?;
+            drop(actors);
             store_back_to(&rt, &base, "after the full store")?;
             say(&format!("OK {detail}"));
         }

@@ -99,8 +99,9 @@ fn well_formed(rng: &mut StdRng) -> Request {
             .map(|_| ObjectId::random())
             .collect()
     };
-    match rng.random_range(0..13) {
+    match rng.random_range(0..14) {
         0 => Request::Seal { id },
+        13 => Request::GiveUp { id },
         1 => Request::Abort { id },
         2 => Request::Wait {
             ids: ids(rng),

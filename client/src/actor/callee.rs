@@ -119,6 +119,10 @@ fn run_and_report<Args: Value, O: Outcome>(
     };
     done.unwrap_or_else(|e| {
         tracing::warn!("call result {}: {e}", call.result);
+        // Neither the result nor a report of the failure reached the record or the store
+        // (the store is full): the id is given up, so that its caller learns it is lost
+        // rather than waiting for it.
+        let _ = client.give_up(call.result);
         None
     })
 }

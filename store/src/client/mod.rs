@@ -241,6 +241,12 @@ impl StoreClient {
         self.expect_ok(&Request::Abort { id }, id)
     }
 
+    /// Gives up an id that nobody is creating and that is not sealed (a call's result that
+    /// could not be stored): the store reports it lost to its waiters.
+    pub fn give_up(&self, id: ObjectId) -> Result<()> {
+        self.expect_ok(&Request::GiveUp { id }, id)
+    }
+
     /// Creates, fills and seals an object in one go.
     pub fn put(&self, id: ObjectId, data: &[u8]) -> Result<()> {
         let mut w = self.create(id, data.len() as u64)?;

@@ -483,6 +483,7 @@ impl Table {
             }),
             Request::Seal { id } => Some(to_reply(self.seal(arena, client, id, out))),
             Request::Abort { id } => Some(to_reply(self.abort(arena, client, id))),
+            Request::GiveUp { id } => Some(to_reply(self.give_up(id))),
             Request::Wait { ids, timeout } => {
                 let r = self.wait(client, req, ids, timeout);
                 h.parked = r.is_none();
@@ -1008,6 +1009,20 @@ impl Table {
         if refcounted {
             // Nobody may hold it (a result whose caller is gone): free it now.
             self.check_free(arena, id, out);
+        }
+    }
+
+    /// An id nobody is creating, given up (a call's result its consumer could not store): it
+    /// is lost, so its waiters learn that it will never be sealed. An object that exists is
+    /// left alone.
+    fn give_up(&mut self, id: ObjectId) -> Result<()> {
+        match self.objects.get(&id) {
+            Some(e) if e.state == EntryState::Sealed => Err(StoreError::AlreadySealed(id)),
+            Some(_) => Err(StoreError::AlreadyExists(id)),
+            None => {
+                self.lost(id);
+                Ok(())
+            }
         }
     }
 
@@ -1773,6 +1788,39 @@ mod tests {
             keep,
             ..Owned::default()
         }
+    }
+
+    #[test]
+    fn an_id_given_up_is_lost_to_its_watchers() {
+        let mut f = Fx::new(Limits::default());
+        let (a, b) = (f.connect(), f.connect());
+        let id = ObjectId::random();
+        assert_eq!(f.req(a, Request::Watch { ids: vec![id] }), Reply::Ok);
+        // A consumer gives up a result it could not store.
+        assert_eq!(f.req(b, Request::GiveUp { id }), Reply::Ok);
+        assert_eq!(f.notices(a), vec![(NOTICE_LOST, id)]);
+        // A later watcher hears it at once; a sealed object is not given up.
+        assert_eq!(f.req(b, Request::Watch { ids: vec![id] }), Reply::Ok);
+        assert_eq!(f.notices(b), vec![(NOTICE_LOST, id)]);
+        let other = ObjectId::random();
+        f.put(a, other, 10);
+        assert_eq!(
+            code(&f.req(b, Request::GiveUp { id: other })),
+            Some(ErrorCode::AlreadySealed)
+        );
+        let creating = ObjectId::random();
+        f.req(
+            a,
+            Request::Create {
+                id: creating,
+                size: 10,
+            },
+        );
+        assert_eq!(
+            code(&f.req(b, Request::GiveUp { id: creating })),
+            Some(ErrorCode::AlreadyExists)
+        );
+        f.check_used();
     }
 
     #[test]
