@@ -92,11 +92,33 @@ pub fn shrink_if_sparse<K: std::hash::Hash + Eq, V>(map: &mut FxHashMap<K, V>) {
     }
 }
 
+/// Objects from this size up get their page tables filled by a helper thread the first time
+/// this process views them (see [`StoreClient::view`]).
+const READ_BEHIND_MIN: u64 = 32 << 20;
+
 /// How many in-flight `Unhold`s a client tracks before it syncs with the daemon to forget them.
 pub(super) const UNHOLDING_PRUNE: usize = 4096;
 impl StoreClient {
     pub(super) fn view(&self, id: ObjectId, offset: u64, size: u64) -> Option<ObjectView> {
         let ptr = self.inner.arena.ptr(offset, size)?;
+        if size >= READ_BEHIND_MIN {
+            // A large object this process has not read before: a helper fills the page
+            // tables from its end while the reader faults its way from the start (on a spare
+            // core; nothing waits for it). Never in the zygote, which must stay single-
+            // threaded: it reads no object this large.
+            if !self.inner.arena.read_populated(offset, size) {
+                let client = self.clone();
+                let _ = std::thread::Builder::new()
+                    .name("trove-populate".into())
+                    .stack_size(64 << 10)
+                    .spawn(move || {
+                        // Work ahead of need: it yields to the reader (nice 19, this thread).
+                        let _ = rustix::process::setpriority_process(None, 19);
+                        let arena = &client.inner.arena;
+                        let _ = arena.populate_read(&arena.claim_unpopulated(offset, size));
+                    });
+            }
+        }
         Some(ObjectView {
             client: self.clone(),
             id,

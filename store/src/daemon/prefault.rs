@@ -16,6 +16,13 @@ const PREFAULT_CHUNK: u64 = 64 << 20;
 pub(super) const PREFAULT_AHEAD: u64 = 256 << 20;
 
 pub(super) fn prefault_loop(sh: &Shared) {
+    // Populating is work done ahead of need: it takes a core only when nothing else wants it
+    // (nice 19 for this thread alone, as Linux applies a thread's own priority), so that on
+    // a machine with few cores, or one whose memory is slow to fault in, a fresh store's
+    // pre-fault does not slow the calls its processes start making at once.
+    if let Err(e) = rustix::process::setpriority_process(None, 19) {
+        debug!("background pre-fault keeps its priority: {e}");
+    }
     let l = *sh.arena.layout();
     let t = Instant::now();
     let mut done = sh.prefaulted.load(Ordering::Relaxed);
