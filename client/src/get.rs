@@ -17,14 +17,18 @@ use crate::object_ref::ObjectRef;
 
 /// A view of `id` if it can be had now: a local value, or a store object pinned in place.
 fn try_view(sh: &Arc<Shared>, id: &ObjectId) -> Option<View> {
-    if let Some(value) = sh.locals.view(id) {
-        return Some(View::Local(LocalView {
+    local_view(sh, id).or_else(|| sh.client.try_get(id).map(View::Store))
+}
+
+/// A view of `id` if it is a local value (a call's small result taken from its record).
+fn local_view(sh: &Arc<Shared>, id: &ObjectId) -> Option<View> {
+    sh.locals.view(id).map(|value| {
+        View::Local(LocalView {
             sh: sh.clone(),
             id: *id,
             value,
-        }));
-    }
-    sh.client.try_get(id).map(View::Store)
+        })
+    })
 }
 
 /// Waits for an object (a call's result in its record first, then the daemon) and pins it.
@@ -39,7 +43,9 @@ pub(crate) fn view(sh: &Arc<Shared>, id: ObjectId, deadline: Option<Instant>) ->
         Ok(v)
     };
     for _ in 0..64 {
-        if let Some(v) = try_view(sh, &id) {
+        // A call in flight is read from its record first: no store lookup while it runs (in
+        // a fresh process each lookup of a new id touches a directory page not yet mapped).
+        if let Some(v) = local_view(sh, &id) {
             return found(v, waited);
         }
         if !sh.calls.await_hint(&sh.client, &sh.locals, &id, deadline) {

@@ -36,4 +36,5 @@ pub use mailbox::{Mailbox, MailboxError, mailbox_bytes};
 pub use process::{
     EmbeddedConfig, EmbeddedStore, ProcessError, ensure_single_threaded, thread_count,
 };
+pub use sync::Spin;
 pub use zygote::{Entry, LINK_FD, Lifetime, SpawnRequest, Zygote};

@@ -71,6 +71,11 @@ const KIND: Kind = Kind {
 };
 /// Bytes of a slot's header: sequence (8) and length (4), padded to 16.
 const SLOT_HEADER: usize = 16;
+std::thread_local! {
+    /// Whether this thread's last wait for a message ended quickly (see `sync::Spin`).
+    static POP_QUICK: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
 /// How long a consumer spins (yielding) on an empty queue before it parks.
 const SPIN_BEFORE_PARK: Duration = Duration::from_micros(100);
 /// Bytes of the current-message record in the header: a whole message of a 256-byte slot,
@@ -486,25 +491,22 @@ impl Mailbox {
         if let Some(r) = self.try_pop(tag, &mut f)? {
             return Ok(r);
         }
-        let deadline = Instant::now() + timeout;
-        let spin_until = Instant::now() + SPIN_BEFORE_PARK.min(timeout);
-        let backoff = Backoff::new();
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let spin_until = start + SPIN_BEFORE_PARK.min(timeout);
+        let mut spin = crate::sync::Spin::new(start, POP_QUICK.get());
         let h = self.header();
         loop {
             if let Some(r) = self.try_pop(tag, &mut f)? {
+                POP_QUICK.set(spin.learn());
                 return Ok(r);
             }
             if self.is_dead() {
                 return Err(MailboxError::Dead);
             }
-            // Spin (yielding) for a while before parking: a futex wake-up costs tens of
-            // microseconds on a virtual machine, more than a typical call.
-            if Instant::now() < spin_until {
-                if backoff.is_completed() {
-                    std::thread::yield_now();
-                } else {
-                    backoff.snooze();
-                }
+            // Spin for a while before parking: a futex wake-up costs tens of microseconds on
+            // a virtual machine, more than a typical call.
+            if spin.go_on(spin_until) {
                 continue;
             }
             match h

@@ -62,6 +62,7 @@ impl Arena {
             fd,
             layout,
             populated: Populated::new(layout.total_len),
+            populated_read: Populated::new(layout.total_len),
         }
     }
 }
