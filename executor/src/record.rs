@@ -166,7 +166,8 @@ impl Record {
     /// position before trying to take it (the consumer records that it may owe it; it owes it
     /// if the claim returns it).
     pub fn claim_with(&self, pos: u64, mut before_evict: impl FnMut(&InlineResult)) -> Claim {
-        let mut patience = Patience::new();
+        // Started at the first wait only: the clock is not read on the common path.
+        let mut patience: Option<Patience> = None;
         let backoff = Backoff::new();
         loop {
             let s = self.w(0).load(Ordering::Acquire);
@@ -177,7 +178,7 @@ impl Record {
             if tag == WRITING || tag == EVICTING {
                 // Another consumer (of an earlier position) is filling it: a few instructions,
                 // unless it died there.
-                if patience.exhausted() {
+                if patience.get_or_insert_with(Patience::new).exhausted() {
                     return Claim::Unavailable;
                 }
                 backoff.snooze();
