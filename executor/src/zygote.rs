@@ -417,6 +417,8 @@ fn zygote_main(mut cmd: UnixStream, driver: Pid, socket: &Path) -> i32 {
             return 1;
         }
     };
+    // It forks: no thread may ever start in it.
+    client.forbid_threads();
     let mut z = Zyg {
         client,
         me: getpid(),

@@ -101,11 +101,10 @@ pub(super) const UNHOLDING_PRUNE: usize = 4096;
 impl StoreClient {
     pub(super) fn view(&self, id: ObjectId, offset: u64, size: u64) -> Option<ObjectView> {
         let ptr = self.inner.arena.ptr(offset, size)?;
-        if size >= READ_BEHIND_MIN {
+        if size >= READ_BEHIND_MIN && self.threads_allowed() {
             // A large object this process has not read before: a helper fills the page
             // tables from its end while the reader faults its way from the start (on a spare
-            // core; nothing waits for it). Never in the zygote, which must stay single-
-            // threaded: it reads no object this large.
+            // core; nothing waits for it). Never in the zygote, which forks.
             if !self.inner.arena.read_populated(offset, size) {
                 let client = self.clone();
                 let _ = std::thread::Builder::new()

@@ -99,6 +99,9 @@ struct Inner {
     slab: Mutex<Option<ClientSlab>>,
     notes: Mutex<Notes>,
     notes_cv: Condvar,
+    /// This client's process forks (the zygote): the client starts no thread of its own
+    /// (see [`StoreClient::forbid_threads`]).
+    no_threads: std::sync::atomic::AtomicBool,
 }
 
 /// A connection to a store daemon with the arena mapped. Cheap to clone (shared).
@@ -167,6 +170,7 @@ impl StoreClient {
                     epoch: 0,
                 }),
                 notes_cv: Condvar::new(),
+                no_threads: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -245,6 +249,22 @@ impl StoreClient {
     /// could not be stored): the store reports it lost to its waiters.
     pub fn give_up(&self, id: ObjectId) -> Result<()> {
         self.expect_ok(&Request::GiveUp { id }, id)
+    }
+
+    /// This client's process forks, so it must stay single-threaded: the client starts no
+    /// helper thread (a large object's first view fills its page tables on first touch
+    /// only).
+    pub fn forbid_threads(&self) {
+        self.inner
+            .no_threads
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn threads_allowed(&self) -> bool {
+        !self
+            .inner
+            .no_threads
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Creates, fills and seals an object in one go.
