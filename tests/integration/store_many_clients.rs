@@ -424,12 +424,25 @@ pub fn store_small_objects_left_by_many_clients_do_not_fill_it_with_slabs() {
     keeper
         .put(big, &vec![7u8; 16 << 20])
         .expect("a 16 MiB object in a 64 MiB store holding 1.6 KiB");
-    let small = ObjectId::random();
-    let mut w = keeper.alloc_owned(small, 100).unwrap();
-    w.as_mut_slice().fill(1);
-    w.publish(&[]).unwrap();
+    // The first asks for a slab (refused past the budget, placed by the daemon); the next
+    // ones go straight to the daemon.
+    let small: Vec<ObjectId> = (0..3u8)
+        .map(|i| {
+            let id = ObjectId::random();
+            let mut w = keeper.alloc_owned(id, 100).unwrap();
+            w.as_mut_slice().fill(i);
+            w.publish(&[]).unwrap();
+            id
+        })
+        .collect();
+    for (i, id) in small.iter().enumerate() {
+        let v = keeper.get(*id, T).unwrap();
+        assert!(v.iter().all(|&b| b == i as u8));
+    }
     keeper.delete(&[big]).unwrap();
-    keeper.release(&small);
+    for id in &small {
+        keeper.release(id);
+    }
     for id in &kept {
         keeper.release(id);
     }

@@ -102,6 +102,9 @@ struct Inner {
     /// This client's process forks (the zygote): the client starts no thread of its own
     /// (see [`StoreClient::forbid_threads`]).
     no_threads: std::sync::atomic::AtomicBool,
+    /// Until when (`monotonic_ns`) this client asks for no new slab: the daemon refused one
+    /// (client slabs at their share of the store), so small objects go to the daemon.
+    slab_refused_until: std::sync::atomic::AtomicU64,
 }
 
 /// A connection to a store daemon with the arena mapped. Cheap to clone (shared).
@@ -171,6 +174,7 @@ impl StoreClient {
                 }),
                 notes_cv: Condvar::new(),
                 no_threads: std::sync::atomic::AtomicBool::new(false),
+                slab_refused_until: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }

@@ -25,6 +25,9 @@ pub(super) struct ClientSlab {
 pub const SMALL_OBJECT_MAX: u64 = 32 << 10;
 /// Size of the slabs a client asks for.
 pub(super) const SLAB_LEN: u64 = 1 << 20;
+/// After a refused slab, how long the client places small objects through the daemon before
+/// it asks for a slab again.
+const SLAB_RETRY_NS: u64 = 100_000_000;
 impl StoreClient {
     /// Starts an owned (reference-counted) object of `size` bytes: small ones are placed in
     /// this client's slab without a round trip, larger ones are created by the daemon. Write
@@ -47,6 +50,13 @@ impl StoreClient {
                 drop(slab);
                 return self.create_owned(id, size);
             }
+            _ if crate::shm::monotonic_ns()
+                < self.inner.slab_refused_until.load(Ordering::Relaxed) =>
+            {
+                // Refused a moment ago: no round trip for another refusal.
+                drop(slab);
+                return self.create_owned(id, size);
+            }
             _ => {
                 let granted = match self.call(&Request::Slab { size: SLAB_LEN })? {
                     Reply::Slab { offset, len } => Ok((offset, len)),
@@ -57,6 +67,10 @@ impl StoreClient {
                     // No slab to spare (client slabs are at their share of the store): the
                     // daemon places this object.
                     Err(StoreError::StoreFull { .. }) => {
+                        self.inner.slab_refused_until.store(
+                            crate::shm::monotonic_ns() + SLAB_RETRY_NS,
+                            Ordering::Relaxed,
+                        );
                         drop(slab);
                         return self.create_owned(id, size);
                     }
