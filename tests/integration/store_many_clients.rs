@@ -449,3 +449,48 @@ pub fn store_small_objects_left_by_many_clients_do_not_fill_it_with_slabs() {
     back_to(&keeper, &base, "after the kept objects go");
 }
 register!(store_small_objects_left_by_many_clients_do_not_fill_it_with_slabs);
+
+/// Threads of this process named `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A client's first views of large objects hand them to one read-behind helper thread (it
+/// fills the page tables from the object's end while the reader starts at its beginning);
+/// the bytes read are the object's, and the helper goes with its client. Run alone: other
+/// tests' clients start helpers of their own.
+pub fn store_read_behind_helper_is_one_per_client_and_goes_with_it() {
+    let store = TestStore::start("256MiB");
+    let writer = store.client();
+    let base = writer.stats().unwrap();
+    let ids: Vec<ObjectId> = (0..3u8)
+        .map(|i| {
+            let id = ObjectId::random();
+            writer.put(id, &vec![i + 1; 40 << 20]).unwrap();
+            id
+        })
+        .collect();
+    let before = threads_named("trove-populate");
+    let reader = store.client();
+    for (i, id) in ids.iter().enumerate() {
+        let v = reader.get(*id, T).unwrap();
+        let want = i as u8 + 1;
+        assert!(v.iter().all(|&b| b == want), "object {i} reads right");
+    }
+    assert_eq!(threads_named("trove-populate"), before + 1, "one helper");
+    drop(reader);
+    wait_until(T, "the helper to go with its client", || {
+        threads_named("trove-populate") == before
+    });
+    writer.delete(&ids).unwrap();
+    back_to(&writer, &base, "after the large objects go");
+}
+register!(alone: store_read_behind_helper_is_one_per_client_and_goes_with_it);

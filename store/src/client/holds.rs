@@ -106,16 +106,7 @@ impl StoreClient {
             // tables from its end while the reader faults its way from the start (on a spare
             // core; nothing waits for it). Never in the zygote, which forks.
             if !self.inner.arena.read_populated(offset, size) {
-                let client = self.clone();
-                let _ = std::thread::Builder::new()
-                    .name("trove-populate".into())
-                    .stack_size(64 << 10)
-                    .spawn(move || {
-                        // Work ahead of need: it yields to the reader (nice 19, this thread).
-                        let _ = rustix::process::setpriority_process(None, 19);
-                        let arena = &client.inner.arena;
-                        let _ = arena.populate_read(&arena.claim_unpopulated(offset, size));
-                    });
+                self.read_behind(offset, size);
             }
         }
         Some(ObjectView {
@@ -126,6 +117,36 @@ impl StoreClient {
             len: size as usize,
             error: false,
         })
+    }
+
+    /// Hands `[offset, offset+size)` to this client's read-behind helper, started on first
+    /// use: one thread per client (nice 19: work ahead of need yields to the reader), idle
+    /// on its queue between objects, gone with the client (it holds only a weak reference).
+    fn read_behind(&self, offset: u64, size: u64) {
+        let mut queue = lock(&self.inner.populator);
+        if let Some(tx) = &*queue
+            && tx.send((offset, size)).is_ok()
+        {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, u64)>();
+        let client = std::sync::Arc::downgrade(&self.inner);
+        let started = std::thread::Builder::new()
+            .name("trove-populate".into())
+            .stack_size(64 << 10)
+            .spawn(move || {
+                let _ = rustix::process::setpriority_process(None, 19);
+                while let Ok((offset, size)) = rx.recv() {
+                    let Some(inner) = client.upgrade() else {
+                        return;
+                    };
+                    let arena = &inner.arena;
+                    let _ = arena.populate_read(&arena.claim_unpopulated(offset, size));
+                }
+            });
+        if started.is_ok() && tx.send((offset, size)).is_ok() {
+            *queue = Some(tx);
+        }
     }
 
     /// Pins `id` for a view if that can be done now, without the daemon.

@@ -102,6 +102,8 @@ struct Inner {
     /// This client's process forks (the zygote): the client starts no thread of its own
     /// (see [`StoreClient::forbid_threads`]).
     no_threads: std::sync::atomic::AtomicBool,
+    /// The read-behind helper's queue (see `StoreClient::view`), once it has started.
+    populator: Mutex<Option<std::sync::mpsc::Sender<(u64, u64)>>>,
     /// Until when (`monotonic_ns`) this client asks for no new slab: the daemon refused one
     /// (client slabs at their share of the store), so small objects go to the daemon.
     slab_refused_until: std::sync::atomic::AtomicU64,
@@ -175,6 +177,7 @@ impl StoreClient {
                 notes_cv: Condvar::new(),
                 no_threads: std::sync::atomic::AtomicBool::new(false),
                 slab_refused_until: std::sync::atomic::AtomicU64::new(0),
+                populator: Mutex::new(None),
             }),
         })
     }
