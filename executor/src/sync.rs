@@ -21,7 +21,7 @@ pub struct Spin {
 }
 
 impl Spin {
-    pub const PURE: std::time::Duration = std::time::Duration::from_micros(5);
+    pub const PURE: std::time::Duration = std::time::Duration::from_micros(2);
 
     /// A spin starting at `start`; pure at first if `quick` (see [`Spin::learn`]).
     pub fn new(start: std::time::Instant, quick: bool) -> Spin {
