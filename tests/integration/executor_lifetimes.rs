@@ -58,7 +58,9 @@ pub fn executor_threaded_actor_runs_calls_at_once() {
 }
 register!(executor_threaded_actor_runs_calls_at_once);
 
-/// A full store says what is trove's (mailboxes, queues) and what is the user's, by pid.
+/// A full store says what is trove's (mailboxes, queues) and what is the user's, by pid; a
+/// call whose result does not fit fails (its caller does not wait for good), and the actor
+/// answers once there is room.
 pub fn executor_store_full_tells_mailboxes_from_objects_and_pinners() {
     let line = run(LifeRole::Full);
     eprintln!("life full: {line}");
