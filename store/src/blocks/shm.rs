@@ -373,7 +373,8 @@ pub struct Arena {
     layout: Layout,
     /// Which chunks of this process's mapping have their page tables filled.
     populated: Populated,
-    /// Which chunks have them filled for reading ([`Arena::populate_read_backwards`]).
+    /// Which chunks have been claimed for filling them for reading
+    /// ([`Arena::claim_unpopulated`], then [`Arena::populate_read`]).
     populated_read: Populated,
 }
 
@@ -429,8 +430,7 @@ impl Populated {
     }
 
     fn set(&self, chunk: u64) {
-        let w = &self.bits[(chunk / 64) as usize];
-        w.fetch_or(1 << (chunk % 64), std::sync::atomic::Ordering::Relaxed);
+        self.claim(chunk);
     }
 }
 
@@ -721,8 +721,9 @@ impl Arena {
             .collect()
     }
 
-    /// Whether every chunk of `[offset, offset+len)` has been claimed by
-    /// [`Arena::claim_unpopulated`] in this process: a few loads, no system call.
+    /// Whether every chunk of `[offset, offset+len)` has been filled for writing
+    /// ([`Arena::populate_once`]) or claimed for reading ([`Arena::claim_unpopulated`]) in
+    /// this process: a few loads, no system call.
     pub fn read_populated(&self, offset: u64, len: u64) -> bool {
         let end = offset.saturating_add(len).min(self.layout.total_len);
         offset >= end

@@ -58,23 +58,21 @@ impl StoreClient {
                 return self.create_owned(id, size);
             }
             _ => {
-                let granted = match self.call(&Request::Slab { size: SLAB_LEN })? {
-                    Reply::Slab { offset, len } => Ok((offset, len)),
-                    other => Err(reply_error(other, id)),
-                };
-                let (offset, len) = match granted {
-                    Ok(slab) => slab,
-                    // No slab to spare (client slabs are at their share of the store): the
-                    // daemon places this object.
-                    Err(StoreError::StoreFull { .. }) => {
-                        self.inner.slab_refused_until.store(
-                            crate::shm::monotonic_ns() + SLAB_RETRY_NS,
-                            Ordering::Relaxed,
-                        );
-                        drop(slab);
-                        return self.create_owned(id, size);
-                    }
-                    Err(e) => return Err(e),
+                let (offset, len) = match self.call(&Request::Slab { size: SLAB_LEN })? {
+                    Reply::Slab { offset, len } => (offset, len),
+                    other => match reply_error(other, id) {
+                        // No slab to spare (client slabs are at their share of the store):
+                        // the daemon places this object.
+                        StoreError::StoreFull { .. } => {
+                            self.inner.slab_refused_until.store(
+                                crate::shm::monotonic_ns() + SLAB_RETRY_NS,
+                                Ordering::Relaxed,
+                            );
+                            drop(slab);
+                            return self.create_owned(id, size);
+                        }
+                        e => return Err(e),
+                    },
                 };
                 if len < step || self.inner.arena.ptr(offset, len).is_none() {
                     return Err(StoreError::Protocol(format!(
