@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
+use trove_executor::Spin;
 use trove_executor::mailbox::{Mailbox, MailboxError};
 use trove_executor::record::{INLINE_MAX, Seen, Took};
 use trove_store::Readiness;
@@ -29,6 +30,10 @@ use crate::local::Locals;
 /// How long a get polls a completion record before it asks for the result in the store and
 /// waits for the daemon's notification.
 pub(crate) const HINT_SPIN: Duration = Duration::from_micros(200);
+std::thread_local! {
+    /// Whether this thread's last wait in [`Calls::await_hint`] ended quickly.
+    static HINT_QUICK: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
 /// How many finished calls a new call harvests.
 const HARVEST_PER_CALL: usize = 4;
 
@@ -237,7 +242,10 @@ impl Calls {
         done
     }
 
-    /// Polls the completion record of a call in flight for a short while.
+    /// Polls the completion record of a call in flight for a short while. The record is
+    /// watched without the lock (one load per look; the lock and the map only once it has
+    /// something to say), spinning purely at first while this thread's last such wait ended
+    /// soon (see [`Spin`]).
     pub(crate) fn await_hint(
         &self,
         client: &StoreClient,
@@ -245,20 +253,33 @@ impl Calls {
         id: &ObjectId,
         deadline: Option<Instant>,
     ) -> bool {
-        let until = Instant::now() + HINT_SPIN;
-        let backoff = crossbeam_utils::Backoff::new();
+        let Some((mailbox, pos)) = lock(&self.0).by_id.get(id).map(|h| (h.mailbox, h.pos)) else {
+            return true;
+        };
+        // A copy of the mailbox stays readable while this process's store client lives (the
+        // region is in its arena mapping): if the call is settled by another thread
+        // meanwhile and the record reused, the record reads as moved on and `settle` finds
+        // the call gone.
+        let rec = mailbox.record(pos);
+        // While the callee runs: the slot of this caller's next call, if it calls here again.
+        mailbox.prefetch_for_producer();
+        let start = Instant::now();
+        let until = deadline.map_or(start + HINT_SPIN, |d| d.min(start + HINT_SPIN));
+        let mut spin = Spin::new(start, HINT_QUICK.get());
+        let mut looks = 0u32;
         loop {
-            if self.settle(client, locals, id) {
+            looks = looks.wrapping_add(1);
+            // Every 64 looks the map too, in case the record was reused for a call of
+            // another thread.
+            if (rec.seen(pos) != Seen::Pending || looks.is_multiple_of(64))
+                && self.settle(client, locals, id)
+            {
+                HINT_QUICK.set(spin.learn());
                 return true;
             }
-            let now = Instant::now();
-            if now >= until || deadline.is_some_and(|d| now >= d) {
-                return false;
-            }
-            if backoff.is_completed() {
-                std::thread::yield_now();
-            } else {
-                backoff.snooze();
+            if !spin.go_on(until) {
+                HINT_QUICK.set(false);
+                return self.settle(client, locals, id);
             }
         }
     }

@@ -29,8 +29,9 @@
 //! 128  park (blocks::park): event u32, waiters u32                  64 bytes
 //! 192  region header (blocks::region): magic u64 "TROVEMBX", version u32, capacity u32,
 //!      slot_size u32, reserved u32                                  24 bytes
-//! 216  program u64, type_tag u64, dead u32, current_set u32 (0, or the current message's
-//!      length + 1), current [u64; 32], current_pos u64, cancels u64, consumer_pid u64
+//! 216  program u64, type_tag u64, cancels u64, consumer_pid u64, dead u32 (read by producers
+//!      on every push: no field the consumer writes per message shares this line)
+//! 256  current: set u32 (0, or the current message's length + 1), pos u64, [u64; 32]
 //!      then (64-aligned) the consumer's debts (see below)
 //! HEADER_LEN                 slot i: [seq u64][len u32][pad][payload], slot_size bytes
 //! records_offset(..)         record i (crate::record), RECORD_LEN bytes
@@ -61,7 +62,7 @@ use crate::sync::{AtomicU32, AtomicU64, Backoff, Ordering};
 const KIND: Kind = Kind {
     name: "mailbox",
     magic: 0x5452_4f56_454d_4258, // "TROVEMBX"
-    version: 2,
+    version: 3,
     align: 64,
     header_len: HEADER_LEN,
     capacity: (2, 1 << 20),
@@ -99,25 +100,34 @@ struct Header {
     tail: Line<AtomicU64>,
     /// Consumers park here while the queue is empty.
     park: Line<Park>,
-    /// Magic, layout version, capacity and slot size.
+    /// Magic, layout version, capacity and slot size. This line and the fields after it up
+    /// to `current` are read by producers on every push and written rarely: nothing the
+    /// consumer writes per message shares their cache line.
     region: RegionHeader,
     /// The creator's program identity ([`crate::process::program_id`]): function addresses
     /// in messages mean something only to consumers of the same program.
     program: AtomicU64,
     /// What the consumer is (an actor type's fingerprint; 0 for the task queue and workers).
     type_tag: AtomicU64,
-    dead: AtomicU32,
-    /// Non-zero while `current` holds the message the consumer is running: its length + 1.
-    current_set: AtomicU32,
-    current: [AtomicU64; CURRENT_LEN / 8],
-    /// The position `current` was popped from.
-    current_pos: AtomicU64,
     /// How many calls callers have cancelled (see [`Mailbox::note_cancel`]).
     cancels: AtomicU64,
     /// The process serving the mailbox now (set by whoever forks it; 0 before).
     consumer_pid: AtomicU64,
+    dead: AtomicU32,
+    /// The message the consumer is running, written by it for every message.
+    current: Line<Current>,
     /// The results the consumer owes (see [`crate::debts`]).
     debts: Book,
+}
+
+/// The message a consumer is running (see [`Mailbox::set_current`]).
+#[repr(C)]
+struct Current {
+    /// Non-zero while `words` holds the message the consumer is running: its length + 1.
+    set: AtomicU32,
+    /// The position `words` was popped from.
+    pos: AtomicU64,
+    words: [AtomicU64; CURRENT_LEN / 8],
 }
 
 const HEADER_LEN: usize = size_of::<Header>().next_multiple_of(64);
@@ -126,6 +136,8 @@ const _: () = assert!(
     std::mem::offset_of!(Header, park) == 128
         && std::mem::offset_of!(Header, region) == 192
         && std::mem::offset_of!(Header, program) == 216
+        && std::mem::offset_of!(Header, dead) == 248
+        && std::mem::offset_of!(Header, current) == 256
 );
 
 /// Errors of mailbox operations.
@@ -204,7 +216,7 @@ impl Mailbox {
             .store(crate::process::program_id(), Ordering::Relaxed);
         h.type_tag.store(type_tag, Ordering::Relaxed);
         h.dead.store(0, Ordering::Relaxed);
-        h.current_set.store(0, Ordering::Relaxed);
+        h.current.0.set.store(0, Ordering::Relaxed);
         h.cancels.store(0, Ordering::Relaxed);
         h.consumer_pid.store(0, Ordering::Relaxed);
         h.debts.reset();
@@ -438,6 +450,21 @@ impl Mailbox {
         result
     }
 
+    /// A hint for a consumer about to wait at the head: has this core fetch, for writing,
+    /// the completion record the next message will use (last written by the caller that read
+    /// it a lap ago), so that claiming it does not wait for another core's cache then.
+    pub fn prefetch_for_consumer(&self) {
+        let pos = self.header().head.0.load(Ordering::Relaxed);
+        prefetch_write(self.record(pos) as *const Record as *const u8);
+    }
+
+    /// A hint for a producer waiting for a reply: has this core fetch, for writing, the slot
+    /// its next push will fill (last written by the consumer that freed it).
+    pub fn prefetch_for_producer(&self) {
+        let pos = self.header().tail.0.load(Ordering::Relaxed);
+        prefetch_write(self.slot(pos));
+    }
+
     /// Frees every slot the consumer `tag` holds (it died between a claim and its free),
     /// calling `f` with each one's position and message first, oldest first.
     pub fn reclaim(&self, tag: u32, mut f: impl FnMut(u64, &[u8])) {
@@ -496,6 +523,7 @@ impl Mailbox {
         let spin_until = start + SPIN_BEFORE_PARK.min(timeout);
         let mut spin = crate::sync::Spin::new(start, POP_QUICK.get());
         let h = self.header();
+        self.prefetch_for_consumer();
         loop {
             if let Some(r) = self.try_pop(tag, &mut f)? {
                 POP_QUICK.set(spin.learn());
@@ -550,34 +578,36 @@ impl Mailbox {
     pub fn set_current(&self, pos: u64, message: &[u8]) {
         let h = self.header();
         let len = message.len().min(CURRENT_LEN);
-        h.current_pos.store(pos, Ordering::Relaxed);
-        for (w, chunk) in h.current.iter().zip(message[..len].chunks(8)) {
+        let c = &h.current.0;
+        c.pos.store(pos, Ordering::Relaxed);
+        for (w, chunk) in c.words.iter().zip(message[..len].chunks(8)) {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);
             w.store(u64::from_le_bytes(word), Ordering::Relaxed);
         }
-        h.current_set.store(len as u32 + 1, Ordering::Release);
+        c.set.store(len as u32 + 1, Ordering::Release);
     }
 
     pub fn clear_current(&self) {
-        self.header().current_set.store(0, Ordering::Release);
+        self.header().current.0.set.store(0, Ordering::Release);
     }
 
     /// The position and bytes of the message the consumer was running, if any (read after
     /// it died, or by a restarted consumer asked to run it again).
     pub fn current(&self) -> Option<(u64, Vec<u8>)> {
         let h = self.header();
-        let set = h.current_set.load(Ordering::Acquire) as usize;
+        let c = &h.current.0;
+        let set = c.set.load(Ordering::Acquire) as usize;
         if set == 0 {
             return None;
         }
         let len = (set - 1).min(CURRENT_LEN);
         let mut out = Vec::with_capacity(CURRENT_LEN);
-        for w in &h.current {
+        for w in &c.words {
             out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
         }
         out.truncate(len);
-        Some((h.current_pos.load(Ordering::Relaxed), out))
+        Some((c.pos.load(Ordering::Relaxed), out))
     }
 
     /// Notes that a caller cancelled a call queued here (its result already reported as
@@ -612,6 +642,20 @@ impl Mailbox {
         // contract `Debts` asks for.
         unsafe { Debts::new(&self.header().debts) }
     }
+}
+
+/// Asks the CPU to bring the cache line at `p` into this core's cache, ready for writing. A
+/// hint only: nothing is read or written.
+#[inline]
+fn prefetch_write(p: *const u8) {
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    // SAFETY: a prefetch is a hint that never faults and changes no memory, whatever the
+    // address; SSE (which declares it) is part of the x86_64 baseline.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(p as *const i8)
+    };
+    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    let _ = p;
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ pub(crate) use trove_store::sync::{AtomicU32, AtomicU64, Backoff, Ordering, fenc
 /// pure spinner takes the core its peer needs. So a waiter spins purely for [`Spin::PURE`]
 /// only while its last wait ended within that (`quick`, learned per call site and thread by
 /// [`Spin::learn`]), and otherwise spins as crossbeam's `Backoff` does (a few pure spins,
-/// then yields). While spinning purely the clock is read every 16 looks.
+/// then yields). While spinning purely (one `pause` between looks) the clock is read every 64 looks.
 pub struct Spin {
     looks: u32,
     start: std::time::Instant,
@@ -38,16 +38,14 @@ impl Spin {
     pub fn go_on(&mut self, until: std::time::Instant) -> bool {
         self.looks = self.looks.wrapping_add(1);
         let pure = self.now < self.pure_until;
-        if !pure || self.looks.is_multiple_of(16) {
+        if !pure || self.looks.is_multiple_of(64) {
             self.now = std::time::Instant::now();
         }
         if self.now >= until {
             return false;
         }
         if pure {
-            for _ in 0..8 {
-                std::hint::spin_loop();
-            }
+            std::hint::spin_loop();
         } else if self.backoff.is_completed() {
             std::thread::yield_now();
         } else {

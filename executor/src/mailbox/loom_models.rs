@@ -55,12 +55,14 @@ impl ModelMailbox {
             region: RegionHeader::new(),
             program: AtomicU64::new(0),
             type_tag: AtomicU64::new(0),
-            dead: AtomicU32::new(0),
-            current_set: AtomicU32::new(0),
-            current: std::array::from_fn(|_| AtomicU64::new(0)),
-            current_pos: AtomicU64::new(0),
             cancels: AtomicU64::new(0),
             consumer_pid: AtomicU64::new(0),
+            dead: AtomicU32::new(0),
+            current: Line(Current {
+                set: AtomicU32::new(0),
+                pos: AtomicU64::new(0),
+                words: std::array::from_fn(|_| AtomicU64::new(0)),
+            }),
             debts: crate::debts::Book::new(),
         };
         // SAFETY: the region is `mailbox_bytes` long and 64-byte aligned, nothing references
