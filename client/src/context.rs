@@ -3,7 +3,8 @@
 //! forked child's entry) installs it, so that `ObjectRef`s can take and drop references
 //! wherever they are (inside values, in other threads) without carrying a handle.
 
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use trove_executor::mailbox::Mailbox;
@@ -182,10 +183,41 @@ pub(crate) fn attach(client: &StoreClient, id: ObjectId) -> Result<Attached> {
 }
 
 static RUNTIME: RwLock<Option<Arc<Shared>>> = RwLock::new(None);
+/// Bumped (under `RUNTIME`'s write lock) whenever the installed context changes.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+std::thread_local! {
+    /// This thread's copy of the installed context and the generation it was read at: a
+    /// call, a get and a ref's drop each look the context up, and the read lock and count of
+    /// `RUNTIME` are shared by every thread. Weak, so that a thread that used trove once does
+    /// not keep a shut-down context (its store, its connection) alive.
+    static CACHED: std::cell::RefCell<(u64, Weak<Shared>)> = const {
+        std::cell::RefCell::new((u64::MAX, Weak::new()))
+    };
+}
 
 /// This process's context, if trove is initialised.
 pub(crate) fn current() -> Option<Arc<Shared>> {
-    RUNTIME.read().unwrap_or_else(|p| p.into_inner()).clone()
+    let generation = GENERATION.load(Ordering::Acquire);
+    let cached = CACHED.try_with(|c| {
+        let c = c.borrow();
+        if c.0 == generation {
+            c.1.upgrade()
+        } else {
+            None
+        }
+    });
+    if let Ok(Some(sh)) = cached {
+        return Some(sh);
+    }
+    let g = RUNTIME.read().unwrap_or_else(|p| p.into_inner());
+    let sh = g.clone();
+    // Read under the lock: a change after it bumps the generation again.
+    let generation = GENERATION.load(Ordering::Acquire);
+    drop(g);
+    let weak = sh.as_ref().map_or_else(Weak::new, Arc::downgrade);
+    let _ = CACHED.try_with(|c| *c.borrow_mut() = (generation, weak));
+    sh
 }
 
 /// This process's context, or [`Error::NotInitialized`].
@@ -202,13 +234,16 @@ pub(crate) fn install(sh: &Arc<Shared>) -> Result<()> {
         ));
     }
     *g = Some(sh.clone());
+    GENERATION.fetch_add(1, Ordering::AcqRel);
     Ok(())
 }
 
 /// Installs `sh` as this process's context whatever was there (a forked child joining the
 /// tree).
 pub(crate) fn install_child(sh: &Arc<Shared>) {
-    *RUNTIME.write().unwrap_or_else(|p| p.into_inner()) = Some(sh.clone());
+    let mut g = RUNTIME.write().unwrap_or_else(|p| p.into_inner());
+    *g = Some(sh.clone());
+    GENERATION.fetch_add(1, Ordering::AcqRel);
 }
 
 /// Removes `sh` if it is this process's context.
@@ -216,6 +251,7 @@ pub(crate) fn uninstall(sh: &Arc<Shared>) {
     let mut g = RUNTIME.write().unwrap_or_else(|p| p.into_inner());
     if g.as_ref().is_some_and(|s| Arc::ptr_eq(s, sh)) {
         *g = None;
+        GENERATION.fetch_add(1, Ordering::AcqRel);
     }
     // Its flusher may be waiting for frames: it ends now rather than at its timeout.
     sh.client.wake_flusher();
