@@ -22,13 +22,9 @@ fn try_view(sh: &Arc<Shared>, id: &ObjectId) -> Option<View> {
 
 /// A view of `id` if it is a local value (a call's small result taken from its record).
 fn local_view(sh: &Arc<Shared>, id: &ObjectId) -> Option<View> {
-    sh.locals.view(id).map(|value| {
-        View::Local(LocalView {
-            sh: sh.clone(),
-            id: *id,
-            value,
-        })
-    })
+    sh.locals
+        .view(id)
+        .map(|value| View::Local(LocalView { id: *id, value }))
 }
 
 /// Waits for an object (a call's result in its record first, then the daemon) and pins it.

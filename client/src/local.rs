@@ -234,17 +234,14 @@ impl Locals {
         true
     }
 
-    /// Takes one more reference to `id` for a view of it and returns its value, if it is a
-    /// local value (the view's reference is dropped like any other, see `Shared::release`).
+    /// The value of `id`, if it is a local value, for a view of it (which counts as no
+    /// reference: the `Arc` keeps the bytes).
     #[inline]
     pub(crate) fn view(&self, id: &ObjectId) -> Option<Arc<Local>> {
         if self.surely_not(id) {
             return None;
         }
-        lock(&self.map).get_mut(id).map(|e| {
-            e.count += 1;
-            e.value.clone()
-        })
+        lock(&self.map).get(id).map(|e| e.value.clone())
     }
 
     /// Whether `id` is a local value.
@@ -396,12 +393,11 @@ mod tests {
         assert_eq!(a.held_count(&id), 0, "the store client forgot it");
         assert!(!sh.locals.take(&a, &id, bytes, false), "taken once only");
         sh.hold(&id);
-        // A view takes a reference of its own.
+        // A view holds the bytes, and no reference.
         let v = sh.locals.view(&id).expect("local");
         assert_eq!(v.bytes(), bytes);
         sh.release(&id);
         assert_eq!(sh.wait_ready(&[id], 1, None).unwrap(), [Readiness::Ready]);
-        sh.release(&id);
         // Never in the store.
         a.flush().unwrap();
         let s = a.stats().unwrap();
@@ -437,7 +433,6 @@ mod tests {
             assert!(sh.locals.take(&a, id, &[7; 100], true));
         }
         assert!(sh.locals.view(&ids[0]).unwrap().is_error());
-        sh.release(&ids[0]);
         for id in &ids {
             sh.release(id);
             assert_eq!(sh.locals.which(&[*id]), [false]);

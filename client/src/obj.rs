@@ -8,7 +8,6 @@ use std::sync::Arc;
 use trove_store::{ObjectId, ObjectView};
 
 use crate::codec::{self, Plain, Value};
-use crate::context::Shared;
 use crate::error::{Error, Result};
 use crate::local::Local;
 
@@ -53,38 +52,21 @@ impl<T: Plain> Stored for [T] {
 }
 
 /// What an [`Obj`] reads: a store object pinned in place, or a local value (a call's small
-/// result in this process's memory, see [`crate::local`]). Either way the view holds one
-/// reference to the object, as an `ObjectRef` does.
+/// result in this process's memory, see [`crate::local`]). A store view holds one reference
+/// to the object, as an `ObjectRef` does (the pin keeps its bytes in place); a local view
+/// holds the value's bytes themselves, and no count: nothing else of the value can go away.
 #[derive(Clone)]
 pub(crate) enum View {
     Store(ObjectView),
     Local(LocalView),
 }
 
-/// A view of a local value: its bytes (kept by the `Arc` even if the value is promoted to the
-/// store meanwhile) and one reference to it, taken by [`Locals::view`](crate::local::Locals)
-/// and dropped through the context as an `ObjectRef`'s is.
+/// A view of a local value: its id and its bytes (kept by the `Arc` even if the value is
+/// promoted to the store, or its last ref dropped, meanwhile).
+#[derive(Clone)]
 pub(crate) struct LocalView {
-    pub(crate) sh: Arc<Shared>,
     pub(crate) id: ObjectId,
     pub(crate) value: Arc<Local>,
-}
-
-impl Clone for LocalView {
-    fn clone(&self) -> Self {
-        self.sh.hold(&self.id);
-        LocalView {
-            sh: self.sh.clone(),
-            id: self.id,
-            value: self.value.clone(),
-        }
-    }
-}
-
-impl Drop for LocalView {
-    fn drop(&mut self) {
-        self.sh.release(&self.id);
-    }
 }
 
 impl View {
