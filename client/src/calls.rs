@@ -414,7 +414,8 @@ impl Calls {
         }
     }
 
-    /// Pushes a call message, harvesting finished calls while the mailbox is full.
+    /// Pushes a call message, harvesting finished calls while the mailbox is full, and a few
+    /// once it is pushed (while the callee runs it).
     pub(crate) fn push(
         &self,
         client: &StoreClient,
@@ -422,13 +423,13 @@ impl Calls {
         mailbox: &Mailbox,
         msg: &[u8],
     ) -> std::result::Result<u64, MailboxError> {
-        self.harvest(client, locals, HARVEST_PER_CALL);
         let backoff = crossbeam_utils::Backoff::new();
         loop {
             if mailbox.is_dead() {
                 return Err(MailboxError::Dead);
             }
             if let Some(pos) = mailbox.try_push(msg)? {
+                self.harvest(client, locals, HARVEST_PER_CALL);
                 return Ok(pos);
             }
             // Full: the consumer is draining it. Take finished results meanwhile and yield

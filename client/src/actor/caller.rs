@@ -71,9 +71,12 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     for id in &refs {
         keep.hold(client, *id)?;
     }
+    let pushed = sh.calls.push(client, &sh.locals, mailbox, &msg);
+    // The callee runs meanwhile: the rest is off its critical path. The result is adopted
+    // before the call is remembered (nothing here reads its record or its place until then:
+    // every look at a call goes through `Calls`).
     client.adopt_pending(&result);
     let r = ObjectRef::adopt(result);
-    let pushed = sh.calls.push(client, &sh.locals, mailbox, &msg);
     SCRATCH.with(|s| *s.borrow_mut() = Some(msg));
     match pushed {
         Ok(pos) if !mailbox.is_dead() => sh.calls.insert(result, *mailbox, pos, keep, keepalive),
