@@ -442,6 +442,38 @@ mod tests {
         back_to(&a, &base);
     }
 
+    /// A view outlives the last reference to its value: it still reads the bytes, the value is
+    /// gone from the table, and the store never heard of it. Its allocation is then reused by
+    /// this thread's next take, once the view is gone too (never while it lives).
+    #[test]
+    fn a_view_outlives_its_values_last_reference_and_keeps_its_bytes() {
+        let d = TestDaemon::start();
+        let a = d.connect();
+        let base = a.stats().unwrap();
+        let sh = shared(&a);
+        let (id, next) = (ObjectId::random(), ObjectId::random());
+        a.adopt_pending(&id);
+        assert!(sh.locals.take(&a, &id, b"first value", false));
+        let v = sh.locals.view(&id).expect("local");
+        sh.release(&id);
+        assert_eq!(sh.locals.which(&[id]), [false]);
+        assert!(sh.locals.is_empty());
+        // Taken while the view lives: a new allocation, the view's bytes untouched.
+        a.adopt_pending(&next);
+        assert!(sh.locals.take(&a, &next, b"second value", true));
+        assert_eq!(v.bytes(), b"first value");
+        assert!(!v.is_error());
+        let w = sh.locals.view(&next).expect("local");
+        assert!(!Arc::ptr_eq(&v, &w));
+        assert_eq!((w.bytes(), w.is_error()), (&b"second value"[..], true));
+        drop(v);
+        sh.release(&next);
+        assert!(sh.locals.is_empty());
+        a.flush().unwrap();
+        let s = a.stats().unwrap();
+        assert_eq!((s.objects, s.used), (base.objects, base.used));
+    }
+
     /// Threads clone and drop call results' refs while each moves from the store client into
     /// the local values and, for some, back (promoted): no reference is lost or counted twice.
     #[test]

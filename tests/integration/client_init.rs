@@ -158,6 +158,31 @@ pub fn reinit_role() -> Res {
         a.call(Echo::echo, (8,))?.get_timeout(T)?.deserialize()? == 8,
         "the actor at the end",
     )?;
+    // A thread that used the runtime and outlives it finds it gone, as this one does: a
+    // thread's copy of the context neither survives the shutdown nor keeps it.
+    let kept = rt.put(&9u64)?;
+    let theirs = kept.clone();
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let (told, answer) = std::sync::mpsc::channel::<bool>();
+    let t = std::thread::spawn(move || {
+        let _ = told.send(theirs.get().is_ok_and(|v| *v == 9));
+        let _ = wait.recv_timeout(T);
+        let _ = told.send(matches!(theirs.get(), Err(Error::NotInitialized)));
+    });
+    check(
+        answer.recv_timeout(T)?,
+        "the thread read the object while the runtime ran",
+    )?;
+    check(*kept.get()? == 9, "the kept object")?;
+    drop((a, rt));
+    let _ = go.send(());
+    check(answer.recv_timeout(T)?, "the thread found the runtime gone")?;
+    t.join().map_err(|_| "the thread panicked")?;
+    check(
+        matches!(kept.get(), Err(Error::NotInitialized)),
+        "this thread found the runtime gone",
+    )?;
+    drop(kept);
     say("OK");
     Ok(())
 }
