@@ -242,7 +242,8 @@ impl Calls {
         done
     }
 
-    /// Polls the completion record of a call in flight for a short while. The record is
+    /// Polls the completion record of a call in flight for a short while, then sleeps on
+    /// its mailbox for up to `park` until a record changes. The record is
     /// watched without the lock (one load per look; the lock and the map only once it has
     /// something to say), spinning purely at first while this thread's last such wait ended
     /// soon (see [`Spin`]).
@@ -252,6 +253,7 @@ impl Calls {
         locals: &Locals,
         id: &ObjectId,
         deadline: Option<Instant>,
+        park: Duration,
     ) -> bool {
         let Some((mailbox, pos)) = lock(&self.0).by_id.get(id).map(|h| (h.mailbox, h.pos)) else {
             return true;
@@ -279,6 +281,15 @@ impl Calls {
             }
             if !spin.go_on(until) {
                 HINT_QUICK.set(false);
+                // Spun for long: the callee is not running (more runnable processes than
+                // cores) or the call is long. Sleep until a record of the mailbox changes
+                // (its consumer says so after each call), up to `park`: then the store.
+                let park_until = start + HINT_SPIN + park;
+                let park_until = deadline.map_or(park_until, |d| d.min(park_until));
+                // (A call cancelled meanwhile leaves its record pending: it is forgotten here.)
+                mailbox.wait_for_result(park_until, || {
+                    rec.seen(pos) == Seen::Pending && lock(&self.0).by_id.contains_key(id)
+                });
                 return self.settle(client, locals, id);
             }
         }

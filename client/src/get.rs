@@ -44,7 +44,12 @@ pub(crate) fn view(sh: &Arc<Shared>, id: ObjectId, deadline: Option<Instant>) ->
         if let Some(v) = local_view(sh, &id) {
             return found(v, waited);
         }
-        if !sh.calls.await_hint(&sh.client, &sh.locals, &id, deadline) {
+        // A task worker parks for less: a wait that lasts lends its CPU (see `wait_lending`).
+        let park = if sh.worker { PARK_WORKER } else { PARK };
+        if !sh
+            .calls
+            .await_hint(&sh.client, &sh.locals, &id, deadline, park)
+        {
             // Still running: have the result stored so the daemon tells us when it is there.
             sh.force_store(&id);
         }
@@ -71,6 +76,13 @@ pub(crate) fn view(sh: &Arc<Shared>, id: ObjectId, deadline: Option<Instant>) ->
     // Sealed every time we looked, gone every time we pinned: it is being freed.
     Err(Error::ObjectLost(id))
 }
+
+/// How long a get sleeps on its call's mailbox, after spinning, before it asks for the result
+/// in the store and waits for the daemon: a consumer that is not running (more runnable
+/// processes than cores) wakes its caller itself when it gets a core, with no third process.
+const PARK: Duration = Duration::from_millis(20);
+/// [`PARK`] in a task worker.
+const PARK_WORKER: Duration = Duration::from_micros(500);
 
 /// How long a wait in a task goes before the task's worker lends its CPU to the pool.
 const LEND_AFTER: Duration = Duration::from_millis(1);

@@ -486,6 +486,8 @@ impl Runtime {
         }
         sh.client.sync_through(sh.client.frames_sent())?;
         mailbox.note_cancel();
+        // A get of it parked on the mailbox reads the report now.
+        mailbox.result_changed();
         if force && mailbox.type_tag() == 0 {
             sh.zygote()?
                 .cancel_running(id)

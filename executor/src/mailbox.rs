@@ -32,7 +32,8 @@
 //! 216  program u64, type_tag u64, cancels u64, consumer_pid u64, dead u32 (read by producers
 //!      on every push: no field the consumer writes per message shares this line)
 //! 256  current: set u32 (0, or the current message's length + 1), pos u64, [u64; 32]
-//!      then (64-aligned) the consumer's debts (see below)
+//!      then (64-aligned) the consumer's debts (see below), then (64-aligned) the park of
+//!      callers waiting for results: event u32, waiters u32
 //! HEADER_LEN                 slot i: [seq u64][len u32][pad][payload], slot_size bytes
 //! records_offset(..)         record i (crate::record), RECORD_LEN bytes
 //! ```
@@ -118,6 +119,9 @@ struct Header {
     current: Line<Current>,
     /// The results the consumer owes (see [`crate::debts`]).
     debts: Book,
+    /// Callers that waited long for a result park here (see [`Mailbox::wait_for_result`]);
+    /// consumers notify after every call.
+    replies: Line<Park>,
 }
 
 /// The message a consumer is running (see [`Mailbox::set_current`]).
@@ -220,6 +224,7 @@ impl Mailbox {
         h.cancels.store(0, Ordering::Relaxed);
         h.consumer_pid.store(0, Ordering::Relaxed);
         h.debts.reset();
+        h.replies.0.reset();
         for i in 0..capacity {
             m.seq(i).store(i, Ordering::Relaxed);
             m.record(i).reset();
@@ -326,11 +331,38 @@ impl Mailbox {
         self.header().dead.load(Ordering::SeqCst) != 0
     }
 
-    /// Marks the consumer dead and wakes every parked consumer and producer.
+    /// Marks the consumer dead and wakes every parked consumer, producer and caller.
     pub fn set_dead(&self) {
         let h = self.header();
         h.dead.store(1, Ordering::SeqCst);
         h.park.0.notify_all();
+        h.replies.0.notify_all();
+    }
+
+    /// Tells callers parked in [`Mailbox::wait_for_result`] that a record may have changed
+    /// (a consumer, after each call; a canceller). Costs a fence and a load while nobody is
+    /// parked.
+    pub fn result_changed(&self) {
+        self.header().replies.0.notify_all();
+    }
+
+    /// Parks the calling thread while `pending()` (a record it waits on has not changed) and
+    /// the consumer is alive, until `deadline`: for a caller that has spun long enough (its
+    /// consumer is not running: more runnable processes than cores, or the call is long).
+    /// Returns whether it is still pending (`false` once the consumer is dead: nothing will
+    /// change then; the caller looks in the store).
+    pub fn wait_for_result(&self, deadline: Instant, pending: impl Fn() -> bool) -> bool {
+        let replies = &self.header().replies.0;
+        loop {
+            if !pending() || self.is_dead() {
+                return false;
+            }
+            match replies.wait(Some(deadline), || pending() && !self.is_dead()) {
+                Ok(()) => {}
+                Err(ParkError::Timeout) => return pending(),
+                Err(ParkError::Futex(_)) => std::thread::sleep(Duration::from_micros(100)),
+            }
+        }
     }
 
     /// Pushes a message without waiting: its position, or `Ok(None)` if the queue is full.
@@ -680,6 +712,45 @@ mod tests {
         // SAFETY: as above.
         let two = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 2, 64, 0) };
         assert!(two.is_ok());
+    }
+
+    /// A caller parked for a result wakes when the consumer has recorded it and says so, and
+    /// when the mailbox dies; with neither, it sleeps until its deadline.
+    #[test]
+    fn a_caller_parked_for_a_result_wakes_on_the_record_and_on_death() {
+        let mut r = region(4, 64);
+        // SAFETY: the Vec is big enough, 64-aligned, and outlives `m` and the thread below.
+        let m = unsafe { Mailbox::init(r.as_mut_ptr() as *mut u8, 4, 64, 0) }.unwrap();
+        let pos = m.try_push(b"call").unwrap().unwrap();
+        let _ = m.try_pop(1, |p, _| p).unwrap().unwrap();
+        let pending = || m.record(pos).seen(pos) == Seen::Pending;
+        // Nobody answers: pending at the deadline.
+        let t = Instant::now();
+        assert!(m.wait_for_result(t + Duration::from_millis(30), pending));
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        let far = Instant::now() + Duration::from_secs(20);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                assert_eq!(m.record(pos).claim(pos), Claim::Ok(None));
+                m.record(pos).finish_stored(pos, 64, 8, false);
+                m.result_changed();
+            });
+            let t = Instant::now();
+            assert!(!m.wait_for_result(far, pending), "recorded");
+            assert!(t.elapsed() < Duration::from_secs(10));
+        });
+        let pos = m.try_push(b"call").unwrap().unwrap();
+        let pending = || m.record(pos).seen(pos) == Seen::Pending;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                m.set_dead();
+            });
+            let t = Instant::now();
+            assert!(!m.wait_for_result(far, pending), "dead");
+            assert!(t.elapsed() < Duration::from_secs(10));
+        });
     }
 
     #[test]

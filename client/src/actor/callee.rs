@@ -414,6 +414,7 @@ fn serve(
         for (pos, offset, len, error) in done.drain(..) {
             queue.record(pos).finish_stored(pos, offset, len, error);
         }
+        queue.result_changed();
     };
     // A call left as current by our previous instance, which died running it: the zygote
     // asks us to run it again (a retry), before anything queued after it.
@@ -498,6 +499,8 @@ fn serve(
         if let Some(d) = deferred {
             done.push(d);
         }
+        // A caller that waited long parks until a record changes.
+        queue.result_changed();
         // Its result is in its record, or owed (see `finish`): the call is no longer ours to
         // fail.
         own.clear_current();

@@ -64,6 +64,7 @@ impl ModelMailbox {
                 words: std::array::from_fn(|_| AtomicU64::new(0)),
             }),
             debts: crate::debts::Book::new(),
+            replies: Line(Park::new()),
         };
         // SAFETY: the region is `mailbox_bytes` long and 64-byte aligned, nothing references
         // it yet, and each write below puts an atomic where the mailbox code will find one:
