@@ -848,6 +848,9 @@ impl Zyg {
                 fail(&m, failure);
             }
         }
+        // Callers parked on records abandoned above read the store now.
+        let _ = client.flush();
+        child.queue.result_changed();
         if l.extra && !child.retired {
             self.extras = self.extras.saturating_sub(1);
         }
