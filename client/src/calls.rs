@@ -43,10 +43,7 @@ pub(crate) struct Calls(Mutex<Inner>);
 
 #[derive(Default)]
 struct Inner {
-    by_id: FxHashMap<ObjectId, Hint>,
-    /// Results in call order, for harvesting finished calls before their records are reused.
-    /// Holds ids already settled too (skipped when met); compacted when those dominate.
-    order: VecDeque<ObjectId>,
+    in_flight: InFlight,
     /// Calls forgotten by id (their result asked for in the store, or dropped) that may
     /// still be running and keep arguments: kept until they have run (see [`Running`]).
     running: Vec<Running>,
@@ -55,6 +52,100 @@ struct Inner {
     /// writing it, so no failure report can take its place), a get says how the call failed
     /// (`ActorDied`, `TaskFailed`) rather than `ObjectLost`.
     forced: FxHashMap<ObjectId, bool>,
+}
+
+/// The calls in flight, stored in the order they were remembered (a harvest reads them front
+/// to back, and a batch of calls sits together in memory), found by id through a map of
+/// sequence numbers: the map's entries are small, so that ten thousand calls in flight do not
+/// make each lookup a cache miss.
+struct InFlight<H = Hint> {
+    /// Entry `k` is the call with sequence number `base + k`; `None` once it is forgotten.
+    slots: VecDeque<Option<(ObjectId, H)>>,
+    base: u64,
+    /// The sequence number of each call in flight: `STRAY` for one in `strays`.
+    seq: FxHashMap<ObjectId, u64>,
+    /// Calls moved out of `slots` while in flight, so that a long call at the front does not
+    /// keep the slots of every later call (see [`InFlight::insert`]).
+    strays: FxHashMap<ObjectId, H>,
+}
+
+impl<H> Default for InFlight<H> {
+    fn default() -> Self {
+        InFlight {
+            slots: VecDeque::new(),
+            base: 0,
+            seq: FxHashMap::default(),
+            strays: FxHashMap::default(),
+        }
+    }
+}
+
+const STRAY: u64 = u64::MAX;
+
+impl<H> InFlight<H> {
+    fn insert(&mut self, id: ObjectId, hint: H) {
+        let seq = self.base + self.slots.len() as u64;
+        self.slots.push_back(Some((id, hint)));
+        if let Some(old) = self.seq.insert(id, seq) {
+            // Result ids are fresh: never met, but then the newer call answers for it.
+            self.forget(old, &id);
+        }
+        // Keep `slots` within a constant factor of the calls in it (amortised O(1)): the
+        // oldest ones, still in flight while many later ones were forgotten, move aside.
+        while self.slots.len() > 2 * (self.seq.len() - self.strays.len()) + 1024 {
+            if let Some(Some((id, hint))) = self.slots.pop_front() {
+                self.seq.insert(id, STRAY);
+                self.strays.insert(id, hint);
+            }
+            self.base += 1;
+            self.pop_forgotten();
+        }
+    }
+
+    fn get(&self, id: &ObjectId) -> Option<&H> {
+        match *self.seq.get(id)? {
+            STRAY => self.strays.get(id),
+            seq => self.slots[(seq - self.base) as usize]
+                .as_ref()
+                .map(|(_, h)| h),
+        }
+    }
+
+    fn contains(&self, id: &ObjectId) -> bool {
+        self.seq.contains_key(id)
+    }
+
+    fn remove(&mut self, id: &ObjectId) -> Option<H> {
+        let seq = self.seq.remove(id)?;
+        trove_store::shrink_if_sparse(&mut self.seq);
+        self.forget(seq, id)
+    }
+
+    /// Takes the call of sequence `seq` (`STRAY`: in `strays`) out of where it is stored.
+    fn forget(&mut self, seq: u64, id: &ObjectId) -> Option<H> {
+        if seq == STRAY {
+            let hint = self.strays.remove(id);
+            trove_store::shrink_if_sparse(&mut self.strays);
+            return hint;
+        }
+        let hint = self.slots[(seq - self.base) as usize]
+            .take()
+            .map(|(_, h)| h);
+        self.pop_forgotten();
+        hint
+    }
+
+    fn pop_forgotten(&mut self) {
+        while matches!(self.slots.front(), Some(None)) {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+    }
+
+    /// The oldest call in `slots`.
+    fn front(&self) -> Option<(ObjectId, &H)> {
+        self.slots.front()?.as_ref().map(|(id, h)| (*id, h))
+    }
 }
 
 /// A call's mailbox and position, and what it keeps alive while it runs.
@@ -125,7 +216,7 @@ impl Calls {
         keepalive: Option<Arc<dyn Send + Sync>>,
     ) {
         let mut calls = lock(&self.0);
-        calls.by_id.insert(
+        calls.in_flight.insert(
             result,
             Hint {
                 mailbox,
@@ -134,14 +225,6 @@ impl Calls {
                 _keepalive: keepalive,
             },
         );
-        calls.order.push_back(result);
-        // Ids settled out of order stay in `order` until they reach its front: keep it within
-        // a constant factor of the calls in flight (amortised O(1)), so that one long call in
-        // front does not make it grow without bound.
-        if calls.order.len() > 2 * calls.by_id.len() + 1024 {
-            let Inner { by_id, order, .. } = &mut *calls;
-            order.retain(|id| by_id.contains_key(id));
-        }
     }
 
     /// Whether the call for `id` is in flight.
@@ -150,7 +233,7 @@ impl Calls {
     /// is asked only then: most releases pay one lock, as before.
     pub(crate) fn contains_or_forget(&self, id: &ObjectId, last: impl FnOnce() -> bool) -> bool {
         let mut calls = lock(&self.0);
-        if calls.by_id.contains_key(id) {
+        if calls.in_flight.contains(id) {
             return true;
         }
         if !calls.forced.is_empty() && last() {
@@ -228,13 +311,15 @@ impl Calls {
     /// `true` if nothing is left to wait for there.
     pub(crate) fn settle(&self, client: &StoreClient, locals: &Locals, id: &ObjectId) -> bool {
         let mut calls = lock(&self.0);
-        let Inner { by_id, forced, .. } = &mut *calls;
-        let Some(hint) = by_id.get(id) else {
+        let Inner {
+            in_flight, forced, ..
+        } = &mut *calls;
+        let Some(hint) = in_flight.get(id) else {
             return true;
         };
         let done = Self::look(client, locals, forced, id, hint);
         if done {
-            let hint = calls.by_id.remove(id);
+            let hint = calls.in_flight.remove(id);
             // Dropping a hint may drop an actor handle, whose mailbox ref comes back here.
             drop(calls);
             drop(hint);
@@ -255,7 +340,8 @@ impl Calls {
         deadline: Option<Instant>,
         park: Duration,
     ) -> bool {
-        let Some((mailbox, pos)) = lock(&self.0).by_id.get(id).map(|h| (h.mailbox, h.pos)) else {
+        let Some((mailbox, pos)) = lock(&self.0).in_flight.get(id).map(|h| (h.mailbox, h.pos))
+        else {
             return true;
         };
         // A copy of the mailbox stays readable while this process's store client lives (the
@@ -288,7 +374,7 @@ impl Calls {
                 let park_until = deadline.map_or(park_until, |d| d.min(park_until));
                 // (A call cancelled meanwhile leaves its record pending: it is forgotten here.)
                 mailbox.wait_for_result(park_until, || {
-                    rec.seen(pos) == Seen::Pending && lock(&self.0).by_id.contains_key(id)
+                    rec.seen(pos) == Seen::Pending && lock(&self.0).in_flight.contains(id)
                 });
                 return self.settle(client, locals, id);
             }
@@ -301,7 +387,7 @@ impl Calls {
     /// running and keeps arguments alive, it moves to `running` until it has run.
     pub(crate) fn force_store(&self, client: &StoreClient, locals: &Locals, id: &ObjectId) {
         let mut calls = lock(&self.0);
-        let Some(hint) = calls.by_id.remove(id) else {
+        let Some(hint) = calls.in_flight.remove(id) else {
             return;
         };
         let rec = hint.mailbox.record(hint.pos);
@@ -344,7 +430,7 @@ impl Calls {
         id: &ObjectId,
     ) -> Option<Mailbox> {
         let mut calls = lock(&self.0);
-        let hint = calls.by_id.remove(id)?;
+        let hint = calls.in_flight.remove(id)?;
         hint.mailbox.record(hint.pos).want_store(hint.pos);
         if Self::look(client, locals, &mut calls.forced, id, &hint) {
             drop(calls);
@@ -404,18 +490,16 @@ impl Calls {
         // Dropped unlocked (see `settle`).
         let mut read = Vec::new();
         while read.len() < max {
-            let Some(id) = calls.order.front().copied() else {
+            let Inner {
+                in_flight, forced, ..
+            } = &mut *calls;
+            let Some((id, hint)) = in_flight.front() else {
                 break;
             };
-            if let Some(hint) = calls.by_id.remove(&id) {
-                if !Self::look(client, locals, &mut calls.forced, &id, &hint) {
-                    calls.by_id.insert(id, hint);
-                    break;
-                }
-                trove_store::shrink_if_sparse(&mut calls.by_id);
-                read.push(hint);
+            if !Self::look(client, locals, forced, &id, hint) {
+                break;
             }
-            calls.order.pop_front();
+            read.extend(in_flight.remove(&id));
         }
         let running = !calls.running.is_empty();
         drop(calls);
@@ -452,5 +536,72 @@ impl Calls {
                 backoff.snooze();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Calls forgotten in any order are found by id until then, and their slots go.
+    #[test]
+    fn calls_in_flight_are_found_by_id_until_forgotten_in_any_order() {
+        let mut f = InFlight::<u32>::default();
+        let ids: Vec<ObjectId> = (0..100).map(|_| ObjectId::random()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            f.insert(*id, i as u32);
+        }
+        assert_eq!(f.front(), Some((ids[0], &0)));
+        // Every third first, then the rest from the back.
+        for (i, id) in ids.iter().enumerate().filter(|(i, _)| i % 3 == 1) {
+            assert_eq!(f.remove(id), Some(i as u32));
+            assert!(!f.contains(id));
+            assert_eq!(f.get(id), None);
+            assert_eq!(f.remove(id), None, "once");
+        }
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(f.get(id).is_some(), i % 3 != 1, "{i}");
+        }
+        for (i, id) in ids.iter().enumerate().rev().filter(|(i, _)| i % 3 != 1) {
+            assert_eq!(f.remove(id), Some(i as u32));
+        }
+        assert!(f.slots.is_empty() && f.seq.is_empty() && f.strays.is_empty());
+        assert_eq!(f.base, 100);
+        assert_eq!(f.front(), None);
+    }
+
+    /// One long call at the front while many later ones come and go: the storage stays
+    /// within a constant factor of the calls in flight, and the long call is still found.
+    #[test]
+    fn a_long_call_in_front_does_not_keep_every_later_slot() {
+        let mut f = InFlight::<u32>::default();
+        let long = ObjectId::random();
+        f.insert(long, 7);
+        let mut kept = Vec::new();
+        for i in 0..20_000u32 {
+            let id = ObjectId::random();
+            f.insert(id, i);
+            let live = f.seq.len() - f.strays.len();
+            assert!(
+                f.slots.len() <= 2 * live + 1024,
+                "{} for {live}",
+                f.slots.len()
+            );
+            if i % 100 == 0 {
+                kept.push((id, i));
+            } else {
+                assert_eq!(f.remove(&id), Some(i));
+            }
+        }
+        assert_eq!(f.get(&long), Some(&7));
+        assert!(f.strays.contains_key(&long), "moved aside");
+        for (id, i) in &kept {
+            assert_eq!(f.get(id), Some(i));
+        }
+        assert_eq!(f.remove(&long), Some(7));
+        for (id, i) in kept {
+            assert_eq!(f.remove(&id), Some(i));
+        }
+        assert!(f.slots.is_empty() && f.seq.is_empty() && f.strays.is_empty());
     }
 }
