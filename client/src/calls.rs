@@ -296,10 +296,13 @@ impl Calls {
                 }
             }
             Seen::Stored { offset, len, error } => {
+                locals.unpend(client, id);
                 client.resolve_pending(id, offset, len, error);
                 true
             }
             Seen::Gone => {
+                // In the store (evicted), or reported there (its consumer died).
+                locals.unpend(client, id);
                 // The task queue's mailbox has type tag 0; an actor's names its type.
                 forced.insert(*id, hint.mailbox.type_tag() == 0);
                 true
@@ -390,6 +393,8 @@ impl Calls {
         let Some(hint) = calls.in_flight.remove(id) else {
             return;
         };
+        // Its result is going to the store: its references are the store client's to count.
+        locals.unpend(client, id);
         let rec = hint.mailbox.record(hint.pos);
         rec.want_store(hint.pos);
         // The task queue's mailbox has type tag 0; an actor's names its type.
@@ -431,6 +436,8 @@ impl Calls {
     ) -> Option<Mailbox> {
         let mut calls = lock(&self.0);
         let hint = calls.in_flight.remove(id)?;
+        // Its report goes to the store: its references are the store client's to count.
+        locals.unpend(client, id);
         hint.mailbox.record(hint.pos).want_store(hint.pos);
         if Self::look(client, locals, &mut calls.forced, id, &hint) {
             drop(calls);

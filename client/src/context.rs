@@ -87,11 +87,11 @@ impl Shared {
     /// Drops one reference to `id` in this process. A local value's costs one lock; for the
     /// others, see [`Shared::before_release`]. The looks go as in [`Shared::hold`].
     pub(crate) fn release(&self, id: &ObjectId) {
-        if self.locals.release(id) {
+        if self.locals.release(&self.client, id) {
             return;
         }
         self.before_release(id);
-        if !self.client.release(id) && !self.locals.release(id) {
+        if !self.client.release(id) && !self.locals.release(&self.client, id) {
             self.client.release(id);
         }
     }

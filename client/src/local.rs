@@ -2,20 +2,25 @@
 //! [`trove_executor::record`]) and that the store has never seen, kept in this process's memory
 //! under the result's id, with the count of this process's references to it.
 //!
-//! The store client counts a call's result as a *pending adoption* from the moment the call is
-//! sent (`StoreClient::adopt_pending`). When the caller takes the value out of the record
-//! ([`Locals::take`]), the count moves here (`StoreClient::abandon_pending`), and references
-//! are counted here from then on: a clone or a drop takes this table's lock only, and the last
-//! drop tells nobody. If a ref escapes into an object or a call, the value is put in the store
-//! under the same id first ([`Locals::promote`]) and the count moves back to the store client.
+//! A call's result is counted here from the moment its call is queued, as a *pending* entry
+//! (no value yet: [`Locals::adopt_pending`]). When the caller takes the value out of the
+//! record ([`Locals::take`]) the entry gets it, and references are counted here from then on:
+//! a clone or a drop takes this table's lock only, and the last drop tells nobody. If the
+//! result goes to the store instead (stored by the callee, asked for there, evicted, or
+//! reported failed), the count first moves to the store client as a pending adoption
+//! ([`Locals::unpend`], `StoreClient::adopt_pending`); so does the last reference to a pending
+//! entry, whose release there tells a call in flight that its result is not wanted. If a ref
+//! to a value escapes into an object or a call, the value is put in the store under the same
+//! id first ([`Locals::promote`]) and the count moves to the store client.
 //!
-//! Every reference of this process to an id is counted in exactly one of the two places. Each
-//! move happens at most once per id (in, then perhaps back out: a promoted value is a store
-//! object for good), under this table's lock, and a thread that misses the id in one place
-//! after the move into the other sees it there (this table's per-bucket counts are raised
-//! before the store client forgets the id). So `Shared::hold` and `Shared::release` (in
-//! `context.rs`) look here, in the store client, here, and in the store client again: a
-//! reference is never lost, nor counted in the wrong place.
+//! Every reference of this process to an id is counted in exactly one of the two places. A
+//! count moves at most three times per id (out of a pending entry, back in with its value,
+//! out when promoted), under this table's lock, and a thread that misses the id in one place
+//! after the move into the other sees it there (the store client counts before this table
+//! forgets, and this table's per-bucket counts are raised before the store client forgets the
+//! id). So `Shared::hold` and `Shared::release` (in `context.rs`) look here, in the store
+//! client, here, and in the store client again: a reference is never lost, nor counted in the
+//! wrong place.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -124,7 +129,8 @@ impl Local {
 /// One local value and this process's references to it.
 struct Entry {
     count: u64,
-    value: Arc<Local>,
+    /// `None` while the call is in flight (a *pending* entry, see [`Locals::adopt_pending`]).
+    value: Option<Arc<Local>>,
 }
 
 /// This process's local values, by id.
@@ -173,9 +179,62 @@ impl Locals {
         self.held.iter().all(|n| n.load(Ordering::Acquire) == 0)
     }
 
-    /// Keeps `bytes` as the value of the call result `id`, which this process adopted as
-    /// pending in the store client: its references move here. `false` (and nothing kept) if
-    /// `id` is not a pending adoption any more (no reference is left).
+    /// Counts the first reference to `id`, the result of a call this process just sent, here
+    /// as a *pending* entry: no value yet. A call whose result comes back inline (most) never
+    /// touches the store client's table; one whose result goes to the store has its count
+    /// moved there first ([`Locals::unpend`]).
+    pub(crate) fn adopt_pending(&self, id: &ObjectId) {
+        let mut map = lock(&self.map);
+        if let Some(e) = map.get_mut(id) {
+            e.count += 1;
+            return;
+        }
+        self.held[bucket(id)].fetch_add(1, Ordering::AcqRel);
+        map.insert(
+            *id,
+            Entry {
+                count: 1,
+                value: None,
+            },
+        );
+    }
+
+    /// Moves the references to `id`, if it is a pending entry, to the store client as a
+    /// pending adoption (its result is going to the store: its place will be told there, or
+    /// the daemon will pin it for this process). A no-op otherwise. The store client counts
+    /// them before this table forgets them, under this table's lock (see the module docs).
+    pub(crate) fn unpend(&self, client: &StoreClient, id: &ObjectId) {
+        if self.surely_not(id) {
+            return;
+        }
+        let mut map = lock(&self.map);
+        Self::unpend_locked(&self.held, &mut map, client, id);
+    }
+
+    fn unpend_locked(
+        held: &[AtomicUsize; BUCKETS],
+        map: &mut FxHashMap<ObjectId, Entry>,
+        client: &StoreClient,
+        id: &ObjectId,
+    ) {
+        let Some(e) = map.get(id) else {
+            return;
+        };
+        if e.value.is_some() {
+            return;
+        }
+        for _ in 0..e.count {
+            client.adopt_pending(id);
+        }
+        map.remove(id);
+        held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
+        trove_store::shrink_if_sparse(map);
+    }
+
+    /// Keeps `bytes` as the value of the call result `id`: its pending entry here gets them,
+    /// or, if its references were moved to the store client (see [`Locals::unpend`]), they
+    /// move back here. `false` (and nothing kept) if no reference to `id` is left, or its
+    /// value was taken already.
     pub(crate) fn take(
         &self,
         client: &StoreClient,
@@ -185,13 +244,26 @@ impl Locals {
     ) -> bool {
         let value = Local::shared(bytes, error);
         let mut map = lock(&self.map);
+        if let Some(e) = map.get_mut(id) {
+            if e.value.is_some() {
+                return false;
+            }
+            e.value = Some(value);
+            return true;
+        }
         self.held[bucket(id)].fetch_add(1, Ordering::AcqRel);
         let count = client.abandon_pending(id);
         if count == 0 {
             self.held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
             return false;
         }
-        map.insert(*id, Entry { count, value });
+        map.insert(
+            *id,
+            Entry {
+                count,
+                value: Some(value),
+            },
+        );
         true
     }
 
@@ -211,9 +283,11 @@ impl Locals {
     }
 
     /// Drops one reference to `id` if it is a local value (the last one forgets the value);
-    /// `false` otherwise.
+    /// `false` otherwise. The last reference to a pending entry is moved to the store client
+    /// instead (see [`Locals::unpend`]) and `false` returned: its release there is what tells
+    /// a call in flight that its result is no longer wanted.
     #[inline]
-    pub(crate) fn release(&self, id: &ObjectId) -> bool {
+    pub(crate) fn release(&self, client: &StoreClient, id: &ObjectId) -> bool {
         if self.surely_not(id) {
             return false;
         }
@@ -221,14 +295,18 @@ impl Locals {
         let Some(e) = map.get_mut(id) else {
             return false;
         };
+        if e.value.is_none() && e.count == 1 {
+            Self::unpend_locked(&self.held, &mut map, client, id);
+            return false;
+        }
         e.count -= 1;
         if e.count == 0 {
             let gone = map.remove(id);
             self.held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
             trove_store::shrink_if_sparse(&mut map);
             drop(map);
-            if let Some(e) = gone {
-                Local::recycle(e.value);
+            if let Some(value) = gone.and_then(|e| e.value) {
+                Local::recycle(value);
             }
         }
         true
@@ -241,12 +319,12 @@ impl Locals {
         if self.surely_not(id) {
             return None;
         }
-        lock(&self.map).get(id).map(|e| e.value.clone())
+        lock(&self.map).get(id).and_then(|e| e.value.clone())
     }
 
     /// Whether `id` is a local value.
     pub(crate) fn contains(&self, id: &ObjectId) -> bool {
-        !self.surely_not(id) && lock(&self.map).contains_key(id)
+        !self.surely_not(id) && lock(&self.map).get(id).is_some_and(|e| e.value.is_some())
     }
 
     /// Which of `ids` are local values.
@@ -255,7 +333,9 @@ impl Locals {
             return vec![false; ids.len()];
         }
         let map = lock(&self.map);
-        ids.iter().map(|id| map.contains_key(id)).collect()
+        ids.iter()
+            .map(|id| map.get(id).is_some_and(|e| e.value.is_some()))
+            .collect()
     }
 
     /// Puts the local value `id` in the store under its id, so that other processes can read
@@ -271,13 +351,13 @@ impl Locals {
             return Ok(());
         }
         let mut map = lock(&self.map);
-        let Some(e) = map.get(id) else {
+        let Some(value) = map.get(id).and_then(|e| e.value.clone()) else {
             return Ok(());
         };
-        let mut w = client.alloc_owned(*id, e.value.len as u64)?;
-        w.as_mut_slice().copy_from_slice(e.value.bytes());
+        let mut w = client.alloc_owned(*id, value.len as u64)?;
+        w.as_mut_slice().copy_from_slice(value.bytes());
         w.publish_with(Owned {
-            error: e.value.error,
+            error: value.error,
             keep: true,
             ..Owned::default()
         })?;
@@ -442,6 +522,55 @@ mod tests {
         back_to(&a, &base);
     }
 
+    /// A call's result is counted here from the start, as a pending entry: its clones and
+    /// drops, and the value taken, never touch the store client; the store never hears of it.
+    /// Its references move to the store client when its result goes to the store (`unpend`),
+    /// and back with the value if it came inline after all.
+    #[test]
+    fn a_pending_result_is_counted_here_and_moves_to_the_store_client_when_stored() {
+        let d = TestDaemon::start();
+        let a = d.connect();
+        let base = a.stats().unwrap();
+        let sh = shared(&a);
+        // Inline: counted here throughout.
+        let id = ObjectId::random();
+        sh.locals.adopt_pending(&id);
+        sh.hold(&id);
+        assert_eq!(a.held_count(&id), 0);
+        assert!(sh.locals.view(&id).is_none(), "no value yet");
+        assert_eq!(sh.locals.which(&[id]), [false]);
+        assert!(!sh.locals.contains(&id));
+        sh.release(&id);
+        assert!(sh.locals.take(&a, &id, b"inline", false));
+        assert!(!sh.locals.take(&a, &id, b"again", false), "taken once only");
+        assert_eq!(sh.locals.view(&id).unwrap().bytes(), b"inline");
+        assert_eq!(a.held_count(&id), 0);
+        sh.release(&id);
+        assert!(sh.locals.is_empty());
+        // Going to the store: the references move to the store client, two of them.
+        let id = ObjectId::random();
+        sh.locals.adopt_pending(&id);
+        sh.hold(&id);
+        sh.locals.unpend(&a, &id);
+        assert_eq!(a.held_count(&id), 2);
+        assert!(sh.locals.is_empty());
+        // ... and back with the value if it came inline after all.
+        assert!(sh.locals.take(&a, &id, b"late", true));
+        assert_eq!(a.held_count(&id), 0);
+        sh.release(&id);
+        assert!(sh.locals.view(&id).unwrap().is_error());
+        sh.release(&id);
+        assert!(sh.locals.is_empty());
+        // The last release of a pending entry goes through the store client (which tells the
+        // daemon the result is not wanted).
+        let id = ObjectId::random();
+        sh.locals.adopt_pending(&id);
+        sh.release(&id);
+        assert!(sh.locals.is_empty());
+        assert_eq!(a.held_count(&id), 0);
+        back_to(&a, &base);
+    }
+
     /// A view outlives the last reference to its value: it still reads the bytes, the value is
     /// gone from the table, and the store never heard of it. Its allocation is then reused by
     /// this thread's next take, once the view is gone too (never while it lives).
@@ -474,8 +603,9 @@ mod tests {
         assert_eq!((s.objects, s.used), (base.objects, base.used));
     }
 
-    /// Threads clone and drop call results' refs while each moves from the store client into
-    /// the local values and, for some, back (promoted): no reference is lost or counted twice.
+    /// Threads clone and drop call results' refs while each moves from the store client (or
+    /// from a pending entry here, through the store client for some) into the local values
+    /// and, for some, back (promoted): no reference is lost or counted twice.
     #[test]
     fn references_moving_between_the_store_client_and_the_local_values_are_never_lost() {
         let d = TestDaemon::start();
@@ -485,8 +615,13 @@ mod tests {
         const IDS: usize = 500;
         for round in 0..8 {
             let ids: Vec<ObjectId> = (0..IDS).map(|_| ObjectId::random()).collect();
-            for id in &ids {
-                a.adopt_pending(id);
+            // Some start in the store client, some here as pending entries.
+            for (i, id) in ids.iter().enumerate() {
+                if i % 2 == 0 {
+                    a.adopt_pending(id);
+                } else {
+                    sh.locals.adopt_pending(id);
+                }
             }
             // The id being moved now: the threads hammer it.
             let next = AtomicUsize::new(0);
@@ -508,6 +643,10 @@ mod tests {
                     next.store(i, Ordering::Release);
                     for _ in 0..(i % 13) * 10 {
                         std::hint::spin_loop();
+                    }
+                    if i % 3 == 0 {
+                        // Its result went to the store first, then came inline after all.
+                        sh.locals.unpend(&a, id);
                     }
                     assert!(sh.locals.take(&a, id, &[round; 100], false));
                     if i % 4 == 0 {

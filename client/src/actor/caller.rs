@@ -74,12 +74,18 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     let pushed = sh.calls.push(client, &sh.locals, mailbox, &msg);
     // The callee runs meanwhile: the rest is off its critical path. The result is adopted
     // before the call is remembered (nothing here reads its record or its place until then:
-    // every look at a call goes through `Calls`).
-    client.adopt_pending(&result);
+    // every look at a call goes through `Calls`): as a pending local entry for a call in
+    // flight, else by the store client (where a failure report will be).
+    let queued = pushed.is_ok() && !mailbox.is_dead();
+    if queued {
+        sh.locals.adopt_pending(&result);
+    } else {
+        client.adopt_pending(&result);
+    }
     let r = ObjectRef::adopt(result);
     SCRATCH.with(|s| *s.borrow_mut() = Some(msg));
     match pushed {
-        Ok(pos) if !mailbox.is_dead() => sh.calls.insert(result, *mailbox, pos, keep, keepalive),
+        Ok(pos) if queued => sh.calls.insert(result, *mailbox, pos, keep, keepalive),
         // Dead before or right after we queued it: report it ourselves (if the reaper
         // reported it first, ours is ignored). What it kept goes now. Queued before the death,
         // the consumer may have taken it and died writing its result (a created object the
