@@ -25,7 +25,7 @@ use trove_executor::record::{INLINE_MAX, Seen, Took};
 use trove_store::Readiness;
 use trove_store::{ObjectId, StoreClient};
 
-use crate::local::Locals;
+use crate::local::{Local, Locals};
 
 /// How long a get polls a completion record before it asks for the result in the store and
 /// waits for the daemon's notification.
@@ -280,6 +280,7 @@ impl Calls {
         forced: &mut FxHashMap<ObjectId, bool>,
         id: &ObjectId,
         hint: &Hint,
+        taken: Option<&mut Option<Arc<Local>>>,
     ) -> bool {
         let rec = hint.mailbox.record(hint.pos);
         match rec.seen(hint.pos) {
@@ -288,7 +289,13 @@ impl Calls {
                 let mut bytes = [0u8; INLINE_MAX];
                 match rec.take_inline(hint.pos, &mut bytes) {
                     Took::Value { error, len } => {
-                        locals.take(client, id, &bytes[..len], error);
+                        let bytes = &bytes[..len];
+                        match taken {
+                            Some(taken) => *taken = locals.take_shared(client, id, bytes, error),
+                            None => {
+                                locals.take(client, id, bytes, error);
+                            }
+                        }
                         true
                     }
                     // Evicted to the store meanwhile: the next look says so.
@@ -313,6 +320,17 @@ impl Calls {
     /// Looks at the record of the call for `id`, if one is in flight; forgets it once read.
     /// `true` if nothing is left to wait for there.
     pub(crate) fn settle(&self, client: &StoreClient, locals: &Locals, id: &ObjectId) -> bool {
+        self.settle_taking(client, locals, id, None)
+    }
+
+    /// [`Calls::settle`]; a value it takes out of the record is left in `taken` too.
+    fn settle_taking(
+        &self,
+        client: &StoreClient,
+        locals: &Locals,
+        id: &ObjectId,
+        taken: Option<&mut Option<Arc<Local>>>,
+    ) -> bool {
         let mut calls = lock(&self.0);
         let Inner {
             in_flight, forced, ..
@@ -320,7 +338,7 @@ impl Calls {
         let Some(hint) = in_flight.get(id) else {
             return true;
         };
-        let done = Self::look(client, locals, forced, id, hint);
+        let done = Self::look(client, locals, forced, id, hint, taken);
         if done {
             let hint = calls.in_flight.remove(id);
             // Dropping a hint may drop an actor handle, whose mailbox ref comes back here.
@@ -334,7 +352,8 @@ impl Calls {
     /// its mailbox for up to `park` until a record changes. The record is
     /// watched without the lock (one load per look; the lock and the map only once it has
     /// something to say), spinning purely at first while this thread's last such wait ended
-    /// soon (see [`Spin`]).
+    /// soon (see [`Spin`]). A value it takes out of the record is left in `taken` too (the
+    /// get reads it without looking it up again).
     pub(crate) fn await_hint(
         &self,
         client: &StoreClient,
@@ -342,6 +361,7 @@ impl Calls {
         id: &ObjectId,
         deadline: Option<Instant>,
         park: Duration,
+        taken: &mut Option<Arc<Local>>,
     ) -> bool {
         let Some((mailbox, pos)) = lock(&self.0).in_flight.get(id).map(|h| (h.mailbox, h.pos))
         else {
@@ -363,7 +383,7 @@ impl Calls {
             // Every 64 looks the map too, in case the record was reused for a call of
             // another thread.
             if (rec.seen(pos) != Seen::Pending || looks.is_multiple_of(64))
-                && self.settle(client, locals, id)
+                && self.settle_taking(client, locals, id, Some(&mut *taken))
             {
                 HINT_QUICK.set(spin.learn());
                 return true;
@@ -379,7 +399,7 @@ impl Calls {
                 mailbox.wait_for_result(park_until, || {
                     rec.seen(pos) == Seen::Pending && lock(&self.0).in_flight.contains(id)
                 });
-                return self.settle(client, locals, id);
+                return self.settle_taking(client, locals, id, Some(taken));
             }
         }
     }
@@ -402,7 +422,7 @@ impl Calls {
         // The callee stores it from now on, unless it is inline already: then we take it.
         let mut done = false;
         while !done {
-            done = Self::look(client, locals, &mut calls.forced, id, &hint);
+            done = Self::look(client, locals, &mut calls.forced, id, &hint, None);
             if rec.seen(hint.pos) == Seen::Pending {
                 break;
             }
@@ -439,7 +459,7 @@ impl Calls {
         // Its report goes to the store: its references are the store client's to count.
         locals.unpend(client, id);
         hint.mailbox.record(hint.pos).want_store(hint.pos);
-        if Self::look(client, locals, &mut calls.forced, id, &hint) {
+        if Self::look(client, locals, &mut calls.forced, id, &hint, None) {
             drop(calls);
             drop(hint);
             return None;
@@ -503,7 +523,7 @@ impl Calls {
             let Some((id, hint)) = in_flight.front() else {
                 break;
             };
-            if !Self::look(client, locals, forced, &id, hint) {
+            if !Self::look(client, locals, forced, &id, hint, None) {
                 break;
             }
             read.extend(in_flight.remove(&id));

@@ -46,12 +46,17 @@ pub(crate) fn view(sh: &Arc<Shared>, id: ObjectId, deadline: Option<Instant>) ->
         }
         // A task worker parks for less: a wait that lasts lends its CPU (see `wait_lending`).
         let park = if sh.worker { PARK_WORKER } else { PARK };
+        let mut taken = None;
         if !sh
             .calls
-            .await_hint(&sh.client, &sh.locals, &id, deadline, park)
+            .await_hint(&sh.client, &sh.locals, &id, deadline, park, &mut taken)
         {
             // Still running: have the result stored so the daemon tells us when it is there.
             sh.force_store(&id);
+        }
+        // Taken out of its record just now: no need to look it up.
+        if let Some(value) = taken {
+            return found(View::Local(LocalView { id, value }), waited);
         }
         if let Some(v) = try_view(sh, &id) {
             return found(v, waited);

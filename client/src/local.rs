@@ -242,29 +242,40 @@ impl Locals {
         bytes: &[u8],
         error: bool,
     ) -> bool {
+        self.take_shared(client, id, bytes, error).is_some()
+    }
+
+    /// [`Locals::take`], returning the value kept (for a view of it: a get that took it).
+    pub(crate) fn take_shared(
+        &self,
+        client: &StoreClient,
+        id: &ObjectId,
+        bytes: &[u8],
+        error: bool,
+    ) -> Option<Arc<Local>> {
         let value = Local::shared(bytes, error);
         let mut map = lock(&self.map);
         if let Some(e) = map.get_mut(id) {
             if e.value.is_some() {
-                return false;
+                return None;
             }
-            e.value = Some(value);
-            return true;
+            e.value = Some(value.clone());
+            return Some(value);
         }
         self.held[bucket(id)].fetch_add(1, Ordering::AcqRel);
         let count = client.abandon_pending(id);
         if count == 0 {
             self.held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
-            return false;
+            return None;
         }
         map.insert(
             *id,
             Entry {
                 count,
-                value: Some(value),
+                value: Some(value.clone()),
             },
         );
-        true
+        Some(value)
     }
 
     /// Takes one more reference to `id` if it is a local value; `false` otherwise.
