@@ -83,13 +83,16 @@ impl<H> Default for InFlight<H> {
 const STRAY: u64 = u64::MAX;
 
 impl<H> InFlight<H> {
-    fn insert(&mut self, id: ObjectId, hint: H) {
+    /// Remembers the call `id`; returns what an earlier call of the same id left, for the
+    /// caller to drop (result ids are fresh: never met, but then the newer call answers).
+    #[must_use]
+    fn insert(&mut self, id: ObjectId, hint: H) -> Option<H> {
         let seq = self.base + self.slots.len() as u64;
         self.slots.push_back(Some((id, hint)));
-        if let Some(old) = self.seq.insert(id, seq) {
-            // Result ids are fresh: never met, but then the newer call answers for it.
-            self.forget(old, &id);
-        }
+        let old = self
+            .seq
+            .insert(id, seq)
+            .and_then(|old| self.forget(old, &id));
         // Keep `slots` within a constant factor of the calls in it (amortised O(1)): the
         // oldest ones, still in flight while many later ones were forgotten, move aside.
         while self.slots.len() > 2 * (self.seq.len() - self.strays.len()) + 1024 {
@@ -100,6 +103,7 @@ impl<H> InFlight<H> {
             self.base += 1;
             self.pop_forgotten();
         }
+        old
     }
 
     fn get(&self, id: &ObjectId) -> Option<&H> {
@@ -216,7 +220,7 @@ impl Calls {
         keepalive: Option<Arc<dyn Send + Sync>>,
     ) {
         let mut calls = lock(&self.0);
-        calls.in_flight.insert(
+        let old = calls.in_flight.insert(
             result,
             Hint {
                 mailbox,
@@ -225,6 +229,9 @@ impl Calls {
                 _keepalive: keepalive,
             },
         );
+        // Hints are dropped unlocked (see `settle`).
+        drop(calls);
+        drop(old);
     }
 
     /// Whether the call for `id` is in flight.
@@ -576,7 +583,7 @@ mod tests {
         let mut f = InFlight::<u32>::default();
         let ids: Vec<ObjectId> = (0..100).map(|_| ObjectId::random()).collect();
         for (i, id) in ids.iter().enumerate() {
-            f.insert(*id, i as u32);
+            assert_eq!(f.insert(*id, i as u32), None);
         }
         assert_eq!(f.front(), Some((ids[0], &0)));
         // Every third first, then the rest from the back.
@@ -595,6 +602,13 @@ mod tests {
         assert!(f.slots.is_empty() && f.seq.is_empty() && f.strays.is_empty());
         assert_eq!(f.base, 100);
         assert_eq!(f.front(), None);
+        // An id remembered twice: the newer call answers, the older one is handed back.
+        let id = ObjectId::random();
+        assert_eq!(f.insert(id, 1), None);
+        assert_eq!(f.insert(id, 2), Some(1));
+        assert_eq!(f.get(&id), Some(&2));
+        assert_eq!(f.remove(&id), Some(2));
+        assert!(f.slots.is_empty() && f.seq.is_empty());
     }
 
     /// One long call at the front while many later ones come and go: the storage stays
@@ -603,11 +617,11 @@ mod tests {
     fn a_long_call_in_front_does_not_keep_every_later_slot() {
         let mut f = InFlight::<u32>::default();
         let long = ObjectId::random();
-        f.insert(long, 7);
+        assert_eq!(f.insert(long, 7), None);
         let mut kept = Vec::new();
         for i in 0..20_000u32 {
             let id = ObjectId::random();
-            f.insert(id, i);
+            assert_eq!(f.insert(id, i), None);
             let live = f.seq.len() - f.strays.len();
             assert!(
                 f.slots.len() <= 2 * live + 1024,
