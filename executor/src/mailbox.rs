@@ -63,7 +63,7 @@ use crate::sync::{AtomicU32, AtomicU64, Backoff, Ordering};
 const KIND: Kind = Kind {
     name: "mailbox",
     magic: 0x5452_4f56_454d_4258, // "TROVEMBX"
-    version: 3,
+    version: 4,
     align: 64,
     header_len: HEADER_LEN,
     capacity: (2, 1 << 20),
@@ -484,10 +484,13 @@ impl Mailbox {
 
     /// A hint for a consumer about to wait at the head: has this core fetch, for writing,
     /// the completion record the next message will use (last written by the caller that read
-    /// it a lap ago), so that claiming it does not wait for another core's cache then.
+    /// it a lap ago), so that claiming it does not wait for another core's cache then: its
+    /// first line (state and a small value) and its last (the result's id and reply-to).
     pub fn prefetch_for_consumer(&self) {
         let pos = self.header().head.0.load(Ordering::Relaxed);
-        prefetch_write(self.record(pos) as *const Record as *const u8);
+        let record = self.record(pos) as *const Record as *const u8;
+        prefetch_write(record);
+        prefetch_write(record.wrapping_add(RECORD_LEN - 64));
     }
 
     /// A hint for a producer waiting for a reply: has this core fetch, for writing, the slot

@@ -36,10 +36,17 @@ use crate::sync::{AtomicU64, Backoff, Ordering, fence};
 /// Bytes of a record.
 pub const RECORD_LEN: usize = 256;
 const WORDS: usize = RECORD_LEN / 8;
-/// Words before the inline data: state, want, a, b, result id (3 words), reply-to.
-const DATA_WORD: usize = 8;
+/// Words before the inline data: state, want, a, b. The data starts on the state's cache
+/// line, so that a caller reads a small value (up to 32 bytes) with the one line it polls.
+const DATA_WORD: usize = 4;
+/// The reply-to word, then the result id (3 words): the record's last four words, on a line
+/// the caller never reads (only a consumer evicting an untaken value does).
+const REPLY_WORD: usize = WORDS - 4;
+const ID_WORD: usize = WORDS - 3;
 /// Largest value recorded inline.
-pub const INLINE_MAX: usize = (WORDS - DATA_WORD) * 8;
+pub const INLINE_MAX: usize = (REPLY_WORD - DATA_WORD) * 8;
+// A value of up to 32 bytes shares the state's line; the id and reply-to share none of its.
+const _: () = assert!(DATA_WORD * 8 + 32 <= 64 && REPLY_WORD * 8 >= RECORD_LEN - 64);
 
 const EMPTY: u64 = 0;
 const WRITING: u64 = 1;
@@ -225,12 +232,12 @@ impl Record {
         let mut id = [0u8; 24];
         id[..20].copy_from_slice(&result);
         for (i, c) in id.chunks(8).enumerate() {
-            self.w(4 + i).store(
+            self.w(ID_WORD + i).store(
                 u64::from_le_bytes(c.try_into().expect("8")),
                 Ordering::Relaxed,
             );
         }
-        self.w(7).store(
+        self.w(REPLY_WORD).store(
             (reply_to.0 as u64) << 32 | reply_to.1 as u64,
             Ordering::Relaxed,
         );
@@ -301,9 +308,9 @@ impl Record {
         self.copy_data(len, &mut bytes);
         let mut id = [0u8; 24];
         for (i, c) in id.chunks_mut(8).enumerate() {
-            c.copy_from_slice(&self.w(4 + i).load(Ordering::Relaxed).to_le_bytes());
+            c.copy_from_slice(&self.w(ID_WORD + i).load(Ordering::Relaxed).to_le_bytes());
         }
-        let r = self.w(7).load(Ordering::Relaxed);
+        let r = self.w(REPLY_WORD).load(Ordering::Relaxed);
         InlineResult {
             pos,
             result: id[..20].try_into().expect("20"),
