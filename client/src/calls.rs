@@ -210,16 +210,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Calls {
-    /// Remembers the call whose result is `result`, at `pos` of `mailbox`.
+    /// Remembers the call whose result is `result`, at `pos` of `mailbox`, and first, under
+    /// the same lock, reads a few finished calls' records (oldest first: see
+    /// [`Calls::harvest`]).
     pub(crate) fn insert(
         &self,
+        client: &StoreClient,
+        locals: &Locals,
         result: ObjectId,
-        mailbox: Mailbox,
-        pos: u64,
+        (mailbox, pos): (Mailbox, u64),
         keep: Kept,
         keepalive: Option<Arc<dyn Send + Sync>>,
     ) {
         let mut calls = lock(&self.0);
+        let read = Self::harvest_locked(&mut calls, client, locals, HARVEST_PER_CALL);
         let old = calls.in_flight.insert(
             result,
             Hint {
@@ -229,9 +233,14 @@ impl Calls {
                 _keepalive: keepalive,
             },
         );
+        let running = !calls.running.is_empty();
         // Hints are dropped unlocked (see `settle`).
         drop(calls);
         drop(old);
+        drop(read);
+        if running {
+            self.reap_running(client);
+        }
     }
 
     /// Whether the call for `id` is in flight.
@@ -521,12 +530,29 @@ impl Calls {
     /// inline results are taken before the callee reuses the records.
     fn harvest(&self, client: &StoreClient, locals: &Locals, max: usize) {
         let mut calls = lock(&self.0);
+        let read = Self::harvest_locked(&mut calls, client, locals, max);
+        let running = !calls.running.is_empty();
         // Dropped unlocked (see `settle`).
+        drop(calls);
+        drop(read);
+        if running {
+            self.reap_running(client);
+        }
+    }
+
+    /// Reads the records of up to `max` of the oldest calls in flight, up to the first one
+    /// not finished; returns the hints of those read, for the caller to drop unlocked.
+    fn harvest_locked(
+        calls: &mut Inner,
+        client: &StoreClient,
+        locals: &Locals,
+        max: usize,
+    ) -> Vec<Hint> {
         let mut read = Vec::new();
+        let Inner {
+            in_flight, forced, ..
+        } = calls;
         while read.len() < max {
-            let Inner {
-                in_flight, forced, ..
-            } = &mut *calls;
             let Some((id, hint)) = in_flight.front() else {
                 break;
             };
@@ -535,16 +561,10 @@ impl Calls {
             }
             read.extend(in_flight.remove(&id));
         }
-        let running = !calls.running.is_empty();
-        drop(calls);
-        drop(read);
-        if running {
-            self.reap_running(client);
-        }
+        read
     }
 
-    /// Pushes a call message, harvesting finished calls while the mailbox is full, and a few
-    /// once it is pushed (while the callee runs it).
+    /// Pushes a call message, harvesting finished calls while the mailbox is full.
     pub(crate) fn push(
         &self,
         client: &StoreClient,
@@ -558,7 +578,7 @@ impl Calls {
                 return Err(MailboxError::Dead);
             }
             if let Some(pos) = mailbox.try_push(msg)? {
-                self.harvest(client, locals, HARVEST_PER_CALL);
+                // (A few finished calls are harvested as this one is remembered: `insert`.)
                 return Ok(pos);
             }
             // Full: the consumer is draining it. Take finished results meanwhile and yield

@@ -139,7 +139,8 @@ pub(crate) struct Locals {
     /// skip the lock when the id's bucket is empty, so a process whose local values are few
     /// seldom pays it for store objects. Raised before a count leaves the store client (in
     /// [`Locals::take`]), so a thread that then misses the id in the store client (whose lock
-    /// orders the two) sees it non-zero.
+    /// orders the two) sees it non-zero. Written only under `map`'s lock ([`raise`],
+    /// [`lower`]).
     held: [AtomicUsize; BUCKETS],
     map: Mutex<FxHashMap<ObjectId, Entry>>,
 }
@@ -161,6 +162,22 @@ impl Default for Locals {
             map: Mutex::default(),
         }
     }
+}
+
+/// Counts one more value in `id`'s bucket. Only under the table's lock (which orders the
+/// writers): a load and a store, no read-modify-write. The hot paths read the buckets
+/// without the lock.
+#[inline]
+fn raise(held: &[AtomicUsize; BUCKETS], id: &ObjectId) {
+    let n = &held[bucket(id)];
+    n.store(n.load(Ordering::Relaxed) + 1, Ordering::Release);
+}
+
+/// Counts one value less in `id`'s bucket; as [`raise`], only under the table's lock.
+#[inline]
+fn lower(held: &[AtomicUsize; BUCKETS], id: &ObjectId) {
+    let n = &held[bucket(id)];
+    n.store(n.load(Ordering::Relaxed) - 1, Ordering::Release);
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -189,7 +206,7 @@ impl Locals {
             e.count += 1;
             return;
         }
-        self.held[bucket(id)].fetch_add(1, Ordering::AcqRel);
+        raise(&self.held, id);
         map.insert(
             *id,
             Entry {
@@ -227,7 +244,7 @@ impl Locals {
             client.adopt_pending(id);
         }
         map.remove(id);
-        held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
+        lower(held, id);
         trove_store::shrink_if_sparse(map);
     }
 
@@ -262,10 +279,10 @@ impl Locals {
             e.value = Some(value.clone());
             return Some(value);
         }
-        self.held[bucket(id)].fetch_add(1, Ordering::AcqRel);
+        raise(&self.held, id);
         let count = client.abandon_pending(id);
         if count == 0 {
-            self.held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
+            lower(&self.held, id);
             return None;
         }
         map.insert(
@@ -313,7 +330,7 @@ impl Locals {
         e.count -= 1;
         if e.count == 0 {
             let gone = map.remove(id);
-            self.held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
+            lower(&self.held, id);
             trove_store::shrink_if_sparse(&mut map);
             drop(map);
             if let Some(value) = gone.and_then(|e| e.value) {
@@ -374,7 +391,7 @@ impl Locals {
         })?;
         // `publish_with` counted one reference (`keep`); the others follow it.
         let e = map.remove(id).expect("present");
-        self.held[bucket(id)].fetch_sub(1, Ordering::AcqRel);
+        lower(&self.held, id);
         for _ in 1..e.count {
             let held = client.hold_if_held(id);
             debug_assert!(held, "the published object is held");

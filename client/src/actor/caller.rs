@@ -85,7 +85,10 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     let r = ObjectRef::adopt(result);
     SCRATCH.with(|s| *s.borrow_mut() = Some(msg));
     match pushed {
-        Ok(pos) if queued => sh.calls.insert(result, *mailbox, pos, keep, keepalive),
+        Ok(pos) if queued => {
+            sh.calls
+                .insert(client, &sh.locals, result, (*mailbox, pos), keep, keepalive)
+        }
         // Dead before or right after we queued it: report it ourselves (if the reaper
         // reported it first, ours is ignored). What it kept goes now. Queued before the death,
         // the consumer may have taken it and died writing its result (a created object the
