@@ -37,8 +37,9 @@ pub(crate) struct Shared {
     pub(crate) namespace: String,
     /// Calls in flight whose completion record this process has not read yet.
     pub(crate) calls: Calls,
-    /// Calls' small results kept in this process's memory, and the references to them.
-    pub(crate) locals: Locals,
+    /// Calls' small results kept in this process's memory, and the references to them
+    /// (shared with each thread's copy of the context: see [`hold`] and [`release`]).
+    pub(crate) locals: Arc<Locals>,
 }
 
 impl Shared {
@@ -58,7 +59,7 @@ impl Shared {
             task_queue: OnceLock::new(),
             namespace,
             calls: Calls::default(),
-            locals: Locals::default(),
+            locals: Arc::default(),
         }
     }
 
@@ -190,19 +191,32 @@ std::thread_local! {
     /// This thread's copy of the installed context and the generation it was read at: a
     /// call, a get and a ref's drop each look the context up, and the read lock and count of
     /// `RUNTIME` are shared by every thread. Weak, so that a thread that used trove once does
-    /// not keep a shut-down context (its store, its connection) alive.
-    static CACHED: std::cell::RefCell<(u64, Weak<Shared>)> = const {
-        std::cell::RefCell::new((u64::MAX, Weak::new()))
+    /// not keep a shut-down context (its store, its connection) alive; but its local values'
+    /// table is held, so that a ref's clone and drop find it with no count taken and given
+    /// back (an `Arc`'s count is a locked instruction each way). A stale table is memory only,
+    /// let go of at this thread's next look or its exit.
+    static CACHED: std::cell::RefCell<Cached> = const {
+        std::cell::RefCell::new(Cached {
+            generation: u64::MAX,
+            shared: Weak::new(),
+            locals: None,
+        })
     };
+}
+
+struct Cached {
+    generation: u64,
+    shared: Weak<Shared>,
+    locals: Option<Arc<Locals>>,
 }
 
 /// This process's context, if trove is initialised.
 pub(crate) fn current() -> Option<Arc<Shared>> {
     let generation = GENERATION.load(Ordering::Acquire);
     let cached = CACHED.try_with(|c| {
-        let c = c.borrow();
-        if c.0 == generation {
-            c.1.upgrade()
+        let c = c.try_borrow().ok()?;
+        if c.generation == generation {
+            c.shared.upgrade()
         } else {
             None
         }
@@ -215,9 +229,34 @@ pub(crate) fn current() -> Option<Arc<Shared>> {
     // Read under the lock: a change after it bumps the generation again.
     let generation = GENERATION.load(Ordering::Acquire);
     drop(g);
-    let weak = sh.as_ref().map_or_else(Weak::new, Arc::downgrade);
-    let _ = CACHED.try_with(|c| *c.borrow_mut() = (generation, weak));
+    let fresh = Cached {
+        generation,
+        shared: sh.as_ref().map_or_else(Weak::new, Arc::downgrade),
+        locals: sh.as_ref().map(|sh| sh.locals.clone()),
+    };
+    let _ = CACHED.try_with(|c| {
+        if let Ok(mut c) = c.try_borrow_mut() {
+            *c = fresh;
+        }
+    });
     sh
+}
+
+/// Runs `f` on the installed context's local values, as this thread's copy of the context
+/// has them (no count taken): `None` if that copy is stale or there is no context (then
+/// [`current`] looks again).
+fn with_locals<R>(f: impl FnOnce(&Locals) -> R) -> Option<R> {
+    let generation = GENERATION.load(Ordering::Acquire);
+    CACHED
+        .try_with(|c| {
+            let c = c.try_borrow().ok()?;
+            if c.generation != generation {
+                return None;
+            }
+            c.locals.as_deref().map(f)
+        })
+        .ok()
+        .flatten()
 }
 
 /// This process's context, or [`Error::NotInitialized`].
@@ -295,6 +334,10 @@ pub(crate) fn start_flusher(sh: &Arc<Shared>) {
 
 /// Takes one more reference to `id` in this process (a no-op without a context).
 pub(crate) fn hold(id: &ObjectId) {
+    // A local value's count: no look at the rest of the context.
+    if with_locals(|l| l.hold(id)) == Some(true) {
+        return;
+    }
     if let Some(sh) = current() {
         sh.hold(id);
     }
@@ -302,6 +345,9 @@ pub(crate) fn hold(id: &ObjectId) {
 
 /// Drops one reference to `id` in this process.
 pub(crate) fn release(id: &ObjectId) {
+    if with_locals(|l| l.release_local(id)) == Some(true) {
+        return;
+    }
     if let Some(sh) = current() {
         sh.release(id);
     }

@@ -259,7 +259,7 @@ impl Locals {
         bytes: &[u8],
         error: bool,
     ) -> bool {
-        self.take_shared(client, id, bytes, error).is_some()
+        self.take_value(client, id, bytes, error, false).is_some()
     }
 
     /// [`Locals::take`], returning the value kept (for a view of it: a get that took it).
@@ -270,14 +270,28 @@ impl Locals {
         bytes: &[u8],
         error: bool,
     ) -> Option<Arc<Local>> {
+        self.take_value(client, id, bytes, error, true).flatten()
+    }
+
+    /// [`Locals::take`]: `None` if the value was not kept, else, with `share`, a second `Arc`
+    /// of it (without, none: no count is taken and given back for nothing).
+    fn take_value(
+        &self,
+        client: &StoreClient,
+        id: &ObjectId,
+        bytes: &[u8],
+        error: bool,
+        share: bool,
+    ) -> Option<Option<Arc<Local>>> {
         let value = Local::shared(bytes, error);
+        let shared = share.then(|| value.clone());
         let mut map = lock(&self.map);
         if let Some(e) = map.get_mut(id) {
             if e.value.is_some() {
                 return None;
             }
-            e.value = Some(value.clone());
-            return Some(value);
+            e.value = Some(value);
+            return Some(shared);
         }
         raise(&self.held, id);
         let count = client.abandon_pending(id);
@@ -289,10 +303,10 @@ impl Locals {
             *id,
             Entry {
                 count,
-                value: Some(value.clone()),
+                value: Some(value),
             },
         );
-        Some(value)
+        Some(shared)
     }
 
     /// Takes one more reference to `id` if it is a local value; `false` otherwise.
@@ -310,12 +324,26 @@ impl Locals {
         }
     }
 
+    /// [`Locals::release`] of a reference that needs nothing but this table: to a value, or
+    /// not the last one to a pending entry. `false` (nothing done) otherwise.
+    #[inline]
+    pub(crate) fn release_local(&self, id: &ObjectId) -> bool {
+        self.release_with(None, id)
+    }
+
     /// Drops one reference to `id` if it is a local value (the last one forgets the value);
     /// `false` otherwise. The last reference to a pending entry is moved to the store client
     /// instead (see [`Locals::unpend`]) and `false` returned: its release there is what tells
     /// a call in flight that its result is no longer wanted.
     #[inline]
     pub(crate) fn release(&self, client: &StoreClient, id: &ObjectId) -> bool {
+        self.release_with(Some(client), id)
+    }
+
+    /// [`Locals::release`]; without a store client, the last reference to a pending entry is
+    /// left alone.
+    #[inline]
+    fn release_with(&self, client: Option<&StoreClient>, id: &ObjectId) -> bool {
         if self.surely_not(id) {
             return false;
         }
@@ -324,7 +352,9 @@ impl Locals {
             return false;
         };
         if e.value.is_none() && e.count == 1 {
-            Self::unpend_locked(&self.held, &mut map, client, id);
+            if let Some(client) = client {
+                Self::unpend_locked(&self.held, &mut map, client, id);
+            }
             return false;
         }
         e.count -= 1;
@@ -590,9 +620,14 @@ mod tests {
         sh.release(&id);
         assert!(sh.locals.is_empty());
         // The last release of a pending entry goes through the store client (which tells the
-        // daemon the result is not wanted).
+        // daemon the result is not wanted): the table-only release (a thread's copy of the
+        // context) leaves it alone, and earlier ones it does itself.
         let id = ObjectId::random();
         sh.locals.adopt_pending(&id);
+        sh.locals.adopt_pending(&id);
+        assert!(sh.locals.release_local(&id), "not the last reference");
+        assert!(!sh.locals.release_local(&id), "the last one needs the store client");
+        assert_eq!(a.held_count(&id), 0);
         sh.release(&id);
         assert!(sh.locals.is_empty());
         assert_eq!(a.held_count(&id), 0);
