@@ -626,7 +626,10 @@ mod tests {
         sh.locals.adopt_pending(&id);
         sh.locals.adopt_pending(&id);
         assert!(sh.locals.release_local(&id), "not the last reference");
-        assert!(!sh.locals.release_local(&id), "the last one needs the store client");
+        assert!(
+            !sh.locals.release_local(&id),
+            "the last one needs the store client"
+        );
         assert_eq!(a.held_count(&id), 0);
         sh.release(&id);
         assert!(sh.locals.is_empty());

@@ -99,10 +99,10 @@ fn run_and_report<Args: Value, O: Outcome>(
     let mut small = InlineBuf([0; INLINE_MAX]);
     let done = match outcome {
         Ok(v) => match small_value(&v, &mut small.0) {
-            Ok(Some(len)) if !call.to_store => {
+            Some(len) if !call.to_store => {
                 finish(client, call, Finish::Bytes(&small.0[..len], false))
             }
-            Ok(Some(_)) | Ok(None) => match call.ledger.put_owed(client, &call.debt(), || {
+            _ => match call.ledger.put_owed(client, &call.debt(), || {
                 owned::write(
                     client,
                     call.result,
@@ -113,7 +113,6 @@ fn run_and_report<Args: Value, O: Outcome>(
                 Ok(((offset, len), _)) => finish(client, call, Finish::Stored(offset, len)),
                 Err(e) => failed(client, call, &e.to_string()),
             },
-            Err(e) => failed(client, call, &e.to_string()),
         },
         Err(msg) => failed(client, call, &msg),
     };
@@ -130,15 +129,13 @@ fn run_and_report<Args: Value, O: Outcome>(
 #[repr(C, align(64))]
 struct InlineBuf([u8; INLINE_MAX]);
 
-/// Serialises `v` into `buf` if it is small enough to travel inline and holds no refs.
-fn small_value<T: Value>(v: &T, buf: &mut [u8]) -> Result<Option<usize>> {
-    let len = codec::archived_len(v)?;
-    if len > buf.len() {
-        return Ok(None);
-    }
-    let (written, refs) = codec::collect_refs(|| codec::serialize_into(v, &mut buf[..len]));
+/// Serialises `v` into `buf` if it is small enough to travel inline and holds no refs: in
+/// one pass, straight into `buf` (no counting pass first: most results fit). One that does
+/// not fit, or fails to serialise, goes the store's way, which says why if it fails there.
+fn small_value<T: Value>(v: &T, buf: &mut [u8]) -> Option<usize> {
+    let (written, refs) = codec::collect_refs(|| codec::serialize_into(v, buf));
     // Refs inside a result need the store to keep them alive: those results are stored.
-    Ok((written? == len && refs.is_empty()).then_some(len))
+    written.ok().filter(|_| refs.is_empty())
 }
 
 fn failed(client: &StoreClient, call: &Call, msg: &str) -> Result<Option<Deferred>> {
@@ -568,4 +565,37 @@ pub(crate) fn construct(addr: u64, args: &[u8]) -> std::result::Result<*mut u8, 
     // fork (same binary), through the zygote's private socket.
     let f = unsafe { std::mem::transmute::<usize, CtorFn>(addr as usize) };
     f(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A result travels inline exactly when its archive fits a record's inline bytes and it
+    /// holds no refs; the bytes written are its whole archive, read back in place.
+    #[test]
+    fn small_values_fit_a_record_in_one_pass_and_nothing_else_does() {
+        let mut buf = InlineBuf([0; INLINE_MAX]);
+        let fits = [7u8; INLINE_MAX];
+        let len = small_value(&fits, &mut buf.0).expect("fits exactly");
+        assert_eq!(len, INLINE_MAX);
+        let id = ObjectId([1; 20]);
+        let back = codec::access::<[u8; INLINE_MAX]>(id, &buf.0[..len]).expect("valid");
+        assert_eq!(
+            codec::deserialize::<[u8; INLINE_MAX]>(id, back).unwrap(),
+            fits
+        );
+        assert_eq!(small_value(&[7u8; INLINE_MAX + 1], &mut buf.0), None);
+        assert_eq!(small_value(&vec![0u64; 100], &mut buf.0), None);
+        let len = small_value(&(42u64, -1i32), &mut buf.0).expect("small");
+        let back = codec::access::<(u64, i32)>(id, &buf.0[..len]).expect("valid");
+        assert_eq!(
+            codec::deserialize::<(u64, i32)>(id, back).unwrap(),
+            (42, -1)
+        );
+        // A ref inside: stored, so that the store keeps what it refers to alive.
+        let r = crate::ObjectRef::<u64>::adopt(ObjectId([2; 20]));
+        assert_eq!(small_value(&r, &mut buf.0), None);
+        std::mem::forget(r);
+    }
 }
