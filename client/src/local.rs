@@ -348,24 +348,33 @@ impl Locals {
             return false;
         }
         let mut map = lock(&self.map);
-        let Some(e) = map.get_mut(id) else {
+        // Taken out first (one probe of the table, for the common last drop of a value), and
+        // put back if other references remain.
+        let Some(mut e) = map.remove(id) else {
             return false;
         };
         if e.value.is_none() && e.count == 1 {
-            if let Some(client) = client {
-                Self::unpend_locked(&self.held, &mut map, client, id);
-            }
+            // The last reference to a pending entry: moved to the store client (as
+            // `unpend` does, under this lock), or left here for a caller that has none.
+            let Some(client) = client else {
+                map.insert(*id, e);
+                return false;
+            };
+            client.adopt_pending(id);
+            lower(&self.held, id);
+            trove_store::shrink_if_sparse(&mut map);
             return false;
         }
         e.count -= 1;
-        if e.count == 0 {
-            let gone = map.remove(id);
-            lower(&self.held, id);
-            trove_store::shrink_if_sparse(&mut map);
-            drop(map);
-            if let Some(value) = gone.and_then(|e| e.value) {
-                Local::recycle(value);
-            }
+        if e.count > 0 {
+            map.insert(*id, e);
+            return true;
+        }
+        lower(&self.held, id);
+        trove_store::shrink_if_sparse(&mut map);
+        drop(map);
+        if let Some(value) = e.value {
+            Local::recycle(value);
         }
         true
     }
