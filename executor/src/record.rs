@@ -453,6 +453,35 @@ mod tests {
         assert_eq!(r.claim(4), Claim::Unavailable);
     }
 
+    /// Every inline length, taken by the caller or evicted a lap later, reads back whole, and
+    /// the id and reply-to (on the record's last line, after the value's words) stay intact.
+    #[test]
+    fn every_inline_length_reads_back_whole_when_taken_or_evicted() {
+        let r = record();
+        for len in 0..=INLINE_MAX {
+            let value: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            let (taken, evicted) = (2 * len as u64, 2 * len as u64 + 1);
+            let mut out = [0xEEu8; INLINE_MAX];
+            assert_eq!(r.claim(taken), Claim::Ok(None));
+            assert!(r.finish_inline(taken, id(len as u8), (7, len as u32), &value, false));
+            assert_eq!(
+                r.take_inline(taken, &mut out),
+                Took::Value { error: false, len }
+            );
+            assert_eq!(&out[..len], &value[..], "taken, {len} bytes");
+            assert_eq!(r.claim(evicted), Claim::Ok(None));
+            assert!(r.finish_inline(evicted, id(len as u8), (7, len as u32), &value, true));
+            let Claim::Ok(Some(ev)) = r.claim(evicted + 1) else {
+                panic!("expected an eviction of {len} bytes")
+            };
+            assert_eq!(
+                (ev.pos, ev.result, ev.reply_to, ev.error, &ev.bytes[..]),
+                (evicted, id(len as u8), (7, len as u32), true, &value[..]),
+            );
+            r.finish_empty(evicted + 1);
+        }
+    }
+
     #[test]
     fn an_untaken_inline_result_is_evicted_by_the_next_lap() {
         let r = record();
