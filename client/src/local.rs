@@ -225,25 +225,27 @@ impl Locals {
             return;
         }
         let mut map = lock(&self.map);
-        Self::unpend_locked(&self.held, &mut map, client, id);
+        let Some(count) = map.get(id).filter(|e| e.value.is_none()).map(|e| e.count) else {
+            return;
+        };
+        map.remove(id);
+        Self::hand_to_client(&self.held, &mut map, client, id, count);
     }
 
-    fn unpend_locked(
+    /// Gives the `count` references of the pending entry `id`, just taken out of `map` (its
+    /// lock held), to the store client, then counts the entry gone from its bucket: a thread
+    /// that looks here (under the lock, or at the buckets after it) and misses finds them
+    /// there.
+    fn hand_to_client(
         held: &[AtomicUsize; BUCKETS],
         map: &mut FxHashMap<ObjectId, Entry>,
         client: &StoreClient,
         id: &ObjectId,
+        count: u64,
     ) {
-        let Some(e) = map.get(id) else {
-            return;
-        };
-        if e.value.is_some() {
-            return;
-        }
-        for _ in 0..e.count {
+        for _ in 0..count {
             client.adopt_pending(id);
         }
-        map.remove(id);
         lower(held, id);
         trove_store::shrink_if_sparse(map);
     }
@@ -356,13 +358,12 @@ impl Locals {
         if e.value.is_none() && e.count == 1 {
             // The last reference to a pending entry: moved to the store client (as
             // `unpend` does, under this lock), or left here for a caller that has none.
-            let Some(client) = client else {
-                map.insert(*id, e);
-                return false;
-            };
-            client.adopt_pending(id);
-            lower(&self.held, id);
-            trove_store::shrink_if_sparse(&mut map);
+            match client {
+                Some(client) => Self::hand_to_client(&self.held, &mut map, client, id, 1),
+                None => {
+                    map.insert(*id, e);
+                }
+            }
             return false;
         }
         e.count -= 1;
