@@ -36,12 +36,22 @@ pub struct Message<'a> {
 impl<'a> Message<'a> {
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.clear();
-        out.push(self.kind | if self.retried { FLAG_RETRIED } else { 0 });
-        out.extend_from_slice(&self.func.to_le_bytes());
-        out.extend_from_slice(self.result.as_bytes());
-        out.extend_from_slice(&self.reply_to.0.to_le_bytes());
-        out.extend_from_slice(&self.reply_to.1.to_le_bytes());
+        out.resize(CALL_HEADER, 0);
+        self.write_header(out);
         out.extend_from_slice(self.args);
+    }
+
+    /// Writes the header (all but `args`) over the first [`CALL_HEADER`] bytes of `out`.
+    ///
+    /// # Panics
+    /// If `out` is shorter than that.
+    pub fn write_header(&self, out: &mut [u8]) {
+        let out = &mut out[..CALL_HEADER];
+        out[0] = self.kind | if self.retried { FLAG_RETRIED } else { 0 };
+        out[1..9].copy_from_slice(&self.func.to_le_bytes());
+        out[9..29].copy_from_slice(self.result.as_bytes());
+        out[29..33].copy_from_slice(&self.reply_to.0.to_le_bytes());
+        out[33..37].copy_from_slice(&self.reply_to.1.to_le_bytes());
     }
 
     /// Decodes a message or its header (the `current` record); `None` if malformed.

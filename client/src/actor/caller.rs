@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use trove_executor::mailbox::{Mailbox, MailboxError};
-use trove_executor::message::{Failure, KIND_CALL, KIND_CALL_BY_OBJECT, Message};
+use trove_executor::message::{CALL_HEADER, Failure, KIND_CALL, KIND_CALL_BY_OBJECT, Message};
 use trove_store::ObjectId;
 
 use super::callee;
@@ -46,8 +46,11 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     };
     let (inline, mut refs) = encode_inline(&mut msg, mailbox.max_msg_len(), header, args);
     let mut keep = Kept::default();
-    match inline {
-        Ok(()) => owned::share_refs(client, &refs)?,
+    let len = match inline {
+        Ok(len) => {
+            owned::share_refs(client, &refs)?;
+            len
+        }
         // Too large for a slot (or not serialisable: the object path says why).
         Err(_) => {
             let id = ObjectId::random();
@@ -64,14 +67,15 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
                 args: id.as_bytes(),
             }
             .encode_into(&mut msg);
+            msg.len()
         }
-    }
+    };
     // Everything the arguments refer to is held until the call has run (released with
     // `keep`, on every path out of here that does not hand it to the call's entry).
     for id in &refs {
         keep.hold(client, *id)?;
     }
-    let pushed = sh.calls.push(client, &sh.locals, mailbox, &msg);
+    let pushed = sh.calls.push(client, &sh.locals, mailbox, &msg[..len]);
     // The callee runs meanwhile: the rest is off its critical path. The result is adopted
     // before the call is remembered (nothing here reads its record or its place until then:
     // every look at a call goes through `Calls`): as a pending local entry for a call in
@@ -106,24 +110,25 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     Ok(r)
 }
 
-/// Encodes the call `header` (a `KIND_CALL`) with `args` inline into `msg`, in at most `room`
-/// bytes: the header, `ARGS_PAD` zero bytes, then the archive, serialised in place. `Err` if
-/// it does not fit (or cannot be serialised). Returns the refs met too.
+/// Encodes the call `header` (a `KIND_CALL`) with `args` inline into the start of `msg`, in
+/// at most `room` bytes: the header, `ARGS_PAD` bytes of padding (never read), then the
+/// archive, serialised in place. Returns the message's length, or `Err` if it does not fit
+/// (or cannot be serialised), and the refs met. `msg` keeps its length from call to call
+/// (zeroed when it grows, not for each call): only the returned length of it is the message.
 fn encode_inline<Args: Value>(
     msg: &mut Vec<u8>,
     room: usize,
     header: Message,
     args: &Args,
-) -> (Result<()>, Vec<ObjectId>) {
-    Message {
-        args: &[0; callee::ARGS_PAD],
-        ..header
+) -> (Result<usize>, Vec<ObjectId>) {
+    let at = CALL_HEADER + callee::ARGS_PAD;
+    let end = room.max(at);
+    if msg.len() < end {
+        msg.resize(end, 0);
     }
-    .encode_into(msg);
-    let at = msg.len();
-    msg.resize(room.max(at), 0);
-    let (written, refs) = codec::collect_refs(|| codec::serialize_into(args, &mut msg[at..]));
-    (written.map(|len| msg.truncate(at + len)), refs)
+    header.write_header(msg);
+    let (written, refs) = codec::collect_refs(|| codec::serialize_into(args, &mut msg[at..end]));
+    (written.map(|len| at + len), refs)
 }
 
 thread_local! {
@@ -151,28 +156,38 @@ mod tests {
     use super::*;
     use rkyv::util::AlignedVec;
 
-    /// Encodes `v` as a call, copies the message as the callee does (into its aligned
-    /// buffer), and reads the arguments back in place; `None` if they did not fit `room`.
-    fn round_trip<T: Value + PartialEq + std::fmt::Debug>(v: &T, room: usize) -> Option<usize> {
-        let mut msg = vec![0xAA; 7];
-        let header = Message {
+    fn header() -> Message<'static> {
+        Message {
             kind: KIND_CALL,
             retried: false,
             func: 42,
             result: ObjectId([9; 20]),
             reply_to: (3, 4),
             args: &[],
-        };
-        let (ok, _) = encode_inline(&mut msg, room, header, v);
+        }
+    }
+
+    /// Encodes `v` as a call, copies the message as the callee does (into its aligned
+    /// buffer), and reads the arguments back in place; `None` if they did not fit `room`.
+    /// The buffer it encodes into holds a longer, earlier message: what is sent is the same
+    /// as when it starts empty.
+    fn round_trip<T: Value + PartialEq + std::fmt::Debug>(v: &T, room: usize) -> Option<usize> {
+        let mut msg = vec![0xAA; room + 16];
+        let (ok, _) = encode_inline(&mut msg, room, header(), v);
+        let mut fresh = Vec::new();
+        let (fresh_ok, _) = encode_inline(&mut fresh, room, header(), v);
         // Inline exactly when the archive fits the room left after the header and padding.
         let fits = codec::archived_len(v).unwrap() <= room - CALL_HEADER_PADDED;
         assert_eq!(ok.is_ok(), fits);
-        if !fits {
-            return None;
-        }
-        assert!(msg.len() <= room);
+        assert_eq!(fresh_ok.is_ok(), fits);
+        let len = ok.ok()?;
+        assert!(len <= room);
+        assert_eq!(fresh_ok.ok(), Some(len));
+        // The padding is never read; everything else is the same bytes.
+        assert_eq!(msg[..CALL_HEADER], fresh[..CALL_HEADER]);
+        assert_eq!(msg[CALL_HEADER_PADDED..len], fresh[CALL_HEADER_PADDED..len]);
         let mut buf = AlignedVec::<{ callee::ARGS_ALIGN }>::new();
-        buf.extend_from_slice(&msg);
+        buf.extend_from_slice(&msg[..len]);
         let m = Message::decode(&buf).expect("a call message");
         assert_eq!((m.kind, m.func, m.reply_to), (KIND_CALL, 42, (3, 4)));
         let args = callee::inline_args(&m).expect("padded arguments");
@@ -196,5 +211,5 @@ mod tests {
         assert!(round_trip(&vec![7u64; 100], room).is_none());
     }
 
-    const CALL_HEADER_PADDED: usize = trove_executor::message::CALL_HEADER + callee::ARGS_PAD;
+    const CALL_HEADER_PADDED: usize = CALL_HEADER + callee::ARGS_PAD;
 }
