@@ -115,18 +115,33 @@ pub(crate) fn wait_lending(
     sh.wait_ready(ids, num_ready, deadline)
 }
 
-/// Waits for every ref (until `deadline`) and deserialises owned values, in order.
+/// How many refs a `get_all` looks up among the local values under one lock.
+const LOOKUP_BATCH: usize = 32;
+
+/// Waits for every ref (until `deadline`) and deserialises owned values, in order. Local
+/// values (calls' small results already taken) are looked up a batch at a time, under one
+/// lock; the rest wait as a get does.
 pub(crate) fn all_until<T: Value>(
     sh: &Arc<Shared>,
     refs: &[ObjectRef<T>],
     deadline: Option<Instant>,
 ) -> Result<Vec<T>> {
-    refs.iter()
-        .map(|r| {
-            let view = view(sh, r.id(), deadline)?;
-            Obj::<T>::new(view)?.deserialize()
-        })
-        .collect()
+    let mut out = Vec::with_capacity(refs.len());
+    let mut found = Vec::with_capacity(LOOKUP_BATCH.min(refs.len()));
+    for batch in refs.chunks(LOOKUP_BATCH) {
+        found.clear();
+        sh.locals
+            .view_many(batch.iter().map(|r| r.id()), &mut found);
+        for (r, value) in batch.iter().zip(found.drain(..)) {
+            let id = r.id();
+            let view = match value {
+                Some(value) => View::Local(LocalView { id, value }),
+                None => view(sh, id, deadline)?,
+            };
+            out.push(Obj::<T>::new(view)?.deserialize()?);
+        }
+    }
+    Ok(out)
 }
 
 impl<T: Stored + ?Sized> ObjectRef<T> {

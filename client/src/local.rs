@@ -390,6 +390,24 @@ impl Locals {
         lock(&self.map).get(id).and_then(|e| e.value.clone())
     }
 
+    /// [`Locals::view`] of each of `ids`, in order, appended to `out`: one lock for them all
+    /// (a `get_all` of many small results).
+    pub(crate) fn view_many(
+        &self,
+        ids: impl Iterator<Item = ObjectId>,
+        out: &mut Vec<Option<Arc<Local>>>,
+    ) {
+        let mut map = None;
+        for id in ids {
+            if self.surely_not(&id) {
+                out.push(None);
+                continue;
+            }
+            let map = map.get_or_insert_with(|| lock(&self.map));
+            out.push(map.get(&id).and_then(|e| e.value.clone()));
+        }
+    }
+
     /// Whether `id` is a local value.
     pub(crate) fn contains(&self, id: &ObjectId) -> bool {
         !self.surely_not(id) && lock(&self.map).get(id).is_some_and(|e| e.value.is_some())

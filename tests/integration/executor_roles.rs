@@ -432,6 +432,26 @@ pub fn helper_role(role: ExecRole) -> Res {
             }
             drop(refs);
             store_back_to(&rt, &base, "after record reuse")?;
+            // A get_all over small results mixed with what is not one (a stored object, a
+            // running call, a value read before), across its lookup batches: in order. A
+            // failure among them is the get_all's error.
+            let put = rt.put(&7u64)?;
+            let mut mixed: Vec<ObjectRef<u64>> = (0..100u64)
+                .map(|i| w.call(Worker::echo, (i,)))
+                .collect::<Result<_, _>>()?;
+            mixed[40] = put.clone();
+            mixed[41] = w.call(Worker::slow, (30,))?;
+            check(mixed[3].get_timeout(T)?.to_native() == 3, "read before")?;
+            let mut want: Vec<u64> = (0..100).collect();
+            (want[40], want[41]) = (7, 30);
+            check(rt.get_all_timeout(&mixed, T)? == want, "a mixed get_all")?;
+            mixed[70] = w.call(Worker::refuse, (11,))?;
+            match rt.get_all_timeout(&mixed, T) {
+                Err(Error::TaskFailed(m)) => check(m.contains("11 is too many"), &m)?,
+                other => return Err(format!("a get_all with a failure gave {other:?}").into()),
+            }
+            drop((put, mixed));
+            store_back_to(&rt, &base, "after a mixed get_all")?;
             // Refs escaping into an object: one already read (local), one still running.
             let done = w.call(Worker::echo, (40,))?;
             check(done.get_timeout(T)?.to_native() == 40, "done")?;
