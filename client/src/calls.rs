@@ -14,7 +14,6 @@
 //! A call's entry keeps its actor handle alive, and dropping a handle drops its mailbox ref,
 //! which comes back here: so entries are always dropped after the lock is released.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -26,6 +25,7 @@ use trove_store::Readiness;
 use trove_store::{ObjectId, StoreClient};
 
 use crate::local::{Local, Locals};
+use crate::result_map::ResultMap;
 
 /// How long a get polls a completion record before it asks for the result in the store and
 /// waits for the daemon's notification.
@@ -38,12 +38,13 @@ std::thread_local! {
 const HARVEST_PER_CALL: usize = 4;
 
 /// The calls in flight of this process whose records it still has to read.
-#[derive(Default)]
 pub(crate) struct Calls(Mutex<Inner>);
 
-#[derive(Default)]
 struct Inner {
-    in_flight: InFlight,
+    /// By result id: stored in the order calls were made (a harvest reads them front to
+    /// back, and a batch of calls sits together in memory), found by index (see
+    /// [`ResultMap`]).
+    in_flight: ResultMap<Hint>,
     /// Calls forgotten by id (their result asked for in the store, or dropped) that may
     /// still be running and keep arguments: kept until they have run (see [`Running`]).
     running: Vec<Running>,
@@ -52,104 +53,6 @@ struct Inner {
     /// writing it, so no failure report can take its place), a get says how the call failed
     /// (`ActorDied`, `TaskFailed`) rather than `ObjectLost`.
     forced: FxHashMap<ObjectId, bool>,
-}
-
-/// The calls in flight, stored in the order they were remembered (a harvest reads them front
-/// to back, and a batch of calls sits together in memory), found by id through a map of
-/// sequence numbers: the map's entries are small, so that ten thousand calls in flight do not
-/// make each lookup a cache miss.
-struct InFlight<H = Hint> {
-    /// Entry `k` is the call with sequence number `base + k`; `None` once it is forgotten.
-    slots: VecDeque<Option<(ObjectId, H)>>,
-    base: u64,
-    /// The sequence number of each call in flight: `STRAY` for one in `strays`.
-    seq: FxHashMap<ObjectId, u64>,
-    /// Calls moved out of `slots` while in flight, so that a long call at the front does not
-    /// keep the slots of every later call (see [`InFlight::insert`]).
-    strays: FxHashMap<ObjectId, H>,
-}
-
-impl<H> Default for InFlight<H> {
-    fn default() -> Self {
-        InFlight {
-            slots: VecDeque::new(),
-            base: 0,
-            seq: FxHashMap::default(),
-            strays: FxHashMap::default(),
-        }
-    }
-}
-
-const STRAY: u64 = u64::MAX;
-
-impl<H> InFlight<H> {
-    /// Remembers the call `id`; returns what an earlier call of the same id left, for the
-    /// caller to drop (result ids are fresh: never met, but then the newer call answers).
-    #[must_use]
-    fn insert(&mut self, id: ObjectId, hint: H) -> Option<H> {
-        let seq = self.base + self.slots.len() as u64;
-        self.slots.push_back(Some((id, hint)));
-        let old = self
-            .seq
-            .insert(id, seq)
-            .and_then(|old| self.forget(old, &id));
-        // Keep `slots` within a constant factor of the calls in it (amortised O(1)): the
-        // oldest ones, still in flight while many later ones were forgotten, move aside.
-        while self.slots.len() > 2 * (self.seq.len() - self.strays.len()) + 1024 {
-            if let Some(Some((id, hint))) = self.slots.pop_front() {
-                self.seq.insert(id, STRAY);
-                self.strays.insert(id, hint);
-            }
-            self.base += 1;
-            self.pop_forgotten();
-        }
-        old
-    }
-
-    fn get(&self, id: &ObjectId) -> Option<&H> {
-        match *self.seq.get(id)? {
-            STRAY => self.strays.get(id),
-            seq => self.slots[(seq - self.base) as usize]
-                .as_ref()
-                .map(|(_, h)| h),
-        }
-    }
-
-    fn contains(&self, id: &ObjectId) -> bool {
-        self.seq.contains_key(id)
-    }
-
-    fn remove(&mut self, id: &ObjectId) -> Option<H> {
-        let seq = self.seq.remove(id)?;
-        trove_store::shrink_if_sparse(&mut self.seq);
-        self.forget(seq, id)
-    }
-
-    /// Takes the call of sequence `seq` (`STRAY`: in `strays`) out of where it is stored.
-    fn forget(&mut self, seq: u64, id: &ObjectId) -> Option<H> {
-        if seq == STRAY {
-            let hint = self.strays.remove(id);
-            trove_store::shrink_if_sparse(&mut self.strays);
-            return hint;
-        }
-        let hint = self.slots[(seq - self.base) as usize]
-            .take()
-            .map(|(_, h)| h);
-        self.pop_forgotten();
-        hint
-    }
-
-    fn pop_forgotten(&mut self) {
-        while matches!(self.slots.front(), Some(None)) {
-            self.slots.pop_front();
-            self.base += 1;
-        }
-    }
-
-    /// The oldest call in `slots`.
-    fn front(&self) -> Option<(ObjectId, &H)> {
-        self.slots.front()?.as_ref().map(|(id, h)| (*id, h))
-    }
 }
 
 /// A call's mailbox and position, and what it keeps alive while it runs.
@@ -210,6 +113,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Calls {
+    /// No calls yet; their results are named with `prefix` (see [`ResultIds`](crate::result_map::ResultIds)).
+    pub(crate) fn new(prefix: [u8; 12]) -> Calls {
+        Calls(Mutex::new(Inner {
+            in_flight: ResultMap::new(prefix),
+            running: Vec::new(),
+            forced: FxHashMap::default(),
+        }))
+    }
+
     /// Remembers the call whose result is `result`, at `pos` of `mailbox`, and first, under
     /// the same lock, reads a few finished calls' records (oldest first: see
     /// [`Calls::harvest`]).
@@ -590,79 +502,5 @@ impl Calls {
                 backoff.snooze();
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Calls forgotten in any order are found by id until then, and their slots go.
-    #[test]
-    fn calls_in_flight_are_found_by_id_until_forgotten_in_any_order() {
-        let mut f = InFlight::<u32>::default();
-        let ids: Vec<ObjectId> = (0..100).map(|_| ObjectId::random()).collect();
-        for (i, id) in ids.iter().enumerate() {
-            assert_eq!(f.insert(*id, i as u32), None);
-        }
-        assert_eq!(f.front(), Some((ids[0], &0)));
-        // Every third first, then the rest from the back.
-        for (i, id) in ids.iter().enumerate().filter(|(i, _)| i % 3 == 1) {
-            assert_eq!(f.remove(id), Some(i as u32));
-            assert!(!f.contains(id));
-            assert_eq!(f.get(id), None);
-            assert_eq!(f.remove(id), None, "once");
-        }
-        for (i, id) in ids.iter().enumerate() {
-            assert_eq!(f.get(id).is_some(), i % 3 != 1, "{i}");
-        }
-        for (i, id) in ids.iter().enumerate().rev().filter(|(i, _)| i % 3 != 1) {
-            assert_eq!(f.remove(id), Some(i as u32));
-        }
-        assert!(f.slots.is_empty() && f.seq.is_empty() && f.strays.is_empty());
-        assert_eq!(f.base, 100);
-        assert_eq!(f.front(), None);
-        // An id remembered twice: the newer call answers, the older one is handed back.
-        let id = ObjectId::random();
-        assert_eq!(f.insert(id, 1), None);
-        assert_eq!(f.insert(id, 2), Some(1));
-        assert_eq!(f.get(&id), Some(&2));
-        assert_eq!(f.remove(&id), Some(2));
-        assert!(f.slots.is_empty() && f.seq.is_empty());
-    }
-
-    /// One long call at the front while many later ones come and go: the storage stays
-    /// within a constant factor of the calls in flight, and the long call is still found.
-    #[test]
-    fn a_long_call_in_front_does_not_keep_every_later_slot() {
-        let mut f = InFlight::<u32>::default();
-        let long = ObjectId::random();
-        assert_eq!(f.insert(long, 7), None);
-        let mut kept = Vec::new();
-        for i in 0..20_000u32 {
-            let id = ObjectId::random();
-            assert_eq!(f.insert(id, i), None);
-            let live = f.seq.len() - f.strays.len();
-            assert!(
-                f.slots.len() <= 2 * live + 1024,
-                "{} for {live}",
-                f.slots.len()
-            );
-            if i % 100 == 0 {
-                kept.push((id, i));
-            } else {
-                assert_eq!(f.remove(&id), Some(i));
-            }
-        }
-        assert_eq!(f.get(&long), Some(&7));
-        assert!(f.strays.contains_key(&long), "moved aside");
-        for (id, i) in &kept {
-            assert_eq!(f.get(id), Some(i));
-        }
-        assert_eq!(f.remove(&long), Some(7));
-        for (id, i) in kept {
-            assert_eq!(f.remove(&id), Some(i));
-        }
-        assert!(f.slots.is_empty() && f.seq.is_empty() && f.strays.is_empty());
     }
 }

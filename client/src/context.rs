@@ -15,6 +15,7 @@ use trove_store::{ObjectId, ObjectView, StoreClient};
 use crate::calls::Calls;
 use crate::error::{Error, Result};
 use crate::local::Locals;
+use crate::result_map::ResultIds;
 
 /// Mailbox geometry: 1024 slots of 256 bytes (an actor's queue), 4096 for the task queue.
 pub(crate) const MAILBOX_SLOTS: u64 = 1024;
@@ -35,6 +36,8 @@ pub(crate) struct Shared {
     task_queue: OnceLock<std::result::Result<Attached, String>>,
     /// Where this tree's named actors live (see [`Config::namespace`](crate::Config::namespace)).
     pub(crate) namespace: String,
+    /// Names the results of this process's calls (the keys of `calls` and `locals`).
+    pub(crate) result_ids: ResultIds,
     /// Calls in flight whose completion record this process has not read yet.
     pub(crate) calls: Calls,
     /// Calls' small results kept in this process's memory, and the references to them
@@ -49,6 +52,8 @@ impl Shared {
         task_queue_id: ObjectId,
         namespace: String,
     ) -> Shared {
+        let result_ids = ResultIds::new();
+        let prefix = result_ids.prefix();
         Shared {
             client,
             embedded: Mutex::new(None),
@@ -58,8 +63,9 @@ impl Shared {
             task_queue_id,
             task_queue: OnceLock::new(),
             namespace,
-            calls: Calls::default(),
-            locals: Arc::default(),
+            result_ids,
+            calls: Calls::new(prefix),
+            locals: Arc::new(Locals::new(prefix)),
         }
     }
 

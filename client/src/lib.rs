@@ -22,6 +22,7 @@ mod obj;
 mod object_ref;
 mod outcome;
 mod owned;
+mod result_map;
 mod runtime;
 
 pub use actor::{

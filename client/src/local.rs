@@ -25,11 +25,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rustc_hash::FxHashMap;
 use trove_store::protocol::Owned;
 use trove_store::{ObjectId, StoreClient};
 
 use crate::error::Result;
+use crate::result_map::ResultMap;
 
 /// A value kept in process memory, 16-byte aligned (what rkyv archives need); small ones
 /// (calls' inline results) live in the same allocation as the `Arc`'s counts.
@@ -142,7 +142,8 @@ pub(crate) struct Locals {
     /// orders the two) sees it non-zero. Written only under `map`'s lock ([`raise`],
     /// [`lower`]).
     held: [AtomicUsize; BUCKETS],
-    map: Mutex<FxHashMap<ObjectId, Entry>>,
+    /// By result id: found by index, in the order the calls were made (see [`ResultMap`]).
+    map: Mutex<ResultMap<Entry>>,
 }
 
 const BUCKETS: usize = 64;
@@ -155,11 +156,13 @@ fn bucket(id: &ObjectId) -> usize {
     usize::from(id.0[12]) % BUCKETS
 }
 
-impl Default for Locals {
-    fn default() -> Locals {
+impl Locals {
+    /// No values yet; calls' results are named with `prefix` (see
+    /// [`ResultIds`](crate::result_map::ResultIds)).
+    pub(crate) fn new(prefix: [u8; 12]) -> Locals {
         Locals {
             held: std::array::from_fn(|_| AtomicUsize::new(0)),
-            map: Mutex::default(),
+            map: Mutex::new(ResultMap::new(prefix)),
         }
     }
 }
@@ -229,16 +232,15 @@ impl Locals {
             return;
         };
         map.remove(id);
-        Self::hand_to_client(&self.held, &mut map, client, id, count);
+        Self::hand_to_client(&self.held, client, id, count);
     }
 
-    /// Gives the `count` references of the pending entry `id`, just taken out of `map` (its
-    /// lock held), to the store client, then counts the entry gone from its bucket: a thread
+    /// Gives the `count` references of the pending entry `id`, just taken out of the table
+    /// (its lock held), to the store client, then counts the entry gone from its bucket: a thread
     /// that looks here (under the lock, or at the buckets after it) and misses finds them
     /// there.
     fn hand_to_client(
         held: &[AtomicUsize; BUCKETS],
-        map: &mut FxHashMap<ObjectId, Entry>,
         client: &StoreClient,
         id: &ObjectId,
         count: u64,
@@ -247,7 +249,6 @@ impl Locals {
             client.adopt_pending(id);
         }
         lower(held, id);
-        trove_store::shrink_if_sparse(map);
     }
 
     /// Keeps `bytes` as the value of the call result `id`: its pending entry here gets them,
@@ -359,7 +360,7 @@ impl Locals {
             // The last reference to a pending entry: moved to the store client (as
             // `unpend` does, under this lock), or left here for a caller that has none.
             match client {
-                Some(client) => Self::hand_to_client(&self.held, &mut map, client, id, 1),
+                Some(client) => Self::hand_to_client(&self.held, client, id, 1),
                 None => {
                     map.insert(*id, e);
                 }
@@ -372,7 +373,6 @@ impl Locals {
             return true;
         }
         lower(&self.held, id);
-        trove_store::shrink_if_sparse(&mut map);
         drop(map);
         if let Some(value) = e.value {
             Local::recycle(value);
@@ -593,7 +593,7 @@ mod tests {
         let a = d.connect();
         let base = a.stats().unwrap();
         let sh = shared(&a);
-        let ids: Vec<ObjectId> = (0..100).map(|_| ObjectId::random()).collect();
+        let ids: Vec<ObjectId> = (0..100).map(|_| sh.result_ids.fresh()).collect();
         for id in &ids {
             a.adopt_pending(id);
             assert!(sh.locals.take(&a, id, &[7; 100], true));
@@ -619,7 +619,7 @@ mod tests {
         let base = a.stats().unwrap();
         let sh = shared(&a);
         // Inline: counted here throughout.
-        let id = ObjectId::random();
+        let id = sh.result_ids.fresh();
         sh.locals.adopt_pending(&id);
         sh.hold(&id);
         assert_eq!(a.held_count(&id), 0);
@@ -634,7 +634,7 @@ mod tests {
         sh.release(&id);
         assert!(sh.locals.is_empty());
         // Going to the store: the references move to the store client, two of them.
-        let id = ObjectId::random();
+        let id = sh.result_ids.fresh();
         sh.locals.adopt_pending(&id);
         sh.hold(&id);
         sh.locals.unpend(&a, &id);
@@ -674,7 +674,7 @@ mod tests {
         let a = d.connect();
         let base = a.stats().unwrap();
         let sh = shared(&a);
-        let (id, next) = (ObjectId::random(), ObjectId::random());
+        let (id, next) = (sh.result_ids.fresh(), ObjectId::random());
         a.adopt_pending(&id);
         assert!(sh.locals.take(&a, &id, b"first value", false));
         let v = sh.locals.view(&id).expect("local");
@@ -708,7 +708,14 @@ mod tests {
         let sh = shared(&a);
         const IDS: usize = 500;
         for round in 0..8 {
-            let ids: Vec<ObjectId> = (0..IDS).map(|_| ObjectId::random()).collect();
+            // Most are this process's result ids (kept in order, found by index), some not
+            // (kept aside, found by hash).
+            let ids: Vec<ObjectId> = (0..IDS)
+                .map(|i| match i % 5 {
+                    0 => ObjectId::random(),
+                    _ => sh.result_ids.fresh(),
+                })
+                .collect();
             // Some start in the store client, some here as pending entries.
             for (i, id) in ids.iter().enumerate() {
                 if i % 2 == 0 {

@@ -31,7 +31,7 @@ pub(crate) fn send_call<Args: Value, R: ?Sized>(
     dead: Failure,
 ) -> Result<ObjectRef<R>> {
     let client = &sh.client;
-    let result = ObjectId::random();
+    let result = sh.result_ids.fresh();
     let reply_to = client.pin_target();
     // The message buffer is reused from call to call on this thread (a call costs well under
     // a microsecond; an allocation would be a good part of it).

@@ -70,6 +70,21 @@ impl ObjectId {
         ObjectId(b)
     }
 
+    /// A fresh 12-byte prefix for [`ObjectId::from_parts`], drawn at random (not the one
+    /// [`ObjectId::random`] uses): a namer of its own ids, with its own counter, never collides
+    /// with them.
+    pub fn random_prefix() -> [u8; 12] {
+        random_prefix()
+    }
+
+    /// The counter of an id built by [`ObjectId::from_parts`] with `prefix`; `None` for an id
+    /// of another prefix.
+    #[inline]
+    pub fn counter_if(&self, prefix: &[u8; 12]) -> Option<u64> {
+        let (head, tail) = self.0.split_at(12);
+        (head == prefix).then(|| u64::from_le_bytes(tail.try_into().expect("8 bytes")))
+    }
+
     /// Builds an id from a 12-byte prefix and a counter: how callers name return values.
     pub fn from_parts(prefix: [u8; 12], counter: u64) -> ObjectId {
         let mut b = [0u8; ID_LEN];
@@ -181,6 +196,18 @@ mod tests {
         assert_eq!(s.parse::<ObjectId>().unwrap(), id);
         assert!("xyz".parse::<ObjectId>().is_err());
         assert!("zz".repeat(20).parse::<ObjectId>().is_err());
+    }
+
+    #[test]
+    fn ids_from_parts_give_their_counter_back_to_their_prefix_only() {
+        let (p, q) = (ObjectId::random_prefix(), ObjectId::random_prefix());
+        assert_ne!(p, q);
+        assert_ne!(p[..], ObjectId::random().0[..12]);
+        for n in [0, 1, 255, 256, u64::MAX] {
+            let id = ObjectId::from_parts(p, n);
+            assert_eq!(id.counter_if(&p), Some(n));
+            assert_eq!(id.counter_if(&q), None);
+        }
     }
 
     #[test]

@@ -1,0 +1,338 @@
+//! The ids of this process's calls' results, and a map keyed by them that needs no hashing.
+//!
+//! A call's result id is this process's prefix (drawn at random when its context is made) and
+//! a counter ([`ResultIds`]): the counter of a result is its place in the order calls were
+//! made. The tables of calls in flight ([`crate::calls`]) and of local values
+//! ([`crate::local`]) are keyed by such ids; a [`ResultMap`] keeps their entries in a deque
+//! indexed by the counter, so that finding one is an index, not a hash probe, and a burst of
+//! calls sits together in memory in the order it is read back (a hash map of ten thousand
+//! calls in flight made each lookup a cache miss). Entries that stay long while many later
+//! ones come and go, and ids of another prefix, move to a hash map aside.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustc_hash::FxHashMap;
+use trove_store::ObjectId;
+
+/// Names the results of this process's calls: its prefix and a counter.
+pub(crate) struct ResultIds {
+    prefix: [u8; 12],
+    next: AtomicU64,
+}
+
+impl ResultIds {
+    /// A new prefix, drawn at random (see [`ObjectId::random_prefix`]).
+    pub(crate) fn new() -> ResultIds {
+        ResultIds {
+            prefix: ObjectId::random_prefix(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// The prefix, for the maps keyed by these ids.
+    pub(crate) fn prefix(&self) -> [u8; 12] {
+        self.prefix
+    }
+
+    /// A fresh result id: the next counter (one shared by this process's threads, so that the
+    /// maps' deques stay dense).
+    pub(crate) fn fresh(&self) -> ObjectId {
+        ObjectId::from_parts(self.prefix, self.next.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// How far past its end the deque grows for one entry; an id further on waits aside.
+const REACH: u64 = 1 << 16;
+
+/// A map from object ids to `E`, dense for result ids of its prefix (see the module docs).
+pub(crate) struct ResultMap<E> {
+    prefix: [u8; 12],
+    /// Entry `k` is the result whose counter is `base + k`; `None` if there is none.
+    slots: VecDeque<Option<E>>,
+    base: u64,
+    /// How many of `slots` are `Some`.
+    live: usize,
+    /// Entries outside `slots`: ids of another prefix, counters before `base` (moved aside by
+    /// [`ResultMap::insert`], or inserted late), or too far past its end. An id is in at most
+    /// one of the two places.
+    aside: FxHashMap<ObjectId, E>,
+}
+
+impl<E> ResultMap<E> {
+    pub(crate) fn new(prefix: [u8; 12]) -> ResultMap<E> {
+        ResultMap {
+            prefix,
+            slots: VecDeque::new(),
+            base: 0,
+            live: 0,
+            aside: FxHashMap::default(),
+        }
+    }
+
+    /// The index in `slots` of `id` (whether or not it is there), if it is of this prefix
+    /// and within `slots`.
+    #[inline]
+    fn index(&self, id: &ObjectId) -> Option<usize> {
+        let n = id.counter_if(&self.prefix)?.checked_sub(self.base)?;
+        (n < self.slots.len() as u64).then_some(n as usize)
+    }
+
+    /// The counter's id.
+    fn id_at(&self, counter: u64) -> ObjectId {
+        ObjectId::from_parts(self.prefix, counter)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.live + self.aside.len()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[inline]
+    pub(crate) fn get(&self, id: &ObjectId) -> Option<&E> {
+        if let Some(e) = self.index(id).and_then(|k| self.slots[k].as_ref()) {
+            return Some(e);
+        }
+        if self.aside.is_empty() {
+            return None;
+        }
+        self.aside.get(id)
+    }
+
+    #[inline]
+    pub(crate) fn get_mut(&mut self, id: &ObjectId) -> Option<&mut E> {
+        if let Some(k) = self.index(id)
+            && self.slots[k].is_some()
+        {
+            return self.slots[k].as_mut();
+        }
+        if self.aside.is_empty() {
+            return None;
+        }
+        self.aside.get_mut(id)
+    }
+
+    #[inline]
+    pub(crate) fn contains(&self, id: &ObjectId) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Keeps `e` under `id`; returns the entry it replaces.
+    pub(crate) fn insert(&mut self, id: ObjectId, e: E) -> Option<E> {
+        let old = if self.aside.is_empty() {
+            None
+        } else {
+            self.aside.remove(&id)
+        };
+        let Some(counter) = id.counter_if(&self.prefix) else {
+            return self.aside.insert(id, e).or(old);
+        };
+        if self.slots.is_empty() {
+            // Nothing in the deque: it starts here.
+            self.base = counter;
+        }
+        let Some(n) = counter
+            .checked_sub(self.base)
+            .filter(|n| *n < self.slots.len() as u64 + REACH)
+        else {
+            return self.aside.insert(id, e).or(old);
+        };
+        let n = n as usize;
+        if n >= self.slots.len() {
+            self.slots.resize_with(n + 1, || None);
+        }
+        let prev = self.slots[n].replace(e);
+        if prev.is_none() {
+            self.live += 1;
+        }
+        self.compact();
+        prev.or(old)
+    }
+
+    /// Takes `id`'s entry out.
+    pub(crate) fn remove(&mut self, id: &ObjectId) -> Option<E> {
+        if let Some(k) = self.index(id)
+            && let Some(e) = self.slots[k].take()
+        {
+            self.live -= 1;
+            self.pop_empty();
+            return Some(e);
+        }
+        if self.aside.is_empty() {
+            return None;
+        }
+        let e = self.aside.remove(id);
+        trove_store::shrink_if_sparse(&mut self.aside);
+        e
+    }
+
+    /// The entry of the lowest counter in the deque (the oldest call not moved aside).
+    pub(crate) fn front(&self) -> Option<(ObjectId, &E)> {
+        self.slots
+            .front()?
+            .as_ref()
+            .map(|e| (self.id_at(self.base), e))
+    }
+
+    /// Every entry, in no particular order.
+    #[cfg(test)]
+    pub(crate) fn ids(&self) -> Vec<ObjectId> {
+        let mut ids: Vec<ObjectId> = (self.slots.iter().enumerate())
+            .filter(|(_, e)| e.is_some())
+            .map(|(k, _)| self.id_at(self.base + k as u64))
+            .collect();
+        ids.extend(self.aside.keys());
+        ids
+    }
+
+    /// Drops the empty slots in front (and lets go of a large deque once it is empty).
+    fn pop_empty(&mut self) {
+        while matches!(self.slots.front(), Some(None)) {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+        if self.slots.is_empty() && self.slots.capacity() > 1 << 16 {
+            self.slots.shrink_to(1 << 10);
+        }
+    }
+
+    /// Keeps the deque within a constant factor of the entries in it (amortised O(1) per
+    /// insert): the oldest entries, there while many later ones came and went, move aside.
+    fn compact(&mut self) {
+        while self.slots.len() > 2 * self.live + 1024 {
+            if let Some(Some(e)) = self.slots.pop_front() {
+                let id = self.id_at(self.base);
+                self.aside.insert(id, e);
+                self.live -= 1;
+            }
+            self.base += 1;
+            self.pop_empty();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Entries removed in any order are found by id until then, and their slots go.
+    #[test]
+    fn results_are_found_by_id_until_removed_in_any_order() {
+        let names = ResultIds::new();
+        let mut m = ResultMap::<u32>::new(names.prefix());
+        let ids: Vec<ObjectId> = (0..100).map(|_| names.fresh()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(m.insert(*id, i as u32), None);
+        }
+        assert!(m.aside.is_empty(), "all in the deque");
+        assert_eq!(m.front(), Some((ids[0], &0)));
+        // Every third first, then the rest from the back.
+        for (i, id) in ids.iter().enumerate().filter(|(i, _)| i % 3 == 1) {
+            assert_eq!(m.remove(id), Some(i as u32));
+            assert!(!m.contains(id));
+            assert_eq!(m.get(id), None);
+            assert_eq!(m.remove(id), None, "once");
+        }
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(m.get(id).is_some(), i % 3 != 1, "{i}");
+        }
+        *m.get_mut(&ids[0]).unwrap() += 1000;
+        assert_eq!(m.remove(&ids[0]), Some(1000));
+        for (i, id) in ids
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(i, _)| i % 3 != 1 && *i > 0)
+        {
+            assert_eq!(m.remove(id), Some(i as u32));
+        }
+        assert!(m.is_empty() && m.slots.is_empty() && m.aside.is_empty());
+        assert_eq!(m.front(), None);
+        // An id kept twice: the newer entry answers, the older one is handed back.
+        let id = names.fresh();
+        assert_eq!(m.insert(id, 1), None);
+        assert_eq!(m.insert(id, 2), Some(1));
+        assert_eq!(m.get(&id), Some(&2));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m.remove(&id), Some(2));
+        assert!(m.is_empty());
+    }
+
+    /// Ids of another prefix, ids inserted late (before the deque's start) and ids far ahead
+    /// are kept aside and found there; nothing is in two places.
+    #[test]
+    fn ids_the_deque_cannot_hold_are_kept_aside() {
+        let names = ResultIds::new();
+        let mut m = ResultMap::<u32>::new(names.prefix());
+        let early = names.fresh();
+        let ids: Vec<ObjectId> = (0..10).map(|_| names.fresh()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(m.insert(*id, i as u32), None);
+        }
+        let foreign = ObjectId::random();
+        let far = ObjectId::from_parts(names.prefix(), u64::MAX - 3);
+        assert_eq!(m.insert(early, 100), None);
+        assert_eq!(m.insert(foreign, 101), None);
+        assert_eq!(m.insert(far, 102), None);
+        assert_eq!(m.aside.len(), 3);
+        assert_eq!(
+            (m.get(&early), m.get(&foreign), m.get(&far)),
+            (Some(&100), Some(&101), Some(&102))
+        );
+        assert_eq!(m.len(), 13);
+        // Replaced where they are.
+        assert_eq!(m.insert(early, 200), Some(100));
+        assert_eq!(m.insert(ids[3], 203), Some(3));
+        assert_eq!(m.len(), 13);
+        let mut all = m.ids();
+        all.sort();
+        let mut want: Vec<ObjectId> = ids.iter().copied().chain([early, foreign, far]).collect();
+        want.sort();
+        assert_eq!(all, want);
+        for id in want {
+            assert!(m.remove(&id).is_some());
+        }
+        assert!(m.is_empty() && m.slots.is_empty() && m.aside.is_empty());
+    }
+
+    /// One long entry in front while many later ones come and go: the deque stays within a
+    /// constant factor of its entries, and the long one is still found (moved aside).
+    #[test]
+    fn a_long_entry_in_front_does_not_keep_every_later_slot() {
+        let names = ResultIds::new();
+        let mut m = ResultMap::<u32>::new(names.prefix());
+        let long = names.fresh();
+        assert_eq!(m.insert(long, 7), None);
+        let mut kept = Vec::new();
+        for i in 0..20_000u32 {
+            let id = names.fresh();
+            assert_eq!(m.insert(id, i), None);
+            assert!(
+                m.slots.len() <= 2 * m.live + 1024,
+                "{} for {}",
+                m.slots.len(),
+                m.live
+            );
+            if i % 100 == 0 {
+                kept.push((id, i));
+            } else {
+                assert_eq!(m.remove(&id), Some(i));
+            }
+        }
+        assert_eq!(m.get(&long), Some(&7));
+        assert!(m.aside.contains_key(&long), "moved aside");
+        for (id, i) in &kept {
+            assert_eq!(m.get(id), Some(i));
+        }
+        assert_eq!(m.remove(&long), Some(7));
+        for (id, i) in kept {
+            assert_eq!(m.remove(&id), Some(i));
+        }
+        assert!(m.is_empty() && m.slots.is_empty() && m.aside.is_empty());
+    }
+}
