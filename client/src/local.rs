@@ -25,99 +25,102 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use trove_executor::record::INLINE_MAX;
 use trove_store::protocol::Owned;
 use trove_store::{ObjectId, StoreClient};
 
 use crate::error::Result;
 use crate::result_map::ResultMap;
 
-/// A value kept in process memory, 16-byte aligned (what rkyv archives need); small ones
-/// (calls' inline results) live in the same allocation as the `Arc`'s counts.
-pub(crate) struct Local {
-    blocks: Blocks,
-    len: usize,
+/// A value kept in process memory: a call's inline result (at most [`INLINE_MAX`] bytes),
+/// 16-byte aligned (what rkyv archives need), in one allocation with the `Arc`'s counts, sized
+/// to the value (one of [`CLASSES`]): a number's result takes one cache line, not a record's
+/// worth, so ten thousand of them fit in a core's cache.
+pub(crate) struct Local<B: ?Sized = [Block]> {
+    len: u16,
     error: bool,
+    blocks: B,
 }
 
-enum Blocks {
-    Small([Block; SMALL_BLOCKS]),
-    Large(Box<[Block]>),
-}
-
-/// Values up to this many 16-byte blocks are kept without a second allocation.
-const SMALL_BLOCKS: usize = 12;
+/// The sizes, in 16-byte blocks, a value's allocation comes in.
+const CLASSES: [usize; 4] = [1, 2, 4, 12];
+const _: () = assert!(CLASSES[CLASSES.len() - 1] * 16 >= INLINE_MAX && INLINE_MAX <= 1 << 15);
 
 #[repr(C, align(16))]
 #[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
-struct Block([u8; 16]);
+pub(crate) struct Block([u8; 16]);
 
 std::thread_local! {
-    /// Small values' allocations this thread let go of, for its next takes: a call's result
-    /// taken and dropped costs no allocation (a good share of a call's cost otherwise).
-    static SPARE: std::cell::RefCell<Vec<Arc<Local>>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Values' allocations this thread let go of, for its next takes, by class: a call's
+    /// result taken and dropped costs no allocation.
+    static SPARE: std::cell::RefCell<[Vec<Arc<Local>>; CLASSES.len()]> =
+        const { std::cell::RefCell::new([const { Vec::new() }; CLASSES.len()]) };
 }
 
-/// At most this many spare allocations per thread (200 bytes each).
+/// At most this many spare allocations per thread and class.
 const SPARE_MAX: usize = 64;
 
+/// The class of a value of `len` bytes.
+fn class_of(len: usize) -> usize {
+    CLASSES
+        .iter()
+        .position(|&n| n * 16 >= len)
+        .expect("a local value is at most a record's inline bytes")
+}
+
 impl Local {
-    /// A shared copy of `bytes` (see [`Local::new`]), in a spare allocation if this thread has
-    /// one.
+    /// A shared copy of `bytes` (at most [`INLINE_MAX`] of them); `error`: they are a failure
+    /// report, not a value. In a spare allocation of its class if this thread has one.
     pub(crate) fn shared(bytes: &[u8], error: bool) -> Arc<Local> {
-        if bytes.len() <= SMALL_BLOCKS * 16 {
-            let spare = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten();
-            if let Some(mut a) = spare
-                && let Some(l) = Arc::get_mut(&mut a)
-                && let Blocks::Small(b) = &mut l.blocks
-            {
-                bytemuck::cast_slice_mut::<Block, u8>(b)[..bytes.len()].copy_from_slice(bytes);
-                l.len = bytes.len();
-                l.error = error;
-                return a;
-            }
+        let class = class_of(bytes.len());
+        let spare = SPARE
+            .try_with(|s| s.borrow_mut()[class].pop())
+            .ok()
+            .flatten();
+        if let Some(mut a) = spare
+            && let Some(l) = Arc::get_mut(&mut a)
+        {
+            bytemuck::cast_slice_mut::<Block, u8>(&mut l.blocks)[..bytes.len()]
+                .copy_from_slice(bytes);
+            l.len = bytes.len() as u16;
+            l.error = error;
+            return a;
         }
-        Arc::new(Local::new(bytes, error))
+        match class {
+            0 => Self::sized::<{ CLASSES[0] }>(bytes, error),
+            1 => Self::sized::<{ CLASSES[1] }>(bytes, error),
+            2 => Self::sized::<{ CLASSES[2] }>(bytes, error),
+            _ => Self::sized::<{ CLASSES[3] }>(bytes, error),
+        }
     }
 
-    /// Lets go of `value`: kept as a spare if nothing else refers to it and it is small.
+    /// A new allocation of `N` blocks holding `bytes`.
+    fn sized<const N: usize>(bytes: &[u8], error: bool) -> Arc<Local> {
+        let mut blocks = [Block([0; 16]); N];
+        bytemuck::cast_slice_mut::<Block, u8>(&mut blocks)[..bytes.len()].copy_from_slice(bytes);
+        Arc::new(Local {
+            len: bytes.len() as u16,
+            error,
+            blocks,
+        })
+    }
+
+    /// Lets go of `value`: kept as a spare if nothing else refers to it.
     fn recycle(value: Arc<Local>) {
-        if Arc::strong_count(&value) == 1 && matches!(value.blocks, Blocks::Small(_)) {
+        if Arc::strong_count(&value) == 1 {
+            let class = class_of(value.blocks.len() * 16);
             let _ = SPARE.try_with(|s| {
                 let mut s = s.borrow_mut();
-                if s.len() < SPARE_MAX {
-                    s.push(value);
+                if s[class].len() < SPARE_MAX {
+                    s[class].push(value);
                 }
             });
         }
     }
 
-    /// A copy of `bytes`; `error`: they are a failure report, not a value.
-    pub(crate) fn new(bytes: &[u8], error: bool) -> Local {
-        let n = bytes.len().div_ceil(16);
-        let mut blocks = if n <= SMALL_BLOCKS {
-            Blocks::Small([Block([0; 16]); SMALL_BLOCKS])
-        } else {
-            Blocks::Large(vec![Block([0; 16]); n].into_boxed_slice())
-        };
-        let all: &mut [Block] = match &mut blocks {
-            Blocks::Small(b) => b,
-            Blocks::Large(b) => b,
-        };
-        bytemuck::cast_slice_mut::<Block, u8>(all)[..bytes.len()].copy_from_slice(bytes);
-        Local {
-            blocks,
-            len: bytes.len(),
-            error,
-        }
-    }
-
     /// The value's bytes, 16-byte aligned.
     pub(crate) fn bytes(&self) -> &[u8] {
-        let all: &[Block] = match &self.blocks {
-            Blocks::Small(b) => b,
-            Blocks::Large(b) => b,
-        };
-        &bytemuck::cast_slice(all)[..self.len]
+        &bytemuck::cast_slice(&self.blocks)[..usize::from(self.len)]
     }
 
     /// The value is a failure report.
@@ -440,7 +443,7 @@ impl Locals {
         let Some(value) = map.get(id).and_then(|e| e.value.clone()) else {
             return Ok(());
         };
-        let mut w = client.alloc_owned(*id, value.len as u64)?;
+        let mut w = client.alloc_owned(*id, u64::from(value.len))?;
         w.as_mut_slice().copy_from_slice(value.bytes());
         w.publish_with(Owned {
             error: value.error,
@@ -532,14 +535,20 @@ mod tests {
         Shared::new(c.clone(), None, ObjectId::random(), "test".into())
     }
 
+    /// Every length up to a record's inline bytes, in a new allocation of its class and in a
+    /// spare one (of a longer value before).
     #[test]
     fn values_are_aligned_and_kept_whole() {
-        for len in [0, 1, 15, 16, 17, 191, 192, 193, 1000] {
-            let bytes: Vec<u8> = (0..len).map(|i| i as u8).collect();
-            let l = Local::new(&bytes, len % 2 == 0);
-            assert_eq!(l.bytes(), &bytes[..]);
-            assert!((l.bytes().as_ptr() as usize).is_multiple_of(16));
-            assert_eq!(l.is_error(), len % 2 == 0);
+        for round in 0..2 {
+            for len in 0..=INLINE_MAX {
+                let bytes: Vec<u8> = (0..len).map(|i| (i + round) as u8).collect();
+                let l = Local::shared(&bytes, len % 2 == 0);
+                assert_eq!(l.bytes(), &bytes[..]);
+                assert!((l.bytes().as_ptr() as usize).is_multiple_of(16));
+                assert_eq!(l.is_error(), len % 2 == 0);
+                assert!(l.blocks.len() * 16 >= len && l.blocks.len() <= CLASSES[3]);
+                Local::recycle(l);
+            }
         }
     }
 
