@@ -12,7 +12,7 @@ use crate::actor::entry;
 use crate::codec::Value;
 use crate::context::{self, Shared};
 use crate::error::{Error, Result};
-use crate::obj::{LocalView, Obj, Stored, View};
+use crate::obj::{self, LocalView, Obj, Stored, View};
 use crate::object_ref::ObjectRef;
 
 /// A view of `id` if it can be had now: a local value, or a store object pinned in place.
@@ -119,8 +119,8 @@ pub(crate) fn wait_lending(
 const LOOKUP_BATCH: usize = 32;
 
 /// Waits for every ref (until `deadline`) and deserialises owned values, in order. Local
-/// values (calls' small results already taken) are looked up a batch at a time, under one
-/// lock; the rest wait as a get does.
+/// values (calls' small results already taken) are copied a batch at a time, under one lock,
+/// and deserialised from the copies; the rest wait as a get does.
 pub(crate) fn all_until<T: Value>(
     sh: &Arc<Shared>,
     refs: &[ObjectRef<T>],
@@ -128,17 +128,18 @@ pub(crate) fn all_until<T: Value>(
 ) -> Result<Vec<T>> {
     let mut out = Vec::with_capacity(refs.len());
     let mut found = Vec::with_capacity(LOOKUP_BATCH.min(refs.len()));
+    let mut copies = Vec::new();
     for batch in refs.chunks(LOOKUP_BATCH) {
         found.clear();
+        copies.clear();
         sh.locals
-            .view_many(batch.iter().map(|r| r.id()), &mut found);
-        for (r, value) in batch.iter().zip(found.drain(..)) {
+            .copy_many(batch.iter().map(|r| r.id()), &mut copies, &mut found);
+        for (r, copied) in batch.iter().zip(found.drain(..)) {
             let id = r.id();
-            let view = match value {
-                Some(value) => View::Local(LocalView { id, value }),
-                None => view(sh, id, deadline)?,
-            };
-            out.push(Obj::<T>::new(view)?.deserialize()?);
+            out.push(match copied {
+                Some(c) => obj::deserialize_copy::<T>(id, c.bytes(&copies), c.is_error())?,
+                None => Obj::<T>::new(view(sh, id, deadline)?)?.deserialize()?,
+            });
         }
     }
     Ok(out)

@@ -138,6 +138,26 @@ impl Local {
     }
 }
 
+/// Where [`Locals::copy_many`] copied a value.
+pub(crate) struct Copied {
+    /// The first block in the buffer.
+    start: usize,
+    len: usize,
+    error: bool,
+}
+
+impl Copied {
+    /// The value's bytes in `buf`, 16-byte aligned.
+    pub(crate) fn bytes<'b>(&self, buf: &'b [Block]) -> &'b [u8] {
+        &bytemuck::cast_slice(&buf[self.start..])[..self.len]
+    }
+
+    /// The value is a failure report.
+    pub(crate) fn is_error(&self) -> bool {
+        self.error
+    }
+}
+
 /// One local value and this process's references to it.
 struct Entry {
     count: u64,
@@ -402,12 +422,15 @@ impl Locals {
         lock(&self.map).get(id).and_then(|e| e.value.clone())
     }
 
-    /// [`Locals::view`] of each of `ids`, in order, appended to `out`: one lock for them all
-    /// (a `get_all` of many small results).
-    pub(crate) fn view_many(
+    /// Copies of the local values among `ids`, in order, under one lock and with no count
+    /// taken (a `get_all` of many small results deserialises them from the copies): each
+    /// value's bytes are appended to `buf`, from a block's start, and `out` gets where they
+    /// are; `None` for an id that is not a local value.
+    pub(crate) fn copy_many(
         &self,
         ids: impl Iterator<Item = ObjectId>,
-        out: &mut Vec<Option<Arc<Local>>>,
+        buf: &mut Vec<Block>,
+        out: &mut Vec<Option<Copied>>,
     ) {
         let mut map = None;
         for id in ids {
@@ -416,7 +439,16 @@ impl Locals {
                 continue;
             }
             let map = map.get_or_insert_with(|| lock(&self.map));
-            out.push(map.get(&id).and_then(|e| e.value.clone()));
+            out.push(map.get(&id).and_then(|e| e.value.as_deref()).map(|v| {
+                let start = buf.len();
+                let len = usize::from(v.len);
+                buf.extend_from_slice(&v.blocks[..len.div_ceil(16)]);
+                Copied {
+                    start,
+                    len,
+                    error: v.error,
+                }
+            }));
         }
     }
 
@@ -680,6 +712,48 @@ mod tests {
         sh.release(&id);
         assert!(sh.locals.is_empty());
         assert_eq!(a.held_count(&id), 0);
+        back_to(&a, &base);
+    }
+
+    /// `copy_many` copies the values among its ids, in order, each aligned in the buffer and
+    /// with its flag, and takes no reference: the last release still forgets each value.
+    #[test]
+    fn values_are_copied_many_at_a_time_in_order_and_aligned() {
+        let d = TestDaemon::start();
+        let a = d.connect();
+        let base = a.stats().unwrap();
+        let sh = shared(&a);
+        let lens = [8usize, 0, 17, 192, 33];
+        let ids: Vec<ObjectId> = lens.iter().map(|_| sh.result_ids.fresh()).collect();
+        for (id, len) in ids.iter().zip(lens) {
+            sh.locals.adopt_pending(id);
+            assert!(sh.locals.take(&a, id, &vec![len as u8; len], len == 17));
+        }
+        let pending = sh.result_ids.fresh();
+        sh.locals.adopt_pending(&pending);
+        let asked: Vec<ObjectId> = [ids[0], pending, ObjectId::random()]
+            .into_iter()
+            .chain(ids[1..].iter().copied())
+            .collect();
+        let (mut buf, mut out) = (Vec::new(), Vec::new());
+        sh.locals
+            .copy_many(asked.iter().copied(), &mut buf, &mut out);
+        assert_eq!(out.len(), asked.len());
+        assert!(
+            out[1].is_none() && out[2].is_none(),
+            "pending, or not local"
+        );
+        let copied: Vec<&Copied> = out.iter().flatten().collect();
+        for (c, len) in copied.iter().zip(lens) {
+            let bytes = c.bytes(&buf);
+            assert_eq!(bytes, &vec![len as u8; len][..]);
+            assert!((bytes.as_ptr() as usize).is_multiple_of(16));
+            assert_eq!(c.is_error(), len == 17);
+        }
+        for id in ids.iter().chain([&pending]) {
+            sh.release(id);
+        }
+        assert!(sh.locals.is_empty());
         back_to(&a, &base);
     }
 

@@ -148,15 +148,27 @@ impl<T: Stored + ?Sized> Obj<T> {
 
 /// A call's result that reports a failure instead of a value.
 fn check_failure(view: &View) -> Result<()> {
-    if !view.is_error() {
+    check_failure_bytes(view.bytes(), view.is_error())
+}
+
+/// [`check_failure`] of a value's `bytes`; `error`: they are a failure report.
+fn check_failure_bytes(bytes: &[u8], error: bool) -> Result<()> {
+    if !error {
         return Ok(());
     }
-    let (kind, msg) = trove_executor::message::decode_failure(view.bytes());
+    let (kind, msg) = trove_executor::message::decode_failure(bytes);
     Err(match kind {
         trove_executor::message::Failure::ActorDied => Error::ActorDied(msg),
         trove_executor::message::Failure::TaskFailed => Error::TaskFailed(msg),
         trove_executor::message::Failure::Cancelled => Error::Cancelled,
     })
+}
+
+/// Validates and deserialises a `T` from a copy of a local value's `bytes` (16-byte aligned),
+/// as [`Obj::new`] and [`Obj::deserialize`] do from a view; `error`: they are a failure report.
+pub(crate) fn deserialize_copy<T: Value>(id: ObjectId, bytes: &[u8], error: bool) -> Result<T> {
+    check_failure_bytes(bytes, error)?;
+    codec::deserialize::<T>(id, T::view(id, bytes)?)
 }
 
 impl<T: Value> Obj<T> {
