@@ -211,6 +211,33 @@ impl Record {
         }
     }
 
+    /// [`Record::claim`] and [`Record::finish_inline`] in one go, for the common case: the
+    /// record holds no untaken inline result of an earlier position, and nobody else is
+    /// filling it. Its caller polls the record's first line meanwhile, so each pause between
+    /// the claim and the bytes costs that line a trip to the caller's core and back; here the
+    /// stores follow the claim at once. `None` (nothing done) when the case is not the common
+    /// one: claim with [`Record::claim_with`] then.
+    pub fn claim_finish_inline(
+        &self,
+        pos: u64,
+        result: [u8; 20],
+        reply_to: (u32, u32),
+        bytes: &[u8],
+        error: bool,
+    ) -> Option<bool> {
+        let s = self.w(0).load(Ordering::Acquire);
+        let (p, tag) = split(s);
+        if p > pos || (p == pos && tag != EMPTY) || matches!(tag, WRITING | EVICTING | INLINE) {
+            return None;
+        }
+        self.w(0)
+            .compare_exchange(s, state(pos, WRITING), Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        // As in `claim_with`: nothing written from here on becomes visible before WRITING.
+        fence(Ordering::Release);
+        Some(self.finish_inline(pos, result, reply_to, bytes, error))
+    }
+
     /// Whether the caller of `pos` asked for its result in the store.
     pub fn wants_store(&self, pos: u64) -> bool {
         self.w(1).load(Ordering::SeqCst) > pos
@@ -220,6 +247,7 @@ impl Record {
     /// [`Record::claim`]. Returns `false` if the caller asked for the store meanwhile: then the
     /// record is `EVICTING` and the consumer must store the value and call
     /// [`Record::finish_stored`].
+    #[inline]
     pub fn finish_inline(
         &self,
         pos: u64,
@@ -451,6 +479,74 @@ mod tests {
         // An earlier position can no longer claim it.
         assert_eq!(r.claim(0), Claim::Unavailable);
         assert_eq!(r.claim(4), Claim::Unavailable);
+    }
+
+    /// The fast path claims and fills a record in one go after a taken or stored position,
+    /// and refuses (changing nothing) one that holds an untaken value, is being written, or
+    /// speaks for a later position; a wish for the store leaves the record `EVICTING`, ours.
+    #[test]
+    fn claim_finish_inline_takes_the_common_case_only() {
+        let r = record();
+        let mut out = [0u8; INLINE_MAX];
+        assert_eq!(
+            r.claim_finish_inline(0, id(1), (3, 7), b"first", false),
+            Some(true)
+        );
+        assert_eq!(r.seen(0), Seen::Inline);
+        // Untaken: refused; `claim_with` evicts it.
+        assert_eq!(
+            r.claim_finish_inline(4, id(2), (3, 7), b"second", false),
+            None
+        );
+        assert_eq!(r.seen(0), Seen::Inline);
+        assert_eq!(
+            r.take_inline(0, &mut out),
+            Took::Value {
+                error: false,
+                len: 5
+            }
+        );
+        assert_eq!(&out[..5], b"first");
+        assert_eq!(
+            r.claim_finish_inline(4, id(2), (3, 7), b"second", true),
+            Some(true)
+        );
+        assert_eq!(
+            r.take_inline(4, &mut out),
+            Took::Value {
+                error: true,
+                len: 6
+            }
+        );
+        // After a stored position too; not for an earlier position, nor one being written.
+        assert_eq!(r.claim(8), Claim::Ok(None));
+        assert_eq!(r.claim_finish_inline(12, id(3), (3, 7), b"x", false), None);
+        r.finish_stored(8, 4096, 100, false);
+        assert_eq!(r.claim_finish_inline(4, id(3), (3, 7), b"x", false), None);
+        assert_eq!(
+            r.seen(8),
+            Seen::Stored {
+                offset: 4096,
+                len: 100,
+                error: false
+            }
+        );
+        // The caller asked for the store before: claimed, then EVICTING, the consumer's.
+        r.want_store(12);
+        assert_eq!(
+            r.claim_finish_inline(12, id(3), (3, 7), b"x", false),
+            Some(false)
+        );
+        assert_eq!(r.seen(12), Seen::Pending);
+        r.finish_stored(12, 8192, 1, false);
+        assert_eq!(
+            r.seen(12),
+            Seen::Stored {
+                offset: 8192,
+                len: 1,
+                error: false
+            }
+        );
     }
 
     /// Every inline length, taken by the caller or evicted a lap later, reads back whole, and

@@ -166,6 +166,19 @@ enum Finish<'a> {
 /// (noted in `call.ledger`) from before its frame is queued until it is written.
 fn finish(client: &StoreClient, call: &Call, what: Finish) -> Result<Option<Deferred>> {
     let rec = call.record;
+    // The common case first: a small value, a record with nothing of an earlier caller's to
+    // evict, a caller that did not ask for the store: claimed and filled in one go.
+    if let Finish::Bytes(bytes, error) = what
+        && !call.to_store
+        && !rec.wants_store(call.pos)
+    {
+        match rec.claim_finish_inline(call.pos, call.result.0, call.reply_to, bytes, error) {
+            Some(true) => return Ok(None),
+            // Claimed, then the caller asked for the store: the record is EVICTING, ours.
+            Some(false) => return store_claimed(client, call, bytes, error),
+            None => {}
+        }
+    }
     // An earlier caller's untaken inline result becomes ours to store when we take the record:
     // it is owed from just before we try, so that no moment has it in neither place.
     let evicted_debt = |ev: &InlineResult| Debt {
@@ -235,27 +248,49 @@ fn finish(client: &StoreClient, call: &Call, what: Finish) -> Result<Option<Defe
                 return Ok(None);
             }
             // The record is EVICTING (the caller asked for the store) or not ours.
-            match call.ledger.put_owed(client, &call.debt(), || {
-                owned::write(
-                    client,
-                    call.result,
-                    bytes,
-                    Seal::for_caller(call.reply_to, error),
-                )
-            }) {
-                Ok(((offset, len), _)) => (offset, len, error),
-                Err(e) => {
-                    if claimed {
-                        rec.finish_empty(call.pos);
-                    }
-                    return Err(e);
-                }
+            if claimed {
+                return store_claimed(client, call, bytes, error);
+            }
+            match store_bytes(client, call, bytes, error) {
+                Ok((offset, len)) => (offset, len, error),
+                Err(e) => return Err(e),
             }
         }
         Finish::Stored(offset, len) => (offset, len, false),
         Finish::StoredError(offset, len) => (offset, len, true),
     };
     Ok(claimed.then_some((call.pos, stored.0, stored.1, stored.2)))
+}
+
+/// Stores a small result whose record this consumer holds (claimed, or `EVICTING`): its place
+/// is recorded once its frame is written (see [`serve`]); on failure the record is given up.
+fn store_claimed(
+    client: &StoreClient,
+    call: &Call,
+    bytes: &[u8],
+    error: bool,
+) -> Result<Option<Deferred>> {
+    match store_bytes(client, call, bytes, error) {
+        Ok((offset, len)) => Ok(Some((call.pos, offset, len, error))),
+        Err(e) => {
+            call.record.finish_empty(call.pos);
+            Err(e)
+        }
+    }
+}
+
+/// Stores a small result as its own object (owed until it is written: see `Ledger`).
+fn store_bytes(client: &StoreClient, call: &Call, bytes: &[u8], error: bool) -> Result<(u64, u64)> {
+    call.ledger
+        .put_owed(client, &call.debt(), || {
+            owned::write(
+                client,
+                call.result,
+                bytes,
+                Seal::for_caller(call.reply_to, error),
+            )
+        })
+        .map(|(place, _)| place)
 }
 
 /// The type-erased shape of a method trampoline.

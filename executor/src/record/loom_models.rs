@@ -163,6 +163,78 @@ fn loom_stored_place_read_races_reuse() {
     assert!(n > 1);
 }
 
+/// `loom_want_races_finish_inline` with the consumer's fast path (`claim_finish_inline`, the
+/// claim and the bytes in one go): exactly one owner still.
+#[test]
+fn loom_want_races_claim_finish_inline() {
+    let n = explore("want_races_claim_finish_inline", 3, || {
+        let r = Arc::new(Record::for_model());
+        let consumer = {
+            let r = Arc::clone(&r);
+            thread::spawn(
+                move || match r.claim_finish_inline(0, id(1), (2, 3), VALUE, false) {
+                    Some(true) => false,
+                    Some(false) => {
+                        r.finish_stored(0, FIRST.0, FIRST.1, false);
+                        true
+                    }
+                    None => panic!("an empty record refused the fast path"),
+                },
+            )
+        };
+        r.want_store(0);
+        let caller_owns = match r.seen(0) {
+            Seen::Inline => take(&r, 0).inspect(|v| assert_eq!(v, VALUE)).is_some(),
+            _ => false,
+        };
+        let consumer_owns = consumer.join().expect("consumer");
+        assert!(
+            caller_owns != consumer_owns,
+            "owners: caller {caller_owns}, consumer {consumer_owns}"
+        );
+        assert_ne!(r.seen(0), Seen::Inline, "a wanted value stayed inline");
+    });
+    assert!(n > 1);
+}
+
+/// The fast path reuses a record whose stored place a caller is reading, and whose next
+/// lap's value another caller takes: the first caller reads its own place or "gone", never
+/// the next value's length as its own; the fast path refuses a record that holds an untaken
+/// value (that one is evicted by `claim_with`).
+#[test]
+fn loom_stored_place_read_races_fast_reuse() {
+    let n = explore("stored_place_read_races_fast_reuse", 3, || {
+        let r = Arc::new(Record::for_model());
+        assert_eq!(r.claim(0), Claim::Ok(None));
+        r.finish_stored(0, FIRST.0, FIRST.1, false);
+        let caller = {
+            let r = Arc::clone(&r);
+            thread::spawn(move || r.seen(0))
+        };
+        assert_eq!(
+            r.claim_finish_inline(1, id(2), (2, 3), VALUE, false),
+            Some(true)
+        );
+        match caller.join().expect("caller") {
+            Seen::Stored { offset, len, error } => assert_eq!(
+                (offset, len, error),
+                (FIRST.0, FIRST.1, false),
+                "the caller read the next call's length as its own place"
+            ),
+            Seen::Gone => {}
+            other => panic!("position 0 was {other:?}"),
+        }
+        // Position 1's value is untaken: a later lap may not overwrite it on the fast path.
+        assert_eq!(r.claim_finish_inline(2, id(3), (2, 3), VALUE, false), None);
+        assert_eq!(take(&r, 1).as_deref(), Some(VALUE));
+        assert_eq!(
+            r.claim_finish_inline(2, id(3), (2, 3), VALUE, false),
+            Some(true)
+        );
+    });
+    assert!(n > 1);
+}
+
 /// A consumer dies while filling the record (`WRITING`, or `EVICTING` after the caller asked
 /// for the store); the reaper abandons the record while the caller polls it and the next
 /// lap's consumer tries to claim it: the abandon succeeds once, the caller ends up reading
