@@ -383,27 +383,25 @@ impl Locals {
             return false;
         }
         let mut map = lock(&self.map);
-        // Taken out first (one probe of the table, for the common last drop of a value), and
-        // put back if other references remain.
-        let Some(mut e) = map.remove(id) else {
+        // Counted down in place (an entry taken out and put back could land aside: see
+        // `ResultMap::insert`), taken out on the last drop.
+        let Some(e) = map.get_mut(id) else {
             return false;
         };
         if e.value.is_none() && e.count == 1 {
             // The last reference to a pending entry: moved to the store client (as
             // `unpend` does, under this lock), or left here for a caller that has none.
-            match client {
-                Some(client) => Self::hand_to_client(&self.held, client, id, 1),
-                None => {
-                    map.insert(*id, e);
-                }
+            if let Some(client) = client {
+                map.remove(id);
+                Self::hand_to_client(&self.held, client, id, 1);
             }
             return false;
         }
-        e.count -= 1;
-        if e.count > 0 {
-            map.insert(*id, e);
+        if e.count > 1 {
+            e.count -= 1;
             return true;
         }
+        let e = map.remove(id).expect("found just now");
         lower(&self.held, id);
         drop(map);
         if let Some(value) = e.value {
@@ -713,6 +711,34 @@ mod tests {
         assert!(sh.locals.is_empty());
         assert_eq!(a.held_count(&id), 0);
         back_to(&a, &base);
+    }
+
+    /// Clones of the oldest value come and go while it stays: it stays in the table's deque,
+    /// found by index, not moved aside by a drop that is not its last.
+    #[test]
+    fn dropping_a_clone_of_the_oldest_value_keeps_it_in_place() {
+        let d = TestDaemon::start();
+        let a = d.connect();
+        let sh = shared(&a);
+        let ids: Vec<ObjectId> = (0..3).map(|_| sh.result_ids.fresh()).collect();
+        for id in &ids {
+            sh.locals.adopt_pending(id);
+            assert!(sh.locals.take(&a, id, b"v", false));
+        }
+        for _ in 0..3 {
+            sh.hold(&ids[0]);
+            sh.release(&ids[0]);
+        }
+        // A pending entry's clone too.
+        let pending = sh.result_ids.fresh();
+        sh.locals.adopt_pending(&pending);
+        sh.hold(&pending);
+        sh.release(&pending);
+        assert_eq!(sh.locals.map.lock().unwrap().aside_len(), 0);
+        for id in ids.iter().chain([&pending]) {
+            sh.release(id);
+        }
+        assert!(sh.locals.is_empty());
     }
 
     /// `copy_many` copies the values among its ids, in order, each aligned in the buffer and

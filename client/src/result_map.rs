@@ -77,9 +77,6 @@ std::thread_local! {
     };
 }
 
-/// How far past its end the deque grows for one entry; an id further on waits aside.
-const REACH: u64 = 1 << 16;
-
 /// A map from object ids to `E`, dense for result ids of its prefix (see the module docs).
 pub(crate) struct ResultMap<E> {
     prefix: [u8; 12],
@@ -88,8 +85,8 @@ pub(crate) struct ResultMap<E> {
     base: u64,
     /// How many of `slots` are `Some`.
     live: usize,
-    /// Entries outside `slots`: ids of another prefix, counters before `base` (moved aside by
-    /// [`ResultMap::insert`], or inserted late), or too far past its end. An id is in at most
+    /// Entries outside `slots`: ids of another prefix, and counters before `base` (moved aside
+    /// as the deque compacts or restarts further on, or inserted late). An id is in at most
     /// one of the two places.
     aside: FxHashMap<ObjectId, E>,
 }
@@ -171,13 +168,17 @@ impl<E> ResultMap<E> {
             // Nothing in the deque: it starts here.
             self.base = counter;
         }
-        let Some(n) = counter
-            .checked_sub(self.base)
-            .filter(|n| *n < self.slots.len() as u64 + REACH)
-        else {
+        let Some(n) = counter.checked_sub(self.base) else {
+            // Before the deque's start (a call remembered late, or put back).
             return self.aside.insert(id, e).or(old);
         };
-        let n = n as usize;
+        if n >= self.slots.len() as u64 && n >= self.bound() as u64 {
+            // So far ahead that the deque would be mostly holes (an old entry at its front,
+            // ids from a thread's old block of counters): it restarts here, its entries
+            // moved aside (each at most once), rather than growing by more than it holds.
+            self.restart_at(counter);
+        }
+        let n = (counter - self.base) as usize;
         if n >= self.slots.len() {
             self.slots.resize_with(n + 1, || None);
         }
@@ -214,6 +215,12 @@ impl<E> ResultMap<E> {
             .map(|e| (self.id_at(self.base), e))
     }
 
+    /// How many entries are kept aside (not in the deque).
+    #[cfg(test)]
+    pub(crate) fn aside_len(&self) -> usize {
+        self.aside.len()
+    }
+
     /// Every entry, in no particular order.
     #[cfg(test)]
     pub(crate) fn ids(&self) -> Vec<ObjectId> {
@@ -236,10 +243,28 @@ impl<E> ResultMap<E> {
         }
     }
 
+    /// The most slots the deque may have for its entries: a constant factor of them.
+    fn bound(&self) -> usize {
+        2 * self.live + 1024
+    }
+
+    /// Moves the deque's entries aside and starts it anew at `counter`.
+    fn restart_at(&mut self, counter: u64) {
+        let base = self.base;
+        for (k, slot) in self.slots.drain(..).enumerate() {
+            if let Some(e) = slot {
+                self.aside
+                    .insert(ObjectId::from_parts(self.prefix, base + k as u64), e);
+            }
+        }
+        self.live = 0;
+        self.base = counter;
+    }
+
     /// Keeps the deque within a constant factor of the entries in it (amortised O(1) per
     /// insert): the oldest entries, there while many later ones came and went, move aside.
     fn compact(&mut self) {
-        while self.slots.len() > 2 * self.live + 1024 {
+        while self.slots.len() > self.bound() {
             if let Some(Some(e)) = self.slots.pop_front() {
                 let id = self.id_at(self.base);
                 self.aside.insert(id, e);
@@ -344,8 +369,11 @@ mod tests {
         let far = ObjectId::from_parts(names.prefix(), u64::MAX - 3);
         assert_eq!(m.insert(early, 100), None);
         assert_eq!(m.insert(foreign, 101), None);
+        assert_eq!(m.aside.len(), 2);
+        // Far ahead: the deque restarts there, its entries moved aside.
         assert_eq!(m.insert(far, 102), None);
-        assert_eq!(m.aside.len(), 3);
+        assert_eq!(m.aside.len(), 12);
+        assert_eq!(m.front(), Some((far, &102)));
         assert_eq!(
             (m.get(&early), m.get(&foreign), m.get(&far)),
             (Some(&100), Some(&101), Some(&102))
@@ -364,6 +392,44 @@ mod tests {
             assert!(m.remove(&id).is_some());
         }
         assert!(m.is_empty() && m.slots.is_empty() && m.aside.is_empty());
+    }
+
+    /// An old entry kept while a thread's counters moved far on (another thread made many
+    /// calls): the deque restarts at the new counters instead of growing to reach them, so
+    /// they are kept in order (and found by index) and the old one waits aside. Inserts that
+    /// jump back and forth never grow the deque beyond its bound.
+    #[test]
+    fn an_old_entry_does_not_keep_later_ids_out_of_the_deque() {
+        let names = ResultIds::new();
+        let mut m = ResultMap::<u32>::new(names.prefix());
+        let at = |n: u64| ObjectId::from_parts(names.prefix(), n);
+        assert_eq!(m.insert(at(5), 5), None);
+        for n in 100_000..105_000u64 {
+            assert_eq!(m.insert(at(n), n as u32), None);
+            assert!(
+                m.slots.len() <= m.bound(),
+                "{} for {}",
+                m.slots.len(),
+                m.live
+            );
+        }
+        assert_eq!(m.aside.len(), 1, "only the old entry aside");
+        assert_eq!(m.front(), Some((at(100_000), &100_000)));
+        assert_eq!(m.get(&at(5)), Some(&5));
+        for n in 100_000..105_000u64 {
+            assert_eq!(m.remove(&at(n)), Some(n as u32));
+        }
+        assert_eq!(m.remove(&at(5)), Some(5));
+        assert!(m.is_empty() && m.slots.is_empty() && m.aside.is_empty());
+        // Back and forth, far apart: bounded every time.
+        for k in 0..200u64 {
+            let (a, b) = (at(k), at(k + 60_000));
+            assert_eq!(m.insert(a, 1), None);
+            assert_eq!(m.insert(b, 2), None);
+            assert!(m.slots.len() <= m.bound());
+            assert_eq!((m.remove(&a), m.remove(&b)), (Some(1), Some(2)));
+        }
+        assert!(m.is_empty());
     }
 
     /// One long entry in front while many later ones come and go: the deque stays within a
