@@ -93,7 +93,7 @@ impl Config {
     /// a handle to that runtime (Ray's `ignore_reinit_error`) instead of failing with
     /// `Error::Init`. The handle does not own the runtime: dropping it stops nothing,
     /// and the rest of this config is ignored. In a task or an actor it is a handle to that
-    /// process's runtime, like [`runtime`](crate::runtime).
+    /// process's runtime, like [`runtime`](fn@crate::runtime).
     pub fn ignore_reinit_error(mut self, yes: bool) -> Config {
         self.ignore_reinit_error = yes;
         self

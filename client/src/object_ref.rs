@@ -6,7 +6,7 @@
 //!
 //! `ObjectRef`s can be fields of rkyv types (`#[derive(Archive, Serialize, Deserialize)]`): the
 //! archive stores just the 20-byte id ([`ArchivedObjectRef`]), serialising reports the id to
-//! [`codec::collect_refs`](crate::codec::collect_refs) so the store can keep the nested object
+//! [`codec::collect_refs`] so the store can keep the nested object
 //! alive, and deserialising makes a new `ObjectRef` that takes its own reference.
 
 use std::any::type_name;
