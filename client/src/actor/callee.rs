@@ -303,8 +303,9 @@ pub(crate) fn method_address<A: 'static, F: Method<A, Args, K>, Args: Value, K: 
     method_trampoline::<A, F, Args, K> as MethodFn as usize as u64
 }
 
-/// The lock of a threaded actor's state (see [`Runtime::threaded_actor`](crate::Runtime::threaded_actor)): `&self` methods read, `&mut
-/// self` methods write. Unset in a single-threaded actor, which needs none.
+/// The lock of a threaded actor's state (see
+/// [`Runtime::threaded_actor`](crate::Runtime::threaded_actor)): `&self` methods read,
+/// `&mut self` methods write. Unset in a single-threaded actor, which needs none.
 static STATE_LOCK: std::sync::OnceLock<std::sync::RwLock<()>> = std::sync::OnceLock::new();
 
 /// Runs `f` as a method of the given receiver kind may run: alone if it takes `&mut self`,
@@ -331,7 +332,8 @@ pub(crate) fn task_address<F: Function<Args>, Args: Value>() -> u64 {
 
 /// # Safety
 /// `state` is the `Box<A>` the actor's constructor returned, used by this thread only, or,
-/// in a threaded actor (`A: Send + Sync`, [`Runtime::threaded_actor`](crate::Runtime::threaded_actor)), by several threads through
+/// in a threaded actor (`A: Send + Sync`,
+/// [`Runtime::threaded_actor`](crate::Runtime::threaded_actor)), by several threads through
 /// [`STATE_LOCK`].
 unsafe fn method_trampoline<A: 'static, F: Method<A, Args, K>, Args: Value, K: 'static>(
     state: *mut u8,
