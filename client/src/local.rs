@@ -180,9 +180,10 @@ pub(crate) struct Locals {
 
 const BUCKETS: usize = 64;
 
-/// The bucket of `id`: the low byte of the counter in an id from `ObjectId::random` (calls'
-/// result ids are such), so a process's recent ids spread over all of them. Any byte would be
-/// correct; a poor one only makes the lock-free miss rarer.
+/// The bucket of `id`: the low byte of the counter in a call's result id (see
+/// [`ResultIds`](crate::result_map::ResultIds); `ObjectId::random`'s ids have the same layout),
+/// so a process's recent ids spread over all of them. Any byte would be correct; a poor one
+/// only makes the lock-free miss rarer.
 #[inline]
 fn bucket(id: &ObjectId) -> usize {
     usize::from(id.0[12]) % BUCKETS
