@@ -113,7 +113,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Calls {
-    /// No calls yet; their results are named with `prefix` (see [`ResultIds`](crate::result_map::ResultIds)).
+    /// No calls yet; their results are named with `prefix` (see
+    /// [`ResultIds`](crate::result_map::ResultIds)).
     pub(crate) fn new(prefix: [u8; 12]) -> Calls {
         Calls(Mutex::new(Inner {
             in_flight: ResultMap::new(prefix),

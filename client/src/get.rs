@@ -130,7 +130,7 @@ pub(crate) fn all_until<T: Value>(
     let mut found = Vec::with_capacity(LOOKUP_BATCH.min(refs.len()));
     let mut copies = Vec::new();
     for batch in refs.chunks(LOOKUP_BATCH) {
-        found.clear();
+        // (`found` is drained by the loop below.)
         copies.clear();
         sh.locals
             .copy_many(batch.iter().map(|r| r.id()), &mut copies, &mut found);

@@ -251,10 +251,8 @@ fn finish(client: &StoreClient, call: &Call, what: Finish) -> Result<Option<Defe
             if claimed {
                 return store_claimed(client, call, bytes, error);
             }
-            match store_bytes(client, call, bytes, error) {
-                Ok((offset, len)) => (offset, len, error),
-                Err(e) => return Err(e),
-            }
+            let (offset, len) = store_bytes(client, call, bytes, error)?;
+            (offset, len, error)
         }
         Finish::Stored(offset, len) => (offset, len, false),
         Finish::StoredError(offset, len) => (offset, len, true),
