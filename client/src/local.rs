@@ -720,6 +720,7 @@ mod tests {
     fn dropping_a_clone_of_the_oldest_value_keeps_it_in_place() {
         let d = TestDaemon::start();
         let a = d.connect();
+        let base = a.stats().unwrap();
         let sh = shared(&a);
         let ids: Vec<ObjectId> = (0..3).map(|_| sh.result_ids.fresh()).collect();
         for id in &ids {
@@ -740,6 +741,9 @@ mod tests {
             sh.release(id);
         }
         assert!(sh.locals.is_empty());
+        // The pending entry's last release went through the store client: the store is back
+        // at its baseline, the client still connected.
+        back_to(&a, &base);
     }
 
     /// `copy_many` copies the values among its ids, in order, each aligned in the buffer and
