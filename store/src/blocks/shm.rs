@@ -381,6 +381,19 @@ pub struct Arena {
 /// The granule of [`Arena::populate_once`]: one bit per 2 MiB of the mapping.
 const POPULATE_CHUNK: u64 = 2 << 20;
 
+/// Objects this large have their range populated before they are written or first read
+/// (see [`Arena::populate_once`]); below it a few page faults cost less than the call. The
+/// creator of one populates it in its own mapping (the daemon leaves it to the creator), so
+/// that the memfd's pages are allocated and its page tables filled in one pass.
+pub const POPULATE_MIN: u64 = 1 << 20;
+
+/// The least a thread of [`Arena::populate_once_with`] is given: below it, starting a
+/// thread costs more than the faults it would share.
+const POPULATE_SPLIT_MIN: u64 = 32 << 20;
+
+/// What a thread of [`Arena::populate_once_with`] takes at a time.
+const POPULATE_PIECE: u64 = 8 << 20;
+
 /// One bit per [`POPULATE_CHUNK`] of a mapping: set once this process has filled the page
 /// tables of that chunk. Process-local (plain `std` atomics, not shared memory), and valid
 /// only in the process that mapped the arena: a forked child starts with empty page tables
@@ -670,13 +683,21 @@ impl Arena {
     /// page tables, a good part of a copy's cost. Safe while others use the range (no byte
     /// changes).
     pub fn populate_once(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.populate_once_with(offset, len, 1)
+    }
+
+    /// [`Arena::populate_once`] on up to `threads` threads (the caller's and scoped ones it
+    /// starts), each given at least 32 MiB. Allocating the memfd's pages is most of a fresh
+    /// range's cost (the kernel zeroes each page), and it scales with cores: a store's first
+    /// large put waits for it. A thread that cannot be started leaves its part to the caller.
+    pub fn populate_once_with(&self, offset: u64, len: u64, threads: usize) -> io::Result<()> {
         let end = offset.saturating_add(len).min(self.layout.total_len);
         if offset >= end {
             return Ok(());
         }
         if self.populated.pid != std::process::id() {
             // A forked copy of another process's arena: its bits say nothing of ours.
-            return self.populate(offset, end - offset);
+            return self.populate_split(offset, end - offset, threads);
         }
         let (first, last) = (offset / POPULATE_CHUNK, (end - 1) / POPULATE_CHUNK);
         if self.populated.all_set(first, last) {
@@ -693,10 +714,55 @@ impl Arena {
             while chunk <= last && !self.populated.is_set(chunk) {
                 chunk += 1;
             }
-            self.populate(run * POPULATE_CHUNK, (chunk - run) * POPULATE_CHUNK)?;
+            self.populate_split(
+                run * POPULATE_CHUNK,
+                (chunk - run) * POPULATE_CHUNK,
+                threads,
+            )?;
             (run..chunk).for_each(|c| self.populated.set(c));
         }
         Ok(())
+    }
+
+    /// [`Arena::populate`] of `[offset, offset+len)` on up to `threads` threads, this one
+    /// and scoped helpers, each for at least [`POPULATE_SPLIT_MIN`]; the first error. The
+    /// threads take pieces of [`POPULATE_PIECE`] in turn from the front, so that they finish
+    /// together where parts of the range cost more than others (pages already allocated
+    /// cost only their page tables).
+    fn populate_split(&self, offset: u64, len: u64, threads: usize) -> io::Result<()> {
+        let helpers = (len / POPULATE_SPLIT_MIN).clamp(1, threads.max(1) as u64) - 1;
+        if helpers == 0 {
+            return self.populate(offset, len);
+        }
+        let end = offset + len;
+        let next = std::sync::atomic::AtomicU64::new(offset);
+        let work = || -> io::Result<()> {
+            loop {
+                let start = next.fetch_add(POPULATE_PIECE, std::sync::atomic::Ordering::Relaxed);
+                if start >= end {
+                    return Ok(());
+                }
+                self.populate(start, POPULATE_PIECE.min(end - start))?;
+            }
+        };
+        std::thread::scope(|s| {
+            let started: Vec<_> = (0..helpers)
+                .filter_map(|_| {
+                    std::thread::Builder::new()
+                        .name("trove-prefill".into())
+                        .spawn_scoped(s, work)
+                        .ok()
+                })
+                .collect();
+            // A piece a helper failed on (or panicked in) is not retried: populating is only
+            // a speed-up, and the error is returned.
+            started.into_iter().fold(work(), |r, h| {
+                r.and(
+                    h.join()
+                        .unwrap_or_else(|_| Err(io::Error::other("populate panicked"))),
+                )
+            })
+        })
     }
 }
 
@@ -1123,6 +1189,56 @@ mod tests {
         b.populate_once(l.total_len - 1, 1 << 40).unwrap();
         b.populate_once(l.total_len, 10).unwrap();
         assert!(b.populated.is_set((l.total_len - 1) / POPULATE_CHUNK));
+    }
+
+    #[test]
+    fn populate_once_on_threads_allocates_every_page_once_and_changes_no_byte() {
+        use std::os::unix::fs::MetadataExt;
+        let a = Arena::create(Layout::new(200 << 20, 64).unwrap()).unwrap();
+        let l = *a.layout();
+        let allocated = || {
+            let f = File::from(a.fd().try_clone_to_owned().unwrap());
+            f.metadata().unwrap().blocks() * 512
+        };
+        let before = allocated();
+        // A marker every MiB of the range, written through the creator's mapping.
+        let len: u64 = 150 << 20;
+        let marks: Vec<u64> = (0..len)
+            .step_by(1 << 20)
+            .map(|o| l.heap_offset + o)
+            .collect();
+        for (i, &o) in marks.iter().enumerate() {
+            let p = a.ptr(o, 1).unwrap();
+            // SAFETY: one byte inside the heap; nobody else uses this test's arena.
+            unsafe { p.write(i as u8) };
+        }
+        let b = Arena::attach(a.fd().try_clone_to_owned().unwrap()).unwrap();
+        // 150 MiB on up to 4 threads: 4 of them, taking 8 MiB pieces in turn.
+        b.populate_once_with(l.heap_offset, len, 4).unwrap();
+        let (first, last) = (
+            l.heap_offset / POPULATE_CHUNK,
+            (l.heap_offset + len - 1) / POPULATE_CHUNK,
+        );
+        assert!(
+            b.populated.all_set(first, last),
+            "every chunk of the range is done"
+        );
+        assert!(!b.populated.is_set(last + 1), "and none past it");
+        assert!(
+            allocated() >= before + len,
+            "the memfd's pages are allocated: {} bytes, {} before",
+            allocated(),
+            before
+        );
+        for (i, &o) in marks.iter().enumerate() {
+            let q = b.ptr(o, 1).unwrap();
+            // SAFETY: in bounds; written above, only read here.
+            assert_eq!(unsafe { q.read() }, i as u8, "no byte changed at {o}");
+        }
+        // Done already: a second call populates nothing (bits only); fewer threads than
+        // pieces, and a forked copy's path, give the same bytes.
+        b.populate_once_with(l.heap_offset, len, 4).unwrap();
+        b.populate_split(l.heap_offset, len, 2).unwrap();
     }
 
     #[test]

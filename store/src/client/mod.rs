@@ -124,9 +124,18 @@ impl std::fmt::Debug for StoreClient {
     }
 }
 
-/// Objects this large have their range populated before they are written or first read
-/// (see [`Arena::populate_once`]); below it a few page faults cost less than the call.
-pub const POPULATE_MIN: u64 = 1 << 20;
+pub use crate::blocks::shm::POPULATE_MIN;
+
+/// How many threads populate a large object's range at its create: the cores this process
+/// may run on, at most 4 (page allocation stops scaling there).
+fn populate_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get().min(4))
+            .unwrap_or(1)
+    })
+}
 
 impl StoreClient {
     /// Connects to the daemon at `socket` and maps its arena.
@@ -229,12 +238,20 @@ impl StoreClient {
     ///
     /// A large object's range is populated in this process's mapping first (see
     /// [`Arena::populate_once`]), so that the writer does not take a page fault per 4 KiB.
+    /// The daemon leaves that to us: a fresh range's pages are allocated in the same pass
+    /// that fills our page tables, on as many threads as there are cores (up to 4), unless
+    /// this client may start none.
     pub fn create_raw(&self, id: ObjectId, size: u64) -> Result<u64> {
         match self.call(&Request::Create { id, size })? {
             Reply::Created { offset } => {
                 if size >= POPULATE_MIN {
+                    let threads = if self.threads_allowed() {
+                        populate_threads()
+                    } else {
+                        1
+                    };
                     // Only a speed-up: an old kernel without MADV_POPULATE_WRITE faults instead.
-                    let _ = self.inner.arena.populate_once(offset, size);
+                    let _ = self.inner.arena.populate_once_with(offset, size, threads);
                 }
                 Ok(offset)
             }

@@ -472,11 +472,12 @@ impl Shared {
         }
         out.flush();
         // A fresh allocation in a region the background pre-fault has not reached yet:
-        // populate it now, outside the lock, so the client's writes do not pay first-touch faults.
-        if let Some((off, len)) = h.fresh {
+        // populate it now, outside the lock, so the client's writes do not pay first-touch
+        // faults (unless the client populates it itself, a large object).
+        if let Some((off, len, populate)) = h.fresh {
             let l = self.arena.layout();
             let done = l.heap_offset + self.prefaulted.load(Ordering::Acquire);
-            if off + len > done {
+            if populate && off + len > done {
                 let _ = self.arena.populate(off, len);
             }
             self.prefault_ahead_of(off + len - l.heap_offset);

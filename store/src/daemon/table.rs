@@ -20,7 +20,7 @@ use super::Conn;
 use crate::blocks::alloc::Allocator;
 use crate::blocks::id::ObjectId;
 use crate::blocks::ring::{Producer, RingError};
-use crate::blocks::shm::{Arena, FLAG_ERROR, FLAG_REFCOUNTED, OVERFLOW_BIT, Removal};
+use crate::blocks::shm::{Arena, FLAG_ERROR, FLAG_REFCOUNTED, OVERFLOW_BIT, POPULATE_MIN, Removal};
 use crate::error::{Result, StoreError};
 use crate::protocol::{
     DeleteOutcome, Event, NOTICE_LEN, NOTICE_LOST, NOTICE_READY, NOTICE_REJECTED, ObjectInfo,
@@ -335,9 +335,10 @@ fn to_reply(r: Result<()>) -> Reply {
 pub(super) struct Handled {
     /// The reply, if one is due now (a parked wait or a one-way frame has none).
     pub(super) reply: Option<Reply>,
-    /// A block just handed out (offset, length): the daemon pre-faults it if the background
-    /// thread has not reached it yet.
-    pub(super) fresh: Option<(u64, u64)>,
+    /// A block just handed out (offset, length, whether the daemon populates it): the daemon
+    /// pre-faults it if the background thread has not reached it yet, unless its creator
+    /// does, and moves the background pre-fault ahead of it.
+    pub(super) fresh: Option<(u64, u64, bool)>,
     /// A wait was parked: the timer thread must learn its deadline.
     pub(super) parked: bool,
 }
@@ -476,7 +477,10 @@ impl Table {
         let reply = match request {
             Request::Create { id, size } => Some(match self.create(arena, client, id, size, out) {
                 Ok((offset, len)) => {
-                    h.fresh = Some((offset, len));
+                    // A large object's creator populates it in its own mapping (see
+                    // `StoreClient::create_raw`): its pages are allocated there, in the pass
+                    // that fills its page tables, rather than here first.
+                    h.fresh = Some((offset, len, size < POPULATE_MIN));
                     Reply::Created { offset }
                 }
                 Err(e) => Reply::error(&e),
@@ -521,7 +525,7 @@ impl Table {
             Request::Stats => Some(Reply::Stats(self.stats(arena))),
             Request::Slab { size } => Some(match self.slab(arena, client, size, out) {
                 Ok((offset, len)) => {
-                    h.fresh = Some((offset, len));
+                    h.fresh = Some((offset, len, true));
                     Reply::Slab { offset, len }
                 }
                 Err(e) => Reply::error(&e),
