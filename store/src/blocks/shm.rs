@@ -391,6 +391,18 @@ pub const POPULATE_MIN: u64 = 1 << 20;
 /// thread costs more than the faults it would share.
 const POPULATE_SPLIT_MIN: u64 = 32 << 20;
 
+/// How many threads a client populates a large object's range on at its create (see
+/// [`Arena::populate_once_with`]): the cores this process may run on, at most 4 (page
+/// allocation stops scaling there).
+pub fn populate_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get().min(4))
+            .unwrap_or(1)
+    })
+}
+
 /// What a thread of [`Arena::populate_once_with`] takes at a time.
 const POPULATE_PIECE: u64 = 8 << 20;
 

@@ -125,17 +125,7 @@ impl std::fmt::Debug for StoreClient {
 }
 
 pub use crate::blocks::shm::POPULATE_MIN;
-
-/// How many threads populate a large object's range at its create: the cores this process
-/// may run on, at most 4 (page allocation stops scaling there).
-fn populate_threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get().min(4))
-            .unwrap_or(1)
-    })
-}
+use crate::blocks::shm::populate_threads;
 
 impl StoreClient {
     /// Connects to the daemon at `socket` and maps its arena.
