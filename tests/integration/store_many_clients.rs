@@ -494,3 +494,40 @@ pub fn store_read_behind_helper_is_one_per_client_and_goes_with_it() {
     back_to(&writer, &base, "after the large objects go");
 }
 register!(alone: store_read_behind_helper_is_one_per_client_and_goes_with_it);
+
+/// A large put is populated by its creator, on several threads where there are cores, and not
+/// by the daemon first: the bytes another client reads are the bytes put, an object of another
+/// size placed after it reads right too, and the store is back at its baseline once they are
+/// deleted, with both clients connected.
+pub fn store_large_puts_populated_by_their_creator_read_right_elsewhere() {
+    let store = TestStore::start("256MiB");
+    let writer = store.client();
+    let reader = store.client();
+    let base = writer.stats().unwrap();
+    // 96 MiB: split between threads (at least 32 MiB each); 40 MiB + 1: one thread, and a
+    // length that is not a whole number of pages.
+    let sizes = [96usize << 20, (40 << 20) + 1];
+    let ids: Vec<(ObjectId, Vec<u8>)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let id = ObjectId::random();
+            let data = pattern(i as u64 + 7, len);
+            writer.put(id, &data).unwrap();
+            (id, data)
+        })
+        .collect();
+    for (id, data) in &ids {
+        let v = reader.get(*id, T).unwrap();
+        assert!(
+            v[..] == data[..],
+            "{} bytes read elsewhere as put",
+            data.len()
+        );
+    }
+    let all: Vec<ObjectId> = ids.iter().map(|(id, _)| *id).collect();
+    writer.delete(&all).unwrap();
+    back_to(&writer, &base, "after the large objects go");
+    drop(reader);
+}
+register!(store_large_puts_populated_by_their_creator_read_right_elsewhere);
