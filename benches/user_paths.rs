@@ -214,7 +214,8 @@ fn memcpy(k: &Knobs) -> anyhow::Result<()> {
     emit("memcpy_warm", warm_memcpy_gbps(&src, &mut dst, k.reps));
     drop((src, dst));
     // What a cold put cannot beat: the kernel allocating (and zeroing) 1 GiB of fresh pages
-    // of a memfd, on the threads a put populates with.
+    // of a memfd, on the threads a put populates with. Base pages, as the default config's
+    // store has (with `TROVE_HUGEPAGES=1` the put's store has huge pages and this does not).
     use trove_store::shm::{Arena, Layout, populate_threads};
     let arena = Arena::create(Layout::new(GIB as u64, 64)?)?;
     let t = Instant::now();

@@ -381,10 +381,11 @@ pub struct Arena {
 /// The granule of [`Arena::populate_once`]: one bit per 2 MiB of the mapping.
 const POPULATE_CHUNK: u64 = 2 << 20;
 
-/// Objects this large have their range populated before they are written or first read
+/// Objects this large have their range populated by their creator before it writes them
 /// (see [`Arena::populate_once`]); below it a few page faults cost less than the call. The
-/// creator of one populates it in its own mapping (the daemon leaves it to the creator), so
-/// that the memfd's pages are allocated and its page tables filled in one pass.
+/// daemon leaves such a range to its creator, so that the memfd's pages are allocated and the
+/// creator's page tables filled in one pass. (A first read of a large object is helped
+/// from 32 MiB on, by the client's read-behind helper.)
 pub const POPULATE_MIN: u64 = 1 << 20;
 
 /// The least a thread of [`Arena::populate_once_with`] is given: below it, starting a
@@ -708,8 +709,9 @@ impl Arena {
             return Ok(());
         }
         if self.populated.pid != std::process::id() {
-            // A forked copy of another process's arena: its bits say nothing of ours.
-            return self.populate_split(offset, end - offset, threads);
+            // A forked copy of another process's arena: its bits say nothing of ours, and a
+            // forked child starts no thread of its own.
+            return self.populate(offset, end - offset);
         }
         let (first, last) = (offset / POPULATE_CHUNK, (end - 1) / POPULATE_CHUNK);
         if self.populated.all_set(first, last) {
@@ -740,12 +742,31 @@ impl Arena {
     /// and scoped helpers, each for at least [`POPULATE_SPLIT_MIN`]; the first error. The
     /// threads take pieces of [`POPULATE_PIECE`] in turn from the front, so that they finish
     /// together where parts of the range cost more than others (pages already allocated
-    /// cost only their page tables).
+    /// cost only their page tables). Helpers are counted across the process: several large
+    /// creates at once share `threads - 1` of them (page allocation does not scale further).
     fn populate_split(&self, offset: u64, len: u64, threads: usize) -> io::Result<()> {
-        let helpers = (len / POPULATE_SPLIT_MIN).clamp(1, threads.max(1) as u64) - 1;
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        /// Helper threads of this process populating now.
+        static HELPERS: AtomicUsize = AtomicUsize::new(0);
+        let wanted = (len / POPULATE_SPLIT_MIN).clamp(1, threads.max(1) as u64) as usize - 1;
+        let cap = threads.saturating_sub(1);
+        let helpers = match HELPERS.fetch_update(Relaxed, Relaxed, |n| {
+            (n < cap).then(|| n + wanted.min(cap - n))
+        }) {
+            Ok(n) => wanted.min(cap - n),
+            Err(_) => 0,
+        };
         if helpers == 0 {
             return self.populate(offset, len);
         }
+        /// Gives the reserved helpers back however the scope ends.
+        struct Reserved(usize);
+        impl Drop for Reserved {
+            fn drop(&mut self) {
+                HELPERS.fetch_sub(self.0, Relaxed);
+            }
+        }
+        let _reserved = Reserved(helpers);
         let end = offset + len;
         let next = std::sync::atomic::AtomicU64::new(offset);
         let work = || -> io::Result<()> {

@@ -201,8 +201,9 @@ impl StoreClient {
         &self.inner.arena
     }
 
-    /// Pre-faults this process's page tables for the whole heap (the daemon allocates the
-    /// pages; each process still pays a minor fault per page on first touch of its mapping).
+    /// Pre-faults this process's page tables for the whole heap, allocating the memfd's pages
+    /// that do not exist yet (the daemon's pre-fault allocates them as objects reach them;
+    /// each process still pays a minor fault per page on first touch of its own mapping).
     pub fn populate(&self) -> std::io::Result<()> {
         let l = *self.inner.arena.layout();
         self.inner.arena.populate(l.heap_offset, l.heap_len)
@@ -229,8 +230,9 @@ impl StoreClient {
     /// A large object's range is populated in this process's mapping first (see
     /// [`Arena::populate_once`]), so that the writer does not take a page fault per 4 KiB.
     /// The daemon leaves that to us: a fresh range's pages are allocated in the same pass
-    /// that fills our page tables, on as many threads as there are cores (up to 4), unless
-    /// this client may start none.
+    /// that fills our page tables; a range of 64 MiB or more on as many threads as there are
+    /// cores (up to 4), unless this client may start none. (So the pages of a large object
+    /// are charged to its creator's memory cgroup, not the daemon's.)
     pub fn create_raw(&self, id: ObjectId, size: u64) -> Result<u64> {
         match self.call(&Request::Create { id, size })? {
             Reply::Created { offset } => {
