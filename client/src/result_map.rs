@@ -10,10 +10,11 @@
 //! ones come and go, and ids of another prefix, move to a hash map aside.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use rustc_hash::FxHashMap;
 use trove_store::ObjectId;
+use trove_store::id::CounterBlock;
 
 /// Names the results of this process's calls: its prefix and a counter.
 pub(crate) struct ResultIds {
@@ -39,43 +40,17 @@ impl ResultIds {
     /// process's threads share (one shared write per block, not per call; the maps' deques
     /// stay dense within a small factor of the threads calling).
     pub(crate) fn fresh(&self) -> ObjectId {
-        let counter = NEXT
-            .try_with(|b| {
-                let mut blk = b.get();
-                if blk.prefix != self.prefix || blk.next == blk.end {
-                    let n = self.next.fetch_add(BLOCK, Ordering::Relaxed);
-                    blk = Block {
-                        prefix: self.prefix,
-                        next: n,
-                        end: n + BLOCK,
-                    };
-                }
-                let n = blk.next;
-                blk.next += 1;
-                b.set(blk);
-                n
-            })
-            .unwrap_or_else(|_| self.next.fetch_add(1, Ordering::Relaxed));
+        std::thread_local! {
+            static NEXT: std::cell::Cell<CounterBlock> =
+                const { std::cell::Cell::new(CounterBlock::EMPTY) };
+        }
+        let counter = CounterBlock::take(&NEXT, self.prefix, &self.next, BLOCK);
         ObjectId::from_parts(self.prefix, counter)
     }
 }
 
 /// Counters a thread takes at once (see [`ResultIds::fresh`]).
 const BLOCK: u64 = 64;
-
-/// A thread's block of counters: of the ids of `prefix`, `next` up to `end`.
-#[derive(Clone, Copy)]
-struct Block {
-    prefix: [u8; 12],
-    next: u64,
-    end: u64,
-}
-
-std::thread_local! {
-    static NEXT: std::cell::Cell<Block> = const {
-        std::cell::Cell::new(Block { prefix: [0; 12], next: 0, end: 0 })
-    };
-}
 
 /// A map from object ids to `E`, dense for result ids of its prefix (see the module docs).
 pub(crate) struct ResultMap<E> {

@@ -133,6 +133,20 @@ fn loom_want_races_finish_inline() {
     assert!(n > 1);
 }
 
+/// What a caller read for position 0, stored at `FIRST`, while the record was reused: its
+/// own place, or "gone"; never the next call's offset or length.
+fn own_place_or_gone(seen: Seen) {
+    match seen {
+        Seen::Stored { offset, len, error } => assert_eq!(
+            (offset, len, error),
+            (FIRST.0, FIRST.1, false),
+            "the caller read the next call's place as its own"
+        ),
+        Seen::Gone => {}
+        other => panic!("position 0 was {other:?}"),
+    }
+}
+
 /// A caller reads a stored result's place (the seqlock in `seen`) while the next lap's
 /// consumer claims the record and records its own place: the caller gets its own place or
 /// "gone", never the next call's offset or length.
@@ -148,17 +162,7 @@ fn loom_stored_place_read_races_reuse() {
         };
         assert_eq!(r.claim(1), Claim::Ok(None));
         r.finish_stored(1, SECOND.0, SECOND.1, true);
-        match caller.join().expect("caller") {
-            Seen::Stored { offset, len, error } => {
-                assert_eq!(
-                    (offset, len, error),
-                    (FIRST.0, FIRST.1, false),
-                    "the caller read the next call's place as its own"
-                )
-            }
-            Seen::Gone => {}
-            other => panic!("position 0 was {other:?}"),
-        }
+        own_place_or_gone(caller.join().expect("caller"));
     });
     assert!(n > 1);
 }
@@ -215,15 +219,7 @@ fn loom_stored_place_read_races_fast_reuse() {
             r.claim_finish_inline(1, id(2), (2, 3), VALUE, false),
             Some(true)
         );
-        match caller.join().expect("caller") {
-            Seen::Stored { offset, len, error } => assert_eq!(
-                (offset, len, error),
-                (FIRST.0, FIRST.1, false),
-                "the caller read the next call's length as its own place"
-            ),
-            Seen::Gone => {}
-            other => panic!("position 0 was {other:?}"),
-        }
+        own_place_or_gone(caller.join().expect("caller"));
         // Position 1's value is untaken: a later lap may not overwrite it on the fast path.
         assert_eq!(r.claim_finish_inline(2, id(3), (2, 3), VALUE, false), None);
         assert_eq!(take(&r, 1).as_deref(), Some(VALUE));

@@ -17,57 +17,37 @@ impl ObjectId {
     /// Unique across processes with overwhelming probability and cheap (no syscall per id;
     /// a thread takes its counters a block at a time, so most ids cost no shared write).
     pub fn random() -> ObjectId {
-        /// Counters a thread reserves at once.
-        const BLOCK: u64 = 1024;
-        /// The prefix, with the fork generation it was drawn in, and this thread's block of
-        /// counters (the next one, the end).
-        #[derive(Clone, Copy)]
-        struct Block {
-            generation: u64,
-            prefix: [u8; 12],
-            next: u64,
-            end: u64,
-        }
         thread_local! {
-            static NEXT: std::cell::Cell<Option<Block>> = const { std::cell::Cell::new(None) };
+            /// The prefix, with the fork generation it was drawn in.
+            static PREFIX: std::cell::Cell<Option<(u64, [u8; 12])>> =
+                const { std::cell::Cell::new(None) };
+            static BLOCK: std::cell::Cell<CounterBlock> =
+                const { std::cell::Cell::new(CounterBlock::EMPTY) };
         }
         static SHARED: std::sync::Mutex<Option<(u64, [u8; 12])>> = std::sync::Mutex::new(None);
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let generation = fork_generation();
-        let (prefix, n, end) = match NEXT.get() {
-            Some(b) if b.generation == generation && b.next < b.end => (b.prefix, b.next, b.end),
-            cached => {
-                let prefix = match cached {
-                    Some(b) if b.generation == generation => b.prefix,
-                    // One prefix per process (threads share it; the counter keeps them
-                    // apart), drawn again in a forked child so that parent and child never
-                    // collide.
+        let prefix = match PREFIX.get() {
+            Some((seeded, prefix)) if seeded == generation => prefix,
+            _ => {
+                // One prefix per process (threads share it; the counter keeps them apart),
+                // drawn again in a forked child so that parent and child never collide.
+                let mut p = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+                let prefix = match *p {
+                    Some((seeded, prefix)) if seeded == generation => prefix,
                     _ => {
-                        let mut p = SHARED.lock().unwrap_or_else(|e| e.into_inner());
-                        match *p {
-                            Some((seeded, prefix)) if seeded == generation => prefix,
-                            _ => {
-                                let prefix = random_prefix();
-                                *p = Some((generation, prefix));
-                                prefix
-                            }
-                        }
+                        let prefix = random_prefix();
+                        *p = Some((generation, prefix));
+                        prefix
                     }
                 };
-                let n = COUNTER.fetch_add(BLOCK, Ordering::Relaxed);
-                (prefix, n, n + BLOCK)
+                PREFIX.set(Some((generation, prefix)));
+                prefix
             }
         };
-        NEXT.set(Some(Block {
-            generation,
-            prefix,
-            next: n + 1,
-            end,
-        }));
-        let mut b = [0u8; ID_LEN];
-        b[..12].copy_from_slice(&prefix);
-        b[12..].copy_from_slice(&n.to_le_bytes());
-        ObjectId(b)
+        // A new prefix (a forked child's) starts a new block.
+        let n = CounterBlock::take(&BLOCK, prefix, &COUNTER, 1024);
+        ObjectId::from_parts(prefix, n)
     }
 
     /// A fresh 12-byte prefix for [`ObjectId::from_parts`], drawn at random (not the one
@@ -107,6 +87,53 @@ impl ObjectId {
             h = mix(h ^ u64::from_le_bytes(w));
         }
         h
+    }
+}
+
+/// A thread's block of counters for the ids of one prefix, taken from a counter that the
+/// process's threads share: one shared write per block, not per id. Used by
+/// [`ObjectId::random`] and by the namers of calls' results.
+#[derive(Clone, Copy)]
+pub struct CounterBlock {
+    prefix: [u8; 12],
+    next: u64,
+    end: u64,
+}
+
+impl CounterBlock {
+    /// No counters yet.
+    pub const EMPTY: CounterBlock = CounterBlock {
+        prefix: [0; 12],
+        next: 0,
+        end: 0,
+    };
+
+    /// The next counter of `prefix` from this thread's block in `cell`, which takes `size`
+    /// more from `shared` when it is spent or was of another prefix. Falls back to one
+    /// counter from `shared` if the thread's cell is gone (the thread is exiting).
+    #[inline]
+    pub fn take(
+        cell: &'static std::thread::LocalKey<std::cell::Cell<CounterBlock>>,
+        prefix: [u8; 12],
+        shared: &AtomicU64,
+        size: u64,
+    ) -> u64 {
+        cell.try_with(|c| {
+            let mut b = c.get();
+            if b.prefix != prefix || b.next == b.end {
+                let n = shared.fetch_add(size, Ordering::Relaxed);
+                b = CounterBlock {
+                    prefix,
+                    next: n,
+                    end: n + size,
+                };
+            }
+            let n = b.next;
+            b.next += 1;
+            c.set(b);
+            n
+        })
+        .unwrap_or_else(|_| shared.fetch_add(1, Ordering::Relaxed))
     }
 }
 
