@@ -49,6 +49,9 @@ pub fn init(cfg: Config) -> Result<Runtime> {
             })
             .map_err(|e| match e {
                 ProcessError::Io(io) => Error::Io(io),
+                ProcessError::NoHugePages(detail) => {
+                    Error::Store(trove_store::StoreError::NoHugePages(detail))
+                }
                 other => Error::Init(other.to_string()),
             })?;
             (store.socket().to_path_buf(), Some(store))

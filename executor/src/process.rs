@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigHandler, SigSet, Signal, kill, signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, getpid, getppid};
-use trove_store::{Daemon, DaemonConfig};
+use trove_store::{Daemon, DaemonConfig, StoreError};
 
 /// Errors of process management.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,10 @@ pub enum ProcessError {
     Threaded(usize),
     #[error("the embedded store did not start: {0}")]
     StoreStart(String),
+    /// The embedded store was asked for huge pages and the machine offers none for its arena
+    /// (what to set is in the message); starting without them works.
+    #[error("the embedded store did not start: no huge pages for the arena: {0}")]
+    NoHugePages(String),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -168,6 +172,11 @@ pub(crate) fn reap(pid: Pid, limit: Duration) -> bool {
     }
 }
 
+/// How the child's start-up status says "no huge pages" (then the detail), so that the
+/// parent returns [`ProcessError::NoHugePages`], which a caller can answer by starting
+/// without them.
+const NO_HUGE_PAGES: &str = "no-huge-pages:";
+
 /// Reads the child's start-up status: "ok" or an error message, bounded by `limit`.
 fn read_status(rd: OwnedFd, limit: Duration) -> Result<(), ProcessError> {
     use rustix::event::{PollFd, PollFlags, Timespec};
@@ -201,7 +210,10 @@ fn read_status(rd: OwnedFd, limit: Duration) -> Result<(), ProcessError> {
     match std::str::from_utf8(&buf).unwrap_or("?").trim() {
         "ok" => Ok(()),
         "" => Err(ProcessError::StoreStart("the daemon exited".into())),
-        msg => Err(ProcessError::StoreStart(msg.into())),
+        msg => match msg.strip_prefix(NO_HUGE_PAGES) {
+            Some(detail) => Err(ProcessError::NoHugePages(detail.into())),
+            None => Err(ProcessError::StoreStart(msg.into())),
+        },
     }
 }
 
@@ -232,6 +244,10 @@ fn daemon_child(cfg: &DaemonConfig, parent: Pid, status: OwnedFd, dir: &Path) ->
     }
     let daemon = match Daemon::bind(cfg) {
         Ok(d) => d,
+        Err(StoreError::NoHugePages(detail)) => {
+            report(&format!("{NO_HUGE_PAGES}{detail}"));
+            return 1;
+        }
         Err(e) => {
             report(&e.to_string());
             return 1;

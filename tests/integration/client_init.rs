@@ -27,6 +27,82 @@ pub fn client_default_store_is_sized_by_memory_and_holds_1_gib() {
 }
 register!(client_default_store_is_sized_by_memory_and_holds_1_gib);
 
+/// `Config::hugepages` on any machine: huge pages where it has them (the pool or transparent
+/// ones), else a typed refusal that says how to get them, after which `init` without them
+/// works. Either way a large object made by the driver reads right in a task.
+pub fn client_hugepages_are_used_or_refused_with_a_typed_error_then_base_pages_work() {
+    let mut h = Helper::start(Role::HugePages);
+    h.expect_line("OK", Duration::from_secs(120));
+    assert!(h.wait(T).success());
+}
+register!(client_hugepages_are_used_or_refused_with_a_typed_error_then_base_pages_work);
+
+/// The page kind of the store's arena, as a task sees it, and a checksum of the object.
+fn pages_and_sum(r: ObjectRef<[u8]>) -> trove::Result<(u8, u64)> {
+    let pages = trove::runtime()?.store().arena().pages() as u8;
+    let sum = r.get()?.iter().map(|&b| b as u64).sum();
+    Ok((pages, sum))
+}
+
+pub fn huge_pages_role() -> Res {
+    use trove::store::StoreError;
+    use trove::store::shm::Pages;
+    let _ = nix::unistd::setsid();
+    // SAFETY: single-threaded (before init, which checks it); nobody reads the environment
+    // concurrently.
+    unsafe {
+        std::env::remove_var("TROVE_STORE");
+        std::env::remove_var("TROVE_HUGEPAGES");
+    }
+    let cfg = || Config::default().memory(256 << 20).num_cpus(1);
+    let rt = match trove::init(cfg().hugepages(true)) {
+        Ok(rt) => {
+            let pages = rt.store().arena().pages();
+            check(pages != Pages::Base, "a store on huge pages")?;
+            say(&format!("huge pages: {pages:?}"));
+            rt
+        }
+        Err(Error::Store(StoreError::NoHugePages(why))) => {
+            for says in ["vm.nr_hugepages", "shmem_enabled"] {
+                check(why.contains(says), &format!("{says:?} not in {why:?}"))?;
+            }
+            say(&format!("no huge pages here ({why}): base pages"));
+            // The refusal started nothing: init without huge pages works.
+            let rt = trove::init(cfg())?;
+            check(
+                rt.store().arena().pages() == Pages::Base,
+                "the fallback's store on base pages",
+            )?;
+            rt
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let base = rt.stats()?;
+    // 96 MiB: populated by the driver on several threads (the cold path of a large put).
+    let len = 96 << 20;
+    let data = crate::util::pattern(11, len);
+    let want: u64 = data.iter().map(|&b| b as u64).sum();
+    let mut b = rt.create::<u8>(len)?;
+    b.copy_from_slice(&data);
+    let r = b.seal()?;
+    let (pages, sum) = rt
+        .spawn(pages_and_sum, (r.clone(),))?
+        .get_timeout(T)?
+        .deserialize()?;
+    check(
+        pages == rt.store().arena().pages() as u8,
+        "the task's arena on the driver's kind of pages",
+    )?;
+    check(
+        sum == want,
+        &format!("sum {sum} read in a task, {want} put"),
+    )?;
+    drop(r);
+    crate::util::store_back_to(&rt, &base, "after the large object")?;
+    say("OK");
+    Ok(())
+}
+
 /// A task in another process reads a few bytes of a large object.
 fn sample(r: ObjectRef<[u8]>, at: Vec<u64>) -> trove::Result<Vec<u8>> {
     let v = r.get()?;

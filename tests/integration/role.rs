@@ -182,6 +182,10 @@ roles! {
         /// `Config::default()` with `TROVE_MEMORY` unset: the store's size by Ray's rule, and
         /// a 1 GiB object in it (client_init.rs).
         DefaultStore = "default-store",
+        /// `Config::hugepages`: the store on huge pages where the machine has them, else a
+        /// typed refusal and a fallback to base pages; a large object either way
+        /// (client_init.rs).
+        HugePages = "huge-pages",
         /// An executor driver (executor_roles.rs).
         Exec { role: ExecRole } = "exec",
         /// A driver of actors' and tasks' lifetimes (executor_lifetime_roles.rs).

@@ -277,6 +277,7 @@ pub fn run_helper_if_asked() {
         Role::Lifetimes { scenario } => client_lifetimes::helper_role(scenario),
         Role::Reinit => client_init::reinit_role(),
         Role::DefaultStore => client_init::default_store_role(),
+        Role::HugePages => client_init::huge_pages_role(),
         Role::Exec { role } => executor_roles::helper_role(role),
         Role::Life { role } => executor_lifetime_roles::helper_role(role),
         Role::SecOtherUid { socket } => security_access::other_uid_role(&socket),

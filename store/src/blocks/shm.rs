@@ -245,6 +245,9 @@ pub enum Pages {
     Transparent = 2,
 }
 
+/// Where the kernel's transparent huge page settings are.
+const THP: &str = "/sys/kernel/mm/transparent_hugepage";
+
 /// The size of a huge page.
 pub const HUGE_PAGE: u64 = 2 << 20;
 
@@ -270,6 +273,21 @@ impl Pages {
         if field("Hugepagesize:") * 1024 == HUGE_PAGE && free * HUGE_PAGE >= total_len {
             return Ok(Pages::HugeTlb);
         }
+        let (thp_ok, top) = Pages::transparent_allowed();
+        if thp_ok {
+            return Ok(Pages::Transparent);
+        }
+        Err(StoreError::NoHugePages(format!(
+            "{free} free in the huge page pool ({} needed; reserve them with `sysctl \
+             vm.nr_hugepages=N`), and shared memory may not use transparent huge pages \
+             ({THP}/shmem_enabled is {top}; `advise` allows them)",
+            total_len.div_ceil(HUGE_PAGE),
+        )))
+    }
+
+    /// Whether shared memory may use transparent huge pages, and the top-level
+    /// `shmem_enabled` mode (for messages).
+    fn transparent_allowed() -> (bool, String) {
         // The mode in brackets, e.g. "always within_size advise [never] deny force"; a
         // per-size setting (newer kernels) of "inherit" defers to it.
         let mode = |path: &str| -> Option<String> {
@@ -278,24 +296,14 @@ impl Pages {
             let end = s[start..].find(']')?;
             Some(s[start + 1..start + end].to_string())
         };
-        let thp = "/sys/kernel/mm/transparent_hugepage";
-        let top = mode(&format!("{thp}/shmem_enabled"));
-        let sized = mode(&format!("{thp}/hugepages-2048kB/shmem_enabled"));
+        let top = mode(&format!("{THP}/shmem_enabled"));
+        let sized = mode(&format!("{THP}/hugepages-2048kB/shmem_enabled"));
         let usable = |m: &str| matches!(m, "always" | "within_size" | "advise" | "force");
-        let thp_ok = match sized.as_deref() {
+        let ok = match sized.as_deref() {
             Some("inherit") | None => top.as_deref().is_some_and(usable),
             Some(m) => usable(m),
         };
-        if thp_ok {
-            return Ok(Pages::Transparent);
-        }
-        Err(StoreError::NoHugePages(format!(
-            "{free} free in the huge page pool ({} needed; reserve them with `sysctl \
-             vm.nr_hugepages=N`), and shared memory may not use transparent huge pages \
-             ({thp}/shmem_enabled is {}; `advise` allows them)",
-            total_len.div_ceil(HUGE_PAGE),
-            top.as_deref().unwrap_or("absent"),
-        )))
+        (ok, top.unwrap_or_else(|| "absent".into()))
     }
 }
 
@@ -470,6 +478,35 @@ impl Arena {
     /// Creates the memfd (sealed against shrinking and growing), maps it and writes the header.
     pub fn create(layout: Layout) -> Result<Arena> {
         Arena::create_with(layout, Pages::Base)
+    }
+
+    /// [`Arena::create_with`] on the huge pages this machine offers ([`Pages::huge_for`]).
+    /// The pool's free count is only a look: another process may reserve those pages before
+    /// this mapping does. The kernel reserves a shared mapping's pool pages when the mapping
+    /// is made, so a pool that ran short fails here (`ENOMEM`), never later as a `SIGBUS`;
+    /// then transparent huge pages are used if shared memory may use them, else the error is
+    /// `NoHugePages`.
+    pub fn create_huge(layout: Layout) -> Result<Arena> {
+        let pages = Pages::huge_for(layout.total_len)?;
+        match Arena::create_with(layout, pages) {
+            Err(StoreError::Io(e))
+                if pages == Pages::HugeTlb
+                    && e.raw_os_error() == Some(nix::errno::Errno::ENOMEM as i32) =>
+            {
+                let (thp_ok, top) = Pages::transparent_allowed();
+                if thp_ok {
+                    return Arena::create_with(layout, Pages::Transparent);
+                }
+                Err(StoreError::NoHugePages(format!(
+                    "the huge page pool had the {} pages the arena needs when looked at, not \
+                     when it was mapped (another process took them); reserve more with \
+                     `sysctl vm.nr_hugepages=N`, or let shared memory use transparent huge \
+                     pages ({THP}/shmem_enabled is {top}; `advise` allows them)",
+                    layout.total_len.div_ceil(HUGE_PAGE),
+                )))
+            }
+            other => other,
+        }
     }
 
     /// [`Arena::create`] backed by `pages`. With huge pages the heap grows to end on a huge

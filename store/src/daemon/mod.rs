@@ -201,12 +201,12 @@ impl Daemon {
                 cfg.max_clients
             );
         }
-        let pages = if cfg.hugepages {
-            Pages::huge_for(layout.total_len)?
+        let arena = if cfg.hugepages {
+            Arena::create_huge(layout)?
         } else {
-            Pages::Base
+            Arena::create(layout)?
         };
-        let arena = Arena::create_with(layout, pages)?;
+        let pages = arena.pages();
         if pages != Pages::Base {
             info!("arena backed by huge pages ({pages:?})");
         }
