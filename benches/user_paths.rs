@@ -8,6 +8,10 @@
 //! driver prints one line per figure, `name value unit (goal ..., ratio ...)`, or with
 //! `--json` one JSON object per line.
 //!
+//! The cold put and the actor's sum are measured again with `Config::hugepages` where the
+//! machine has huge pages (`huge_pages` says which: 1 the pool, 2 transparent ones); where it
+//! has none, those figures are missing and the run says why.
+//!
 //! References measured in the same run: a memcpy of 1 GiB (to fresh pages, and warm), the
 //! kernel's rate of fresh pages for a memfd (populating 1 GiB of a new arena), a local
 //! sum of 256 MiB (in the actor-sum process), a spinning and a futex ping-pong between two
@@ -43,6 +47,10 @@ const GROUPS: &[&str] = &[
     "put_fits",
     "get_other",
     "actor_sum",
+    // With `Config::hugepages` (the pool, else transparent huge pages), where the machine
+    // has them.
+    "put_huge",
+    "actor_sum_huge",
     "create",
     // The ping-pongs run right before the figures judged against them.
     "pingpong",
@@ -181,14 +189,32 @@ fn child(group: &str, k: &Knobs) -> anyhow::Result<()> {
             // The user's path: init with the default config, first thing.
             let cfg = match group {
                 "sync_oversub" => Config::default().num_cpus(2 * cores()),
+                "put_huge" | "actor_sum_huge" => Config::default().hugepages(true),
                 _ => Config::default(),
             };
-            let rt = trove::init(cfg).context("trove::init")?;
+            let rt = match trove::init(cfg) {
+                Ok(rt) => rt,
+                // Huge pages where the machine has them: else the figures are not measured,
+                // and the driver says why.
+                Err(trove::Error::Store(trove::store::StoreError::NoHugePages(why))) => {
+                    emit("huge_pages", 0.0);
+                    eprintln!(
+                        "\r\x1b[K  {group}: not measured: no huge pages for the store: {why}"
+                    );
+                    return Ok(());
+                }
+                Err(e) => return Err(e).context("trove::init"),
+            };
+            if group.ends_with("_huge") {
+                emit("huge_pages", rt.store().arena().pages() as u8 as f64);
+            }
             match group {
                 "put_fits" => put_fits(&rt),
-                "put" => put(&rt, k),
+                "put" => put(&rt, k, ""),
+                "put_huge" => put(&rt, k, "_huge"),
                 "get_other" => get_other(&rt, k),
-                "actor_sum" => actor_sum(&rt, k),
+                "actor_sum" => actor_sum(&rt, k, ""),
+                "actor_sum_huge" => actor_sum(&rt, k, "_huge"),
                 "create" => create(&rt, k),
                 "sync" => sync(&rt, k, "sync"),
                 "sync_oversub" => sync(&rt, k, "sync_oversub"),
@@ -240,13 +266,16 @@ fn put_fits(rt: &trove::Runtime) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn put(rt: &trove::Runtime, k: &Knobs) -> anyhow::Result<()> {
+fn put(rt: &trove::Runtime, k: &Knobs, sfx: &str) -> anyhow::Result<()> {
     let src = vec![0x5au8; GIB];
     let t = Instant::now();
     let r = rt
         .put_slice(black_box(&src[..]))
         .context("cold put of 1 GiB")?;
-    emit("put_cold", GIB as f64 / t.elapsed().as_secs_f64() / 1e9);
+    emit(
+        &format!("put_cold{sfx}"),
+        GIB as f64 / t.elapsed().as_secs_f64() / 1e9,
+    );
     drop(r);
     rt.store().stats()?; // the daemon has freed it
     let mut v = Vec::new();
@@ -259,7 +288,7 @@ fn put(rt: &trove::Runtime, k: &Knobs) -> anyhow::Result<()> {
         drop(r);
         rt.store().stats()?;
     }
-    emit("put_warm", median(v));
+    emit(&format!("put_warm{sfx}"), median(v));
     Ok(())
 }
 
@@ -275,7 +304,7 @@ fn get_other(rt: &trove::Runtime, k: &Knobs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn actor_sum(rt: &trove::Runtime, k: &Knobs) -> anyhow::Result<()> {
+fn actor_sum(rt: &trove::Runtime, k: &Knobs, sfx: &str) -> anyhow::Result<()> {
     let big: ObjectRef<Vec<f64>> = rt.put(&vec![1.0f64; SUM_LEN])?;
     let local_sum = || -> anyhow::Result<f64> {
         let t = Instant::now();
@@ -299,10 +328,9 @@ fn actor_sum(rt: &trove::Runtime, k: &Knobs) -> anyhow::Result<()> {
         local.push(local_sum()?);
         steady.push(actor_sum(&a)?);
     }
-    emit("sum_local", median(local));
-    emit("actor_sum_first", first);
-    let steady = median(steady);
-    emit("actor_sum_steady", steady);
+    emit(&format!("sum_local{sfx}"), median(local));
+    emit(&format!("actor_sum_first{sfx}"), first);
+    emit(&format!("actor_sum_steady{sfx}"), median(steady));
     rt.kill(&a)?;
     Ok(())
 }
@@ -673,6 +701,21 @@ const FIGURES: &[(&str, &str, Goal)] = &[
     ("actor_sum_first", "ms", Goal::AtMostOf(1.2, "sum_local")),
     ("actor_sum_steady", "ms", Goal::AtMostOf(1.05, "sum_local")),
     ("actor_create_first_call", "ms", Goal::None),
+    // 0: the machine has no huge pages (not measured); 1: the pool; 2: transparent ones.
+    ("huge_pages", "kind", Goal::None),
+    ("put_cold_huge", "GB/s", Goal::AtLeastOf(0.5, "memcpy_warm")),
+    ("put_warm_huge", "GB/s", Goal::AtLeastOf(0.9, "memcpy_warm")),
+    ("sum_local_huge", "ms", Goal::Reference),
+    (
+        "actor_sum_first_huge",
+        "ms",
+        Goal::AtMostOf(1.2, "sum_local_huge"),
+    ),
+    (
+        "actor_sum_steady_huge",
+        "ms",
+        Goal::AtMostOf(1.05, "sum_local_huge"),
+    ),
     ("spin_pingpong", "1/s", Goal::Reference),
     ("futex_pingpong", "1/s", Goal::Reference),
     ("sync", "1/s", Goal::AtLeast(1.5e6)),
@@ -717,8 +760,12 @@ fn run_group(group: &str, quick: bool) -> anyhow::Result<Vec<(String, f64)>> {
             cmd.env_remove("TROVE_MEMORY");
         }
         // A 1 GiB object needs a store larger than 1 GiB: still `Config::default()`, sized the
-        // way a user sizes it (TROVE_MEMORY), unless the caller set it.
-        "put" | "get_other" if std::env::var_os("TROVE_MEMORY").is_none() => {
+        // way a user sizes it (TROVE_MEMORY), unless the caller set it. On huge pages the whole
+        // store comes from the pool (or is transparent huge pages), so those groups are sized
+        // the same: 768 pool pages, not 30% of the machine's memory.
+        "put" | "get_other" | "put_huge" | "actor_sum_huge"
+            if std::env::var_os("TROVE_MEMORY").is_none() =>
+        {
             cmd.env("TROVE_MEMORY", BIG_STORE);
         }
         _ => {}
@@ -878,6 +925,13 @@ pub fn run(quick: bool, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             };
             writeln!(out, "{name:<24} {:>12} {unit:<5} {extra}", fmt_value(v))?;
         }
+    }
+    if !json && got.get("huge_pages") == Some(&0.0) {
+        writeln!(
+            out,
+            "(the *_huge figures were not measured: this machine has no huge pages for the \
+             store; `sysctl vm.nr_hugepages=N`, or shared memory THP in `advise` mode)"
+        )?;
     }
     if !json {
         eprintln!(
