@@ -66,17 +66,20 @@ impl Config {
     /// pool if it has room (`vm.nr_hugepages`), else transparent huge pages if shared memory
     /// may use them (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` set to `advise`).
     /// A 2 MiB page takes one fault where 4 KiB pages take 512, so a fresh process's first
-    /// touch of a large object costs far less. If the machine has neither (the pool must hold
-    /// the whole store: [`Config::memory`]), `init` fails with
-    /// `Error::Store(StoreError::NoHugePages(..))`, saying how to get them, and starts
-    /// nothing: calling `init` again without huge pages falls back to base pages.
+    /// touch of a large object costs far less. The pool must hold the whole arena: the
+    /// store's [`Config::memory`] plus its directory and the clients' rings (about 290 MiB
+    /// more with the default 4,096 clients; the refusal says how many pages). If the machine
+    /// has neither, `init` fails with `Error::Store(StoreError::NoHugePages(..))`, saying how
+    /// to get them, and starts nothing: calling `init` again without huge pages falls back to
+    /// base pages. (This is the embedded store's setting; an external store is started with
+    /// `troved --hugepages`.)
     ///
     /// ```no_run
     /// use trove::{Config, Error, store::StoreError};
     /// let rt = match trove::init(Config::default().hugepages(true)) {
     ///     Err(Error::Store(StoreError::NoHugePages(why))) => {
     ///         eprintln!("base pages: {why}");
-    ///         trove::init(Config::default())?
+    ///         trove::init(Config::default().hugepages(false))?
     ///     }
     ///     other => other?,
     /// };

@@ -59,10 +59,20 @@ pub fn huge_pages_role() -> Res {
         Ok(rt) => {
             let pages = rt.store().arena().pages();
             check(pages != Pages::Base, "a store on huge pages")?;
+            if let Some(want) = crate::util::expected_pages() {
+                check(
+                    format!("{pages:?}") == want,
+                    &format!("{pages:?} where {want} was set up"),
+                )?;
+            }
             say(&format!("huge pages: {pages:?}"));
             rt
         }
         Err(Error::Store(StoreError::NoHugePages(why))) => {
+            check(
+                crate::util::refusal_expected(),
+                &format!("refused where huge pages were set up: {why}"),
+            )?;
             for says in ["vm.nr_hugepages", "shmem_enabled"] {
                 check(why.contains(says), &format!("{says:?} not in {why:?}"))?;
             }

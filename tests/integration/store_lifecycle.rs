@@ -162,6 +162,10 @@ pub fn store_hugepages_are_used_or_refused_saying_how_to_get_them() {
                 .read_to_string(&mut err)
                 .unwrap();
             assert!(!status.success());
+            assert!(
+                crate::util::refusal_expected(),
+                "refused where huge pages were set up: {err}"
+            );
             for says in ["no huge pages", "vm.nr_hugepages", "shmem_enabled"] {
                 assert!(err.contains(says), "{says:?} not in {err}");
             }
@@ -170,6 +174,9 @@ pub fn store_hugepages_are_used_or_refused_saying_how_to_get_them() {
             let a = trove_store::StoreClient::connect(&socket).unwrap();
             let b = trove_store::StoreClient::connect(&socket).unwrap();
             assert_ne!(a.arena().pages(), trove_store::shm::Pages::Base);
+            if let Some(want) = crate::util::expected_pages() {
+                assert_eq!(format!("{:?}", a.arena().pages()), want);
+            }
             assert_eq!(
                 a.arena().layout().total_len % trove_store::shm::HUGE_PAGE,
                 0

@@ -331,6 +331,21 @@ pub fn say(line: &str) {
 }
 
 /// Deterministic bytes for object `n`.
+/// The kind of pages a huge-page test must get (`TROVE_TEST_EXPECT_PAGES`: `HugeTlb`,
+/// `Transparent`, or `Refused` for a refusal; set by `.ci/run` where it set up the machine for
+/// that), or `None` to accept whatever the machine gives (huge pages, or a refusal that says
+/// how to get them).
+pub fn expected_pages() -> Option<String> {
+    std::env::var("TROVE_TEST_EXPECT_PAGES")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
+/// Whether a refusal of huge pages is what the test expects (see [`expected_pages`]).
+pub fn refusal_expected() -> bool {
+    expected_pages().is_none_or(|want| want == "Refused")
+}
+
 pub fn pattern(n: u64, len: usize) -> Vec<u8> {
     let mut x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)

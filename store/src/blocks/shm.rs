@@ -259,8 +259,10 @@ impl Pages {
     }
 
     /// The huge pages this machine offers for an arena of `total_len` bytes: the huge page
-    /// pool if it has that many 2 MiB pages free, else transparent huge pages if shared
-    /// memory may use them; else an error that says how to get either.
+    /// pool if it has that many 2 MiB pages free and not reserved by other mappings
+    /// (`HugePages_Free - HugePages_Rsvd`: another store's untouched pages count as free),
+    /// else transparent huge pages if shared memory may use them; else an error that says
+    /// how to get either.
     pub fn huge_for(total_len: u64) -> Result<Pages> {
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         let field = |name: &str| -> u64 {
@@ -269,7 +271,7 @@ impl Pages {
                 .find_map(|l| l.strip_prefix(name)?.trim().split(' ').next()?.parse().ok())
                 .unwrap_or(0)
         };
-        let free = field("HugePages_Free:");
+        let free = field("HugePages_Free:").saturating_sub(field("HugePages_Rsvd:"));
         if field("Hugepagesize:") * 1024 == HUGE_PAGE && free * HUGE_PAGE >= total_len {
             return Ok(Pages::HugeTlb);
         }
@@ -481,27 +483,42 @@ impl Arena {
     }
 
     /// [`Arena::create_with`] on the huge pages this machine offers ([`Pages::huge_for`]).
-    /// The pool's free count is only a look: another process may reserve those pages before
-    /// this mapping does. The kernel reserves a shared mapping's pool pages when the mapping
-    /// is made, so a pool that ran short fails here (`ENOMEM`), never later as a `SIGBUS`;
-    /// then transparent huge pages are used if shared memory may use them, else the error is
-    /// `NoHugePages`.
+    ///
+    /// The pool's count is only a look: another process may reserve those pages before this
+    /// mapping does. The kernel reserves a shared mapping's pool pages from the global pool
+    /// when the mapping is made, so a pool that ran short fails the mapping (`ENOMEM`).
+    /// Reserved is not yet charged: a hugetlb cgroup limit (a container that asked for no
+    /// huge pages has a limit of 0) is charged on first touch, which fails as a `SIGBUS`;
+    /// [`Arena::create_with`] therefore populates the header's huge page before touching it,
+    /// so such a limit fails here (`EFAULT`) too. Either way transparent huge pages are used
+    /// if shared memory may use them, else the error is `NoHugePages`. (A limit above zero
+    /// but below the arena's size can still fail a later page, as a `SIGBUS` in the process
+    /// that first touches it: only the first page is checked.)
     pub fn create_huge(layout: Layout) -> Result<Arena> {
         let pages = Pages::huge_for(layout.total_len)?;
+        let errno = |e: &io::Error| e.raw_os_error().map(nix::errno::Errno::from_raw);
         match Arena::create_with(layout, pages) {
             Err(StoreError::Io(e))
                 if pages == Pages::HugeTlb
-                    && e.raw_os_error() == Some(nix::errno::Errno::ENOMEM as i32) =>
+                    && matches!(
+                        errno(&e),
+                        Some(nix::errno::Errno::ENOMEM | nix::errno::Errno::EFAULT)
+                    ) =>
             {
                 let (thp_ok, top) = Pages::transparent_allowed();
                 if thp_ok {
                     return Arena::create_with(layout, Pages::Transparent);
                 }
+                let what = if errno(&e) == Some(nix::errno::Errno::ENOMEM) {
+                    "the huge page pool had them when looked at, not when the arena was \
+                     mapped (another process reserved them meanwhile)"
+                } else {
+                    "the pool's first page could not be allocated (a hugetlb cgroup limit?)"
+                };
                 Err(StoreError::NoHugePages(format!(
-                    "the huge page pool had the {} pages the arena needs when looked at, not \
-                     when it was mapped (another process took them); reserve more with \
-                     `sysctl vm.nr_hugepages=N`, or let shared memory use transparent huge \
-                     pages ({THP}/shmem_enabled is {top}; `advise` allows them)",
+                    "{} pages needed: {what}; reserve more with `sysctl vm.nr_hugepages=N`, \
+                     or let shared memory use transparent huge pages ({THP}/shmem_enabled is \
+                     {top}; `advise` allows them)",
                     layout.total_len.div_ceil(HUGE_PAGE),
                 )))
             }
@@ -534,6 +551,18 @@ impl Arena {
             .len(layout.total_len as usize)
             .map_raw(&fd)?;
         advise_pages(&map, pages)?;
+        if pages == Pages::HugeTlb {
+            // Allocate the header's huge page before the first write to it: a pool page that
+            // cannot be charged (a hugetlb cgroup limit) is an error here (`EFAULT`), where a
+            // write would be a SIGBUS. A kernel without MADV_POPULATE_WRITE (`EINVAL`, before
+            // 5.14) cannot tell: the write below then finds out.
+            match map.advise_range(Advice::PopulateWrite, 0, HUGE_PAGE as usize) {
+                Err(e) if e.raw_os_error() != Some(nix::errno::Errno::EINVAL as i32) => {
+                    return Err(e.into());
+                }
+                _ => {}
+            }
+        }
         let arena = Arena {
             map,
             fd,
