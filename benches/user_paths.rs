@@ -927,7 +927,7 @@ pub fn run(quick: bool, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             } else {
                 format!("({})", extra.join(", "))
             };
-            writeln!(out, "{name:<24} {:>12} {unit:<5} {extra}", fmt_value(v))?;
+            writeln!(out, "{name:<26} {:>12} {unit:<5} {extra}", fmt_value(v))?;
         }
     }
     if !json
