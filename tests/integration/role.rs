@@ -194,6 +194,9 @@ roles! {
         SecOtherUid { socket: PathBuf } = "sec-other-uid",
         /// Watch `n` ids, then never read the notification ring (security_access.rs).
         SecStall { socket: PathBuf, n: u64 } = "sec-stall",
+        /// Join the hugetlb cgroup `cgroup` (its limit 0), then create, write and read back
+        /// objects in the huge-page store at `socket` (store_lifecycle.rs).
+        HugetlbLimited { socket: PathBuf, cgroup: PathBuf } = "hugetlb-limited",
         /// Put, get, call and drop for `millis` with a seeded generator (load_clients.rs).
         LoadClient { socket: PathBuf, seed: u64, millis: u64 } = "load-client",
         /// A workload until the test creates `quiet` beside the socket's directory

@@ -18,7 +18,7 @@ const T: Duration = Duration::from_secs(30);
 
 /// Waits (bounded) until the store is back at `base` (objects and used bytes), and says
 /// what is left if it is not.
-fn back_to(c: &StoreClient, base: &Stats, what: &str) {
+pub(crate) fn back_to(c: &StoreClient, base: &Stats, what: &str) {
     let until = Instant::now() + T;
     loop {
         let s = c.stats().unwrap();

@@ -282,6 +282,9 @@ pub fn run_helper_if_asked() {
         Role::Life { role } => executor_lifetime_roles::helper_role(role),
         Role::SecOtherUid { socket } => security_access::other_uid_role(&socket),
         Role::SecStall { socket, n } => security_access::stall_role(&socket, n),
+        Role::HugetlbLimited { socket, cgroup } => {
+            crate::store_lifecycle::hugetlb_limited_role(&socket, &cgroup)
+        }
         Role::LoadClient {
             socket,
             seed,
@@ -339,6 +342,14 @@ pub fn expected_pages() -> Option<String> {
     std::env::var("TROVE_TEST_EXPECT_PAGES")
         .ok()
         .filter(|v| !v.is_empty())
+}
+
+/// A hugetlb cgroup whose limit is 0 (`TROVE_TEST_HUGETLB_LIMITED`, set by `.ci/run` where it
+/// could make one): a client in it must still create objects in a store on pool pages.
+pub fn hugetlb_limited_cgroup() -> Option<std::path::PathBuf> {
+    std::env::var_os("TROVE_TEST_HUGETLB_LIMITED")
+        .filter(|v| !v.is_empty())
+        .map(Into::into)
 }
 
 /// Whether a refusal of huge pages is what the test expects (see [`expected_pages`]).

@@ -232,7 +232,8 @@ impl StoreClient {
     /// The daemon leaves that to us: a fresh range's pages are allocated in the same pass
     /// that fills our page tables; a range of 64 MiB or more on as many threads as there are
     /// cores (up to 4), unless this client may start none. (So the pages of a large object
-    /// are charged to its creator's memory cgroup, not the daemon's.)
+    /// are charged to its creator's memory cgroup, not the daemon's; except on pages of the
+    /// huge page pool, which the daemon allocates before it replies, and this pass only maps.)
     pub fn create_raw(&self, id: ObjectId, size: u64) -> Result<u64> {
         match self.call(&Request::Create { id, size })? {
             Reply::Created { offset } => {

@@ -31,7 +31,9 @@ use conn::Conn;
 pub use table::Limits;
 use table::{Outbox, Table};
 
-use crate::blocks::shm::{Arena, DEFAULT_MAX_CLIENTS, Layout, PIN_CLIENTS, Pages};
+use crate::blocks::shm::{
+    Arena, DEFAULT_MAX_CLIENTS, Layout, PIN_CLIENTS, POPULATE_MIN, Pages, populate_threads,
+};
 use crate::error::{Result, StoreError};
 use crate::protocol::{self, MAX_REQUEST, PROTOCOL_VERSION, Reply, Request};
 use crate::sock;
@@ -478,7 +480,13 @@ impl Shared {
             let l = self.arena.layout();
             let done = l.heap_offset + self.prefaulted.load(Ordering::Acquire);
             if populate && off + len > done {
-                let _ = self.arena.populate(off, len);
+                // A large one here is on pool pages (see `Table::request`): on the threads a
+                // creator would have used.
+                let _ = if len >= POPULATE_MIN {
+                    self.arena.populate_once_with(off, len, populate_threads())
+                } else {
+                    self.arena.populate(off, len)
+                };
             }
             self.prefault_ahead_of(off + len - l.heap_offset);
         }

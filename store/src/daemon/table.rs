@@ -20,7 +20,9 @@ use super::Conn;
 use crate::blocks::alloc::Allocator;
 use crate::blocks::id::ObjectId;
 use crate::blocks::ring::{Producer, RingError};
-use crate::blocks::shm::{Arena, FLAG_ERROR, FLAG_REFCOUNTED, OVERFLOW_BIT, POPULATE_MIN, Removal};
+use crate::blocks::shm::{
+    Arena, FLAG_ERROR, FLAG_REFCOUNTED, OVERFLOW_BIT, POPULATE_MIN, Pages, Removal,
+};
 use crate::error::{Result, StoreError};
 use crate::protocol::{
     DeleteOutcome, Event, NOTICE_LEN, NOTICE_LOST, NOTICE_READY, NOTICE_REJECTED, ObjectInfo,
@@ -479,8 +481,12 @@ impl Table {
                 Ok((offset, len)) => {
                     // A large object's creator populates it in its own mapping (see
                     // `StoreClient::create_raw`): its pages are allocated there, in the pass
-                    // that fills its page tables, rather than here first.
-                    h.fresh = Some((offset, len, size < POPULATE_MIN));
+                    // that fills its page tables, rather than here first. Not pool pages:
+                    // they are charged to the hugetlb cgroup of whoever touches them first,
+                    // and a limited one (a container that asked for none has 0) makes that
+                    // touch a SIGBUS; the store reserved them, so the store allocates them.
+                    let creator = size >= POPULATE_MIN && arena.pages() != Pages::HugeTlb;
+                    h.fresh = Some((offset, len, !creator));
                     Reply::Created { offset }
                 }
                 Err(e) => Reply::error(&e),
