@@ -236,7 +236,8 @@ register!(store_hugepages_of_the_pool_are_allocated_by_the_store_for_a_limited_c
 
 /// Role `HugetlbLimited`: joins `cgroup` (a hugetlb limit of 0), then puts a small object and
 /// one of 400 MiB (beyond the background pre-fault, and above the size whose creator would
-/// populate it on base pages) in the store at `socket`, reads them back and deletes them.
+/// populate it on base pages) in the store at `socket`, reads them back and deletes them,
+/// then looks for ids nobody made.
 pub fn hugetlb_limited_role(
     socket: &std::path::Path,
     cgroup: &std::path::Path,
@@ -257,6 +258,14 @@ pub fn hugetlb_limited_role(
             &format!("{len} bytes read back"),
         )?;
         c.delete(&[id])?;
+    }
+    // Looks for ids nobody made: the lock-free lookup reads directory slots all over the
+    // directory, most of them on pages no object ever used.
+    for _ in 0..256 {
+        crate::util::check(
+            c.get(ObjectId::random(), Timeout::Poll).is_err(),
+            "an id nobody made is not found",
+        )?;
     }
     crate::util::say("OK");
     Ok(())

@@ -489,11 +489,11 @@ impl Arena {
     /// when the mapping is made, so a pool that ran short fails the mapping (`ENOMEM`).
     /// Reserved is not yet charged: a hugetlb cgroup limit (a container that asked for no
     /// huge pages has a limit of 0) is charged on first touch, which fails as a `SIGBUS`;
-    /// [`Arena::create_with`] therefore populates the header's huge page before touching it,
-    /// so such a limit fails here (`EFAULT`) too. Either way transparent huge pages are used
+    /// [`Arena::create_with`] therefore populates every page before the heap (header,
+    /// directory, rings) before it touches one, so such a limit fails here (`EFAULT`) too. Either way transparent huge pages are used
     /// if shared memory may use them, else the error is `NoHugePages`. (A limit above zero
-    /// but below the arena's size can still fail a later page, as a `SIGBUS` in the process
-    /// that first touches it: only the first page is checked.)
+    /// but below the arena's size can still fail a later heap page: only the pages before the
+    /// heap, which [`Arena::create_with`] allocates at once, are checked.)
     pub fn create_huge(layout: Layout) -> Result<Arena> {
         let pages = Pages::huge_for(layout.total_len)?;
         let errno = |e: &io::Error| e.raw_os_error().map(nix::errno::Errno::from_raw);
@@ -552,11 +552,18 @@ impl Arena {
             .map_raw(&fd)?;
         advise_pages(&map, pages)?;
         if pages == Pages::HugeTlb {
-            // Allocate the header's huge page before the first write to it: a pool page that
-            // cannot be charged (a hugetlb cgroup limit) is an error here (`EFAULT`), where a
-            // write would be a SIGBUS. A kernel without MADV_POPULATE_WRITE (`EINVAL`, before
-            // 5.14) cannot tell: the write below then finds out.
-            match map.advise_range(Advice::PopulateWrite, 0, HUGE_PAGE as usize) {
+            // Allocate every page before the heap (header, directory, rings) now, before the
+            // first write: a pool page that cannot be charged (a hugetlb cgroup limit) is an
+            // error here (`EFAULT`), where a write would be a SIGBUS; and no client ever
+            // touches one of them first (a lookup reads directory slots anywhere; a first
+            // touch is charged to the toucher's cgroup, maybe 0 in a client's container). A
+            // kernel without MADV_POPULATE_WRITE (`EINVAL`, before 5.14) cannot tell: the
+            // write below then finds out.
+            let meta = layout
+                .heap_offset
+                .next_multiple_of(HUGE_PAGE)
+                .min(layout.total_len);
+            match map.advise_range(Advice::PopulateWrite, 0, meta as usize) {
                 Err(e) if e.raw_os_error() != Some(nix::errno::Errno::EINVAL as i32) => {
                     return Err(e.into());
                 }
