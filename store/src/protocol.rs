@@ -142,6 +142,7 @@ pub enum ErrorCode {
     Refused = 10,
     TooManyPending = 11,
     TooManyClients = 12,
+    NoHugePages = 13,
 }
 
 impl ErrorCode {
@@ -160,6 +161,7 @@ impl ErrorCode {
             10 => Refused,
             11 => TooManyPending,
             12 => TooManyClients,
+            13 => NoHugePages,
             _ => return None,
         })
     }
@@ -731,11 +733,13 @@ impl Reply {
             StoreError::TooManyClients { limit } => {
                 (ErrorCode::TooManyClients, [*limit as u64, 0, 0])
             }
+            StoreError::NoHugePages(_) => (ErrorCode::NoHugePages, [0; 3]),
             _ => (ErrorCode::InvalidRequest, [0; 3]),
         };
         let message = match e {
             // What is not evictable, and whose: the typed error carries it.
             StoreError::StoreFull { detail, .. } => detail.clone(),
+            StoreError::NoHugePages(detail) => detail.clone(),
             other => other.to_string(),
         };
         Reply::Error {
@@ -775,6 +779,7 @@ impl Reply {
             ErrorCode::TooManyClients => StoreError::TooManyClients {
                 limit: nums[0].min(u32::MAX as u64) as u32,
             },
+            ErrorCode::NoHugePages => StoreError::NoHugePages(message),
         }
     }
 }
@@ -1116,6 +1121,21 @@ mod tests {
             Reply::into_error(code, nums, message, id),
             StoreError::TooManyClients { limit: 1024 }
         ));
+        // A refusal of huge pages keeps its type and its words (once, not prefixed twice).
+        let Reply::Error {
+            code,
+            nums,
+            message,
+        } = Reply::error(&StoreError::NoHugePages("none left".into()))
+        else {
+            panic!("an error reply")
+        };
+        let e = Reply::into_error(code, nums, message, id);
+        assert!(
+            matches!(&e, StoreError::NoHugePages(d) if d == "none left"),
+            "{e:?}"
+        );
+        assert_eq!(e.to_string(), "no huge pages for the arena: none left");
     }
 
     #[test]

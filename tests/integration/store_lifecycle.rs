@@ -234,6 +234,109 @@ pub fn store_hugepages_of_the_pool_are_allocated_by_the_store_for_a_limited_clie
 }
 register!(store_hugepages_of_the_pool_are_allocated_by_the_store_for_a_limited_client);
 
+/// A store whose own hugetlb cgroup runs out (a limit above 0 but below its arena) refuses a
+/// create it cannot allocate, with `NoHugePages`, and takes the block back: no client gets a
+/// block whose pages do not exist (its first touch would be a SIGBUS), and the store is back
+/// at its baseline. Needs a hugetlb cgroup hierarchy, which `.ci/run` sets up
+/// (`TROVE_TEST_HUGETLB_LIMITED`, next to which this makes its own cgroup); elsewhere it
+/// checks nothing and says so.
+pub fn store_hugepages_a_block_the_store_cannot_allocate_is_refused_and_given_back() {
+    use std::process::{Command, Stdio};
+    let Some(limited) = crate::util::hugetlb_limited_cgroup() else {
+        eprintln!("no hugetlb cgroup was set up: nothing to check");
+        return;
+    };
+    let cg = limited
+        .parent()
+        .expect("a cgroup has a parent")
+        .join(format!("trove-test-{}", std::process::id()));
+    std::fs::create_dir(&cg).unwrap();
+    // Removed last (declared first): once the store in it is gone.
+    struct Removed(std::path::PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _removed = Removed(cg.clone());
+    let (usage, limit) = if cg.join("hugetlb.2MB.max").exists() {
+        ("hugetlb.2MB.current", "hugetlb.2MB.max")
+    } else {
+        ("hugetlb.2MB.usage_in_bytes", "hugetlb.2MB.limit_in_bytes")
+    };
+    let charged = || -> u64 {
+        std::fs::read_to_string(cg.join(usage))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("trove-test-")
+        .tempdir()
+        .unwrap();
+    let socket = dir.path().join("sock").join("troved.sock");
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    // The store joins the cgroup before it starts (its pages are charged there).
+    let _store = Reaped(
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ >"$1/cgroup.procs" && exec "$2" --memory 512MiB --hugepages --socket "$3""#)
+            .arg("sh")
+            .arg(&cg)
+            .arg(env!("CARGO_BIN_EXE_troved"))
+            .arg(&socket)
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(T, "troved to listen", || {
+        trove_store::StoreClient::connect(&socket).is_ok()
+    });
+    let c = trove_store::StoreClient::connect(&socket).unwrap();
+    if c.arena().pages() != trove_store::shm::Pages::HugeTlb {
+        eprintln!("the store is not on pool pages here: nothing to check");
+        return;
+    }
+    // Its background pre-fault takes the first 256 MiB of the heap: let it finish, then allow
+    // the store nothing more.
+    let mut last = (charged(), std::time::Instant::now());
+    wait_until(T, "the store's pre-fault to settle", || {
+        let now = charged();
+        if now != last.0 {
+            last = (now, std::time::Instant::now());
+        }
+        last.1.elapsed() > Duration::from_millis(300)
+    });
+    std::fs::write(cg.join(limit), charged().to_string()).unwrap();
+    let base = c.stats().unwrap();
+    // 300 MiB: beyond what exists.
+    match c.put(ObjectId::random(), &pattern(3, 300 << 20)) {
+        Err(StoreError::NoHugePages(why)) => {
+            assert!(why.contains("could not be allocated"), "{why}")
+        }
+        other => panic!("a create the store cannot allocate gave {other:?}"),
+    }
+    crate::store_many_clients::back_to(&c, &base, "after the refused create");
+    // What exists still serves.
+    let id = ObjectId::random();
+    c.put(id, &pattern(4, 64 << 10)).unwrap();
+    assert_eq!(
+        c.get(id, Timeout::Poll).unwrap().as_slice(),
+        pattern(4, 64 << 10)
+    );
+    c.delete(&[id]).unwrap();
+    crate::store_many_clients::back_to(&c, &base, "after the small object");
+}
+register!(store_hugepages_a_block_the_store_cannot_allocate_is_refused_and_given_back);
+
 /// Role `HugetlbLimited`: joins `cgroup` (a hugetlb limit of 0), then puts a small object and
 /// one of 400 MiB (beyond the background pre-fault, and above the size whose creator would
 /// populate it on base pages) in the store at `socket`, reads them back and deletes them,

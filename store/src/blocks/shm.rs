@@ -22,7 +22,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use memmap2::{Advice, MmapOptions, MmapRaw};
-use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::fcntl::{FallocateFlags, FcntlArg, SealFlag, fallocate, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 
 use crate::blocks::id::{ID_LEN, ObjectId};
@@ -489,11 +489,11 @@ impl Arena {
     /// when the mapping is made, so a pool that ran short fails the mapping (`ENOMEM`).
     /// Reserved is not yet charged: a hugetlb cgroup limit (a container that asked for no
     /// huge pages has a limit of 0) is charged on first touch, which fails as a `SIGBUS`;
-    /// [`Arena::create_with`] therefore populates every page before the heap (header,
-    /// directory, rings) before it touches one, so such a limit fails here (`EFAULT`) too. Either way transparent huge pages are used
+    /// [`Arena::create_with`] therefore allocates every page before the heap (header,
+    /// directory, rings) before it touches one, so such a limit fails here (`ENOSPC`) too. Either way transparent huge pages are used
     /// if shared memory may use them, else the error is `NoHugePages`. (A limit above zero
-    /// but below the arena's size can still fail a later heap page: only the pages before the
-    /// heap, which [`Arena::create_with`] allocates at once, are checked.)
+    /// but below the arena's size fails later, as a create or slab the daemon cannot allocate:
+    /// [`Arena::allocate_pool_pages`].)
     pub fn create_huge(layout: Layout) -> Result<Arena> {
         let pages = Pages::huge_for(layout.total_len)?;
         let errno = |e: &io::Error| e.raw_os_error().map(nix::errno::Errno::from_raw);
@@ -502,7 +502,7 @@ impl Arena {
                 if pages == Pages::HugeTlb
                     && matches!(
                         errno(&e),
-                        Some(nix::errno::Errno::ENOMEM | nix::errno::Errno::EFAULT)
+                        Some(nix::errno::Errno::ENOMEM | nix::errno::Errno::ENOSPC)
                     ) =>
             {
                 let (thp_ok, top) = Pages::transparent_allowed();
@@ -513,7 +513,8 @@ impl Arena {
                     "the huge page pool had them when looked at, not when the arena was \
                      mapped (another process reserved them meanwhile)"
                 } else {
-                    "the pool's first page could not be allocated (a hugetlb cgroup limit?)"
+                    "the pool's pages before the heap (header, directory, rings) could not be \
+                     allocated (a hugetlb cgroup limit?)"
                 };
                 Err(StoreError::NoHugePages(format!(
                     "{} pages needed: {what}; reserve more with `sysctl vm.nr_hugepages=N`, \
@@ -554,21 +555,14 @@ impl Arena {
         if pages == Pages::HugeTlb {
             // Allocate every page before the heap (header, directory, rings) now, before the
             // first write: a pool page that cannot be charged (a hugetlb cgroup limit) is an
-            // error here (`EFAULT`), where a write would be a SIGBUS; and no client ever
+            // error here (`ENOSPC`), where a write would be a SIGBUS; and no client ever
             // touches one of them first (a lookup reads directory slots anywhere; a first
-            // touch is charged to the toucher's cgroup, maybe 0 in a client's container). A
-            // kernel without MADV_POPULATE_WRITE (`EINVAL`, before 5.14) cannot tell: the
-            // write below then finds out.
+            // touch is charged to the toucher's cgroup, maybe 0 in a client's container).
             let meta = layout
                 .heap_offset
                 .next_multiple_of(HUGE_PAGE)
                 .min(layout.total_len);
-            match map.advise_range(Advice::PopulateWrite, 0, meta as usize) {
-                Err(e) if e.raw_os_error() != Some(nix::errno::Errno::EINVAL as i32) => {
-                    return Err(e.into());
-                }
-                _ => {}
-            }
+            allocate_pool_range(&fd, 0, meta)?;
         }
         let arena = Arena {
             map,
@@ -730,6 +724,19 @@ impl Arena {
         Some(unsafe { std::slice::from_raw_parts(p, len as usize) })
     }
 
+    /// On an arena of pool pages: makes sure the pages of `[offset, offset+len)` exist,
+    /// allocating any that do not (see [`allocate_pool_range`]); an error if one cannot be
+    /// had. A no-op on other arenas. The daemon calls it for every block it hands out beyond
+    /// its pre-fault, so that no client is the first to touch a pool page (a client's first
+    /// touch is charged to its own hugetlb cgroup, which may allow none: a `SIGBUS`).
+    pub fn allocate_pool_pages(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.pages() != Pages::HugeTlb {
+            return Ok(());
+        }
+        let end = offset.saturating_add(len).min(self.layout.total_len);
+        allocate_pool_range(&self.fd, offset, end)
+    }
+
     /// Pre-faults `[offset, offset+len)` of this process's mapping for writing
     /// (MADV_POPULATE_WRITE): allocates the memfd's pages if needed and fills the page tables,
     /// without changing any byte. Safe to run while others use the range.
@@ -750,6 +757,25 @@ impl Arena {
             (end - offset) as usize,
         )
     }
+}
+
+/// Allocates the memfd's pages of `[start, end)` (whole huge pages) without mapping them
+/// (`fallocate`): for an arena of pool pages. A page that cannot be had (the pool, or the
+/// caller's hugetlb cgroup, has none left) is an error (`ENOSPC`), where a first touch would
+/// be a `SIGBUS`; pages already allocated cost a look each.
+fn allocate_pool_range(fd: &OwnedFd, start: u64, end: u64) -> io::Result<()> {
+    let start = start - start % HUGE_PAGE;
+    let end = end.next_multiple_of(HUGE_PAGE);
+    if start >= end {
+        return Ok(());
+    }
+    fallocate(
+        fd,
+        FallocateFlags::empty(),
+        start as i64,
+        (end - start) as i64,
+    )?;
+    Ok(())
 }
 
 /// Asks for transparent huge pages on a mapping of an arena that uses them.

@@ -204,6 +204,8 @@ impl StoreClient {
     /// Pre-faults this process's page tables for the whole heap, allocating the memfd's pages
     /// that do not exist yet (the daemon's pre-fault allocates them as objects reach them;
     /// each process still pays a minor fault per page on first touch of its own mapping).
+    /// On an arena of pool pages, a page allocated here is charged to this process's hugetlb
+    /// cgroup; where that allows none, this is an error (`EFAULT`), not a signal.
     pub fn populate(&self) -> std::io::Result<()> {
         let l = *self.inner.arena.layout();
         self.inner.arena.populate(l.heap_offset, l.heap_len)

@@ -476,21 +476,39 @@ impl Shared {
         // A fresh allocation in a region the background pre-fault has not reached yet:
         // populate it now, outside the lock, so the client's writes do not pay first-touch
         // faults (unless the client populates it itself, a large object).
-        if let Some((off, len, populate)) = h.fresh {
+        let mut reply = h.reply;
+        if let Some(fresh) = h.fresh {
+            let (off, len) = (fresh.offset, fresh.len);
             let l = self.arena.layout();
             let done = l.heap_offset + self.prefaulted.load(Ordering::Acquire);
-            if populate && off + len > done {
-                // A large one here is on pool pages (see `Table::request`): on the threads a
-                // creator would have used.
-                let _ = if len >= POPULATE_MIN {
+            let pool = self.arena.pages() == Pages::HugeTlb;
+            if fresh.daemon_populates && off + len > done {
+                // A large object here is on pool pages (see `Table::request`): populated on
+                // the threads its creator would have used.
+                let _ = if pool && len >= POPULATE_MIN {
                     self.arena.populate_once_with(off, len, populate_threads())
                 } else {
                     self.arena.populate(off, len)
                 };
             }
-            self.prefault_ahead_of(off + len - l.heap_offset);
+            // Pool pages must exist before a client touches them (the populate above is a
+            // speed-up that may fail quietly): a block whose pages cannot be had is taken
+            // back, and the client told so, instead of a SIGBUS in the client.
+            if pool
+                && off + len > done
+                && let Err(e) = self.arena.allocate_pool_pages(off, len)
+            {
+                warn!("no pool pages for a block of {len} bytes at {off}: {e}");
+                lock(&self.table).give_back(&self.arena, client, &fresh);
+                reply = Some(Reply::error(&StoreError::NoHugePages(format!(
+                    "the pool pages for {len} bytes could not be allocated ({e}): the pool \
+                     or the store's hugetlb cgroup has none left"
+                ))));
+            } else {
+                self.prefault_ahead_of(off + len - l.heap_offset);
+            }
         }
-        h.reply
+        reply
     }
 
     /// A client's connection closed (it closed it, or the daemon cut it off). If its process

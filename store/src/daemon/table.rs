@@ -332,15 +332,31 @@ fn to_reply(r: Result<()>) -> Reply {
     }
 }
 
+/// A block just handed out by a create or a slab grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Fresh {
+    pub(super) offset: u64,
+    pub(super) len: u64,
+    /// Whether the daemon populates it (else its creator does, a large object on base pages).
+    pub(super) daemon_populates: bool,
+    pub(super) of: FreshOf,
+}
+
+/// What a [`Fresh`] block is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FreshOf {
+    Object(ObjectId),
+    Slab,
+}
+
 /// What handling one request gave.
 #[derive(Debug, Default)]
 pub(super) struct Handled {
     /// The reply, if one is due now (a parked wait or a one-way frame has none).
     pub(super) reply: Option<Reply>,
-    /// A block just handed out (offset, length, whether the daemon populates it): the daemon
-    /// pre-faults it if the background thread has not reached it yet, unless its creator
-    /// does, and moves the background pre-fault ahead of it.
-    pub(super) fresh: Option<(u64, u64, bool)>,
+    /// A block just handed out: the daemon pre-faults it if the background thread has not
+    /// reached it yet, unless its creator does, and moves the background pre-fault ahead of it.
+    pub(super) fresh: Option<Fresh>,
     /// A wait was parked: the timer thread must learn its deadline.
     pub(super) parked: bool,
 }
@@ -486,7 +502,12 @@ impl Table {
                     // and a limited one (a container that asked for none has 0) makes that
                     // touch a SIGBUS; the store reserved them, so the store allocates them.
                     let creator = size >= POPULATE_MIN && arena.pages() != Pages::HugeTlb;
-                    h.fresh = Some((offset, len, !creator));
+                    h.fresh = Some(Fresh {
+                        offset,
+                        len,
+                        daemon_populates: !creator,
+                        of: FreshOf::Object(id),
+                    });
                     Reply::Created { offset }
                 }
                 Err(e) => Reply::error(&e),
@@ -531,7 +552,12 @@ impl Table {
             Request::Stats => Some(Reply::Stats(self.stats(arena))),
             Request::Slab { size } => Some(match self.slab(arena, client, size, out) {
                 Ok((offset, len)) => {
-                    h.fresh = Some((offset, len, true));
+                    h.fresh = Some(Fresh {
+                        offset,
+                        len,
+                        daemon_populates: true,
+                        of: FreshOf::Slab,
+                    });
                     Reply::Slab { offset, len }
                 }
                 Err(e) => Reply::error(&e),
@@ -1207,6 +1233,24 @@ impl Table {
             self.retire_slab(old);
         }
         Ok((offset, len))
+    }
+
+    /// Takes back a block just handed out whose pages could not be allocated (see
+    /// `Shared::handle`): the object being created is aborted, the slab retired.
+    pub(super) fn give_back(&mut self, arena: &Arena, client: u32, fresh: &Fresh) {
+        match fresh.of {
+            FreshOf::Object(id) => {
+                let _ = self.abort(arena, client, id);
+            }
+            FreshOf::Slab => {
+                if let Some(c) = self.clients.get_mut(&client)
+                    && c.slab == Some(fresh.offset)
+                {
+                    c.slab = None;
+                }
+                self.retire_slab(fresh.offset);
+            }
+        }
     }
 
     fn retire_slab(&mut self, offset: u64) {
