@@ -139,15 +139,7 @@ pub fn store_hugepages_are_used_or_refused_saying_how_to_get_them() {
         .tempdir()
         .unwrap();
     let socket = dir.path().join("sock").join("troved.sock");
-    // Killed and reaped however the test ends (a failed assertion too).
-    struct Reaped(std::process::Child);
-    impl Drop for Reaped {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Reaped(
+    let mut child = crate::util::Reaped(
         Command::new(env!("CARGO_BIN_EXE_troved"))
             .args(["--memory", "16MiB", "--hugepages", "--socket"])
             .arg(&socket)
@@ -276,15 +268,8 @@ pub fn store_hugepages_a_block_the_store_cannot_allocate_is_refused_and_given_ba
         .tempdir()
         .unwrap();
     let socket = dir.path().join("sock").join("troved.sock");
-    struct Reaped(std::process::Child);
-    impl Drop for Reaped {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     // The store joins the cgroup before it starts (its pages are charged there).
-    let _store = Reaped(
+    let _store = crate::util::Reaped(
         Command::new("sh")
             .arg("-c")
             .arg(r#"echo $$ >"$1/cgroup.procs" && exec "$2" --memory 512MiB --hugepages --socket "$3""#)

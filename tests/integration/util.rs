@@ -334,6 +334,16 @@ pub fn say(line: &str) {
 }
 
 /// Deterministic bytes for object `n`.
+/// A child process that is killed and reaped however the test ends (a failed assertion too).
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The kind of pages a huge-page test must get (`TROVE_TEST_EXPECT_PAGES`: `HugeTlb`,
 /// `Transparent`, or `Refused` for a refusal; set by `.ci/run` where it set up the machine for
 /// that), or `None` to accept whatever the machine gives (huge pages, or a refusal that says
