@@ -185,11 +185,14 @@ pub fn store_hugepages_are_used_or_refused_saying_how_to_get_them() {
                 0
             );
             let id = ObjectId::random();
+            let base = a.stats().unwrap();
             a.put(id, &pattern(7, 4 << 20)).unwrap();
             assert_eq!(
                 b.get(id, Timeout::Poll).unwrap().as_slice(),
                 pattern(7, 4 << 20)
             );
+            a.delete(&[id]).unwrap();
+            crate::store_many_clients::back_to(&a, &base, "with both clients connected");
 
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.0.id() as i32),
@@ -332,6 +335,7 @@ pub fn hugetlb_limited_role(
 ) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())?;
     let c = trove_store::StoreClient::connect(socket)?;
+    let base = c.stats()?;
     for (i, len) in [(1u64, 4096usize), (2, 400 << 20)] {
         let id = ObjectId::random();
         let data = pattern(i, len);
@@ -355,6 +359,8 @@ pub fn hugetlb_limited_role(
             "an id nobody made is not found",
         )?;
     }
+    // Back at the baseline with this client still connected (its exit would free all anyway).
+    crate::store_many_clients::back_to(&c, &base, "after the limited client's objects");
     crate::util::say("OK");
     Ok(())
 }
