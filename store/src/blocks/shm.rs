@@ -726,9 +726,10 @@ impl Arena {
 
     /// On an arena of pool pages: makes sure the pages of `[offset, offset+len)` exist,
     /// allocating any that do not (see [`allocate_pool_range`]); an error if one cannot be
-    /// had. A no-op on other arenas. The daemon calls it for every block it hands out beyond
-    /// its pre-fault, so that no client is the first to touch a pool page (a client's first
-    /// touch is charged to its own hugetlb cgroup, which may allow none: a `SIGBUS`).
+    /// had. A no-op on other arenas. The daemon calls it for a block it hands out beyond its
+    /// pre-fault whose populate failed, so that no client is the first to touch a pool page
+    /// (a client's first touch is charged to its own hugetlb cgroup, which may allow none: a
+    /// `SIGBUS`).
     pub fn allocate_pool_pages(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.pages() != Pages::HugeTlb {
             return Ok(());

@@ -482,21 +482,26 @@ impl Shared {
             let l = self.arena.layout();
             let done = l.heap_offset + self.prefaulted.load(Ordering::Acquire);
             let pool = self.arena.pages() == Pages::HugeTlb;
-            if fresh.daemon_populates && off + len > done {
+            let beyond = off + len > done;
+            let populated = if fresh.daemon_populates && beyond {
                 // A large object here is on pool pages (see `Table::request`): populated on
                 // the threads its creator would have used.
-                let _ = if pool && len >= POPULATE_MIN {
+                if pool && len >= POPULATE_MIN {
                     self.arena.populate_once_with(off, len, populate_threads())
                 } else {
                     self.arena.populate(off, len)
-                };
-            }
-            // Pool pages must exist before a client touches them (the populate above is a
-            // speed-up that may fail quietly): a block whose pages cannot be had is taken
-            // back, and the client told so, instead of a SIGBUS in the client.
+                }
+            } else {
+                Ok(())
+            };
+            // Pool pages must exist before a client touches them (on pool arenas the daemon
+            // always populates). Where the populate failed (a kernel without it, or the
+            // store's hugetlb cgroup out of pages) `fallocate` says whether they can be had:
+            // a block whose pages cannot is taken back, and the client told so, instead of a
+            // SIGBUS in the client.
             if pool
-                && off + len > done
-                && let Err(e) = self.arena.allocate_pool_pages(off, len)
+                && beyond
+                && let Err(e) = populated.or_else(|_| self.arena.allocate_pool_pages(off, len))
             {
                 warn!("no pool pages for a block of {len} bytes at {off}: {e}");
                 lock(&self.table).give_back(&self.arena, client, &fresh);
